@@ -1,0 +1,25 @@
+# Two entry points: `make demo` and `make test`. Each sets up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+
+.PHONY: demo test setup clean
+
+$(VENV)/.ready: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0 numpy -c constraints.txt
+	$(PY) -m pip install --quiet -e '.[test]' -c constraints.txt
+	touch $@
+
+setup: $(VENV)/.ready
+
+demo: $(VENV)/.ready
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/tp_llama.py
+
+test: $(VENV)/.ready
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,41 @@
+"""Builder: the only way rewrites add nodes, so every graph stays valid after every rewrite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.fx import Graph, Node
+from torch.utils._pytree import tree_flatten
+
+from .fake import fake_value
+
+
+class Builder:
+    """Inserts each new node right after the latest of its inputs (never use-before-def) and
+    fills its `meta["val"]` with a fake tensor, so later passes and Inductor see true shapes."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.created: set[Node] = set()
+
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> Node:
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Node)]
+        anchor = max(inputs) if inputs else self._last_placeholder()
+        # Nodes this builder already put after the anchor come first: keeps creation order.
+        while anchor.next in self.created:
+            anchor = anchor.next
+        with self.graph.inserting_after(anchor):
+            node = self.graph.call_function(target, tuple(args), dict(kwargs))
+        self.created.add(node)
+        val = fake_value(target, tuple(args), dict(kwargs))
+        if val is not None:
+            node.meta["val"] = val
+        return node
+
+    def replace(self, old: Node, new: Node) -> None:
+        """Point every user of `old` at `new`."""
+        old.replace_all_uses_with(new, propagate_meta=False)
+
+    def _last_placeholder(self) -> Node:
+        placeholders = self.graph.find_nodes(op="placeholder")
+        return placeholders[-1] if placeholders else self.graph._root

@@ -1,0 +1,97 @@
+"""fxsp's IR: one functional op per concept, under the `torch.ops.fxsp` namespace.
+
+Every spelling of a concept in a model's graph is raised to one of these (see `raising.py`),
+so the rewrite rules need no variant per spelling, dtype or epsilon. Each op has a fake
+implementation (shapes only) and a reference implementation in plain torch that runs on any
+device and is also what `lowering.py` decomposes it into by default.
+
+Numerics: norms compute in fp32; the normalised activations are cast back to the input dtype
+before the weight multiply, and the result has dtype promote(x, weight), which is what HF-style
+models compute.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import Library
+
+fxsp_lib = Library("fxsp", "DEF")  # noqa: TOR901 - fxsp owns this namespace
+
+fxsp_lib.define("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor")
+fxsp_lib.define(
+    "fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor)"
+)
+fxsp_lib.define("static_fp8_quant(Tensor x, Tensor scale, ScalarType fp8_dtype) -> Tensor")
+# A sum all-reduce. `flavor` says whose collective it came from ("c10d" or "vllm") so that the
+# rewrite emits collectives of the same family; other reductions are never raised to this op.
+fxsp_lib.define("all_reduce(Tensor x, str group_name, str flavor) -> Tensor")
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if weight is None else normed * weight
+
+
+def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor,
+                                 weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    residual_out = x + residual
+    return rms_norm_reference(residual_out, weight, eps), residual_out
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an FP8 dtype: 448 for e4m3fn, 240 for e4m3fnuz."""
+    return float(torch.finfo(dtype).max)
+
+
+def static_fp8_quant_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    bound = fp8_max(fp8_dtype)
+    return (x.float() / scale.float()).clamp(-bound, bound).to(fp8_dtype)
+
+
+def all_reduce_reference(x: torch.Tensor, group_name: str, flavor: str) -> torch.Tensor:
+    if flavor == "vllm":
+        return torch.ops.vllm.all_reduce.default(x, group_name)
+    reduced = torch.ops._c10d_functional.all_reduce.default(x, "sum", group_name)
+    return torch.ops._c10d_functional.wait_tensor.default(reduced)
+
+
+def _norm_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    return x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+
+
+fxsp_lib.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
+fxsp_lib.impl("fused_add_rms_norm", fused_add_rms_norm_reference, "CompositeExplicitAutograd")
+fxsp_lib.impl("static_fp8_quant", static_fp8_quant_reference, "CompositeExplicitAutograd")
+fxsp_lib.impl("all_reduce", all_reduce_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fxsp::rms_norm", lib=fxsp_lib)
+def _rms_norm_fake(x, weight, eps):
+    return x.new_empty(x.shape, dtype=_norm_dtype(x, weight))
+
+
+@torch.library.register_fake("fxsp::fused_add_rms_norm", lib=fxsp_lib)
+def _fused_add_rms_norm_fake(x, residual, weight, eps):
+    residual_out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return x.new_empty(x.shape, dtype=_norm_dtype(residual_out, weight)), residual_out
+
+
+@torch.library.register_fake("fxsp::static_fp8_quant", lib=fxsp_lib)
+def _static_fp8_quant_fake(x, scale, fp8_dtype):
+    return x.new_empty(x.shape, dtype=fp8_dtype)
+
+
+@torch.library.register_fake("fxsp::all_reduce", lib=fxsp_lib)
+def _all_reduce_fake(x, group_name, flavor):
+    return torch.empty_like(x)
+
+
+fxsp = torch.ops.fxsp
+RMS_NORM = fxsp.rms_norm.default
+FUSED_ADD_RMS_NORM = fxsp.fused_add_rms_norm.default
+STATIC_FP8_QUANT = fxsp.static_fp8_quant.default
+ALL_REDUCE = fxsp.all_reduce.default
+IR_OPS = (RMS_NORM, FUSED_ADD_RMS_NORM, STATIC_FP8_QUANT, ALL_REDUCE)

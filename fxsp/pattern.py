@@ -1,0 +1,515 @@
+"""Patterns: plain data that describe a piece of an FX graph, and the matcher that finds them.
+
+A pattern is a tree built by calling the builders below; building one traces nothing and runs
+no op. ::
+
+    x, eps = tensor("x"), scalar("eps", lo=0.0, hi=1e-2)
+    var = op(aten.mean.dim, op(aten.pow.Tensor_Scalar, x, 2), dims([-1]), True)
+    norm = op(aten.mul.Tensor, x, op(aten.rsqrt.default, op(ADD, var, eps)))
+
+Matching a pattern at a node yields every consistent set of bindings (backtracking over
+commutative operands and alternatives). Each failed check is reported to a `Trace`, which keeps
+the deepest one: the near-miss that `explain` prints.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# ---------------------------------------------------------------------------------------------
+# Pattern nodes
+# ---------------------------------------------------------------------------------------------
+
+
+class Pattern:
+    """Base class. `name` binds whatever this pattern matched; reusing a name demands equality."""
+
+    name: str | None = None
+
+    def named(self, name: str) -> "Pattern":
+        return replace(self, name=name)
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return alt(self, other)
+
+
+@dataclass(frozen=True, eq=False)
+class Op(Pattern):
+    targets: frozenset
+    args: tuple
+    kwargs: dict
+    commutative: bool = False
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return _targets_text(self.targets)
+
+
+@dataclass(frozen=True, eq=False)
+class Tensor(Pattern):
+    """Any FX node (a tensor value), optionally with its dtype in `dtypes`."""
+
+    name: str | None = None
+    dtypes: frozenset | None = None
+
+    def __repr__(self) -> str:
+        return f"tensor {self.name}" if self.name else "tensor"
+
+
+@dataclass(frozen=True, eq=False)
+class Scalar(Pattern):
+    """A Python number (not a node) in (lo, hi], or accepted by `where`."""
+
+    name: str | None = None
+    lo: float = -math.inf
+    hi: float = math.inf
+    where: Callable[[Any], bool] | None = None
+    doc: str = ""
+
+    def __repr__(self) -> str:
+        return f"scalar {self.name or ''} {self.doc or _range_text(self.lo, self.hi)}".strip()
+
+
+@dataclass(frozen=True, eq=False)
+class Value(Pattern):
+    """A non-tensor argument of a given Python type (dtype, str), optionally from `allowed`."""
+
+    kind: type = object
+    allowed: frozenset | None = None
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        what = self.kind.__name__
+        if self.allowed is not None:
+            what += " in {" + ", ".join(sorted(map(_text, self.allowed))) + "}"
+        return f"{what} {self.name}" if self.name else what
+
+
+@dataclass(frozen=True, eq=False)
+class Literal(Pattern):
+    value: Any
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return _text(self.value)
+
+
+@dataclass(frozen=True, eq=False)
+class Dims(Pattern):
+    """A list of dims, compared after normalising negatives against the input tensor's rank."""
+
+    dims: tuple
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return f"dims {list(self.dims)}"
+
+
+@dataclass(frozen=True, eq=False)
+class Alt(Pattern):
+    options: tuple
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return " | ".join(map(repr, self.options))
+
+
+@dataclass(frozen=True, eq=False)
+class Through(Pattern):
+    """`inner`, possibly behind a chain of pass-through nodes (casts, clones, identity views)."""
+
+    inner: Pattern
+    targets: frozenset
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return f"[{_targets_text(self.targets)}]* {self.inner!r}"
+
+
+@dataclass(frozen=True, eq=False)
+class Anything(Pattern):
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return "anything"
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders (the DSL)
+# ---------------------------------------------------------------------------------------------
+
+COMMUTATIVE = frozenset({aten.add.Tensor, aten.mul.Tensor, aten.add.Scalar, aten.mul.Scalar})
+ADD = frozenset({aten.add.Tensor, aten.add.Scalar})
+MUL = frozenset({aten.mul.Tensor, aten.mul.Scalar})
+CAST = frozenset({prims.convert_element_type.default, aten._to_copy.default})
+CLONE = frozenset({aten.clone.default})
+VIEW = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+PASS_THROUGH = CAST | CLONE | VIEW
+
+
+def op(target: Any, *args: Any, name: str | None = None, **kwargs: Any) -> Op:
+    """A call of `target` (one op, or a set of alternatives) with argument patterns.
+
+    Plain Python values in `args` are literals. Schema arguments the pattern leaves out must hold
+    their default value in the graph (use `anything()` to accept any value). Two-operand
+    add/mul match their operands in either order.
+    """
+    targets = frozenset(target) if isinstance(target, (set, frozenset, list, tuple)) else frozenset({target})
+    args = tuple(_as_pattern(a) for a in args)
+    kwargs = {k: _as_pattern(v) for k, v in kwargs.items()}
+    return Op(targets, args, kwargs, commutative=targets <= COMMUTATIVE and len(args) == 2, name=name)
+
+
+def tensor(name: str | None = None, dtypes: Iterable[torch.dtype] | None = None) -> Tensor:
+    return Tensor(name, frozenset(dtypes) if dtypes is not None else None)
+
+
+def scalar(name: str | None = None, lo: float = -math.inf, hi: float = math.inf,
+           where: Callable[[Any], bool] | None = None, doc: str = "") -> Scalar:
+    """A number in (lo, hi]; `where` adds any other predicate, `doc` says it in words."""
+    return Scalar(name, lo, hi, where, doc)
+
+
+def dtype(name: str | None = None, allowed: Iterable[torch.dtype] | None = None) -> Value:
+    return Value(torch.dtype, frozenset(allowed) if allowed is not None else None, name)
+
+
+def string(name: str | None = None, allowed: Iterable[str] | None = None) -> Value:
+    return Value(str, frozenset(allowed) if allowed is not None else None, name)
+
+
+def literal(value: Any, name: str | None = None) -> Literal:
+    return Literal(value, name)
+
+
+def dims(values: Iterable[int], name: str | None = None) -> Dims:
+    return Dims(tuple(values), name)
+
+
+def alt(*options: Pattern, name: str | None = None) -> Alt:
+    """Whole-subpattern alternation: the first option that matches wins, then the next, ..."""
+    flat: list[Pattern] = []
+    for o in options:
+        flat.extend(o.options if isinstance(o, Alt) and o.name is None else (o,))
+    return Alt(tuple(flat), name)
+
+
+def through(inner: Pattern, targets: Iterable = PASS_THROUGH, name: str | None = None) -> Through:
+    """`inner`, optionally behind pass-through nodes (default: casts, clones, identity views)."""
+    return Through(inner, frozenset(targets), name)
+
+
+def anything(name: str | None = None) -> Anything:
+    return Anything(name)
+
+
+def getitem(pattern: Pattern, index: int, name: str | None = None) -> Op:
+    return op(operator.getitem, pattern, index, name=name)
+
+
+def _as_pattern(value: Any) -> Pattern:
+    return value if isinstance(value, Pattern) else Literal(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Miss:
+    """One failed check: after `depth` pattern steps, `pattern` did not accept `got` at `node`."""
+
+    depth: int
+    expected: str
+    got: str
+    node: Node | None
+
+    def text(self) -> str:
+        return f"step {self.depth + 1} expected {self.expected}, got {self.got}"
+
+
+class Trace:
+    """Keeps the deepest failure seen while matching one anchor."""
+
+    def __init__(self) -> None:
+        self.best: Miss | None = None
+
+    def fail(self, depth: int, expected: Any, got: Any, node: Node | None) -> None:
+        if self.best is None or depth > self.best.depth:
+            self.best = Miss(depth, expected if isinstance(expected, str) else repr(expected),
+                             got if isinstance(got, str) else _text(got), node)
+
+
+@dataclass
+class Bindings:
+    """What a (partial) match has bound so far. Copied on extension, so backtracking is free."""
+
+    values: dict = field(default_factory=dict)
+    nodes: tuple = ()  # graph nodes matched by Op/Through patterns: the match's interior
+    depth: int = 0
+
+    def bind(self, name: str | None, value: Any) -> "Bindings | None":
+        if name is None:
+            return self
+        if name in self.values:
+            return self if _same(self.values[name], value) else None
+        return Bindings({**self.values, name: value}, self.nodes, self.depth)
+
+    def step(self, node: Node | None = None) -> "Bindings":
+        nodes = self.nodes + (node,) if node is not None else self.nodes
+        return Bindings(self.values, nodes, self.depth + 1)
+
+
+def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | None = None) -> Iterator[Bindings]:
+    """Yield every extension of `b` under which `pattern` matches `value`.
+
+    `rank` is the rank of the tensor that a `Dims` pattern's dims refer to.
+    """
+    kind = type(pattern)
+    if kind is Op:
+        yield from _match_op(pattern, value, b, trace)
+        return
+    if kind is Alt:
+        for option in pattern.options:
+            for found in match(option, value, b, trace, rank):
+                out = found.bind(pattern.name, value)
+                if out is not None:
+                    yield out
+        return
+    if kind is Through:
+        yield from _match_through(pattern, value, b, trace, rank)
+        return
+    reason = _check_leaf(pattern, value, rank)
+    if reason is not None:
+        trace.fail(b.depth, reason, value, value if isinstance(value, Node) else None)
+        return
+    out = b.bind(pattern.name, _normalised(pattern, value, rank))
+    if out is None:
+        trace.fail(b.depth, f"{pattern.name} = {_text(b.values[pattern.name])} (bound earlier)", value, None)
+        return
+    yield out.step()
+
+
+def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
+    """None when the leaf pattern accepts `value`, else what it expected."""
+    kind = type(pattern)
+    if kind is Anything:
+        return None
+    if kind is Tensor:
+        if not isinstance(value, Node):
+            return repr(pattern)
+        if pattern.dtypes is not None and _dtype_of(value) not in pattern.dtypes:
+            return f"{pattern!r} of dtype in {{{', '.join(sorted(map(_text, pattern.dtypes)))}}}"
+        return None
+    if kind is Scalar:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and pattern.lo < value <= pattern.hi and (pattern.where is None or pattern.where(value)))
+        return None if ok else repr(pattern)
+    if kind is Value:
+        ok = isinstance(value, pattern.kind) and (pattern.allowed is None or value in pattern.allowed)
+        return None if ok else repr(pattern)
+    if kind is Literal:
+        return None if _same(pattern.value, value) else repr(pattern)
+    if kind is Dims:
+        got = _normalise_dims(value, rank)
+        want = _normalise_dims(pattern.dims, rank)
+        return None if got is not None and got == want else repr(pattern)
+    raise TypeError(f"not a pattern: {pattern!r}")
+
+
+def _normalised(pattern: Pattern, value: Any, rank: int | None) -> Any:
+    return tuple(_normalise_dims(value, rank)) if type(pattern) is Dims else value
+
+
+def _normalise_dims(value: Any, rank: int | None) -> list | None:
+    if isinstance(value, int):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(d, int) for d in value):
+        return None
+    if rank is None:
+        return list(value)
+    return sorted(d % rank if rank else d for d in value)
+
+
+def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace) -> Iterator[Bindings]:
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in pattern.targets:
+        got = _targets_text({node.target}) if isinstance(node, Node) and node.op == "call_function" else node
+        trace.fail(b.depth, pattern, got, node if isinstance(node, Node) else None)
+        return
+    if pattern.name is not None and pattern.name in b.values and b.values[pattern.name] is not node:
+        trace.fail(b.depth, f"{pattern.name} = {b.values[pattern.name]} (bound earlier)", node.name, node)
+        return
+    try:
+        actual = _arguments(node, len(pattern.args), pattern.kwargs)
+    except _ArityMismatch as e:
+        trace.fail(b.depth, f"{pattern!r} with {e}", node.name, node)
+        return
+    rank = _rank(node)
+    orders = [actual]
+    if pattern.commutative:
+        orders.append([actual[1], actual[0]] + actual[2:])
+    start = b.bind(pattern.name, node)
+    if start is None:
+        return
+    start = start.step(node)
+    expected = list(pattern.args) + [pattern.kwargs.get(k, Literal(d)) for k, d in _extra_names(node, len(pattern.args), pattern.kwargs)]
+    for values in orders:
+        yield from _match_args(expected, values, 0, start, trace, rank, node)
+
+
+def _match_args(patterns: list, values: list, i: int, b: Bindings, trace: Trace, rank: int | None, node: Node) -> Iterator[Bindings]:
+    if i == len(patterns):
+        yield b
+        return
+    for found in match(patterns[i], values[i], b, trace, rank):
+        yield from _match_args(patterns, values, i + 1, found, trace, rank, node)
+
+
+def _match_through(pattern: Through, value: Any, b: Bindings, trace: Trace, rank: int | None) -> Iterator[Bindings]:
+    skipped = b
+    while True:
+        for found in match(pattern.inner, value, skipped, trace, rank):
+            out = found.bind(pattern.name, value)
+            if out is not None:
+                yield out
+        if not (isinstance(value, Node) and value.op == "call_function" and value.target in pattern.targets
+                and _passes_through(value)):
+            return
+        skipped = skipped.step(value)
+        value = value.args[0]
+
+
+def _passes_through(node: Node) -> bool:
+    """Views and reshapes pass through only when they keep the shape; casts and clones always."""
+    if node.target not in VIEW:
+        return True
+    src, out = node.args[0], node
+    if not isinstance(src, Node):
+        return False
+    a, o = src.meta.get("val"), out.meta.get("val")
+    return a is not None and o is not None and tuple(a.shape) == tuple(o.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments by schema: positional args, then kwargs, then schema defaults
+# ---------------------------------------------------------------------------------------------
+
+
+class _ArityMismatch(Exception):
+    pass
+
+
+_NO_DEFAULT = object()
+
+
+def _schema_args(target: Any) -> list | None:
+    schema = getattr(target, "_schema", None)
+    return None if schema is None else schema.arguments
+
+
+def _arguments(node: Node, count: int, named: dict) -> list:
+    """The node's first `count` arguments, filling kwargs and defaults from the op schema."""
+    schema = _schema_args(node.target)
+    out = []
+    for i in range(count):
+        if i < len(node.args):
+            out.append(node.args[i])
+        elif schema is not None and i < len(schema):
+            arg = schema[i]
+            out.append(node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else _NO_DEFAULT))
+        else:
+            raise _ArityMismatch(f"{count} arguments")
+    if schema is None and (len(node.args) > count or node.kwargs) and not named:
+        raise _ArityMismatch(f"{count} arguments")
+    return out + [_named_argument(node, k, schema) for k, _ in _extra_names(node, count, named)]
+
+
+def _extra_names(node: Node, count: int, named: dict) -> list:
+    """(name, default) of schema arguments after the first `count`: they must match `named`
+    patterns or keep their defaults."""
+    schema = _schema_args(node.target)
+    if schema is None:
+        return []
+    return [(a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
+            for a in schema[count:] if a.name in named or a.has_default_value()]
+
+
+def _named_argument(node: Node, name: str, schema: list) -> Any:
+    for i, a in enumerate(schema):
+        if a.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, a.default_value if a.has_default_value() else _NO_DEFAULT)
+    return _NO_DEFAULT
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _rank(node: Node) -> int | None:
+    first = node.args[0] if node.args else None
+    val = first.meta.get("val") if isinstance(first, Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _dtype_of(node: Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality for bindings: nodes by identity, sequences elementwise, bools never equal ints."""
+    if isinstance(a, Node) or isinstance(b, Node):
+        return a is b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if a is None or b is None or isinstance(a, bool) != isinstance(b, bool):
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _targets_text(targets: Iterable) -> str:
+    return " | ".join(sorted(target_name(t) for t in targets))
+
+
+def target_name(target: Any) -> str:
+    """Qualified op name: `aten.add.Tensor`, `prims.convert_element_type.default`, `operator.getitem`."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"higher_order.{target.name()}"
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", None) or repr(target)
+    module = {"_operator": "operator"}.get(module, module)
+    return f"{module}.{name}" if module else name
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, Node):
+        return value.name
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if value is _NO_DEFAULT:
+        return "<missing>"
+    return repr(value)
+
+
+def _range_text(lo: float, hi: float) -> str:
+    if lo == -math.inf and hi == math.inf:
+        return ""
+    return f"in ({lo!r}, {hi!r}]"

@@ -1,0 +1,228 @@
+"""Rules and rule sets: a pattern plus the function that builds its replacement.
+
+    double = Rule("x*2 -> x+x", op(aten.mul.Tensor, tensor("x"), 2),
+                  lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]))
+    report = RuleSet("demo", [double]).apply(graph_module)
+
+A pass collects every match of every rule first (anchors found by op target, so the cost is
+linear in graph size), then rewrites them in topological order of their roots, rule order
+breaking ties. Each match is checked again just before its rewrite, so a match spoiled by an
+earlier rewrite is skipped rather than applied to a changed graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.passes.utils.fuser_utils import validate_partition
+
+from .builder import Builder
+from .pattern import Alt, Bindings, Miss, Op, Pattern, Through, Trace, match, target_name
+
+log = logging.getLogger("fxsp")
+
+
+@dataclass
+class Match:
+    """One place where a rule's pattern matched: its bindings, root and interior nodes."""
+
+    rule: "Rule"
+    root: Node
+    bindings: dict
+    nodes: tuple
+
+    def __getitem__(self, name: str) -> Any:
+        return self.bindings[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.bindings.get(name, default)
+
+
+Rewrite = Callable[[Builder, Match], "Node | None"]
+
+
+@dataclass
+class Rule:
+    """`pattern` ⇒ `rewrite(builder, match)`.
+
+    The rewrite returns the node that replaces the root (or None when it replaced what it
+    needed itself, with `builder.replace`). Interior nodes of the match may have users outside
+    it only if their pattern names are listed in `outputs`. `where(match)` may veto a match:
+    it returns True, or False / a string saying why not.
+    """
+
+    name: str
+    pattern: Pattern
+    rewrite: Rewrite
+    outputs: tuple = ()
+    where: Callable[[Match], "bool | str"] | None = None
+
+    def anchors(self) -> frozenset:
+        """The op targets a root node of this rule can have: the index the matcher uses."""
+        return _root_targets(self.pattern)
+
+    def match_at(self, node: Node, trace: Trace) -> Match | None:
+        """The first complete match rooted at `node`, or None (failure reasons go to `trace`)."""
+        for b in match(self.pattern, node, Bindings(), trace):
+            reason = self._check(node, b)
+            if reason is None:
+                found = Match(self, node, b.values, b.nodes)
+                verdict = self.where(found) if self.where is not None else True
+                if verdict is True:
+                    return found
+                reason = verdict if isinstance(verdict, str) else "`where` rejected the match"
+            trace.fail(b.depth, "a self-contained match", reason, node)
+        return None
+
+    def _check(self, root: Node, b: Bindings) -> str | None:
+        """Interior nodes used outside the match block it, unless declared as outputs."""
+        inside = set(b.nodes)
+        allowed = {root} | {b.values[n] for n in self.outputs if n in b.values}
+        last = max(inside)
+        escaping = False
+        for n in b.nodes:
+            outside = [u for u in n.users if u not in inside]
+            if not outside:
+                continue
+            if n not in allowed:
+                return f"{n.name} also used by {outside[0].name}"
+            escaping = escaping or (n is not root and any(u < last for u in outside))
+        # An output feeding back into the match would make the rewrite cyclic.
+        if escaping and not validate_partition(list(inside)):
+            return "rewrite would create a cycle"
+        return None
+
+
+@dataclass
+class NearMiss:
+    rule: str
+    anchor: str
+    miss: Miss
+
+    def __str__(self) -> str:
+        return f"{self.rule} at {self.anchor}: {self.miss.text()}"
+
+
+@dataclass
+class Report:
+    """What one pass did: matches per rule, and for each rule the best near-miss."""
+
+    name: str
+    counts: dict = field(default_factory=dict)
+    misses: dict = field(default_factory=dict)  # rule name -> NearMiss
+    failures: list = field(default_factory=list)  # every anchor that did not match
+    seconds: float = 0.0
+
+    def explain(self) -> str:
+        lines = [f"{self.name}: " + (", ".join(f"{k}={v}" for k, v in self.counts.items()) or "no rules")]
+        for rule, near in self.misses.items():
+            lines.append(f"  near-miss {near}")
+        return "\n".join(lines)
+
+    def _missed(self, rule: Rule, anchor: Node | None, miss: Miss | None) -> None:
+        miss = miss or Miss(0, f"an anchor node ({', '.join(sorted(map(target_name, rule.anchors())))})",
+                            "none in graph", None)
+        near = NearMiss(rule.name, anchor.name if anchor is not None else "-", miss)
+        self.failures.append(near)
+        best = self.misses.get(rule.name)
+        if best is None or miss.depth > best.miss.depth:
+            self.misses[rule.name] = near
+
+
+class RuleSet:
+    """An ordered list of rules applied as one pass."""
+
+    def __init__(self, name: str, rules: list[Rule]) -> None:
+        self.name = name
+        self.rules = list(rules)
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate rule names in {name}: {names}")
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def apply(self, target: Graph | GraphModule, check: bool = False) -> Report:
+        """Rewrite every match in `target`. `check=True` lints the graph after each rewrite."""
+        graph = target.graph if isinstance(target, GraphModule) else target
+        start = time.perf_counter()
+        report = Report(self.name, {r.name: 0 for r in self.rules})
+        for m in self._collect(graph, report):
+            self._rewrite(graph, m, report, check)
+        report.seconds = time.perf_counter() - start
+        log.info("%s: %s (%.1f ms)", self.name,
+                 ", ".join(f"{k}={v}" for k, v in report.counts.items()), report.seconds * 1e3)
+        for near in report.misses.values():
+            log.debug("near-miss %s", near)
+        if isinstance(target, GraphModule):
+            target.recompile()
+        return report
+
+    def _collect(self, graph: Graph, report: Report) -> list[Match]:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        found, missed = [], []
+        for rank, rule in enumerate(self.rules):
+            anchors = sorted({n for t in rule.anchors()
+                              for n in graph.find_nodes(op="call_function", target=t, sort=False)},
+                             key=order.__getitem__)
+            if not anchors:
+                report._missed(rule, None, None)
+            for node in anchors:
+                trace = Trace()
+                m = rule.match_at(node, trace)
+                if m is not None:
+                    found.append((order[node], rank, m))
+                else:
+                    missed.append((rule, node, trace.best))
+        # An anchor inside another match is no near-miss worth reporting.
+        covered = {n for _, _, m in found for n in m.nodes}
+        for rule, node, miss in missed:
+            if node not in covered:
+                report._missed(rule, node, miss)
+        found.sort(key=lambda t: t[:2])
+        return [m for _, _, m in found]
+
+    def _rewrite(self, graph: Graph, m: Match, report: Report, check: bool) -> None:
+        if m.root._erased:
+            return
+        trace = Trace()
+        fresh = m.rule.match_at(m.root, trace)  # an earlier rewrite may have changed this spot
+        if fresh is None:
+            report._missed(m.rule, m.root, trace.best)
+            return
+        builder = Builder(graph)
+        replacement = m.rule.rewrite(builder, fresh)
+        if replacement is not None and replacement is not fresh.root:
+            builder.replace(fresh.root, replacement)
+        _erase_unused(fresh.nodes)
+        report.counts[m.rule.name] += 1
+        if check:
+            graph.lint()
+
+
+def _erase_unused(nodes: tuple) -> None:
+    """Erase the match's interior nodes that lost all users, collectives included
+    (`eliminate_dead_code` would keep a dead `wait_tensor`)."""
+    alive = [n for n in nodes if not n._erased]
+    changed = True
+    while changed:
+        changed = False
+        for n in alive:
+            if not n._erased and not n.users and n.op != "output":
+                n.graph.erase_node(n)
+                changed = True
+
+
+def _root_targets(p: Pattern) -> frozenset:
+    if isinstance(p, Op):
+        return p.targets
+    if isinstance(p, Alt):
+        return frozenset().union(*(_root_targets(o) for o in p.options))
+    if isinstance(p, Through):
+        return _root_targets(p.inner) | p.targets
+    raise TypeError(f"a rule's root must be an op pattern, not {p!r}")
+

@@ -33,9 +33,30 @@ class Builder:
         return node
 
     def replace(self, old: Node, new: Node) -> None:
-        """Point every user of `old` at `new`."""
+        """Point every user of `old` at `new`.
+
+        `new` may come later in the graph than some users of `old` (a declared output rebuilt
+        from an input defined after them): those users, and what depends on them, move after
+        `new`, keeping their order, so no node is used before it is defined.
+        """
         old.replace_all_uses_with(new, propagate_meta=False)
+        cursor = new
+        for user in _users_before(new):
+            cursor.append(user)
+            cursor = user
 
     def _last_placeholder(self) -> Node:
         placeholders = self.graph.find_nodes(op="placeholder")
         return placeholders[-1] if placeholders else self.graph._root
+
+
+def _users_before(node: Node) -> list[Node]:
+    """Nodes before `node` that use it, directly or transitively, in graph order."""
+    found: set[Node] = set()
+    stack = [u for u in node.users if u < node]
+    while stack:
+        user = stack.pop()
+        if user not in found:
+            found.add(user)
+            stack.extend(u for u in user.users if u < node)
+    return sorted(found)

@@ -290,12 +290,13 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | N
         yield from _match_through(pattern, value, b, trace, rank)
         return
     reason = _check_leaf(pattern, value, rank)
+    # `_text`, so a string value prints quoted ('max'), unlike a reason.
     if reason is not None:
-        trace.fail(b.depth, reason, value, value if isinstance(value, Node) else None)
+        trace.fail(b.depth, reason, _text(value), value if isinstance(value, Node) else None)
         return
     out = b.bind(pattern.name, _normalised(pattern, value, rank))
     if out is None:
-        trace.fail(b.depth, f"{pattern.name} = {_text(b.values[pattern.name])} (bound earlier)", value, None)
+        trace.fail(b.depth, f"{pattern.name} = {_text(b.values[pattern.name])} (bound earlier)", _text(value), None)
         return
     yield out.step()
 
@@ -376,10 +377,11 @@ def _match_args(patterns: list, values: list, i: int, b: Bindings, trace: Trace,
 
 
 def _match_through(pattern: Through, value: Any, b: Bindings, trace: Trace, rank: int | None) -> Iterator[Bindings]:
-    skipped = b
+    skipped, outer = b, value
     while True:
         for found in match(pattern.inner, value, skipped, trace, rank):
-            out = found.bind(pattern.name, value)
+            # The name binds what the consumer sees: the value before any skipped node.
+            out = found.bind(pattern.name, outer)
             if out is not None:
                 yield out
         if not (isinstance(value, Node) and value.op == "call_function" and value.target in pattern.targets
@@ -429,7 +431,8 @@ def _arguments(node: Node, count: int, named: dict) -> list:
             out.append(node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else _NO_DEFAULT))
         else:
             raise _ArityMismatch(f"{count} arguments")
-    if schema is None and (len(node.args) > count or node.kwargs) and not named:
+    # Without a schema there are no defaults: every kwarg must be one the pattern names.
+    if schema is None and (len(node.args) > count or set(node.kwargs) - set(named)):
         raise _ArityMismatch(f"{count} arguments")
     return out + [_named_argument(node, k, schema) for k, _ in _extra_names(node, count, named)]
 
@@ -438,19 +441,19 @@ def _extra_names(node: Node, count: int, named: dict) -> list:
     """(name, default) of schema arguments after the first `count`: they must match `named`
     patterns or keep their defaults."""
     schema = _schema_args(node.target)
-    if schema is None:
-        return []
+    if schema is None:  # e.g. higher-order ops: kwargs only by name
+        return [(name, _NO_DEFAULT) for name in sorted(named)]
     return [(a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
             for a in schema[count:] if a.name in named or a.has_default_value()]
 
 
-def _named_argument(node: Node, name: str, schema: list) -> Any:
-    for i, a in enumerate(schema):
+def _named_argument(node: Node, name: str, schema: list | None) -> Any:
+    for i, a in enumerate(schema or ()):
         if a.name == name:
             if i < len(node.args):
                 return node.args[i]
             return node.kwargs.get(name, a.default_value if a.has_default_value() else _NO_DEFAULT)
-    return _NO_DEFAULT
+    return node.kwargs.get(name, _NO_DEFAULT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
     report = RuleSet("demo", [double]).apply(graph_module)
 
 A pass collects every match of every rule first (anchors found by op target, so the cost is
-linear in graph size), then rewrites them in topological order of their roots, rule order
-breaking ties. Each match is checked again just before its rewrite, so a match spoiled by an
+linear in graph size), then rewrites them in topological order of where they begin (their
+earliest node), rule order breaking ties: of two rules that start at the same node, the one
+listed first wins. Each match is checked again just before its rewrite, so a match spoiled by an
 earlier rewrite is skipped rather than applied to a changed graph.
 """
 
@@ -175,7 +176,7 @@ class RuleSet:
                 trace = Trace()
                 m = rule.match_at(node, trace)
                 if m is not None:
-                    found.append((order[node], rank, m))
+                    found.append((min(order[n] for n in m.nodes), rank, m))
                 else:
                     missed.append((rule, node, trace.best))
         # An anchor inside another match is no near-miss worth reporting.
@@ -187,7 +188,8 @@ class RuleSet:
         return [m for _, _, m in found]
 
     def _rewrite(self, graph: Graph, m: Match, report: Report, check: bool) -> None:
-        if m.root._erased:
+        if m.root._erased:  # spoiled too, and said so: the rule matched but did nothing
+            report._missed(m.rule, m.root, Miss(0, "an unchanged root", "a root erased by an earlier rewrite", None))
             return
         trace = Trace()
         fresh = m.rule.match_at(m.root, trace)  # an earlier rewrite may have changed this spot

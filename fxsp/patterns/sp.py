@@ -1,0 +1,179 @@
+"""Sequence parallelism: AllReduce → (add +) RMSNorm becomes ReduceScatter → local norm → AllGather.
+
+The rules, on fxsp's IR (every norm spelling is one op by now, see fxsp/ir/raising.py):
+
+    first   rms_norm(all_reduce(x))                       ⇒ all_gather(rms_norm(reduce_scatter(x)))
+    middle  fused_add_rms_norm(all_reduce(x), residual)   ⇒ all_gather(fused_add_rms_norm(
+                                                                reduce_scatter(x), rows(residual)))
+    last    middle whose residual output is dead
+    *_fp8   the same followed by static_fp8_quant: quantise locally, all-gather the FP8 bytes
+
+Each rank normalises 1/tp of the rows. Layouts are tracked so the graph is valid after every
+single rewrite: a rewrite replaces every full-size value it touched by the all-gather of its
+sharded twin and records the twin in `meta[SHARD]`. A later rewrite whose residual is such a
+value takes the twin directly; any other residual is replicated, and the rewrite slices this
+rank's rows. All-gathers left without users are removed by fxsp/cleanup, so a sharded
+residual flows from norm to norm, and every other consumer (graph outputs, ops no rule covers)
+still sees full-size values.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from ..builder import Builder
+from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
+from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
+from ..rules import Match, Rule, RuleSet
+from .rows import RowBlocks, from_padded_rows, row_blocks, row_count, same_shape, this_rank_rows, to_padded_rows, val
+
+aten = torch.ops.aten
+
+SHARD = "fxsp_shard"  # meta key on a full-size value: (its sharded twin, group, tp size)
+
+
+@dataclass(frozen=True)
+class SPConfig:
+    """What the SP rules need to know; everything but `rank` is the same on every rank."""
+
+    group: str  # only all-reduces over this process group are rewritten
+    world: int  # TP size
+    rank: int  # only used for slice offsets of replicated residuals
+    min_tokens: int = 0  # rows below this keep the all-reduce
+    fp8: bool = True
+
+
+# --- patterns ----------------------------------------------------------------------------------
+
+x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
+reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
+quant_args = (tensor("scale"), dtype("fp8_dtype", FP8_DTYPES))
+
+first_norm = op(RMS_NORM, reduced, weight, eps, name="norm")
+# residual_out = x + residual is symmetric: the all-reduce may be either operand.
+fused_norm = alt(op(FUSED_ADD_RMS_NORM, reduced, residual, weight, eps),
+                 op(FUSED_ADD_RMS_NORM, residual, reduced, weight, eps), name="norm")
+first_fp8 = op(STATIC_FP8_QUANT, first_norm, *quant_args)
+fused_fp8 = op(STATIC_FP8_QUANT, getitem(fused_norm, 0), *quant_args)
+
+
+# --- rewrites ----------------------------------------------------------------------------------
+
+
+def sp_rules(cfg: SPConfig) -> RuleSet:
+    def applicable(m: Match) -> bool | str:
+        """Rank-independent facts only: every rank must take the same decision."""
+        if m["group"] != cfg.group:
+            return f"all-reduce over group {m['group']!r}, not the TP group"
+        if m["flavor"] == "vllm" and vllm_op("reduce_scatter") is None:
+            return "vLLM collectives are not loaded"
+        t = val(m["x"])
+        if t.dim() < 2:
+            return f"activation of rank {t.dim()} has no token dim"
+        rows = row_count(t)
+        if isinstance(rows, int) and rows < cfg.min_tokens:
+            return f"{rows} rows < min_tokens {cfg.min_tokens}"
+        if not isinstance(rows, int) and cfg.min_tokens > 0:
+            return "symbolic rows with min_tokens > 0 need the run-time dispatch"
+        if "residual" in m.bindings and not same_shape(t, val(m["residual"])):
+            return "residual shape differs from the all-reduce's"
+        return True
+
+    def residual_alive(m: Match) -> bool:
+        return any(_index(u) == 1 and u.users for u in m["norm"].users)
+
+    def is_middle(m: Match) -> bool | str:
+        ok = applicable(m)
+        return ok if ok is not True else (residual_alive(m) or "residual output is dead: the last rule")
+
+    def is_last(m: Match) -> bool | str:
+        ok = applicable(m)
+        return ok if ok is not True else (not residual_alive(m) or "residual output is used: the middle rule")
+
+    def first(b: Builder, m: Match) -> Node:
+        blocks, scattered = _scatter(b, m, cfg)
+        normed = b.call(RMS_NORM, scattered, m["weight"], m["eps"])
+        out = _gather(b, m, cfg, blocks, _quantised(b, m, normed))
+        # The all-reduce's other users (the residual stream) get the gathered rows; a later
+        # rewrite takes the scattered twin instead, and cleanup drops the unused gather.
+        others = [u for u in m["reduced"].users if u is not m["norm"]]
+        if others:
+            full = _gather(b, m, cfg, blocks, scattered)
+            m["reduced"].replace_all_uses_with(full, delete_user_cb=lambda u: u in others)
+        return out
+
+    def middle(b: Builder, m: Match) -> None:
+        blocks, scattered = _scatter(b, m, cfg)
+        rows = _rows_of(b, m["residual"], blocks, cfg, m["group"])
+        fused = b.call(FUSED_ADD_RMS_NORM, scattered, rows, m["weight"], m["eps"])
+        normed, residual_out = b.call(operator.getitem, fused, 0), b.call(operator.getitem, fused, 1)
+        out = _gather(b, m, cfg, blocks, _quantised(b, m, normed))
+        if "fp8_dtype" in m.bindings:
+            b.replace(m.root, out)
+        else:
+            _replace_item(b, m["norm"], 0, out)
+        if residual_alive(m):
+            _replace_item(b, m["norm"], 1, _gather(b, m, cfg, blocks, residual_out))
+
+    rules = [
+        Rule("sp.first_fp8", first_fp8, first, outputs=("reduced",), where=applicable),
+        Rule("sp.middle_fp8", fused_fp8, middle, outputs=("norm",), where=is_middle),
+        Rule("sp.last_fp8", fused_fp8, middle, outputs=("norm",), where=is_last),
+        Rule("sp.first", first_norm, first, outputs=("reduced",), where=applicable),
+        Rule("sp.middle", fused_norm, middle, where=is_middle),
+        Rule("sp.last", fused_norm, middle, where=is_last),
+    ]
+    return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
+
+
+def _scatter(b: Builder, m: Match, cfg: SPConfig) -> tuple[RowBlocks, Node]:
+    blocks = row_blocks(b, m["x"], cfg.world)
+    padded = to_padded_rows(b, m["x"], blocks)
+    return blocks, reduce_scatter_rows(b, padded, cfg.world, m["group"], m["flavor"])
+
+
+def _quantised(b: Builder, m: Match, normed: Node) -> Node:
+    if "fp8_dtype" not in m.bindings:
+        return normed
+    return b.call(STATIC_FP8_QUANT, normed, m["scale"], m["fp8_dtype"])
+
+
+def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node) -> Node:
+    """The full-size value of `shard`, remembered as its twin for later rewrites.
+
+    FP8 travels as uint8: the same bytes, and every backend (gloo, NCCL) can carry them."""
+    dt = val(shard).dtype
+    if dt in FP8_DTYPES:
+        as_bytes = b.call(aten.view.dtype, shard, torch.uint8)
+        gathered = b.call(aten.view.dtype, all_gather_rows(b, as_bytes, cfg.world, m["group"], m["flavor"]), dt)
+    else:
+        gathered = all_gather_rows(b, shard, cfg.world, m["group"], m["flavor"])
+    full = from_padded_rows(b, gathered, blocks)
+    full.meta[SHARD] = (shard, m["group"], cfg.world)
+    return full
+
+
+def _rows_of(b: Builder, residual: Node, blocks: RowBlocks, cfg: SPConfig, group: str) -> Node:
+    """This rank's rows of `residual`: its sharded twin if a rewrite made one, else a slice."""
+    twin = residual.meta.get(SHARD)
+    if twin is not None:
+        shard, twin_group, twin_world = twin
+        if not shard._erased and (twin_group, twin_world) == (group, cfg.world):
+            return shard
+    return this_rank_rows(b, to_padded_rows(b, residual, blocks), blocks, cfg.rank)
+
+
+def _index(user: Node) -> int | None:
+    return user.args[1] if user.target is operator.getitem else None
+
+
+def _replace_item(b: Builder, tuple_node: Node, index: int, new: Node) -> None:
+    for user in list(tuple_node.users):
+        if _index(user) == index:
+            b.replace(user, new)
+            user.graph.erase_node(user)

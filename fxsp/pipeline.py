@@ -1,0 +1,61 @@
+"""The pipeline every compiled graph goes through: raise → rewrite → clean up → lower."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch.fx import Graph
+
+from .cleanup import noop_rules, remove_dead_code
+from .golden import golden
+from .ir.lowering import lower_ir
+from .ir.raising import raise_ir
+from .patterns.sp import SPConfig, sp_rules
+from .rules import Report
+from .stats import Traffic, traffic
+
+log = logging.getLogger("fxsp")
+
+
+@dataclass
+class GraphReport:
+    """What fxsp did to one compiled graph (kept stable: `backend.reports` holds these)."""
+
+    counts: dict = field(default_factory=dict)  # rule name -> matches, over every pass
+    misses: dict = field(default_factory=dict)  # rule name -> best near-miss
+    before: str = ""  # golden text of the post-grad graph as fxsp received it
+    rewritten: str = ""  # ... after the rewrite and clean-up, IR ops not yet lowered
+    after: str = ""  # ... and as fxsp handed it back
+    passes: list = field(default_factory=list)  # the Report of each rule set
+    traffic_before: Traffic | None = None  # collective bytes and norm rows, raised graph
+    traffic_after: Traffic | None = None  # ... after the rewrite
+
+    def explain(self) -> str:
+        return "\n".join(p.explain() for p in self.passes)
+
+    def _add(self, report: Report) -> None:
+        self.passes.append(report)
+        self.counts.update(report.counts)
+        self.misses.update(report.misses)
+
+
+def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False) -> GraphReport:
+    report = GraphReport(before=golden(graph))
+    for r in raise_ir(graph):
+        report._add(r)
+    report.traffic_before = traffic(graph)
+    if sp is not None:
+        report._add(sp_rules(sp).apply(graph))
+    remove_dead_code(graph)
+    report._add(noop_rules().apply(graph))
+    report.rewritten = golden(graph)
+    report.traffic_after = traffic(graph)
+    lower_ir(graph)
+    remove_dead_code(graph)
+    graph.lint()
+    report.after = golden(graph)
+    if explain:
+        for near in report.misses.values():
+            log.info("near-miss %s", near)
+    return report

@@ -1,0 +1,21 @@
+"""What is decided or patched at run time: token thresholds and Inductor's reuse heuristic."""
+
+from .inductor_reuse import install as install_inductor_reuse_patch
+from .inductor_reuse import is_installed as inductor_reuse_patch_installed
+from .inductor_reuse import should_realize
+from .inductor_reuse import uninstall as uninstall_inductor_reuse_patch
+from .thresholds import (
+    DeviceInfo,
+    FusionLimit,
+    SPThreshold,
+    allreduce_rms_max_tokens,
+    device_info,
+    sp_min_tokens,
+    thresholds_markdown,
+)
+
+__all__ = [
+    "DeviceInfo", "FusionLimit", "SPThreshold", "allreduce_rms_max_tokens", "device_info",
+    "inductor_reuse_patch_installed", "install_inductor_reuse_patch", "should_realize",
+    "sp_min_tokens", "thresholds_markdown", "uninstall_inductor_reuse_patch",
+]

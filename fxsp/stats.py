@@ -1,0 +1,66 @@
+"""What a graph moves and normalises: collective bytes and norm rows, read off `meta["val"]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph
+
+from .ir.ops import ALL_REDUCE, FUSED_ADD_RMS_NORM, RMS_NORM
+
+c10d = torch.ops._c10d_functional
+_KINDS = {
+    ALL_REDUCE: "all_reduce", c10d.all_reduce.default: "all_reduce",
+    c10d.reduce_scatter_tensor.default: "reduce_scatter", c10d.all_gather_into_tensor.default: "all_gather",
+}
+
+
+@dataclass
+class Traffic:
+    """One rank's view of a graph: payload bytes per collective kind (the full tensor an
+    all-reduce or reduce-scatter takes in, the full tensor an all-gather hands out), and the
+    rows each norm normalises and each fused add+norm keeps of the residual stream."""
+
+    bytes: dict = field(default_factory=dict)
+    sites: int = 0  # all-reduces, or the reduce-scatters that replaced them
+    norm_rows: list = field(default_factory=list)
+    residual_rows: list = field(default_factory=list)
+
+    def per_layer(self) -> str:
+        """Averages per all-reduce site and per norm: what one such block costs each rank."""
+        sites = max(self.sites, 1)
+        moved = ", ".join(f"{k} {v / sites / 1024:.2f} KiB" for k, v in sorted(self.bytes.items()))
+        return (f"{moved or 'no collectives'}; norm rows {_mean(self.norm_rows)}, "
+                f"residual rows {_mean(self.residual_rows)}")
+
+
+def traffic(graph: Graph) -> Traffic:
+    out = Traffic()
+    for node in graph.nodes:
+        kind = _KINDS.get(node.target)
+        if kind is not None:
+            t = (node if kind == "all_gather" else node.args[0]).meta.get("val")
+            if isinstance(t, torch.Tensor):
+                out.bytes[kind] = out.bytes.get(kind, 0) + _int(t.numel()) * t.element_size()
+            out.sites += kind != "all_gather"
+        if node.target in (RMS_NORM, FUSED_ADD_RMS_NORM):
+            t = node.args[0].meta.get("val")
+            if isinstance(t, torch.Tensor):
+                rows = _int(t.numel()) // max(_int(t.shape[-1]), 1)
+                out.norm_rows.append(rows)
+                if node.target is FUSED_ADD_RMS_NORM:
+                    out.residual_rows.append(rows)
+    return out
+
+
+def _mean(values: list) -> str:
+    return f"{sum(values) / len(values):.1f}" if values else "-"
+
+
+def _int(n) -> int:
+    """A size as an int; a symbolic size counts at its hint (the example input's size)."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(n.node, "hint", None)
+    return int(hint) if hint is not None else 0

@@ -1,0 +1,153 @@
+"""A small tensor-parallel Llama-style model for the SP tests, the demo and the benchmarks.
+
+Every rank builds the full weights from one seed and keeps its shard: attention heads and MLP
+columns are split across ranks (column-parallel in, row-parallel out, one all-reduce after
+each), the embedding is split by vocabulary. Run eagerly, the model is the reference the
+compiled, rewritten one must equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Spec:
+    layers: int = 2
+    hidden: int = 32
+    heads: int = 6  # divisible by TP sizes 2 and 3
+    inter: int = 48
+    vocab: int = 60
+    eps: float = 1e-6
+    norm: str = "hf"  # "hf" (pow/mean/rsqrt) or "torch" (F.rms_norm)
+    dtype: torch.dtype = torch.float32
+    batched: bool = False  # activations [B, S, H] instead of [T, H]
+    prompt_embeds: bool = False  # the model takes embeddings: no first all-reduce in the graph
+    fp8: bool = False  # static FP8 quant after every norm (dequantised before the matmul)
+    graph_break: bool = False  # a graph break between layers
+    collective: str = "funcol"  # "funcol" or "inplace" (dist.all_reduce)
+    final_norm: bool = True
+
+    def with_(self, **changes) -> "Spec":
+        return replace(self, **changes)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(spec.hidden))
+        self.eps, self.style = spec.eps, spec.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "torch":
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(dtype) * xf.to(dtype)
+
+
+def static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Quantise and dequantise: the graph carries the FP8 quant the SP FP8 rules look for."""
+    q = (x.float() / scale).clamp(-448.0, 448.0).to(FP8)
+    return q.float().to(x.dtype) * scale.to(x.dtype)
+
+
+class TPLlama(nn.Module):
+    def __init__(self, spec: Spec, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.spec, self.group = spec, group
+        self.tp, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        torch.manual_seed(0)  # same full weights on every rank; each keeps its shard
+        h, tp = spec.hidden, self.tp
+        assert spec.heads % tp == 0 and spec.inter % tp == 0 and spec.vocab % tp == 0
+        self.head_dim = h // spec.heads
+        self.local_heads = spec.heads // tp
+
+        def cols(out_features: int, in_features: int) -> nn.Parameter:
+            full = torch.randn(out_features, in_features) / in_features**0.5
+            return nn.Parameter(full.chunk(tp, 0)[self.rank].clone())
+
+        def rows(out_features: int, in_features: int) -> nn.Parameter:
+            full = torch.randn(out_features, in_features) / in_features**0.5
+            return nn.Parameter(full.chunk(tp, 1)[self.rank].clone())
+
+        self.embed = nn.Parameter(torch.randn(spec.vocab, h).chunk(tp, 0)[self.rank].clone())
+        self.layers = nn.ModuleList()
+        for _ in range(spec.layers):
+            layer = nn.Module()
+            layer.input_norm, layer.post_norm = RMSNorm(spec), RMSNorm(spec)
+            # q, k, v rows are grouped per head so a chunk holds whole heads
+            layer.qkv = nn.ParameterList([cols(h, h) for _ in range(3)])
+            layer.o = rows(h, h)
+            layer.gate, layer.up, layer.down = cols(spec.inter, h), cols(spec.inter, h), rows(h, spec.inter)
+            self.layers.append(layer)
+        self.final_norm = RMSNorm(spec)
+        self.scale = torch.tensor(0.05)
+        self.to(spec.dtype)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.group or dist.group.WORLD
+        if self.spec.collective == "inplace":
+            x = x.clone()
+            dist.all_reduce(x, group=group)
+            return x
+        return funcol.all_reduce(x, "sum", group)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        per_rank = self.spec.vocab // self.tp
+        local = tokens - self.rank * per_rank
+        mine = (local >= 0) & (local < per_rank)
+        out = F.embedding(local.clamp(0, per_rank - 1), self.embed) * mine.unsqueeze(-1).to(self.embed.dtype)
+        return self.all_reduce(out)
+
+    def norm(self, module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        out = module(x)
+        return static_fp8(out, self.scale) if self.spec.fp8 else out
+
+    def attention(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (F.linear(x, w) for w in layer.qkv)
+        lead = x.shape[:-1]
+        seq = x if x.dim() == 3 else x.unsqueeze(0)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            t = t if t.dim() == 3 else t.unsqueeze(0)
+            return t.reshape(t.shape[0], t.shape[1], self.local_heads, self.head_dim).transpose(1, 2)
+
+        att = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+        att = att.transpose(1, 2).reshape(seq.shape[0], seq.shape[1], -1).reshape(*lead, -1)
+        return self.all_reduce(F.linear(att, layer.o))
+
+    def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = inputs if self.spec.prompt_embeds else self.embed_tokens(inputs)
+        residual = hidden
+        for i, layer in enumerate(self.layers):
+            if i > 0 and self.spec.graph_break:
+                torch._dynamo.graph_break()
+            if i > 0:
+                hidden = hidden + residual
+                residual = hidden
+            hidden = self.attention(layer, self.norm(layer.input_norm, hidden)) + residual
+            residual = hidden
+            hidden = self.mlp(layer, self.norm(layer.post_norm, hidden))
+        hidden = hidden + residual
+        return self.final_norm(hidden) if self.spec.final_norm else hidden
+
+    def example_input(self, rows: int, seed: int = 1) -> torch.Tensor:
+        """Tokens (or embeddings) for `rows` rows, identical on every rank."""
+        g = torch.Generator().manual_seed(seed)
+        lead = ((2, rows // 2) if rows % 2 == 0 else (1, rows)) if self.spec.batched else (rows,)
+        if self.spec.prompt_embeds:
+            return torch.randn(*lead, self.spec.hidden, generator=g).to(self.spec.dtype)
+        return torch.randint(0, self.spec.vocab, lead, generator=g)

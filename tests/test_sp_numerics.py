@@ -1,0 +1,144 @@
+"""SP numerics on real gloo worlds of 2 and 3 ranks: compiled with fxsp equals eager, every rank.
+
+Each world run checks a list of cases (spec, row counts, inner compiler) so process start-up is
+paid once per world, not per case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxsp
+from fxsp.testing.tp_llama import Spec, TPLlama
+from tests.worlds import run_world
+
+BASE = Spec()
+TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 6e-2}
+
+
+def expected_counts(spec: Spec) -> dict:
+    """Rule matches in a TPLlama graph. Norms in order: per layer input and post norm, then
+    the final norm. The first input norm follows the embedding's all-reduce (none with prompt
+    embeddings); behind a graph break a layer's input norm gets its all-reduce from the
+    previous graph, so stays as it is; the final norm's residual output is dead."""
+    fp8 = "_fp8" if spec.fp8 else ""
+    middle = 2 * spec.layers - 1 - (spec.layers - 1 if spec.graph_break else 0)
+    return {f"sp.first{fp8}": 0 if spec.prompt_embeds else 1, f"sp.middle{fp8}": middle,
+            "sp.last": 1 if spec.final_norm else 0}
+
+
+def compile_and_compare(rank: int, world: int, cases: list) -> list:
+    """For each (spec, rows list, inner, dynamic): max |compiled - eager| and the rule counts."""
+    out = []
+    for spec, rows_list, inner, dynamic in cases:
+        torch._dynamo.reset()
+        model = TPLlama(spec)
+        backend = fxsp.backend(None, inner=inner)
+        compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+        for rows in rows_list:
+            inputs = model.example_input(rows)
+            seen = len(backend.reports)
+            with torch.no_grad():
+                reference, result = model(inputs), compiled(inputs)
+            counts: dict = {}
+            for report in backend.reports[seen:]:
+                for name, n in report.counts.items():
+                    counts[name] = counts.get(name, 0) + n
+            assert result.shape == reference.shape, (result.shape, reference.shape)
+            error = (result.float() - reference.float()).abs().max().item()
+            out.append((spec, rows, inner, error, counts))
+    return out
+
+
+def check(results_by_rank: list) -> None:
+    for rank, results in enumerate(results_by_rank):
+        for spec, rows, inner, error, counts in results:
+            where = f"rank {rank}, rows {rows}, inner {inner}, {spec}"
+            assert error <= TOLERANCE[spec.dtype], f"max error {error} at {where}"
+            if counts:  # a recompile-free call (dynamic shapes) reports nothing new
+                for name, n in expected_counts(spec).items():
+                    assert counts.get(name, 0) == n, f"{name}: {counts} at {where}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_llama_row_counts_equal_eager(world):
+    rows = sorted({1, world - 1, 2 * world + 1, 64})
+    cases = [(BASE, rows, "eager", False), (BASE.with_(batched=True), [2 * world + 2, 64], "eager", False),
+             (BASE, [2 * world + 1], "inductor", False)]
+    check(run_world(world, compile_and_compare, cases))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_variants_equal_eager(world):
+    odd = 2 * world + 1
+    cases = [
+        (BASE.with_(prompt_embeds=True), [1, odd, 64], "eager", False),
+        (BASE.with_(fp8=True), [odd, 64], "eager", False),
+        (BASE.with_(norm="torch", eps=1e-5), [odd], "eager", False),
+        (BASE.with_(collective="inplace"), [odd], "eager", False),
+        (BASE.with_(final_norm=False), [odd], "eager", False),
+        (BASE.with_(dtype=torch.bfloat16), [odd, 64], "eager", False),
+    ]
+    check(run_world(world, compile_and_compare, cases))
+
+
+def test_graph_break_and_dynamic_shapes_equal_eager():
+    cases = [
+        (BASE.with_(graph_break=True), [5, 64], "eager", False),
+        (BASE, [5, 7, 64], "eager", True),
+        (BASE.with_(batched=True), [6, 10], "inductor", True),
+    ]
+    check(run_world(2, compile_and_compare, cases))
+
+
+def dtensor_compare(rank: int, world: int, rows: int) -> tuple:
+    """An MLP stack parallelised with DTensor's ColwiseParallel / RowwiseParallel."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fxsp.testing.tp_llama import RMSNorm
+
+    torch.manual_seed(0)
+    spec = Spec(hidden=16)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norms = nn.ModuleList(RMSNorm(spec) for _ in range(3))
+            self.up = nn.ModuleList(nn.Linear(16, 24, bias=False) for _ in range(2))
+            self.down = nn.ModuleList(nn.Linear(24, 16, bias=False) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            residual = x
+            for norm, up, down in zip(self.norms, self.up, self.down):
+                residual = residual + down(torch.relu(up(norm(residual))))
+            return self.norms[-1](residual)
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = Block()
+    plan = {f"up.{i}": ColwiseParallel() for i in range(2)} | {f"down.{i}": RowwiseParallel() for i in range(2)}
+    parallelize_module(model, mesh, plan)
+    backend = fxsp.backend(mesh, inner="eager")
+    x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference, result = model(x), torch.compile(model, backend=backend)(x)
+    counts = {k: v for r in backend.reports for k, v in r.counts.items() if v}
+    return (result - reference).abs().max().item(), counts
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_parallelize_module_equals_eager(world):
+    for error, counts in run_world(world, dtensor_compare, 2 * world + 1):
+        assert error <= 2e-4
+        # x is a graph input (replicated): both norms after a matmul take the middle/last rules
+        assert counts == {"sp.middle": 1, "sp.last": 1}, counts
+
+
+def test_shared_cache_dir_second_run_equals_eager(tmp_path):
+    """REFERENCE §2 trap 2: rank-specific graphs must not share a cache entry across ranks."""
+    cases = [(BASE.with_(prompt_embeds=True), [5], "inductor", False)]
+    cache = str(tmp_path / "shared-cache")
+    for _ in range(2):
+        check(run_world(2, compile_and_compare, cases, cache_dir=cache))

@@ -34,7 +34,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
 
-    spec = Spec(layers=args.layers, hidden=64, heads=8 if world != 3 else 6, inter=96, vocab=96, fp8=args.fp8)
+    spec = Spec(layers=args.layers, hidden=96, heads=6, inter=192, vocab=96, fp8=args.fp8)
     model = TPLlama(spec).to(device)
     backend = fxsp.backend(None)
     compiled = torch.compile(model, backend=backend)

@@ -1,5 +1,6 @@
 """fxsp: rewrite PyTorch FX graphs with a small pattern DSL; sequence parallelism for TP models."""
 
+from .backend import Backend, Options, backend
 from .builder import Builder
 from .golden import golden
 from .pattern import (
@@ -11,7 +12,7 @@ from .rules import Match, Report, Rule, RuleSet
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADD", "CAST", "MUL", "PASS_THROUGH", "Builder", "Match", "Pattern", "Report", "Rule", "RuleSet",
+    "Backend", "Options", "backend", "ADD", "CAST", "MUL", "PASS_THROUGH", "Builder", "Match", "Pattern", "Report", "Rule", "RuleSet",
     "alt", "anything", "dims", "dtype", "getitem", "golden", "literal", "op", "scalar", "string",
     "tensor", "through",
 ]

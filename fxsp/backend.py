@@ -10,9 +10,11 @@ reduce-scatter / all-gather and can fuse them with the neighbouring matmuls.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,7 +57,23 @@ class Backend:
         self._said_tp1 = False
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        sp = self.sp_config(example_inputs)
+        sp = self.sp_config()
+        if sp is None or not self._may_dispatch(example_inputs):
+            return self._compile(gm, example_inputs, sp)
+        # Symbolic rows: the SP variant's graph cannot know whether a batch reaches min_tokens,
+        # so a non-SP variant is compiled beside it and each call picks one by its row count.
+        plain_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        seen = len(self.reports)
+        with _no_compile_cache():  # the row thresholds are read off the pass: it must run
+            with_sp = self._compile(gm, example_inputs, replace(sp, dispatch=True))
+        thresholds = [t for r in self.reports[seen:] for t in r.row_thresholds]
+        if not thresholds:
+            return with_sp
+        with _no_compile_cache():
+            without_sp = self._compile(plain_gm, example_inputs, None)
+        return RowDispatch(with_sp, without_sp, thresholds, example_inputs)
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
         graph_pass = FxspPass(self, sp)
         if self.options.inner == "eager":
             return _compile_eager(gm, example_inputs, graph_pass)
@@ -63,7 +81,17 @@ class Backend:
 
         return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass})
 
-    def sp_config(self, example_inputs: list | None = None) -> SPConfig | None:
+    def _may_dispatch(self, example_inputs: list) -> bool:
+        """Symbolic sizes and a threshold that may be above zero."""
+        symbolic = any(isinstance(a, torch.SymInt) or (isinstance(a, torch.Tensor) and _has_symbolic_size(a))
+                       for a in example_inputs)
+        if not symbolic or self.options.min_tokens == 0:
+            return False
+        if self.options.min_tokens == "auto":  # 0 off CUDA: see runtime.thresholds
+            return any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in example_inputs)
+        return True
+
+    def sp_config(self) -> SPConfig | None:
         """The SP settings for this process, or None when TP size is 1 (nothing to rewrite)."""
         group = _process_group(self.tp_group)
         world = dist.get_world_size(group)
@@ -73,14 +101,7 @@ class Backend:
                 self._said_tp1 = True
             return None
         return SPConfig(group=group.group_name, world=world, rank=dist.get_rank(group),
-                        min_tokens=self._min_tokens(example_inputs, world), fp8=self.options.fp8)
-
-    def _min_tokens(self, example_inputs: list | None, world: int) -> int:
-        if self.options.min_tokens != "auto":
-            return int(self.options.min_tokens)
-        from .runtime.thresholds import auto_min_tokens
-
-        return auto_min_tokens(example_inputs or [], world)
+                        min_tokens=self.options.min_tokens, fp8=self.options.fp8)
 
 
 class FxspPass(CustomGraphPass):
@@ -98,6 +119,46 @@ class FxspPass(CustomGraphPass):
     def uuid(self) -> str:
         parts = (_source_digest(), asdict(self.owner.options), asdict(self.sp) if self.sp else None)
         return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class RowDispatch:
+    """Calls the SP variant when every rewritten site's row count reaches its threshold, the
+    non-SP variant otherwise. Row counts are symbolic expressions over the graph's input sizes;
+    every rank sees the same sizes, so every rank picks the same variant."""
+
+    def __init__(self, with_sp: Callable, without_sp: Callable, thresholds: list, example_inputs: list) -> None:
+        self.with_sp, self.without_sp, self.thresholds = with_sp, without_sp, thresholds
+        self.sources: dict = {}  # sympy symbol -> (input index, dim or None for an int input)
+        for i, a in enumerate(example_inputs):
+            sizes = [(None, a)] if isinstance(a, torch.SymInt) else (
+                list(enumerate(a.shape)) if isinstance(a, torch.Tensor) else [])
+            for dim, size in sizes:
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    self.sources.setdefault(size.node.expr, (i, dim))
+
+    def use_sp(self, args: tuple) -> bool:
+        values = {sym: args[i] if dim is None else args[i].shape[dim] for sym, (i, dim) in self.sources.items()}
+        for rows, need in self.thresholds:
+            value = rows.xreplace(values)
+            if not value.is_number or int(value) < need:  # unknown: the safe, non-SP variant
+                return False
+        return True
+
+    def __call__(self, *args: Any) -> Any:
+        return (self.with_sp if self.use_sp(args) else self.without_sp)(*args)
+
+
+def _has_symbolic_size(t: torch.Tensor) -> bool:
+    return any(isinstance(d, torch.SymInt) for d in t.shape)
+
+
+@contextlib.contextmanager
+def _no_compile_cache():
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
 
 
 def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:

@@ -296,7 +296,8 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | N
         return
     out = b.bind(pattern.name, _normalised(pattern, value, rank))
     if out is None:
-        trace.fail(b.depth, f"{pattern.name} = {_text(b.values[pattern.name])} (bound earlier)", _text(value), None)
+        earlier = _text(b.values[pattern.name])
+        trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", _text(value), None)
         return
     yield out.step()
 

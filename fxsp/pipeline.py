@@ -30,6 +30,7 @@ class GraphReport:
     passes: list = field(default_factory=list)  # the Report of each rule set
     traffic_before: Traffic | None = None  # collective bytes and norm rows, raised graph
     traffic_after: Traffic | None = None  # ... after the rewrite
+    row_thresholds: list = field(default_factory=list)  # (symbolic rows, min rows) of SP sites
 
     def explain(self) -> str:
         return "\n".join(p.explain() for p in self.passes)
@@ -46,7 +47,7 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False) -> Gr
         report._add(r)
     report.traffic_before = traffic(graph)
     if sp is not None:
-        report._add(sp_rules(sp).apply(graph))
+        report._add(sp_rules(sp, report.row_thresholds).apply(graph))
     remove_dead_code(graph)
     report._add(noop_rules().apply(graph))
     report.rewritten = golden(graph)

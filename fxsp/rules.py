@@ -189,7 +189,8 @@ class RuleSet:
 
     def _rewrite(self, graph: Graph, m: Match, report: Report, check: bool) -> None:
         if m.root._erased:  # spoiled too, and said so: the rule matched but did nothing
-            report._missed(m.rule, m.root, Miss(0, "an unchanged root", "a root erased by an earlier rewrite", None))
+            erased = Miss(0, "an unchanged root", "a root erased by an earlier rewrite", None)
+            report._missed(m.rule, m.root, erased)
             return
         trace = Trace()
         fresh = m.rule.match_at(m.root, trace)  # an earlier rewrite may have changed this spot

@@ -37,8 +37,9 @@ def chain(program):
             if name in ("neg", "relu"):
                 h = getattr(torch, name)(h)
             elif literal_first:
-                # Calling the overload directly keeps the literal as the first argument.
-                h = getattr(aten, name).Tensor(operand, h) if other != "y" else getattr(torch, name)(y, h)
+                # Calling the overload keeps a literal as the first argument.
+                overload = getattr(aten, name).Tensor
+                h = overload(operand, h) if other != "y" else overload(y, h)
             else:
                 h = getattr(torch, name)(h, operand)
         return h
@@ -47,8 +48,8 @@ def chain(program):
 
 @settings(max_examples=50, deadline=None)
 # Both operand orders, for sure: `2 * h` written as mul.Tensor(2, h), and 2.0 after.
-@example(program=[("mul", 2, True), ("relu", 3, False), ("mul", 2.0, False)], shape=[2, 3], suffix=1,
-         seed=0)
+@example(program=[("mul", 2, True), ("relu", 3, False), ("mul", 2.0, False)],
+         shape=[2, 3], suffix=1, seed=0)
 @given(program=st.lists(steps, min_size=1, max_size=8), shape=shapes, suffix=st.integers(0, 3),
        seed=st.integers(0, 2**16))
 def test_double_to_add_keeps_numerics(program, shape, suffix, seed):

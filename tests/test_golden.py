@@ -169,7 +169,8 @@ return (%2, %3)""")
             import torch
             from torch.fx.experimental.proxy_tensor import make_fx
             import fxsp
-            from tests.test_golden import graph_with_collectives, llama_rms_norm, llama_rms_norm_rule
+            from tests.test_golden import (
+                graph_with_collectives, llama_rms_norm, llama_rms_norm_rule)
             gm = make_fx(llama_rms_norm)(torch.randn(4, 8, dtype=torch.bfloat16),
                                          torch.randn(8, dtype=torch.bfloat16))
             before = fxsp.golden(gm)
@@ -184,7 +185,8 @@ return (%2, %3)""")
                                      torch.randn(8, dtype=torch.bfloat16))
         before = fxsp.golden(gm)
         RuleSet("raise", [llama_rms_norm_rule()]).apply(gm)
-        here = "\n---\n".join([before, fxsp.golden(gm), fxsp.golden(graph_with_collectives())]) + "\n"
+        texts = [before, fxsp.golden(gm), fxsp.golden(graph_with_collectives())]
+        here = "\n---\n".join(texts) + "\n"
         self.assertEqual(other, here)
 
 

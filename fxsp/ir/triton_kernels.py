@@ -33,8 +33,9 @@ operations per element in a kernel bound by memory traffic.
 Each program normalises one row. Rows of up to `MAX_SINGLE_PASS_COLS` elements are read once
 and kept in registers; longer rows are read in blocks twice (sum of squares, then normalise).
 
-On CPU the kernels run only in Triton's interpreter: set `TRITON_INTERPRET=1` before this
-module is imported (the choice is made when the kernels are decorated).
+On CPU tensors the kernels run only in Triton's interpreter (slowly; the provider is never
+chosen there, this is for tests): `TRITON_INTERPRET=1` must be set before Triton is first
+imported, since Triton builds its own library functions for the interpreter or not at import.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import contextlib
 
 import torch
 
-from .ops import FUSED_ADD_RMS_NORM, FP8_DTYPES, RMS_NORM, STATIC_FP8_QUANT, fp8_max
+from .ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, fp8_max
 from .providers import Provider, register_provider
 
 try:
@@ -61,6 +62,8 @@ _TRITON_DTYPES = {}  # torch dtype -> Triton dtype, for the dtypes the kernels c
 _FP8_EXPONENT_BIAS = {torch.float8_e4m3fn: 7, torch.float8_e4m3fnuz: 8}
 
 if triton is not None:
+    from triton.runtime.interpreter import InterpretedFunction
+
     _jit = triton.jit
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                       torch.float16: tl.float16}
@@ -82,7 +85,8 @@ def _round_to(value, DTYPE: tl.constexpr):
         # below is then exact, whichever rounding the backend's cast uses.
         bits = value.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
+        is_nan = value != value  # noqa: PLR0124 - the NaN test in Triton
+        value = tl.where(is_nan, value, bits.to(tl.float32, bitcast=True))
     return value.to(DTYPE)
 
 
@@ -90,7 +94,7 @@ def _round_to(value, DTYPE: tl.constexpr):
 def _fp8_e4m3_bits(value, fp8_max, EXPONENT_BIAS: tl.constexpr):
     """Bit patterns (uint8) of fp32 `value` clamped to +-fp8_max and rounded to nearest even
     in FP8 E4M3: EXPONENT_BIAS 7 is float8_e4m3fn, 8 is float8_e4m3fnuz."""
-    is_nan = value != value
+    is_nan = value != value  # noqa: PLR0124 - the NaN test in Triton
     value = tl.minimum(tl.maximum(value, -fp8_max), fp8_max)
     bits = value.to(tl.int32, bitcast=True)
     negative = bits < 0
@@ -106,12 +110,12 @@ def _fp8_e4m3_bits(value, fp8_max, EXPONENT_BIAS: tl.constexpr):
     # exponent field << 3, plus the kept bits with their leading one, is the encoding; a
     # rounding carry moves into the exponent field by itself.
     code = (tl.maximum(exponent + EXPONENT_BIAS - 1, 0) << 3) + kept + round_up.to(tl.int32)
-    if EXPONENT_BIAS == 8:  # e4m3fnuz: no negative zero (0x80 is its NaN)
+    if EXPONENT_BIAS == 8:  # e4m3fnuz: no negative zero; 0x80 is its only NaN
         code = tl.where(negative & (code != 0), code | 0x80, code)
         code = tl.where(is_nan, 0x80, code)
     else:
         code = tl.where(negative, code | 0x80, code)
-        code = tl.where(is_nan, 0x7F | (code & 0x80), code)
+        code = tl.where(is_nan, 0x7F, code)
     return code.to(tl.uint8)
 
 
@@ -196,8 +200,9 @@ def _rms_norm_kernel(
 
 
 def runs_interpreted() -> bool:
-    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)
+    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1), and so
+    take CPU tensors."""
+    return triton is not None and isinstance(_rms_norm_kernel, InterpretedFunction)
 
 
 def _norm_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
@@ -221,8 +226,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if triton is None:
         raise RuntimeError("fxsp_triton ops need Triton, which is not installed")
     if not x.is_cuda and not runs_interpreted():
-        raise RuntimeError("fxsp_triton ops run on CUDA tensors, or on CPU tensors in Triton's "
-                           "interpreter (set TRITON_INTERPRET=1 before importing fxsp)")
+        raise RuntimeError("fxsp_triton ops run on CUDA tensors; CPU tensors only where the "
+                           "kernels run in Triton's interpreter (see runs_interpreted())")
     hidden = x.shape[-1]
     if weight is not None and weight.shape != (hidden,):
         raise ValueError(f"weight of shape {tuple(weight.shape)} for rows of {hidden}")
@@ -261,7 +266,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _rms_norm_kernel[(n_rows,)](
             rows, dummy if residual_rows is None else residual_rows,
             dummy if weight is None else weight.contiguous(),
-            dummy if scale is None else scale.reshape(1).float(),
+            dummy if scale is None else scale.reshape(1).to(x.device, torch.float32),
             out_buffer, dummy if residual_out is None else residual_out,
             hidden, eps, bound,
             NORM_DTYPE=_triton_dtype(norm_dtype), OUT_DTYPE=_triton_dtype(out_dtype),

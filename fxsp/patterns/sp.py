@@ -30,6 +30,7 @@ from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
 from ..rules import Match, Rule, RuleSet
+from ..runtime.thresholds import sp_min_tokens
 from .rows import RowBlocks, from_padded_rows, row_blocks, row_count, same_shape, this_rank_rows, to_padded_rows, val
 
 aten = torch.ops.aten
@@ -44,8 +45,11 @@ class SPConfig:
     group: str  # only all-reduces over this process group are rewritten
     world: int  # TP size
     rank: int  # only used for slice offsets of replicated residuals
-    min_tokens: int = 0  # rows below this keep the all-reduce
+    min_tokens: int | str = 0  # rows below this keep the all-reduce; "auto": runtime.thresholds
     fp8: bool = True
+    # Accept symbolic row counts whatever the threshold, reporting each (rows, threshold) so
+    # the backend can pick this variant or a non-SP one per call (see backend.RowDispatch).
+    dispatch: bool = False
 
 
 # --- patterns ----------------------------------------------------------------------------------
@@ -65,7 +69,9 @@ fused_fp8 = op(STATIC_FP8_QUANT, getitem(fused_norm, 0), *quant_args)
 # --- rewrites ----------------------------------------------------------------------------------
 
 
-def sp_rules(cfg: SPConfig) -> RuleSet:
+def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
+    """The SP rule set. With `cfg.dispatch`, (symbolic rows, threshold) pairs of accepted
+    matches are appended to `row_thresholds`."""
     def applicable(m: Match) -> bool | str:
         """Rank-independent facts only: every rank must take the same decision."""
         if m["group"] != cfg.group:
@@ -75,11 +81,15 @@ def sp_rules(cfg: SPConfig) -> RuleSet:
         t = val(m["x"])
         if t.dim() < 2:
             return f"activation of rank {t.dim()} has no token dim"
-        rows = row_count(t)
-        if isinstance(rows, int) and rows < cfg.min_tokens:
-            return f"{rows} rows < min_tokens {cfg.min_tokens}"
-        if not isinstance(rows, int) and cfg.min_tokens > 0:
-            return "symbolic rows with min_tokens > 0 need the run-time dispatch"
+        rows, need = row_count(t), _min_rows(cfg, t)
+        if isinstance(need, str):
+            return need
+        if isinstance(rows, int) and rows < need:
+            return f"{rows} rows < min_tokens {need}"
+        if not isinstance(rows, int) and need > 0:
+            if not cfg.dispatch or row_thresholds is None:
+                return f"symbolic rows may fall below min_tokens {need}"
+            row_thresholds.append((rows.node.expr, need))
         if "residual" in m.bindings and not same_shape(t, val(m["residual"])):
             return "residual shape differs from the all-reduce's"
         return True
@@ -129,6 +139,14 @@ def sp_rules(cfg: SPConfig) -> RuleSet:
         Rule("sp.last", fused_norm, middle, where=is_last),
     ]
     return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
+
+
+def _min_rows(cfg: SPConfig, t: torch.Tensor) -> int | str:
+    """The SP row threshold for this activation, or why SP is off for it."""
+    if cfg.min_tokens != "auto":
+        return int(cfg.min_tokens)
+    threshold = sp_min_tokens(t.shape[-1], cfg.world, t.dtype, t.device)
+    return threshold.reason if threshold.min_tokens is None else threshold.min_tokens
 
 
 def _scatter(b: Builder, m: Match, cfg: SPConfig) -> tuple[RowBlocks, Node]:

@@ -22,7 +22,7 @@ FP8 = torch.float8_e4m3fn
 @dataclass(frozen=True)
 class Spec:
     layers: int = 2
-    hidden: int = 32
+    hidden: int = 48
     heads: int = 6  # divisible by TP sizes 2 and 3
     inter: int = 48
     vocab: int = 60

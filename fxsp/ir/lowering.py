@@ -1,0 +1,121 @@
+"""Lowering: fxsp IR ops back to what Inductor compiles, after the rewrite passes.
+
+    lower_ir(graph)                       # every IR node, provider kernel or reference
+    lower_ir(graph, providers=())         # reference decompositions only
+
+Each norm / quant node becomes either a registered provider's kernel (`providers.choose`; the
+provider's op has the IR op's signature, so only the target changes) or, by default and always
+on CPU, the op's reference implementation from `ops.py` traced to ATen with the node's own fake
+inputs and inlined in its place. Traced with Inductor's decomposition table, the inlined nodes
+are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
+(and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of
+its flavor (`collectives.py`).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_map
+
+from ..builder import Builder
+from . import ops
+from .collectives import all_reduce_sum
+from .providers import choose
+
+REFERENCES = {
+    ops.RMS_NORM: ops.rms_norm_reference,
+    ops.FUSED_ADD_RMS_NORM: ops.fused_add_rms_norm_reference,
+    ops.STATIC_FP8_QUANT: ops.static_fp8_quant_reference,
+}
+
+
+def lower_ir(target: Graph | GraphModule, providers: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Replace every fxsp IR node in `target`. `providers` limits the kernel providers that may
+    be chosen (None: any registered one; (): reference decompositions only).
+
+    Returns how many nodes went where, e.g. {"aten": 4, "all_reduce": 2}.
+    """
+    graph = target.graph if isinstance(target, GraphModule) else target
+    counts: dict[str, int] = {}
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in ops.IR_OPS]:
+        how = _lower(graph, node, providers)
+        counts[how] = counts.get(how, 0) + 1
+    if isinstance(target, GraphModule):
+        target.recompile()
+    return counts
+
+
+def _lower(graph: Graph, node: Node, providers: tuple[str, ...] | None) -> str:
+    if node.target is ops.ALL_REDUCE:
+        x, group, flavor = node.args
+        _replace(node, all_reduce_sum(Builder(graph), x, group, flavor))
+        return "all_reduce"
+    first = _val(node.args[0])
+    provider = choose(node.target, first.device.type, first.dtype, allowed=providers)
+    if provider is not None:
+        node.target = provider.impls[node.target]
+        return provider.name
+    _inline_reference(graph, node)
+    return "aten"
+
+
+def _inline_reference(graph: Graph, node: Node) -> None:
+    """Trace the op's reference on the node's fake inputs and splice the ATen nodes in."""
+    reference = REFERENCES[node.target]
+    tensors = [a for a in node.args if isinstance(a, Node)]
+
+    def call(*values: torch.Tensor) -> Any:
+        it = iter(values)
+        return reference(*[next(it) if isinstance(a, Node) else a for a in node.args])
+
+    from torch._inductor.decomposition import select_decomp_table  # heavy import, only here
+
+    traced = make_fx(call, decomposition_table=select_decomp_table())(*_fake_inputs(tensors))
+    env = dict(zip(traced.graph.find_nodes(op="placeholder"), tensors))
+    with graph.inserting_before(node):
+        for inner in traced.graph.nodes:
+            if inner.op == "call_function":
+                env[inner] = graph.node_copy(inner, env.__getitem__)
+                env[inner].meta = {"val": inner.meta["val"]} if "val" in inner.meta else {}
+    result = tree_map(lambda n: env[n] if isinstance(n, torch.fx.Node) else n,
+                      traced.graph.output_node().args[0])
+    _replace(node, result)
+
+
+def _fake_inputs(nodes: list[Node]) -> list[torch.Tensor]:
+    """The nodes' fake values, in one fake mode (graphs traced by make_fx in real mode give each
+    value its own: rebuild those in a fresh one)."""
+    vals = [_val(n) for n in nodes]
+    try:
+        detect_fake_mode(vals)
+        return vals
+    except AssertionError:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in vals]
+
+
+def _replace(node: Node, result: Any) -> None:
+    """Point the users of `node` at `result` (a node, or a tuple for tuple-valued ops, whose
+    getitem users take its items) and erase it."""
+    if isinstance(result, (tuple, list)):
+        for user in list(node.users):
+            assert user.target is operator.getitem, f"{user.name} reads {node.name} whole"
+            user.replace_all_uses_with(result[user.args[1]], propagate_meta=False)
+            node.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(result, propagate_meta=False)
+    node.graph.erase_node(node)
+
+
+def _val(node: Any) -> torch.Tensor:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    if not isinstance(val, torch.Tensor):
+        raise ValueError(f"lowering {node} needs its meta['val'] (a fake tensor)")
+    return val

@@ -1,0 +1,458 @@
+"""Raising: every common spelling of RMSNorm, fused add+RMSNorm, static FP8 quant and sum
+all-reduce in a post-grad graph becomes one fxsp IR op, so the rewrite rules see one op per
+concept whatever the model wrote.
+
+    raise_ir(graph)   # -> [Report] of the passes below, in order
+
+1. collectives  `wait_tensor(_c10d_functional.all_reduce(x, "sum", g))` (functional
+                collectives, DTensor, Dynamo's rewrite of in-place `dist.all_reduce`) and
+                `vllm.all_reduce(x, g)` → `fxsp.all_reduce(x, g, flavor)`. Other reductions
+                ("avg", "max", ...) are never raised.
+2. norms        the decomposed RMSNorm (HF/Llama, `F.rms_norm`, `nn.RMSNorm`, any eps, fp32 or
+                bf16/fp16 through fp32), undecomposed `aten.rms_norm` / `aten._fused_rms_norm`,
+                and vLLM's `_C.rms_norm` / `_C.fused_add_rms_norm` (under
+                `auto_functionalized[_v2]`) and `vllm_ir.rms_norm` / `vllm_ir.fused_add_rms_norm`
+                → `fxsp.rms_norm` / `fxsp.fused_add_rms_norm`.
+3. add + norm   `rms_norm(x + residual)` → `fused_add_rms_norm(x, residual)`; the sum's other
+                users read the op's second output.
+4. fp8          `(x / scale).clamp(-M, M).to(fp8)` (or `x * scale.reciprocal()`), M the fp8
+                dtype's max, and vLLM's `_C.static_scaled_fp8_quant` → `fxsp.static_fp8_quant`.
+
+Numerics. A raise never changes what a graph computes beyond the rounding of one step:
+`fxsp.rms_norm` normalises in fp32 and rounds the normalised value to x's dtype before the
+weight multiply (HF/Llama and vLLM's kernels). Spellings that multiply by the weight first and
+round once after (`F.rms_norm` in bf16/fp16, Gemma-style) are raised too; the two differ by at
+most one rounding in x's dtype, the dtype the result is delivered in. Likewise
+`x * scale.reciprocal()` differs from `x / scale` by one fp32 rounding before the fp8 cast, and
+`vllm_ir.fused_add_rms_norm` normalises the unrounded sum. Everything else is exact, and any
+spelling that would change more (a norm computed in bf16, a result left in fp32, a clamp that is
+not the fp8 range) is left alone with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..builder import Builder
+from ..pattern import ADD, CAST, alt, anything, dims, dtype, getitem, op, scalar, string, tensor
+from ..rules import Match, Report, Rule, RuleSet
+from .collectives import C10D_ALL_REDUCE, WAIT, vllm_op
+from .ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, fp8_max
+
+aten, prims = torch.ops.aten, torch.ops.prims
+hop = torch.ops.higher_order
+
+F32 = torch.float32
+LOW = (torch.bfloat16, torch.float16)  # computed through fp32 by every spelling we raise
+FLOATS = (F32, *LOW)
+
+
+def raise_ir(target: Graph | GraphModule, check: bool = False) -> list[Report]:
+    """Raise every recognised spelling in `target` to fxsp IR ops; one report per pass."""
+    return [rule_set.apply(target, check=check) for rule_set in raising_passes()]
+
+
+def raising_passes() -> list[RuleSet]:
+    """The raising passes, in the order they must run. Rebuilt when vLLM ops (or stand-ins)
+    appear, since rules can only name ops that exist."""
+    return _passes(_vllm_ops())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def cast(value: Any, to: Any) -> Any:
+    """`value.to(to)`: the post-grad spelling, or the `_to_copy` that make_fx records."""
+    return alt(op(prims.convert_element_type.default, value, to),
+               op(aten._to_copy.default, value, dtype=to))
+
+
+def maybe_cast(value: Any, to: Any) -> Any:
+    return alt(cast(value, to), value)
+
+
+def fp32_of(x_name: str = "x") -> Any:
+    """x itself in fp32, or a bf16/fp16 x up-cast to fp32. Named "xf": every read of the
+    up-cast value must be the same node."""
+    return alt(tensor(x_name, [F32]), cast(tensor(x_name, LOW), F32), name="xf")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Collectives
+# ---------------------------------------------------------------------------------------------
+
+c10d_sum = op(WAIT, op(C10D_ALL_REDUCE, tensor("x"), "sum", string("group")))
+
+
+def _all_reduce(flavor: str):
+    def rewrite(b: Builder, m: Match) -> Node:
+        return b.call(ALL_REDUCE, m["x"], m["group"], flavor)
+    return rewrite
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Norms
+# ---------------------------------------------------------------------------------------------
+
+xf = fp32_of()
+eps = scalar("eps", lo=0.0, where=math.isfinite, doc="eps > 0")
+mean_square = op(aten.mean.dim, alt(op(aten.pow.Tensor_Scalar, xf, 2), op(aten.mul.Tensor, xf, xf)),
+                 dims([-1]), True)
+# x / sqrt(mean(x²) + eps), in fp32
+normed = op(aten.mul.Tensor, xf, op(aten.rsqrt.default, op(ADD, mean_square, eps)))
+
+weight = tensor("weight")
+down = dtype("down", FLOATS)
+rms_norm_weighted = alt(
+    op(aten.mul.Tensor, weight, maybe_cast(normed, down)),  # HF/Llama: w * normed.to(dtype)
+    cast(op(aten.mul.Tensor, normed, weight), down),         # F.rms_norm, Gemma: (normed * w).to(dtype)
+)
+rms_norm_unweighted = maybe_cast(normed, down)
+
+# Undecomposed torch ops (export graphs, versions or backends that keep the fused op).
+# Their numerics: (normed * w).type_as(x), the default eps is fp32's machine epsilon.
+aten_rms_norm = alt(
+    getitem(op(aten._fused_rms_norm.default, tensor("x", FLOATS), anything("shape"),
+               anything("weight"), anything("eps")), 0),
+    op(aten.rms_norm.default, tensor("x", FLOATS), anything("shape"), anything("weight"), anything("eps")),
+)
+
+
+def _exact_norm(m: Match) -> bool | str:
+    """The matched norm computes what fxsp.rms_norm computes, up to the rounding the module
+    docstring allows."""
+    x, down_to = _val(m["x"]), m.get("down")
+    if x.dtype in LOW and down_to is None:
+        return f"the fp32 result of a {_short(x.dtype)} norm is never cast back to {_short(x.dtype)}"
+    if down_to is not None and down_to != x.dtype:
+        return f"the result is cast to {_short(down_to)}, not to the input's {_short(x.dtype)}"
+    if _is_upcast(m["x"]):
+        return "x is an up-cast: the norm's input is the value before it"
+    if _is_centred(m["x"]):
+        return "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"
+    return _per_feature_weight(m["x"], m.get("weight"))
+
+
+def _per_feature_weight(x: Node, w: Any) -> bool | str:
+    """A weight is one value per feature: shape [H], H the last dim of x."""
+    if w is None:
+        return True
+    xv, wv = _val(x), _val(w)
+    if wv is None or wv.dim() != 1 or not _same_size(wv.shape[0], xv.shape[-1]):
+        shape = list(wv.shape) if wv is not None else "?"
+        return f"weight of shape {shape} is not one value per feature ({xv.shape[-1]})"
+    return True
+
+
+def _aten_norm_ok(m: Match) -> bool | str:
+    x, shape = _val(m["x"]), m["shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 1 and _same_size(shape[0], x.shape[-1])):
+        return f"normalized_shape {list(shape)} is not the last dim"
+    if m["eps"] is not None and not (isinstance(m["eps"], (int, float)) and m["eps"] > 0):
+        return f"eps {m['eps']!r} is not a positive number"
+    if m["weight"] is not None and not isinstance(m["weight"], Node):
+        return "weight is not a tensor"
+    return _per_feature_weight(m["x"], m["weight"])
+
+
+def _rms_norm(b: Builder, m: Match) -> Node:
+    eps_value = m["eps"] if m["eps"] is not None else torch.finfo(F32).eps
+    out = b.call(RMS_NORM, m["x"], m.get("weight"), float(eps_value))
+    return _as_dtype_of(b, out, m.root)
+
+
+# vLLM spellings. `_C` ops write into their mutable arguments, so post-grad graphs carry them
+# inside `auto_functionalized` (v1: one kwarg per argument) or `auto_functionalized_v2` (mutated
+# arguments listed in `_all_bases`, named by index). Outputs: getitem 1, 2, ... are the new
+# values of the mutated arguments, in order.
+
+
+def _vllm_rules(ops: dict) -> list[Rule]:
+    rules = []
+    c_rms, c_fused, c_quant = ops.get("_C.rms_norm"), ops.get("_C.fused_add_rms_norm"), ops.get(
+        "_C.static_scaled_fp8_quant")
+    ir_rms, ir_fused = ops.get("vllm_ir.rms_norm"), ops.get("vllm_ir.fused_add_rms_norm")
+    w, e = tensor("weight"), scalar("eps")
+    if c_rms is not None:
+        rules.append(Rule("raise.vllm_c_rms_norm", alt(
+            op(hop.auto_functionalized, c_rms, result=tensor("out"), input=tensor("x"), weight=w, epsilon=e),
+            op(hop.auto_functionalized_v2, c_rms, _all_bases=anything("bases"), _result_base_index=0,
+               input=tensor("x"), weight=w, epsilon=e),
+        ), _c_rms_norm, where=_c_rms_norm_ok))
+    if c_fused is not None:
+        rules.append(Rule("raise.vllm_c_fused_add_rms_norm", alt(
+            op(hop.auto_functionalized, c_fused, input=tensor("x"), residual=tensor("residual"),
+               weight=w, epsilon=e),
+            op(hop.auto_functionalized_v2, c_fused, _all_bases=anything("bases"), _input_base_index=0,
+               _residual_base_index=1, weight=w, epsilon=e),
+        ), _c_fused_add_rms_norm, where=_c_fused_ok))
+    if ir_rms is not None:
+        rules.append(Rule("raise.vllm_ir_rms_norm", op(ir_rms, tensor("x", FLOATS), anything("weight"), e),
+                          _rms_norm, where=_vllm_ir_ok))
+    if ir_fused is not None:
+        rules.append(Rule("raise.vllm_ir_fused_add_rms_norm",
+                          op(ir_fused, tensor("x", FLOATS), tensor("residual"), anything("weight"), e),
+                          _vllm_ir_fused, where=_vllm_ir_ok))
+    if c_quant is not None:
+        rules.append(Rule("raise.vllm_c_static_fp8_quant", alt(
+            op(hop.auto_functionalized, c_quant, result=tensor("out"), input=tensor("x"), scale=tensor("scale")),
+            op(hop.auto_functionalized_v2, c_quant, _all_bases=anything("bases"), _result_base_index=0,
+               input=tensor("x"), scale=tensor("scale")),
+        ), _c_quant, where=_c_quant_ok))
+    return rules
+
+
+def _mutated(m: Match, *names: str) -> list | None:
+    """The tensors a `_C` op mutates, by argument name: kwargs under `auto_functionalized`,
+    `_all_bases` in order under `auto_functionalized_v2` (whose patterns fix the base indices
+    and refuse the extra kwargs that views would add). None unless they are distinct."""
+    bases = m.get("bases")
+    found = [m.get(n) for n in names] if bases is None else list(bases) if isinstance(bases, (list, tuple)) else []
+    ok = len(found) == len(names) and len(set(found)) == len(names) and all(isinstance(n, Node) for n in found)
+    return found if ok else None
+
+
+def _outputs_only(m: Match, indices: set) -> bool | str:
+    for user in m.root.users:
+        if user.target is not operator.getitem or user.args[1] not in indices:
+            return f"{user.name} reads more than the outputs {sorted(indices)}"
+    return True
+
+
+def _all(*checks) -> bool | str:
+    """The first failing check's reason, else True (checks are thunks: later ones may assume
+    earlier ones passed)."""
+    for check in checks:
+        verdict = check()
+        if verdict is not True:
+            return verdict
+    return True
+
+
+def _c_rms_norm_ok(m: Match) -> bool | str:
+    out = _mutated(m, "out")
+    if out is None:
+        return "not one whole result buffer"
+    x, buf = _val(m["x"]), _val(out[0])
+    if tuple(buf.shape) != tuple(x.shape) or x.dtype not in FLOATS:
+        return "result buffer and input differ in shape, or the input is not fp32/bf16/fp16"
+    return _all(lambda: _per_feature_weight(m["x"], m["weight"]), lambda: _outputs_only(m, {1}))
+
+
+def _c_rms_norm(b: Builder, m: Match) -> None:
+    out = b.call(RMS_NORM, m["x"], m["weight"], float(m["eps"]))
+    _replace_items(b, m.root, {1: _as_dtype(b, out, _val(_mutated(m, "out")[0]).dtype)})
+
+
+def _c_fused_ok(m: Match) -> bool | str:
+    operands = _mutated(m, "x", "residual")
+    if operands is None:
+        return "input and residual are not two distinct whole tensors"
+    x, r = map(_val, operands)
+    if x.shape != r.shape or x.dtype != r.dtype or x.dtype not in FLOATS:
+        return "input and residual differ in shape or dtype"
+    return _all(lambda: _per_feature_weight(operands[0], m["weight"]), lambda: _outputs_only(m, {1, 2}))
+
+
+def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
+    x, residual = _mutated(m, "x", "residual")
+    fused = b.call(FUSED_ADD_RMS_NORM, x, residual, m["weight"], float(m["eps"]))
+    out = _as_dtype(b, b.call(operator.getitem, fused, 0), _val(x).dtype)
+    _replace_items(b, m.root, {1: out, 2: b.call(operator.getitem, fused, 1)})
+
+
+def _vllm_ir_ok(m: Match) -> bool | str:
+    if "residual" in m.bindings:
+        x, r = _val(m["x"]), _val(m["residual"])
+        if x.shape != r.shape or x.dtype != r.dtype:
+            return "input and residual differ in shape or dtype"
+    if m["weight"] is not None and not isinstance(m["weight"], Node):
+        return "weight is not a tensor"
+    outputs = (lambda: _outputs_only(m, {0, 1})) if "residual" in m.bindings else (lambda: True)
+    return _all(lambda: _per_feature_weight(m["x"], m["weight"]), outputs)
+
+
+def _vllm_ir_fused(b: Builder, m: Match) -> None:
+    fused = b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], float(m["eps"]))
+    old = m.root.meta["val"]
+    _replace_items(b, m.root, {0: _as_dtype(b, b.call(operator.getitem, fused, 0), old[0].dtype),
+                               1: b.call(operator.getitem, fused, 1)})
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Residual add + norm
+# ---------------------------------------------------------------------------------------------
+
+residual_sum = op(aten.add.Tensor, tensor("x"), tensor("residual"), name="residual_out")
+add_then_norm = op(RMS_NORM, residual_sum, anything("weight"), scalar("eps"))
+
+
+def _plain_sum(m: Match) -> bool | str:
+    shapes = [tuple(_val(m[n]).shape) for n in ("x", "residual", "residual_out")]
+    return True if len(set(shapes)) == 1 else f"the add broadcasts ({shapes[0]} + {shapes[1]})"
+
+
+def _fuse_add(b: Builder, m: Match) -> Node:
+    fused = b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], m["eps"])
+    out = b.call(operator.getitem, fused, 0)
+    b.replace(m["residual_out"], b.call(operator.getitem, fused, 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Static FP8 quant
+# ---------------------------------------------------------------------------------------------
+
+scale = tensor("scale")
+reciprocal = op(aten.reciprocal.default, scale, name="reciprocal")
+inverse_scale = alt(reciprocal, op(aten.mul.Tensor, reciprocal, 1.0), name="inverse_scale")  # 1 / scale
+quotient = alt(op(aten.div.Tensor, fp32_of(), scale), op(aten.mul.Tensor, fp32_of(), inverse_scale),
+               name="quotient")
+low, high = scalar("low"), scalar("high")
+clamped = alt(op(aten.clamp_max.default, op(aten.clamp_min.default, quotient, low), high),
+              op(aten.clamp_min.default, op(aten.clamp_max.default, quotient, high), low),
+              op(aten.clamp.default, quotient, low, high))
+fp8_quant = cast(clamped, dtype("fp8_dtype", FP8_DTYPES))
+
+
+def _fp8_range(m: Match) -> bool | str:
+    bound, (lo, hi) = fp8_max(m["fp8_dtype"]), (m["low"], m["high"])
+    if (lo, hi) != (-bound, bound):
+        return f"clamp to [{lo}, {hi}] is not {m['fp8_dtype']}'s range ±{bound}"
+    if _val(m["quotient"]).dtype != F32:
+        return f"x / scale is computed in {_short(_val(m['quotient']).dtype)}, not fp32"
+    s = _val(m["scale"])
+    if s.numel() != 1 or s.dim() > _val(m["x"]).dim():
+        return f"scale of shape {list(s.shape)} is not one per-tensor value"
+    return True
+
+
+def _fp8_quant(b: Builder, m: Match) -> Node:
+    return b.call(STATIC_FP8_QUANT, m["x"], m["scale"], m["fp8_dtype"])
+
+
+def _c_quant_ok(m: Match) -> bool | str:
+    out = _mutated(m, "out")
+    if out is None:
+        return "not one whole result buffer"
+    out = out[0]
+    # vLLM's kernels clamp float8_e4m3fnuz at 224, not its max 240: only e4m3fn is equivalent.
+    if _val(out).dtype != torch.float8_e4m3fn:
+        return f"result buffer of dtype {_val(out).dtype}: vLLM's fnuz kernels clamp at 224"
+    if tuple(_val(out).shape) != tuple(_val(m["x"]).shape) or _val(m["scale"]).numel() != 1:
+        return "result buffer and input differ in shape, or the scale is not per-tensor"
+    return _outputs_only(m, {1})
+
+
+def _c_quant(b: Builder, m: Match) -> None:
+    out = b.call(STATIC_FP8_QUANT, m["x"], m["scale"], torch.float8_e4m3fn)
+    _replace_items(b, m.root, {1: out})
+
+
+# ---------------------------------------------------------------------------------------------
+# The passes
+# ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _passes(vllm_ops: tuple) -> list[RuleSet]:
+    ops = dict(vllm_ops)
+    collectives = [Rule("raise.c10d_all_reduce", c10d_sum, _all_reduce("c10d"))]
+    if ops.get("vllm.all_reduce") is not None:
+        collectives.append(Rule("raise.vllm_all_reduce",
+                                op(ops["vllm.all_reduce"], tensor("x"), string("group")), _all_reduce("vllm")))
+    vllm = _vllm_rules(ops)
+    return [
+        RuleSet("raise.collectives", collectives),
+        RuleSet("raise.norms", [
+            Rule("raise.rms_norm", rms_norm_weighted, _rms_norm, outputs=("xf",), where=_exact_norm),
+            Rule("raise.aten_rms_norm", aten_rms_norm, _rms_norm, where=_aten_norm_ok),
+            *[r for r in vllm if "norm" in r.name],
+        ]),
+        # Every weighted norm contains an unweighted one: a pass of its own, after them.
+        RuleSet("raise.norms_unweighted", [
+            Rule("raise.rms_norm_unweighted", rms_norm_unweighted, _rms_norm, outputs=("xf",), where=_exact_norm),
+        ]),
+        RuleSet("raise.add_rms_norm", [
+            Rule("raise.add_rms_norm", add_then_norm, _fuse_add, outputs=("residual_out",), where=_plain_sum),
+        ]),
+        RuleSet("raise.fp8", [
+            Rule("raise.static_fp8_quant", fp8_quant, _fp8_quant, outputs=("xf", "reciprocal", "inverse_scale"),
+                 where=_fp8_range),
+            *[r for r in vllm if "quant" in r.name],
+        ]),
+    ]
+
+
+_VLLM_OPS = ("_C.rms_norm", "_C.fused_add_rms_norm", "_C.static_scaled_fp8_quant",
+             "vllm_ir.rms_norm", "vllm_ir.fused_add_rms_norm")
+
+
+def _vllm_ops() -> tuple:
+    found = [(name, _lookup(*name.split("."))) for name in _VLLM_OPS]
+    found.append(("vllm.all_reduce", vllm_op("all_reduce")))
+    return tuple(found)
+
+
+def _lookup(namespace: str, name: str) -> Any:
+    try:
+        return getattr(getattr(torch.ops, namespace), name).default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def _short(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    return statically_known_true(a == b)
+
+
+def _is_upcast(node: Node) -> bool:
+    """A cast of a bf16/fp16 value to fp32."""
+    return (node.op == "call_function" and node.target in CAST and isinstance(node.args[0], Node)
+            and _val(node.args[0]) is not None and _val(node.args[0]).dtype in LOW
+            and _val(node).dtype == F32)
+
+
+def _is_centred(node: Node) -> bool:
+    """`a - mean(a, -1)`: the input of a LayerNorm's variance."""
+    if node.target is not aten.sub.Tensor or len(node.args) != 2:
+        return False
+    a, mean = node.args
+    return isinstance(mean, Node) and mean.target is aten.mean.dim and mean.args[0] is a
+
+
+def _as_dtype(b: Builder, node: Node, dt: torch.dtype) -> Node:
+    """`node`, cast to `dt` if the IR op's result dtype differs from the spelling's."""
+    return node if _val(node).dtype == dt else b.call(prims.convert_element_type.default, node, dt)
+
+
+def _as_dtype_of(b: Builder, node: Node, old: Node) -> Node:
+    return _as_dtype(b, node, _val(old).dtype)
+
+
+def _replace_items(b: Builder, tuple_node: Node, new: dict) -> None:
+    """Point the users of `tuple_node[i]` at `new[i]` and erase the getitems."""
+    for user in list(tuple_node.users):
+        b.replace(user, new[user.args[1]])
+        user.graph.erase_node(user)

@@ -1,0 +1,992 @@
+"""Raising, spelling by spelling: the post-grad graph Inductor hands fxsp, and the graph after
+`raise_ir` (golden text), then the look-alikes that must stay as they are, each with the reason
+the report gives.
+
+The spellings here are the catalogue the numerics and compile tests reuse.
+Regenerate the expected strings with `EXPECTTEST_ACCEPT=1 pytest tests/test_ir_raising.py`, then
+read the diff: the text is the spec."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import expecttest
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fxsp
+from fxsp.ir import IR_OPS, raise_ir
+from tests.vllm_standins import register_vllm_standins
+
+register_vllm_standins()
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+E4M3, E4M3_FNUZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
+H = 8  # hidden size of every example
+
+
+# ---------------------------------------------------------------------------------------------
+# The spellings. Each factory takes eps (baked in as a constant, as models do) and returns the
+# function to compile; tensors are arguments, so tests can feed any dtype.
+# ---------------------------------------------------------------------------------------------
+
+
+def _normed(x: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def hf(eps):  # LlamaRMSNorm: weight * normed.to(input dtype)
+    return lambda x, w: w * _normed(x, eps).to(x.dtype)
+
+
+def hf_weight_right(eps):
+    return lambda x, w: _normed(x, eps).to(x.dtype) * w
+
+
+def hf_down_after(eps):  # the weight multiply in fp32, one down-cast at the end
+    return lambda x, w: (_normed(x, eps) * w).to(x.dtype)
+
+
+def hf_no_weight(eps):
+    return lambda x: _normed(x, eps).to(x.dtype)
+
+
+def gemma(eps):  # GemmaRMSNorm: the weight is stored as an offset from 1
+    return lambda x, w: (_normed(x, eps) * (1.0 + w.float())).type_as(x)
+
+
+def torch_rms_norm(eps):
+    return lambda x, w: F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def torch_rms_norm_no_weight(eps):
+    return lambda x: F.rms_norm(x, (x.shape[-1],), None, eps)
+
+
+def nn_rms_norm(eps):
+    """nn.RMSNorm, its weight handed in like every other tensor."""
+    module = nn.RMSNorm(H, eps=eps)
+    return lambda x, w: torch.func.functional_call(module, {"weight": w}, (x,))
+
+
+def add_norm(eps):  # h = h + residual; normed = norm(h); h is the next residual
+    def block(x, residual, w):
+        h = x + residual
+        return hf(eps)(h, w), h
+    return block
+
+
+def add_norm_swapped(eps):
+    def block(x, residual, w):
+        h = residual + x
+        return torch_rms_norm(eps)(h, w), h
+    return block
+
+
+def vllm_c_rms_norm(eps):
+    def norm(x, w):
+        out = torch.empty_like(x)
+        torch.ops._C.rms_norm(out, x, w, eps)
+        return out
+    return norm
+
+
+def vllm_c_fused_add_rms_norm(eps):
+    def block(x, residual, w):
+        x, residual = x * 1, residual * 1  # intermediates, as in a model
+        torch.ops._C.fused_add_rms_norm(x, residual, w, eps)
+        return x, residual
+    return block
+
+
+def vllm_ir_rms_norm(eps):
+    return lambda x, w: torch.ops.vllm_ir.rms_norm(x, w, eps)
+
+
+def vllm_ir_fused_add_rms_norm(eps):
+    return lambda x, residual, w: torch.ops.vllm_ir.fused_add_rms_norm(x, residual, w, eps)
+
+
+def fp8_div(fp8):
+    bound = torch.finfo(fp8).max
+    return lambda x, scale: (x.float() / scale).clamp(min=-bound, max=bound).to(fp8)
+
+
+def fp8_reciprocal(fp8):
+    bound = torch.finfo(fp8).max
+    return lambda x, scale: (x.float() * scale.reciprocal()).clamp(-bound, bound).to(fp8)
+
+
+def fp8_one_over(fp8):
+    bound = torch.finfo(fp8).max
+    return lambda x, scale: (x.float() * (1.0 / scale)).clamp(-bound, bound).to(fp8)
+
+
+def vllm_c_fp8(fp8):
+    def quant(x, scale):
+        out = torch.empty(x.shape, dtype=fp8, device=x.device)
+        torch.ops._C.static_scaled_fp8_quant(out, x, scale)
+        return out
+    return quant
+
+
+def funcol_all_reduce(group):
+    return lambda x, w: funcol.all_reduce(x @ w, "sum", group) + 1
+
+
+def dist_all_reduce(group):  # in place: Dynamo rewrites it to the functional op
+    def reduce(x, w):
+        y = x @ w
+        dist.all_reduce(y, group=group)
+        return y + 1
+    return reduce
+
+
+def vllm_all_reduce(group):
+    return lambda x, w: torch.ops.vllm.all_reduce(x @ w, group.group_name) + 1
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """A model spelling, the rule that must raise it, and how to build inputs for it."""
+
+    build: Callable  # eps (norms), fp8 dtype (quants) or process group (collectives) -> fn
+    rule: str
+    inputs: str  # "xw": x [T, H] and weight [H]; "x"; "xrw": x, residual, weight; "xs"; "xm"
+
+
+NORMS = {
+    "hf": Spelling(hf, "raise.rms_norm", "xw"),
+    "hf_weight_right": Spelling(hf_weight_right, "raise.rms_norm", "xw"),
+    "hf_down_after": Spelling(hf_down_after, "raise.rms_norm", "xw"),
+    "hf_no_weight": Spelling(hf_no_weight, "raise.rms_norm_unweighted", "x"),
+    "gemma": Spelling(gemma, "raise.rms_norm", "xw"),
+    "torch_rms_norm": Spelling(torch_rms_norm, "raise.rms_norm", "xw"),
+    "torch_rms_norm_no_weight": Spelling(torch_rms_norm_no_weight, "raise.rms_norm_unweighted", "x"),
+    "nn_rms_norm": Spelling(nn_rms_norm, "raise.rms_norm", "xw"),
+    "add_norm": Spelling(add_norm, "raise.add_rms_norm", "xrw"),
+    "add_norm_swapped": Spelling(add_norm_swapped, "raise.add_rms_norm", "xrw"),
+    "vllm_c_rms_norm": Spelling(vllm_c_rms_norm, "raise.vllm_c_rms_norm", "xw"),
+    "vllm_c_fused_add_rms_norm": Spelling(vllm_c_fused_add_rms_norm, "raise.vllm_c_fused_add_rms_norm", "xrw"),
+    "vllm_ir_rms_norm": Spelling(vllm_ir_rms_norm, "raise.vllm_ir_rms_norm", "xw"),
+    "vllm_ir_fused_add_rms_norm": Spelling(vllm_ir_fused_add_rms_norm, "raise.vllm_ir_fused_add_rms_norm", "xrw"),
+}
+QUANTS = {
+    "fp8_div": Spelling(fp8_div, "raise.static_fp8_quant", "xs"),
+    "fp8_reciprocal": Spelling(fp8_reciprocal, "raise.static_fp8_quant", "xs"),
+    "fp8_one_over": Spelling(fp8_one_over, "raise.static_fp8_quant", "xs"),
+    "vllm_c_fp8": Spelling(vllm_c_fp8, "raise.vllm_c_static_fp8_quant", "xs"),
+}
+COLLECTIVES = {
+    "funcol_all_reduce": Spelling(funcol_all_reduce, "raise.c10d_all_reduce", "xm"),
+    "dist_all_reduce": Spelling(dist_all_reduce, "raise.c10d_all_reduce", "xm"),
+    "vllm_all_reduce": Spelling(vllm_all_reduce, "raise.vllm_all_reduce", "xm"),
+}
+
+
+def make_inputs(kind: str, dtype: torch.dtype = F32, rows: int = 4, hidden: int = H,
+                seed: int = 0) -> tuple:
+    """Random inputs; weights near 1 and the scale such that some values clamp."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt)
+
+    x = randn(rows, hidden)
+    return {
+        "x": (x,),
+        "xw": (x, 1 + 0.1 * randn(hidden)),
+        "xrw": (x, randn(rows, hidden), 1 + 0.1 * randn(hidden)),
+        "xs": (100 * x, torch.tensor(0.25)),
+        "xm": (x, randn(hidden, hidden)),
+    }[kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Capturing post-grad graphs
+# ---------------------------------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Capture(CustomGraphPass):
+    """Inductor's post-grad custom pre pass that keeps a copy of the graph, then stops the
+    compile: the graph fxsp would see, without paying for code generation."""
+
+    def __init__(self) -> None:
+        self.gm: GraphModule | None = None
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.gm = copy.deepcopy(graph.owning_module)
+        raise _Captured
+
+    def uuid(self) -> None:
+        return None
+
+
+def capture(fn: Callable, *args: torch.Tensor) -> GraphModule:
+    """The post-grad (inference) graph Inductor builds for `fn(*args)`. Its placeholders are
+    `args` in order."""
+
+    def in_order(*tensors):
+        for t in tensors:  # Dynamo adds graph inputs in order of first use
+            t.shape  # noqa: B018
+        return fn(*tensors)
+
+    spy = _Capture()
+    torch._dynamo.reset()
+    with inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False), torch.no_grad():
+        try:
+            torch.compile(in_order, backend="inductor", fullgraph=True)(*args)
+        except Exception:
+            if spy.gm is None:
+                raise
+    assert spy.gm is not None
+    return spy.gm
+
+
+def ir_nodes(gm: GraphModule) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in IR_OPS]
+
+
+def counts(reports: list) -> dict:
+    return {rule: n for r in reports for rule, n in r.counts.items() if n}
+
+
+def explain(reports: list) -> str:
+    return "\n".join(r.explain() for r in reports)
+
+
+def raised(gm: GraphModule) -> str:
+    """Golden text: the graph, what fired, the raised graph."""
+    before = fxsp.golden(gm)
+    fired = counts(raise_ir(gm, check=True))
+    return f"{before}\n--- {', '.join(f'{k}={v}' for k, v in fired.items()) or 'nothing raised'}\n{fxsp.golden(gm)}"
+
+
+def spelled(spelling: Spelling, arg, dtype: torch.dtype = F32) -> GraphModule:
+    return capture(spelling.build(arg), *make_inputs(spelling.inputs, dtype))
+
+
+@pytest.fixture
+def world_of_one():
+    """A real one-rank gloo group: collectives compile and run (and sum over one rank)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden tests: one per spelling
+# ---------------------------------------------------------------------------------------------
+
+
+class TestRaiseNorms(expecttest.TestCase):
+    def test_hf_fp32_weight_left(self):
+        self.assertExpectedInline(raised(spelled(NORMS["hf"], 1e-6)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = aten.pow.Tensor_Scalar(%0, 2)  : f32[4, 8]
+%3 = aten.mean.dim(%2, [-1], True)  : f32[4, 1]
+%4 = aten.add.Tensor(%3, 1e-06)  : f32[4, 1]
+%5 = aten.rsqrt.default(%4)  : f32[4, 1]
+%6 = aten.mul.Tensor(%0, %5)  : f32[4, 8]
+%7 = aten.mul.Tensor(%1, %6)  : f32[4, 8]
+return (%7,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : f32[4, 8]
+return (%2,)""")
+
+    def test_hf_fp32_weight_right(self):
+        self.assertExpectedInline(raised(spelled(NORMS["hf_weight_right"], 1e-6)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = aten.pow.Tensor_Scalar(%0, 2)  : f32[4, 8]
+%3 = aten.mean.dim(%2, [-1], True)  : f32[4, 1]
+%4 = aten.add.Tensor(%3, 1e-06)  : f32[4, 1]
+%5 = aten.rsqrt.default(%4)  : f32[4, 1]
+%6 = aten.mul.Tensor(%0, %5)  : f32[4, 8]
+%7 = aten.mul.Tensor(%6, %1)  : f32[4, 8]
+return (%7,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : f32[4, 8]
+return (%2,)""")
+
+    def test_hf_bf16_down_cast_before_weight(self):
+        self.assertExpectedInline(raised(spelled(NORMS["hf"], 1e-5, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [-1], True)  : f32[4, 1]
+%5 = aten.add.Tensor(%4, 1e-05)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = prims.convert_element_type.default(%7, torch.bfloat16)  : bf16[4, 8]
+%9 = aten.mul.Tensor(%1, %8)  : bf16[4, 8]
+return (%9,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-05)  : bf16[4, 8]
+return (%2,)""")
+
+    def test_hf_fp16_down_cast_after_weight(self):
+        self.assertExpectedInline(raised(spelled(NORMS["hf_down_after"], 1e-5, F16)), """\
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = input('arg1_1')  : f16[8]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [-1], True)  : f32[4, 1]
+%5 = aten.add.Tensor(%4, 1e-05)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
+%9 = prims.convert_element_type.default(%8, torch.float16)  : f16[4, 8]
+return (%9,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = input('arg1_1')  : f16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-05)  : f16[4, 8]
+return (%2,)""")
+
+    def test_hf_bf16_no_weight(self):
+        self.assertExpectedInline(raised(spelled(NORMS["hf_no_weight"], 1e-6, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%2 = aten.pow.Tensor_Scalar(%1, 2)  : f32[4, 8]
+%3 = aten.mean.dim(%2, [-1], True)  : f32[4, 1]
+%4 = aten.add.Tensor(%3, 1e-06)  : f32[4, 1]
+%5 = aten.rsqrt.default(%4)  : f32[4, 1]
+%6 = aten.mul.Tensor(%1, %5)  : f32[4, 8]
+%7 = prims.convert_element_type.default(%6, torch.bfloat16)  : bf16[4, 8]
+return (%7,)
+--- raise.rms_norm_unweighted=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = fxsp.rms_norm.default(%0, None, 1e-06)  : bf16[4, 8]
+return (%1,)""")
+
+    def test_torch_rms_norm_fp32(self):
+        # positive mean dim, add.Scalar with eps rounded to fp32, weight on the right
+        self.assertExpectedInline(raised(spelled(NORMS["torch_rms_norm"], 1e-6)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = aten.pow.Tensor_Scalar(%0, 2)  : f32[4, 8]
+%3 = aten.mean.dim(%2, [1], True)  : f32[4, 1]
+%4 = aten.add.Scalar(%3, 9.999999974752427e-07)  : f32[4, 1]
+%5 = aten.rsqrt.default(%4)  : f32[4, 1]
+%6 = aten.mul.Tensor(%0, %5)  : f32[4, 8]
+%7 = aten.mul.Tensor(%6, %1)  : f32[4, 8]
+return (%7,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = fxsp.rms_norm.default(%0, %1, 9.999999974752427e-07)  : f32[4, 8]
+return (%2,)""")
+
+    def test_torch_rms_norm_bf16(self):
+        self.assertExpectedInline(raised(spelled(NORMS["torch_rms_norm"], 1e-6, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [1], True)  : f32[4, 1]
+%5 = aten.add.Scalar(%4, 9.999999974752427e-07)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
+%9 = prims.convert_element_type.default(%8, torch.bfloat16)  : bf16[4, 8]
+return (%9,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 9.999999974752427e-07)  : bf16[4, 8]
+return (%2,)""")
+
+    def test_torch_rms_norm_no_weight_fp16(self):
+        self.assertExpectedInline(raised(spelled(NORMS["torch_rms_norm_no_weight"], 0.1, F16)), """\
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%2 = aten.pow.Tensor_Scalar(%1, 2)  : f32[4, 8]
+%3 = aten.mean.dim(%2, [1], True)  : f32[4, 1]
+%4 = aten.add.Scalar(%3, 0.10000000149011612)  : f32[4, 1]
+%5 = aten.rsqrt.default(%4)  : f32[4, 1]
+%6 = aten.mul.Tensor(%1, %5)  : f32[4, 8]
+%7 = prims.convert_element_type.default(%6, torch.float16)  : f16[4, 8]
+return (%7,)
+--- raise.rms_norm_unweighted=1
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = fxsp.rms_norm.default(%0, None, 0.10000000149011612)  : f16[4, 8]
+return (%1,)""")
+
+    def test_nn_rms_norm_bf16(self):
+        self.assertExpectedInline(raised(spelled(NORMS["nn_rms_norm"], 1e-5, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [1], True)  : f32[4, 1]
+%5 = aten.add.Scalar(%4, 9.999999747378752e-06)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
+%9 = prims.convert_element_type.default(%8, torch.bfloat16)  : bf16[4, 8]
+return (%9,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 9.999999747378752e-06)  : bf16[4, 8]
+return (%2,)""")
+
+    def test_torch_rms_norm_bf16_with_fp32_weight(self):
+        # torch keeps the input dtype: fxsp.rms_norm's fp32 result is cast back
+        gm = capture(torch_rms_norm(1e-6), make_inputs("x", BF16)[0], torch.ones(H))
+        self.assertExpectedInline(raised(gm), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [1], True)  : f32[4, 1]
+%5 = aten.add.Scalar(%4, 9.999999974752427e-07)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
+%9 = prims.convert_element_type.default(%8, torch.bfloat16)  : bf16[4, 8]
+return (%9,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = fxsp.rms_norm.default(%0, %1, 9.999999974752427e-07)  : f32[4, 8]
+%3 = prims.convert_element_type.default(%2, torch.bfloat16)  : bf16[4, 8]
+return (%3,)""")
+
+    def test_gemma_one_plus_weight(self):
+        # raised as a correct variant: the weight is the computed (1 + w)
+        self.assertExpectedInline(raised(spelled(NORMS["gemma"], 1e-6, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [-1], True)  : f32[4, 1]
+%5 = aten.add.Tensor(%4, 1e-06)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = prims.convert_element_type.default(%1, torch.float32)  : f32[8]
+%9 = aten.add.Tensor(%8, 1.0)  : f32[8]
+%10 = aten.mul.Tensor(%7, %9)  : f32[4, 8]
+%11 = prims.convert_element_type.default(%10, torch.bfloat16)  : bf16[4, 8]
+return (%11,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = prims.convert_element_type.default(%1, torch.float32)  : f32[8]
+%3 = aten.add.Tensor(%2, 1.0)  : f32[8]
+%4 = fxsp.rms_norm.default(%0, %3, 1e-06)  : f32[4, 8]
+%5 = prims.convert_element_type.default(%4, torch.bfloat16)  : bf16[4, 8]
+return (%5,)""")
+
+    def test_undecomposed_fused_rms_norm(self):
+        # graphs that keep torch's fused op (export; backends without its decomposition)
+        def norm(x, w):
+            return torch.ops.aten._fused_rms_norm(x, [H], w, None)[0]
+        self.assertExpectedInline(raised(make_fx(norm, tracing_mode="fake")(*make_inputs("xw", BF16))), """\
+%0 = input('x_1')  : bf16[4, 8]
+%1 = input('w_1')  : bf16[8]
+%2 = aten._to_copy.default(%0, dtype=torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [1], True)  : f32[4, 1]
+%5 = aten.add_.Scalar(%4, 1.1920928955078125e-07)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
+%9 = aten._to_copy.default(%8, dtype=torch.bfloat16)  : bf16[4, 8]
+return %9
+--- nothing raised
+%0 = input('x_1')  : bf16[4, 8]
+%1 = input('w_1')  : bf16[8]
+%2 = aten._to_copy.default(%0, dtype=torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [1], True)  : f32[4, 1]
+%5 = aten.add_.Scalar(%4, 1.1920928955078125e-07)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
+%9 = aten._to_copy.default(%8, dtype=torch.bfloat16)  : bf16[4, 8]
+return %9""")
+
+    def test_two_norms_share_an_upcast(self):
+        # the fp32 copy of x is read by both norms: each raise keeps it for the other
+        def two(x, w):
+            return hf(1e-6)(x, w), hf_down_after(1e-5)(x, w)
+        self.assertExpectedInline(raised(capture(two, *make_inputs("xw", F16))), """\
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = input('arg1_1')  : f16[8]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [-1], True)  : f32[4, 1]
+%5 = aten.add.Tensor(%4, 1e-06)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
+%8 = prims.convert_element_type.default(%7, torch.float16)  : f16[4, 8]
+%9 = aten.mul.Tensor(%1, %8)  : f16[4, 8]
+%10 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%11 = aten.pow.Tensor_Scalar(%10, 2)  : f32[4, 8]
+%12 = aten.mean.dim(%11, [-1], True)  : f32[4, 1]
+%13 = aten.add.Tensor(%12, 1e-05)  : f32[4, 1]
+%14 = aten.rsqrt.default(%13)  : f32[4, 1]
+%15 = aten.mul.Tensor(%10, %14)  : f32[4, 8]
+%16 = aten.mul.Tensor(%15, %1)  : f32[4, 8]
+%17 = prims.convert_element_type.default(%16, torch.float16)  : f16[4, 8]
+return (%9, %17)
+--- raise.rms_norm=2
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = input('arg1_1')  : f16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-05)  : f16[4, 8]
+%3 = fxsp.rms_norm.default(%0, %1, 1e-06)  : f16[4, 8]
+return (%3, %2)""")
+
+
+class TestRaiseResidualAdd(expecttest.TestCase):
+    def test_add_then_norm(self):
+        self.assertExpectedInline(raised(spelled(NORMS["add_norm"], 1e-6, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = aten.add.Tensor(%0, %1)  : bf16[4, 8]
+%4 = prims.convert_element_type.default(%3, torch.float32)  : f32[4, 8]
+%5 = aten.pow.Tensor_Scalar(%4, 2)  : f32[4, 8]
+%6 = aten.mean.dim(%5, [-1], True)  : f32[4, 1]
+%7 = aten.add.Tensor(%6, 1e-06)  : f32[4, 1]
+%8 = aten.rsqrt.default(%7)  : f32[4, 1]
+%9 = aten.mul.Tensor(%4, %8)  : f32[4, 8]
+%10 = prims.convert_element_type.default(%9, torch.bfloat16)  : bf16[4, 8]
+%11 = aten.mul.Tensor(%2, %10)  : bf16[4, 8]
+return (%11, %3)
+--- raise.rms_norm=1, raise.add_rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = fxsp.fused_add_rms_norm.default(%0, %1, %2, 1e-06)  : (bf16[4, 8], bf16[4, 8])
+%4 = operator.getitem(%3, 0)  : bf16[4, 8]
+%5 = operator.getitem(%3, 1)  : bf16[4, 8]
+return (%4, %5)""")
+
+    def test_add_swapped_then_norm(self):
+        self.assertExpectedInline(raised(spelled(NORMS["add_norm_swapped"], 1e-6)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = aten.add.Tensor(%1, %0)  : f32[4, 8]
+%4 = aten.pow.Tensor_Scalar(%3, 2)  : f32[4, 8]
+%5 = aten.mean.dim(%4, [1], True)  : f32[4, 1]
+%6 = aten.add.Scalar(%5, 9.999999974752427e-07)  : f32[4, 1]
+%7 = aten.rsqrt.default(%6)  : f32[4, 1]
+%8 = aten.mul.Tensor(%3, %7)  : f32[4, 8]
+%9 = aten.mul.Tensor(%8, %2)  : f32[4, 8]
+return (%9, %3)
+--- raise.rms_norm=1, raise.add_rms_norm=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = fxsp.fused_add_rms_norm.default(%1, %0, %2, 9.999999974752427e-07)  : (f32[4, 8], f32[4, 8])
+%4 = operator.getitem(%3, 0)  : f32[4, 8]
+%5 = operator.getitem(%3, 1)  : f32[4, 8]
+return (%4, %5)""")
+
+    def test_two_layers(self):
+        # the residual stream threads through both fused ops
+        def layers(x, residual, w):
+            out, h = add_norm(1e-6)(x, residual, w)
+            return add_norm(1e-6)(out * 2, h, w)
+        self.assertExpectedInline(raised(capture(layers, *make_inputs("xrw"))), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = aten.add.Tensor(%0, %1)  : f32[4, 8]
+%4 = aten.pow.Tensor_Scalar(%3, 2)  : f32[4, 8]
+%5 = aten.mean.dim(%4, [-1], True)  : f32[4, 1]
+%6 = aten.add.Tensor(%5, 1e-06)  : f32[4, 1]
+%7 = aten.rsqrt.default(%6)  : f32[4, 1]
+%8 = aten.mul.Tensor(%3, %7)  : f32[4, 8]
+%9 = aten.mul.Tensor(%2, %8)  : f32[4, 8]
+%10 = aten.mul.Tensor(%9, 2)  : f32[4, 8]
+%11 = aten.add.Tensor(%10, %3)  : f32[4, 8]
+%12 = aten.pow.Tensor_Scalar(%11, 2)  : f32[4, 8]
+%13 = aten.mean.dim(%12, [-1], True)  : f32[4, 1]
+%14 = aten.add.Tensor(%13, 1e-06)  : f32[4, 1]
+%15 = aten.rsqrt.default(%14)  : f32[4, 1]
+%16 = aten.mul.Tensor(%11, %15)  : f32[4, 8]
+%17 = aten.mul.Tensor(%2, %16)  : f32[4, 8]
+return (%17, %11)
+--- raise.rms_norm=2, raise.add_rms_norm=2
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = fxsp.fused_add_rms_norm.default(%0, %1, %2, 1e-06)  : (f32[4, 8], f32[4, 8])
+%4 = operator.getitem(%3, 0)  : f32[4, 8]
+%5 = operator.getitem(%3, 1)  : f32[4, 8]
+%6 = aten.mul.Tensor(%4, 2)  : f32[4, 8]
+%7 = fxsp.fused_add_rms_norm.default(%6, %5, %2, 1e-06)  : (f32[4, 8], f32[4, 8])
+%8 = operator.getitem(%7, 0)  : f32[4, 8]
+%9 = operator.getitem(%7, 1)  : f32[4, 8]
+return (%8, %9)""")
+
+
+class TestRaiseVllm(expecttest.TestCase):
+    def test_c_rms_norm_auto_functionalized_v2(self):
+        self.assertExpectedInline(raised(spelled(NORMS["vllm_c_rms_norm"], 1e-6, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
+%3 = higher_order.auto_functionalized_v2(<OpOverload(op='_C.rms_norm', overload='default')>, _all_bases=[%2], _result_base_index=0, epsilon=1e-06, input=%0, weight=%1)  : (None, bf16[4, 8])
+%4 = operator.getitem(%3, 1)  : bf16[4, 8]
+return (%4,)
+--- raise.vllm_c_rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
+%3 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
+return (%2,)""")
+
+    def test_c_rms_norm_auto_functionalized_v1(self):
+        with inductor_config.patch(enable_auto_functionalized_v2=False):
+            gm = spelled(NORMS["vllm_c_rms_norm"], 1e-6, BF16)
+        self.assertExpectedInline(raised(gm), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
+%3 = higher_order.auto_functionalized(<OpOverload(op='_C.rms_norm', overload='default')>, epsilon=1e-06, input=%0, result=%2, weight=%1)  : (None, bf16[4, 8])
+%4 = operator.getitem(%3, 1)  : bf16[4, 8]
+return (%4,)
+--- raise.vllm_c_rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
+%3 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
+return (%2,)""")
+
+    def test_c_fused_add_rms_norm_v2(self):
+        self.assertExpectedInline(raised(spelled(NORMS["vllm_c_fused_add_rms_norm"], 1e-5, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = aten.mul.Tensor(%0, 1)  : bf16[4, 8]
+%4 = aten.mul.Tensor(%1, 1)  : bf16[4, 8]
+%5 = higher_order.auto_functionalized_v2(<OpOverload(op='_C.fused_add_rms_norm', overload='default')>, _all_bases=[%3, %4], _input_base_index=0, _residual_base_index=1, epsilon=1e-05, weight=%2)  : (None, bf16[4, 8], bf16[4, 8])
+%6 = operator.getitem(%5, 1)  : bf16[4, 8]
+%7 = operator.getitem(%5, 2)  : bf16[4, 8]
+return (%6, %7)
+--- raise.vllm_c_fused_add_rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = aten.mul.Tensor(%0, 1)  : bf16[4, 8]
+%4 = aten.mul.Tensor(%1, 1)  : bf16[4, 8]
+%5 = fxsp.fused_add_rms_norm.default(%3, %4, %2, 1e-05)  : (bf16[4, 8], bf16[4, 8])
+%6 = operator.getitem(%5, 0)  : bf16[4, 8]
+%7 = operator.getitem(%5, 1)  : bf16[4, 8]
+return (%6, %7)""")
+
+    def test_c_fused_add_rms_norm_v1(self):
+        with inductor_config.patch(enable_auto_functionalized_v2=False):
+            gm = spelled(NORMS["vllm_c_fused_add_rms_norm"], 1e-5, BF16)
+        self.assertExpectedInline(raised(gm), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = aten.mul.Tensor(%0, 1)  : bf16[4, 8]
+%4 = aten.mul.Tensor(%1, 1)  : bf16[4, 8]
+%5 = higher_order.auto_functionalized(<OpOverload(op='_C.fused_add_rms_norm', overload='default')>, epsilon=1e-05, input=%3, residual=%4, weight=%2)  : (None, bf16[4, 8], bf16[4, 8])
+%6 = operator.getitem(%5, 1)  : bf16[4, 8]
+%7 = operator.getitem(%5, 2)  : bf16[4, 8]
+return (%6, %7)
+--- raise.vllm_c_fused_add_rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = aten.mul.Tensor(%0, 1)  : bf16[4, 8]
+%4 = aten.mul.Tensor(%1, 1)  : bf16[4, 8]
+%5 = fxsp.fused_add_rms_norm.default(%3, %4, %2, 1e-05)  : (bf16[4, 8], bf16[4, 8])
+%6 = operator.getitem(%5, 0)  : bf16[4, 8]
+%7 = operator.getitem(%5, 1)  : bf16[4, 8]
+return (%6, %7)""")
+
+    def test_ir_rms_norm(self):
+        self.assertExpectedInline(raised(spelled(NORMS["vllm_ir_rms_norm"], 1e-6, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = vllm_ir.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
+return (%2,)
+--- raise.vllm_ir_rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
+return (%2,)""")
+
+    def test_ir_fused_add_rms_norm(self):
+        self.assertExpectedInline(raised(spelled(NORMS["vllm_ir_fused_add_rms_norm"], 1e-6, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = vllm_ir.fused_add_rms_norm.default(%0, %1, %2, 1e-06)  : (bf16[4, 8], bf16[4, 8])
+%4 = operator.getitem(%3, 0)  : bf16[4, 8]
+%5 = operator.getitem(%3, 1)  : bf16[4, 8]
+return (%4, %5)
+--- raise.vllm_ir_fused_add_rms_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[4, 8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = fxsp.fused_add_rms_norm.default(%0, %1, %2, 1e-06)  : (bf16[4, 8], bf16[4, 8])
+%4 = operator.getitem(%3, 0)  : bf16[4, 8]
+%5 = operator.getitem(%3, 1)  : bf16[4, 8]
+return (%4, %5)""")
+
+    def test_c_static_scaled_fp8_quant(self):
+        self.assertExpectedInline(raised(spelled(QUANTS["vllm_c_fp8"], E4M3, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = aten.empty.memory_format([4, 8], dtype=torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+%3 = higher_order.auto_functionalized_v2(<OpOverload(op='_C.static_scaled_fp8_quant', overload='default')>, _all_bases=[%2], _result_base_index=0, input=%0, scale=%1)  : (None, f8e4m3fn[4, 8])
+%4 = operator.getitem(%3, 1)  : f8e4m3fn[4, 8]
+return (%4,)
+--- raise.vllm_c_static_fp8_quant=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+%3 = aten.empty.memory_format([4, 8], dtype=torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%2,)""")
+
+
+class TestRaiseFp8(expecttest.TestCase):
+    def test_div_e4m3fn(self):
+        self.assertExpectedInline(raised(spelled(QUANTS["fp8_div"], E4M3, BF16)), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.div.Tensor(%2, %1)  : f32[4, 8]
+%4 = aten.clamp_min.default(%3, -448.0)  : f32[4, 8]
+%5 = aten.clamp_max.default(%4, 448.0)  : f32[4, 8]
+%6 = prims.convert_element_type.default(%5, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%6,)
+--- raise.static_fp8_quant=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = fxsp.static_fp8_quant.default(%2, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%3,)""")
+
+    def test_reciprocal_e4m3fnuz(self):
+        self.assertExpectedInline(raised(spelled(QUANTS["fp8_reciprocal"], E4M3_FNUZ)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = aten.reciprocal.default(%1)  : f32[]
+%3 = aten.mul.Tensor(%0, %2)  : f32[4, 8]
+%4 = aten.clamp_min.default(%3, -240.0)  : f32[4, 8]
+%5 = aten.clamp_max.default(%4, 240.0)  : f32[4, 8]
+%6 = prims.convert_element_type.default(%5, torch.float8_e4m3fnuz)  : f8e4m3fnuz[4, 8]
+return (%6,)
+--- raise.static_fp8_quant=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fnuz)  : f8e4m3fnuz[4, 8]
+return (%2,)""")
+
+    def test_one_over_scale(self):
+        self.assertExpectedInline(raised(spelled(QUANTS["fp8_one_over"], E4M3, F16)), """\
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = aten.reciprocal.default(%1)  : f32[]
+%4 = aten.mul.Tensor(%3, 1.0)  : f32[]
+%5 = aten.mul.Tensor(%2, %4)  : f32[4, 8]
+%6 = aten.clamp_min.default(%5, -448.0)  : f32[4, 8]
+%7 = aten.clamp_max.default(%6, 448.0)  : f32[4, 8]
+%8 = prims.convert_element_type.default(%7, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%8,)
+--- raise.static_fp8_quant=1
+%0 = input('arg0_1')  : f16[4, 8]
+%1 = input('arg1_1')  : f32[]
+%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%3 = fxsp.static_fp8_quant.default(%2, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%3,)""")
+
+    def test_norm_then_quant(self):
+        # what the SP FP8 rules look for: static_fp8_quant(rms_norm(...))
+        def norm_quant(x, w, scale):
+            return fp8_div(E4M3)(hf(1e-6)(x, w), scale)
+        x, w = make_inputs("xw", BF16)
+        self.assertExpectedInline(raised(capture(norm_quant, x, w, torch.tensor(0.5))), """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = input('arg2_1')  : f32[]
+%3 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%4 = aten.pow.Tensor_Scalar(%3, 2)  : f32[4, 8]
+%5 = aten.mean.dim(%4, [-1], True)  : f32[4, 1]
+%6 = aten.add.Tensor(%5, 1e-06)  : f32[4, 1]
+%7 = aten.rsqrt.default(%6)  : f32[4, 1]
+%8 = aten.mul.Tensor(%3, %7)  : f32[4, 8]
+%9 = prims.convert_element_type.default(%8, torch.bfloat16)  : bf16[4, 8]
+%10 = aten.mul.Tensor(%1, %9)  : bf16[4, 8]
+%11 = prims.convert_element_type.default(%10, torch.float32)  : f32[4, 8]
+%12 = aten.div.Tensor(%11, %2)  : f32[4, 8]
+%13 = aten.clamp_min.default(%12, -448.0)  : f32[4, 8]
+%14 = aten.clamp_max.default(%13, 448.0)  : f32[4, 8]
+%15 = prims.convert_element_type.default(%14, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%15,)
+--- raise.rms_norm=1, raise.static_fp8_quant=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
+%3 = input('arg2_1')  : f32[]
+%4 = prims.convert_element_type.default(%2, torch.float32)  : f32[4, 8]
+%5 = fxsp.static_fp8_quant.default(%4, %3, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%5,)""")
+
+
+@pytest.mark.usefixtures("world_of_one")
+class TestRaiseCollectives(expecttest.TestCase):
+    def test_functional_all_reduce(self):
+        self.assertExpectedInline(raised(spelled(COLLECTIVES["funcol_all_reduce"], dist.group.WORLD)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8, 8]
+%2 = aten.mm.default(%0, %1)  : f32[4, 8]
+%3 = _c10d_functional.all_reduce.default(%2, 'sum', G0)  : f32[4, 8]
+%4 = _c10d_functional.wait_tensor.default(%3)  : f32[4, 8]
+%5 = aten.add.Tensor(%4, 1)  : f32[4, 8]
+return (%5,)
+--- raise.c10d_all_reduce=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8, 8]
+%2 = aten.mm.default(%0, %1)  : f32[4, 8]
+%3 = fxsp.all_reduce.default(%2, G0, 'c10d')  : f32[4, 8]
+%4 = aten.add.Tensor(%3, 1)  : f32[4, 8]
+return (%4,)""")
+
+    def test_in_place_dist_all_reduce(self):
+        self.assertExpectedInline(raised(spelled(COLLECTIVES["dist_all_reduce"], dist.group.WORLD)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8, 8]
+%2 = aten.mm.default(%0, %1)  : f32[4, 8]
+%3 = _c10d_functional.all_reduce.default(%2, 'sum', G0)  : f32[4, 8]
+%4 = _c10d_functional.wait_tensor.default(%3)  : f32[4, 8]
+%5 = aten.add.Tensor(%4, 1)  : f32[4, 8]
+return (%5,)
+--- raise.c10d_all_reduce=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8, 8]
+%2 = aten.mm.default(%0, %1)  : f32[4, 8]
+%3 = fxsp.all_reduce.default(%2, G0, 'c10d')  : f32[4, 8]
+%4 = aten.add.Tensor(%3, 1)  : f32[4, 8]
+return (%4,)""")
+
+    def test_vllm_all_reduce(self):
+        self.assertExpectedInline(raised(spelled(COLLECTIVES["vllm_all_reduce"], dist.group.WORLD)), """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8, 8]
+%2 = aten.mm.default(%0, %1)  : f32[4, 8]
+%3 = vllm.all_reduce.default(%2, G0)  : f32[4, 8]
+%4 = aten.add.Tensor(%3, 1)  : f32[4, 8]
+return (%4,)
+--- raise.vllm_all_reduce=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8, 8]
+%2 = aten.mm.default(%0, %1)  : f32[4, 8]
+%3 = fxsp.all_reduce.default(%2, G0, 'vllm')  : f32[4, 8]
+%4 = aten.add.Tensor(%3, 1)  : f32[4, 8]
+return (%4,)""")
+
+
+# ---------------------------------------------------------------------------------------------
+# Look-alikes: never raised, and the report says why
+# ---------------------------------------------------------------------------------------------
+
+
+def _hand_layer_norm(x, w):
+    centred = x - x.mean(-1, keepdim=True)
+    return w * (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+LOOK_ALIKES = {
+    # name: (fn, inputs, dtype, text the explanation must contain)
+    "layer_norm": (lambda x, w: F.layer_norm(x, (H,), w, None, 1e-5), "xw", F32,
+                   "expected aten.mean.dim, got operator.getitem"),
+    "hand_written_layer_norm": (_hand_layer_norm, "xw", F32,
+                                "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"),
+    "eps_after_rsqrt": (lambda x, w: w * (x * (torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)), "xw", F32,
+                        "expected aten.rsqrt.default, got aten.add.Tensor"),
+    "norm_over_rows": (lambda x: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-6), "x", F32,
+                       "expected dims [-1], got [0]"),
+    "norm_computed_in_bf16": (lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
+                              "xw", BF16, "expected tensor x of dtype in {torch.float32}"),
+    "result_left_in_fp32": (lambda x, w: _normed(x, 1e-6) * w.float(), "xw", BF16,
+                            "the fp32 result of a bfloat16 norm is never cast back to bfloat16"),
+    "cast_to_another_dtype": (lambda x: _normed(x, 1e-6).to(BF16), "x", F16,
+                              "the result is cast to bfloat16, not to the input's float16"),
+    "fp8_clamp_not_the_dtype_range": (lambda x, s: (x.float() / s).clamp(-240.0, 240.0).to(E4M3), "xs", F32,
+                                      "clamp to [-240.0, 240.0] is not torch.float8_e4m3fn's range ±448.0"),
+    "fp8_quotient_in_bf16": (lambda x, s: (x / s).clamp(-448.0, 448.0).to(E4M3), "xs", BF16,
+                             "expected aten.div.Tensor, got prims.convert_element_type.default"),
+    "vllm_c_fp8_fnuz": (vllm_c_fp8(E4M3_FNUZ), "xs", BF16,
+                        "result buffer of dtype torch.float8_e4m3fnuz: vLLM's fnuz kernels clamp at 224"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOK_ALIKES))
+def test_look_alike_is_not_raised(name):
+    fn, kind, dtype, reason = LOOK_ALIKES[name]
+    gm = capture(fn, *make_inputs(kind, dtype))
+    before = fxsp.golden(gm)
+    reports = raise_ir(gm)
+    assert counts(reports) == {}
+    assert fxsp.golden(gm) == before
+    assert reason in explain(reports), explain(reports)
+
+
+@pytest.mark.parametrize("reduce_op", ["avg", "max"])
+def test_non_sum_all_reduce_is_not_raised(reduce_op, world_of_one):
+    gm = capture(lambda x: funcol.all_reduce(x, reduce_op, dist.group.WORLD) + 1, make_inputs("x")[0])
+    reports = raise_ir(gm)
+    assert counts(reports) == {}
+    assert f"expected 'sum', got '{reduce_op}'" in explain(reports)
+
+
+def test_a_multiply_per_row_is_no_weight():
+    # the norm is raised, the multiply stays outside it
+    gm = capture(lambda x, w: w[:, None] * _normed(x, 1e-6), make_inputs("x")[0], torch.ones(4))
+    reports = raise_ir(gm)
+    assert counts(reports) == {"raise.rms_norm_unweighted": 1}
+    assert "weight of shape [4, 1] is not one value per feature (8)" in explain(reports)
+
+
+def test_training_graph_keeps_the_saved_rsqrt():
+    # with autograd the rsqrt is saved for backward: an interior value used outside
+    module = nn.RMSNorm(H, eps=1e-6)
+    spy = _Capture()
+    torch._dynamo.reset()
+    with inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False):
+        try:
+            torch.compile(module, backend="inductor")(make_inputs("x")[0].requires_grad_())
+        except Exception:
+            assert spy.gm is not None
+    reports = raise_ir(spy.gm)
+    assert counts(reports) == {}
+    assert "also used by output" in explain(reports)

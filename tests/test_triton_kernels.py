@@ -1,0 +1,480 @@
+"""The Triton norm kernels against the references in ops.py, and the GPU providers' gating.
+
+Without CUDA the kernels run in Triton's interpreter, which must be switched on before Triton is
+first imported. Run alone, this module does that itself. In a longer run an earlier test may
+already have imported Triton (Inductor does); then `test_kernels_in_a_fresh_process` reruns this
+file in a new process and the in-process kernel tests skip. With CUDA everything runs natively.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from fxsp.ir import flashinfer_provider, ops, providers, triton_kernels
+from fxsp.ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+
+REPO = Path(__file__).resolve().parent.parent
+fxsp_triton = torch.ops.fxsp_triton
+
+
+def _kernels_run_here() -> bool:
+    try:
+        fxsp_triton.rms_norm(torch.ones(1, 4, device=DEVICE), None, 1e-6)
+    except Exception:  # noqa: BLE001 - any failure means: not in this process
+        return False
+    return True
+
+
+KERNELS_RUN_HERE = _kernels_run_here()
+needs_kernels = pytest.mark.skipif(
+    not KERNELS_RUN_HERE,
+    reason="Triton was imported before TRITON_INTERPRET=1 could be set; "
+           "test_kernels_in_a_fresh_process runs these")
+
+
+def _inputs(rows, hidden, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (3 * torch.randn(*shape, generator=generator)).to(dtype).to(DEVICE)
+
+    return randn(rows, hidden), randn(rows, hidden), randn(hidden)
+
+
+def _assert_close_to_reference(actual, expected, rounded_to=None):
+    """Equal up to the order of the fp32 sum of squares: a few ulps of the dtype the normalised
+    row is rounded to (`rounded_to`, by default the output's)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    rounded_to = rounded_to or expected.dtype
+    ulp = torch.finfo(rounded_to).eps
+    rtol = 8 * ulp if rounded_to == torch.float32 else 2 * ulp
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-6)
+
+
+def _assert_fp8_close(actual, expected):
+    """FP8 results whose inputs may differ by an ulp: at most one FP8 step apart."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-3,
+                               atol=torch.finfo(expected.dtype).tiny)
+
+
+def _fp8_bits(t):
+    return t.view(torch.uint8)
+
+
+def test_custom_ops_have_the_ir_signatures():
+    for name in ("rms_norm", "fused_add_rms_norm"):
+        ir_schema = str(getattr(torch.ops.fxsp, name).default._schema)
+        assert str(getattr(fxsp_triton, name).default._schema) == ir_schema.replace(
+            "fxsp::", "fxsp_triton::")
+        assert str(getattr(torch.ops.fxsp_flashinfer, name).default._schema) == ir_schema.replace(
+            "fxsp::", "fxsp_flashinfer::")
+    assert str(fxsp_triton.rms_norm_static_fp8_quant.default._schema) == (
+        "fxsp_triton::rms_norm_static_fp8_quant(Tensor x, Tensor? weight, float eps, "
+        "Tensor scale, ScalarType fp8_dtype) -> Tensor")
+    assert str(fxsp_triton.fused_add_rms_norm_static_fp8_quant.default._schema) == (
+        "fxsp_triton::fused_add_rms_norm_static_fp8_quant(Tensor x, Tensor residual, "
+        "Tensor? weight, float eps, Tensor scale, ScalarType fp8_dtype) -> (Tensor, Tensor)")
+
+
+# --- Kernels against the references --------------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [96, 1000])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_norms_match_reference(dtype, hidden, rows, with_weight):
+    x, residual, weight = _inputs(rows, hidden, dtype)
+    weight = weight if with_weight else None
+
+    _assert_close_to_reference(fxsp_triton.rms_norm(x, weight, 1e-6),
+                               ops.rms_norm_reference(x, weight, 1e-6))
+
+    out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
+                                                                           1e-6)
+    assert torch.equal(residual_out, expected_residual_out)  # one rounded add: exact
+    _assert_close_to_reference(out, expected_out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden", [1, 8, 4096])
+def test_norm_of_other_row_lengths(hidden):
+    x, residual, weight = _inputs(2, hidden, torch.bfloat16, seed=1)
+    out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-5)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
+                                                                           1e-5)
+    assert torch.equal(residual_out, expected_residual_out)
+    _assert_close_to_reference(out, expected_out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("eps", [0.0, 1e-6, 1e-5, 0.5])
+def test_eps(eps):
+    x, _, weight = _inputs(3, 96, torch.float32, seed=2)
+    x = x * 1e-3  # small enough that a large eps matters
+    _assert_close_to_reference(fxsp_triton.rms_norm(x, weight, eps),
+                               ops.rms_norm_reference(x, weight, eps))
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_dtype, residual_dtype, weight_dtype", [
+    (torch.bfloat16, torch.bfloat16, torch.float32),  # result in fp32
+    (torch.float32, torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16, torch.bfloat16),  # promotes to fp32
+    (torch.bfloat16, torch.float32, torch.bfloat16),  # residual_out in fp32
+])
+def test_mixed_dtypes_promote_like_the_reference(x_dtype, residual_dtype, weight_dtype):
+    x = _inputs(3, 96, x_dtype)[0]
+    residual = _inputs(3, 96, residual_dtype, seed=1)[1]
+    weight = _inputs(3, 96, weight_dtype, seed=2)[2]
+    out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
+                                                                           1e-6)
+    assert torch.equal(residual_out, expected_residual_out)
+    _assert_close_to_reference(out, expected_out, rounded_to=residual_out.dtype)
+
+
+@needs_kernels
+def test_any_leading_shape_and_no_rows():
+    x, residual, weight = _inputs(6, 96, torch.bfloat16)
+    x3, residual3 = x.reshape(2, 3, 96), residual.reshape(2, 3, 96)
+    out, residual_out = fxsp_triton.fused_add_rms_norm(x3, residual3, weight, 1e-6)
+    assert out.shape == residual_out.shape == (2, 3, 96)
+    assert torch.equal(out.reshape(6, 96), fxsp_triton.fused_add_rms_norm(x, residual, weight,
+                                                                          1e-6)[0])
+    # A non-contiguous input gives the same rows.
+    assert torch.equal(fxsp_triton.rms_norm(x.t().contiguous().t(), weight, 1e-6),
+                       fxsp_triton.rms_norm(x, weight, 1e-6))
+
+    empty = x[:0]
+    out, residual_out = fxsp_triton.fused_add_rms_norm(empty, empty, weight, 1e-6)
+    assert out.shape == residual_out.shape == (0, 96)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden, block", [(96, 32), (1000, 256)])
+def test_rows_longer_than_one_pass(monkeypatch, hidden, block):
+    """Rows above MAX_SINGLE_PASS_COLS are read twice in blocks; shrink both to reach that path."""
+    monkeypatch.setattr(triton_kernels, "MAX_SINGLE_PASS_COLS", 64)
+    monkeypatch.setattr(triton_kernels, "MULTI_PASS_BLOCK", block)
+    x, residual, weight = _inputs(3, hidden, torch.bfloat16)
+    out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
+                                                                           1e-6)
+    assert torch.equal(residual_out, expected_residual_out)
+    _assert_close_to_reference(out, expected_out)
+
+    scale = torch.tensor(0.05, device=DEVICE)
+    quantized = fxsp_triton.rms_norm_static_fp8_quant(x, weight, 1e-6, scale, torch.float8_e4m3fn)
+    assert torch.equal(_fp8_bits(quantized), _fp8_bits(ops.static_fp8_quant_reference(
+        fxsp_triton.rms_norm(x, weight, 1e-6), scale, torch.float8_e4m3fn)))
+
+
+# --- Static FP8 quant forms ----------------------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("fp8_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_quant_forms_match_reference(fp8_dtype, dtype, with_weight):
+    x, residual, weight = _inputs(3, 1000, dtype)
+    weight = weight if with_weight else None
+    scale = torch.tensor(0.02, device=DEVICE)  # saturates the largest values
+
+    quantized = fxsp_triton.rms_norm_static_fp8_quant(x, weight, 1e-6, scale, fp8_dtype)
+    # Against the reference quant of the kernel's own norm the bytes are exact ...
+    assert torch.equal(_fp8_bits(quantized), _fp8_bits(ops.static_fp8_quant_reference(
+        fxsp_triton.rms_norm(x, weight, 1e-6), scale, fp8_dtype)))
+    # ... against the full reference, an ulp in the norm may move a value one FP8 step.
+    _assert_fp8_close(quantized, ops.static_fp8_quant_reference(
+        ops.rms_norm_reference(x, weight, 1e-6), scale, fp8_dtype))
+
+    quantized, residual_out = fxsp_triton.fused_add_rms_norm_static_fp8_quant(
+        x, residual, weight, 1e-6, scale, fp8_dtype)
+    out, expected_residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(residual_out, expected_residual_out)
+    assert torch.equal(_fp8_bits(quantized),
+                       _fp8_bits(ops.static_fp8_quant_reference(out, scale, fp8_dtype)))
+    reference_out, reference_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
+                                                                             1e-6)
+    assert torch.equal(residual_out, reference_residual_out)
+    _assert_fp8_close(quantized, ops.static_fp8_quant_reference(reference_out, scale, fp8_dtype))
+
+
+def _fp8_rounding_cases(fp8_dtype):
+    """Every finite FP8 value, the midpoints between neighbours (ties) and the fp32 values just
+    beside them, values beyond the range or below the smallest subnormal, zeros, infs, NaNs."""
+    values = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
+    finite = values[values.isfinite()].unique()
+    midpoints = (finite[1:] + finite[:-1]) / 2
+    inf = torch.tensor(float("inf"))
+    bound, tiny = ops.fp8_max(fp8_dtype), float(finite[finite > 0].min())
+    special = torch.tensor([bound * 1.01, bound + 8, 1e30, float("inf"), 0.0, float("nan"),
+                            1e-30, tiny / 2, tiny / 2 * 1.001, tiny * 1.5, tiny * 2.5])
+    spread = torch.randn(2000, generator=torch.Generator().manual_seed(3)) * torch.exp(
+        torch.randn(2000, generator=torch.Generator().manual_seed(4)) * 4)
+    return torch.cat([finite, midpoints, torch.nextafter(midpoints, inf),
+                      torch.nextafter(midpoints, -inf), special, -special, spread])
+
+
+@needs_kernels
+@pytest.mark.parametrize("fp8_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_fp8_rounding_is_exact(fp8_dtype, scale):
+    """A row of ones with eps 0 normalises to exactly 1, so the output is the weight: the
+    weight feeds chosen values straight into the FP8 rounding."""
+    values = _fp8_rounding_cases(fp8_dtype).to(DEVICE)
+    ones = torch.ones(1, values.numel(), device=DEVICE)
+    scale = torch.tensor(scale, device=DEVICE)
+    quantized = fxsp_triton.rms_norm_static_fp8_quant(ones, values, 0.0, scale, fp8_dtype)
+    expected = ops.static_fp8_quant_reference(values, scale, fp8_dtype)
+    assert torch.equal(fxsp_triton.rms_norm(ones, values, 0.0)[0].nan_to_num(),
+                       values.nan_to_num())
+    # NaN's sign bit is not meaningful (e4m3fn has two NaNs): only NaN-ness is compared.
+    assert torch.equal(quantized[0].float().isnan(), expected.float().isnan())
+    numbers = ~expected.float().isnan()
+    actual_bits, expected_bits = _fp8_bits(quantized[0])[numbers], _fp8_bits(expected)[numbers]
+    mismatches = (actual_bits != expected_bits).nonzero().flatten()
+    assert mismatches.numel() == 0, (values[numbers][mismatches][:8].tolist(),
+                                     actual_bits[mismatches][:8].tolist(),
+                                     expected_bits[mismatches][:8].tolist())
+
+
+# --- Tracing and Inductor ------------------------------------------------------------------
+
+
+def test_fake_impls_give_the_real_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def calls(x, residual, weight, scale):
+        return [
+            fxsp_triton.rms_norm(x, weight, 1e-6),
+            fxsp_triton.rms_norm(x, None, 1e-6),
+            *fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6),
+            fxsp_triton.rms_norm_static_fp8_quant(x, weight, 1e-6, scale, torch.float8_e4m3fnuz),
+            *fxsp_triton.fused_add_rms_norm_static_fp8_quant(x, residual, None, 1e-6, scale,
+                                                             torch.float8_e4m3fn),
+            torch.ops.fxsp_flashinfer.rms_norm(x, weight, 1e-6),
+            *torch.ops.fxsp_flashinfer.fused_add_rms_norm(x, residual, weight, 1e-6),
+        ]
+
+    def make_args():
+        return (torch.ones(2, 3, 8, dtype=torch.bfloat16, device=DEVICE),
+                torch.ones(2, 3, 8, dtype=torch.float32, device=DEVICE),
+                torch.ones(8, dtype=torch.float16, device=DEVICE),
+                torch.ones((), device=DEVICE))
+
+    with FakeTensorMode():
+        fake = [(t.shape, t.dtype) for t in calls(*make_args())]
+    assert fake[2:4] == [((2, 3, 8), torch.float32)] * 2  # residual promoted bf16 + fp32
+    if KERNELS_RUN_HERE:
+        assert fake == [(t.shape, t.dtype) for t in calls(*make_args())]
+
+
+@needs_kernels
+def test_inductor_calls_the_kernel_as_an_extern_op():
+    from torch._inductor.utils import run_and_get_code
+
+    def block(x, residual, weight):
+        return fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
+
+    x, residual, weight = _inputs(4, 96, torch.bfloat16)
+    compiled = torch.compile(block, fullgraph=True)
+    (out, residual_out), codes = run_and_get_code(compiled, x, residual, weight)
+    assert "fxsp_triton.fused_add_rms_norm" in "\n".join(codes)
+    expected_out, expected_residual_out = block(x, residual, weight)
+    assert torch.equal(out, expected_out) and torch.equal(residual_out, expected_residual_out)
+
+
+# --- Provider registry ---------------------------------------------------------------------
+
+
+def test_triton_is_chosen_for_cuda_only_when_available(monkeypatch):
+    assert "triton" in [p.name for p in providers.providers()]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for op in (RMS_NORM, FUSED_ADD_RMS_NORM):
+            assert providers.choose(op, "cuda", dtype).name == "triton"
+    chosen = providers.choose((RMS_NORM, STATIC_FP8_QUANT), "cuda", torch.bfloat16)
+    assert chosen.impls[(RMS_NORM, STATIC_FP8_QUANT)] == (
+        fxsp_triton.rms_norm_static_fp8_quant.default)
+    assert providers.choose((FUSED_ADD_RMS_NORM, STATIC_FP8_QUANT), "cuda",
+                            torch.bfloat16).name == "triton"
+    assert providers.choose(RMS_NORM, "cuda", torch.float64) is None
+    assert providers.choose(STATIC_FP8_QUANT, "cuda", torch.bfloat16) is None  # Inductor's
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert providers.choose(RMS_NORM, "cuda", torch.bfloat16) is None
+
+
+def test_reference_is_chosen_on_cpu():
+    for op in (RMS_NORM, FUSED_ADD_RMS_NORM, STATIC_FP8_QUANT, (RMS_NORM, STATIC_FP8_QUANT)):
+        assert providers.choose(op, "cpu", torch.bfloat16) is None
+
+
+def test_flashinfer_is_absent_here():
+    if flashinfer_provider.flashinfer_installed():
+        pytest.skip("FlashInfer is installed here")
+    assert "flashinfer" not in [p.name for p in providers.providers()]
+    assert not flashinfer_provider.flashinfer_available()
+    assert "flashinfer" not in providers.load_gpu_providers()
+
+
+class _InPlaceFlashInferNorm(types.SimpleNamespace):
+    """Stands in for `flashinfer.norm` on CPU, with its in-place fused_add_rmsnorm."""
+
+    @staticmethod
+    def rmsnorm(x, weight, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(
+            x.dtype)
+
+    @staticmethod
+    def fused_add_rmsnorm(x, residual, weight, eps):
+        residual.add_(x)
+        x.copy_(_InPlaceFlashInferNorm.rmsnorm(residual, weight, eps))
+
+
+def test_flashinfer_wrappers_are_functional(monkeypatch):
+    monkeypatch.setattr(flashinfer_provider, "_flashinfer_norm", _InPlaceFlashInferNorm)
+    monkeypatch.setattr(flashinfer_provider, "_takes", lambda x, weight: True)
+    x, residual, weight = (t.cpu() for t in _inputs(3, 96, torch.bfloat16))
+    x_before, residual_before = x.clone(), residual.clone()
+
+    out, residual_out = torch.ops.fxsp_flashinfer.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
+                                                                           1e-6)
+    assert torch.equal(residual_out, expected_residual_out)
+    _assert_close_to_reference(out, expected_out)  # FlashInfer rounds once, not twice
+    _assert_close_to_reference(torch.ops.fxsp_flashinfer.rms_norm(x, None, 1e-6),
+                               ops.rms_norm_reference(x, None, 1e-6))
+
+
+def test_flashinfer_falls_back_to_the_reference_where_it_cannot_run():
+    x, residual, weight = (t.cpu() for t in _inputs(3, 96, torch.float32))
+    assert torch.equal(torch.ops.fxsp_flashinfer.rms_norm(x, weight, 1e-6),
+                       ops.rms_norm_reference(x, weight, 1e-6))
+    out, residual_out = torch.ops.fxsp_flashinfer.fused_add_rms_norm(x, residual, weight, 1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
+                                                                           1e-6)
+    assert torch.equal(out, expected_out) and torch.equal(residual_out, expected_residual_out)
+
+
+def test_flashinfer_is_chosen_below_triton_when_available(monkeypatch):
+    monkeypatch.setattr(flashinfer_provider, "_flashinfer_norm", _InPlaceFlashInferNorm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(providers._providers, "flashinfer", flashinfer_provider.FLASHINFER_PROVIDER)
+    only_flashinfer = ("flashinfer",)
+    assert providers.choose(RMS_NORM, "cuda", torch.bfloat16, only_flashinfer).name == "flashinfer"
+    assert providers.choose(FUSED_ADD_RMS_NORM, "cuda", torch.float16,
+                            only_flashinfer).name == "flashinfer"
+    assert providers.choose(RMS_NORM, "cuda", torch.float32, only_flashinfer) is None
+    assert providers.choose(RMS_NORM, "cpu", torch.bfloat16, only_flashinfer) is None
+    assert providers.choose(RMS_NORM, "cuda", torch.bfloat16).name == "triton"  # priority 10 > 5
+
+
+# --- Other processes -----------------------------------------------------------------------
+
+
+def _run_python(code: str, **env_changes: str | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_without_triton_or_flashinfer_nothing_is_registered():
+    result = _run_python(
+        "import sys, torch\n"
+        "sys.modules['triton'] = sys.modules['flashinfer'] = None  # importing them now fails\n"
+        "from fxsp.ir.providers import load_gpu_providers\n"
+        "from fxsp.ir import triton_kernels\n"
+        "assert load_gpu_providers() == [], load_gpu_providers()\n"
+        "assert not triton_kernels.triton_available()\n"
+        "try:\n"
+        "    torch.ops.fxsp_triton.rms_norm(torch.ones(2, 4), None, 1e-6)\n"
+        "except RuntimeError as error:\n"
+        "    assert 'Triton' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('ran without Triton')\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile the kernels for real")
+def test_kernels_compile_for_gpus():
+    """Compile for sm90 (and sm80, and AMD's gfx942 for e4m3fnuz) without a GPU: catches code
+    that the interpreter accepts but the GPU compilers do not. Vectorised 16-byte loads and
+    stores show that the row layout lets the kernel move memory at full width."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("Triton has no NVIDIA backend here")
+    result = _run_python(COMPILE_FOR_GPUS, TRITON_INTERPRET=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+COMPILE_FOR_GPUS = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from fxsp.ir.triton_kernels import _rms_norm_kernel as kernel
+
+def compile_for(target, dtype, fp8_exponent_bias, single_pass, n_cols_is_one=False):
+    pointers = ["x_ptr", "residual_ptr", "weight_ptr", "scale_ptr", "out_ptr", "residual_out_ptr"]
+    signature = {name: "*" + dtype for name in pointers}
+    signature.update(scale_ptr="*fp32", out_ptr="*u8" if fp8_exponent_bias else "*" + dtype,
+                     n_cols="constexpr" if n_cols_is_one else "i32", eps="fp32", fp8_max="fp32")
+    element = getattr(tl, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
+    constants = dict(NORM_DTYPE=element, OUT_DTYPE=element, HAS_RESIDUAL=True, HAS_WEIGHT=True,
+                     FP8_EXPONENT_BIAS=fp8_exponent_bias, BLOCK=8192 if single_pass else 4096,
+                     SINGLE_PASS=single_pass)
+    if n_cols_is_one:
+        constants["n_cols"] = 1
+    signature.update({name: "constexpr" for name in constants})
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name in pointers + ([] if n_cols_is_one else ["n_cols"])}
+    source = triton.compiler.ASTSource(kernel, signature, constants, aligned)
+    return triton.compile(source, target=target,
+                          options={"num_warps": 16, "enable_fp_fusion": False})
+
+sm90 = GPUTarget("cuda", 90, 32)
+ptx = compile_for(sm90, "bf16", 0, True).asm["ptx"]
+assert ptx.count("ld.global.v4") >= 6 and ptx.count("st.global.v4") >= 4, ptx.count("ld.global")
+assert ".local" not in ptx  # no register spills
+ptx = compile_for(sm90, "bf16", 7, True).asm["ptx"]
+assert ptx.count("st.global.v4") >= 3
+compile_for(sm90, "fp32", 7, False)
+compile_for(sm90, "fp16", 0, True, n_cols_is_one=True)
+compile_for(GPUTarget("cuda", 80, 32), "bf16", 7, True)
+if "amd" in triton.backends.backends:
+    compile_for(GPUTarget("hip", "gfx942", 64), "bf16", 8, True)
+"""
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests ran in this process")
+def test_kernels_in_a_fresh_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not test_kernels_compile_for_gpus and not test_without_triton"],
+        cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+        timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-5000:]

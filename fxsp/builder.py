@@ -20,7 +20,8 @@ class Builder:
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> Node:
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Node)]
-        anchor = max(inputs) if inputs else self._last_placeholder()
+        # Never before a placeholder: FX and Inductor expect every graph input first.
+        anchor = max([*inputs, self._last_placeholder()])
         # Nodes this builder already put after the anchor come first: keeps creation order.
         while anchor.next in self.created:
             anchor = anchor.next

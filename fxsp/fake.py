@@ -46,3 +46,11 @@ def _empty_like(v: Any) -> Any:
     if not isinstance(v, torch.Tensor):
         return v
     return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True only when the shapes are provably equal: an unknown symbolic equality counts as no,
+    and asking installs no guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))

@@ -9,6 +9,7 @@ read the diff: the text is the spec."""
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import GraphModule
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import fxsp
 from fxsp.ir import IR_OPS, raise_ir
@@ -256,6 +257,19 @@ def capture(fn: Callable, *args: torch.Tensor) -> GraphModule:
                 raise
     assert spy.gm is not None
     return spy.gm
+
+
+def fused_rms_norm_graph(x: torch.Tensor, w: torch.Tensor | None, eps: float | None) -> GraphModule:
+    """`aten._fused_rms_norm(x, [H], w, eps)[0]` as a graph of its own: on CPU every tracer
+    decomposes it, on CUDA it can stay whole."""
+    graph = torch.fx.Graph()
+    inputs = [graph.placeholder("x")] + ([graph.placeholder("w")] if w is not None else [])
+    fused = graph.call_function(torch.ops.aten._fused_rms_norm.default,
+                                (inputs[0], [x.shape[-1]], inputs[1] if w is not None else None, eps))
+    graph.output((graph.call_function(operator.getitem, (fused, 0)),))
+    gm = GraphModule({}, graph)
+    FakeTensorProp(gm).propagate(*[t for t in (x, w) if t is not None])
+    return gm
 
 
 def ir_nodes(gm: GraphModule) -> list:
@@ -505,38 +519,27 @@ return (%11,)
 return (%5,)""")
 
     def test_undecomposed_fused_rms_norm(self):
-        # graphs that keep torch's fused op (export; backends without its decomposition)
-        def norm(x, w):
-            return torch.ops.aten._fused_rms_norm(x, [H], w, None)[0]
-        self.assertExpectedInline(raised(make_fx(norm, tracing_mode="fake")(*make_inputs("xw", BF16))), """\
-%0 = input('x_1')  : bf16[4, 8]
-%1 = input('w_1')  : bf16[8]
-%2 = aten._to_copy.default(%0, dtype=torch.float32)  : f32[4, 8]
-%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
-%4 = aten.mean.dim(%3, [1], True)  : f32[4, 1]
-%5 = aten.add_.Scalar(%4, 1.1920928955078125e-07)  : f32[4, 1]
-%6 = aten.rsqrt.default(%5)  : f32[4, 1]
-%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
-%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
-%9 = aten._to_copy.default(%8, dtype=torch.bfloat16)  : bf16[4, 8]
-return %9
---- nothing raised
-%0 = input('x_1')  : bf16[4, 8]
-%1 = input('w_1')  : bf16[8]
-%2 = aten._to_copy.default(%0, dtype=torch.float32)  : f32[4, 8]
-%3 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
-%4 = aten.mean.dim(%3, [1], True)  : f32[4, 1]
-%5 = aten.add_.Scalar(%4, 1.1920928955078125e-07)  : f32[4, 1]
-%6 = aten.rsqrt.default(%5)  : f32[4, 1]
-%7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
-%8 = aten.mul.Tensor(%7, %1)  : f32[4, 8]
-%9 = aten._to_copy.default(%8, dtype=torch.bfloat16)  : bf16[4, 8]
-return %9""")
+        # torch's fused op, kept whole (export; torch versions or backends without its
+        # decomposition): its default eps is fp32's machine epsilon
+        self.assertExpectedInline(raised(fused_rms_norm_graph(*make_inputs("xw", BF16), None)), """\
+%0 = input('x')  : bf16[4, 8]
+%1 = input('w')  : bf16[8]
+%2 = aten._fused_rms_norm.default(%0, [8], %1, None)  : (bf16[4, 8], f32[4, 1])
+%3 = operator.getitem(%2, 0)  : bf16[4, 8]
+return (%3,)
+--- raise.aten_rms_norm=1
+%0 = input('x')  : bf16[4, 8]
+%1 = input('w')  : bf16[8]
+%2 = fxsp.rms_norm.default(%0, %1, 1.1920928955078125e-07)  : bf16[4, 8]
+return (%2,)""")
 
     def test_two_norms_share_an_upcast(self):
-        # the fp32 copy of x is read by both norms: each raise keeps it for the other
+        # one fp32 copy of x read by both norms: the first raise keeps it for the second
         def two(x, w):
-            return hf(1e-6)(x, w), hf_down_after(1e-5)(x, w)
+            xf = x.float()
+            a = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+            b = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
+            return w * a.to(x.dtype), (b * w).to(x.dtype)
         self.assertExpectedInline(raised(capture(two, *make_inputs("xw", F16))), """\
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f16[8]
@@ -548,15 +551,14 @@ return %9""")
 %7 = aten.mul.Tensor(%2, %6)  : f32[4, 8]
 %8 = prims.convert_element_type.default(%7, torch.float16)  : f16[4, 8]
 %9 = aten.mul.Tensor(%1, %8)  : f16[4, 8]
-%10 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
-%11 = aten.pow.Tensor_Scalar(%10, 2)  : f32[4, 8]
-%12 = aten.mean.dim(%11, [-1], True)  : f32[4, 1]
-%13 = aten.add.Tensor(%12, 1e-05)  : f32[4, 1]
-%14 = aten.rsqrt.default(%13)  : f32[4, 1]
-%15 = aten.mul.Tensor(%10, %14)  : f32[4, 8]
-%16 = aten.mul.Tensor(%15, %1)  : f32[4, 8]
-%17 = prims.convert_element_type.default(%16, torch.float16)  : f16[4, 8]
-return (%9, %17)
+%10 = aten.pow.Tensor_Scalar(%2, 2)  : f32[4, 8]
+%11 = aten.mean.dim(%10, [-1], True)  : f32[4, 1]
+%12 = aten.add.Tensor(%11, 1e-05)  : f32[4, 1]
+%13 = aten.rsqrt.default(%12)  : f32[4, 1]
+%14 = aten.mul.Tensor(%2, %13)  : f32[4, 8]
+%15 = aten.mul.Tensor(%14, %1)  : f32[4, 8]
+%16 = prims.convert_element_type.default(%15, torch.float16)  : f16[4, 8]
+return (%9, %16)
 --- raise.rms_norm=2
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f16[8]
@@ -790,9 +792,8 @@ return (%6,)
 --- raise.static_fp8_quant=1
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : f32[]
-%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
-%3 = fxsp.static_fp8_quant.default(%2, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%3,)""")
+%2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%2,)""")
 
     def test_reciprocal_e4m3fnuz(self):
         self.assertExpectedInline(raised(spelled(QUANTS["fp8_reciprocal"], E4M3_FNUZ)), """\
@@ -825,9 +826,8 @@ return (%8,)
 --- raise.static_fp8_quant=1
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f32[]
-%2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
-%3 = fxsp.static_fp8_quant.default(%2, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%3,)""")
+%2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%2,)""")
 
     def test_norm_then_quant(self):
         # what the SP FP8 rules look for: static_fp8_quant(rms_norm(...))
@@ -855,11 +855,10 @@ return (%15,)
 --- raise.rms_norm=1, raise.static_fp8_quant=1
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
-%2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
-%3 = input('arg2_1')  : f32[]
-%4 = prims.convert_element_type.default(%2, torch.float32)  : f32[4, 8]
-%5 = fxsp.static_fp8_quant.default(%4, %3, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%5,)""")
+%2 = input('arg2_1')  : f32[]
+%3 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
+%4 = fxsp.static_fp8_quant.default(%3, %2, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+return (%4,)""")
 
 
 @pytest.mark.usefixtures("world_of_one")

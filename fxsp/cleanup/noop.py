@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fake import same_shape
 from ..pattern import anything, op, tensor
 from ..rules import Match, Rule, RuleSet
 
@@ -14,23 +15,35 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 x, y = tensor("x"), tensor("y")
 
 
-def _shape(node) -> tuple | None:
+def _val(node) -> torch.Tensor | None:
     v = node.meta.get("val")
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    va, vb = _val(a), _val(b)
+    return va is not None and vb is not None and same_shape(va, vb)
 
 
 def _keeps_shape(m: Match) -> bool | str:
-    before, after = _shape(m["x"]), _shape(m.root)
-    if before is None or after is None:
-        return "no shape metadata"
-    return before == after or f"shape changes {list(before)} -> {list(after)}"
+    if _same(m["x"], m.root):
+        return True
+    return f"shape {_shape_text(m['x'])} -> {_shape_text(m.root)} is not provably the same"
 
 
 def _src_fills_self(m: Match) -> bool | str:
-    before, src = _shape(m["x"]), _shape(m["y"])
-    if before is None or src is None:
-        return "no shape metadata"
-    return before == src or "slice_scatter writes part of its input"
+    return _same(m["x"], m["y"]) or "slice_scatter writes part of its input"
+
+
+def _shape_text(node) -> str:
+    v = _val(node)
+    return "unknown" if v is None else str(list(v.shape))
+
+
+def _one_view(b, m: Match):
+    if _same(m["x"], m.root):
+        return m["x"]
+    return b.call(aten.reshape.default, m["x"], m["shape"])
 
 
 def noop_rules() -> RuleSet:
@@ -43,7 +56,6 @@ def noop_rules() -> RuleSet:
         Rule("noop.slice_scatter",
              op(aten.slice_scatter.default, x, y, anything(), anything(), anything(), anything()),
              lambda b, m: m["y"], where=_src_fills_self),
-        # view(view(x)) is one view of x.
-        Rule("noop.view_chain", op(VIEWS, op(VIEWS, x, anything()), anything("shape")),
-             lambda b, m: b.call(aten.reshape.default, m["x"], m["shape"])),
+        # view(view(x)) is one view of x, or x itself when the shapes agree.
+        Rule("noop.view_chain", op(VIEWS, op(VIEWS, x, anything()), anything("shape")), _one_view),
     ])

@@ -82,8 +82,9 @@ def _inline_reference(graph: Graph, node: Node) -> None:
     with graph.inserting_before(node):
         for inner in traced.graph.nodes:
             if inner.op == "call_function":
+                # The copy keeps the traced meta: "val", and the rounding barriers Inductor's
+                # emulate_precision_casts relies on.
                 env[inner] = graph.node_copy(inner, env.__getitem__)
-                env[inner].meta = {"val": inner.meta["val"]} if "val" in inner.meta else {}
     result = tree_map(lambda n: env[n] if isinstance(n, torch.fx.Node) else n,
                       traced.graph.output_node().args[0])
     _replace(node, result)

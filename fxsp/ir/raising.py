@@ -41,6 +41,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
+from ..fake import same_shape
 from ..pattern import ADD, CAST, alt, anything, dims, dtype, getitem, op, scalar, string, tensor
 from ..rules import Match, Report, Rule, RuleSet
 from .collectives import C10D_ALL_REDUCE, WAIT, vllm_op
@@ -297,8 +298,10 @@ add_then_norm = op(RMS_NORM, residual_sum, anything("weight"), scalar("eps"))
 
 
 def _plain_sum(m: Match) -> bool | str:
-    shapes = [tuple(_val(m[n]).shape) for n in ("x", "residual", "residual_out")]
-    return True if len(set(shapes)) == 1 else f"the add broadcasts ({shapes[0]} + {shapes[1]})"
+    x, residual, out = (_val(m[n]) for n in ("x", "residual", "residual_out"))
+    if same_shape(x, out) and same_shape(residual, out):
+        return True
+    return f"the add broadcasts ({tuple(x.shape)} + {tuple(residual.shape)})"
 
 
 def _fuse_add(b: Builder, m: Match) -> Node:
@@ -328,6 +331,8 @@ def _fp8_range(m: Match) -> bool | str:
     bound, (lo, hi) = fp8_max(m["fp8_dtype"]), (m["low"], m["high"])
     if (lo, hi) != (-bound, bound):
         return f"clamp to [{lo}, {hi}] is not {m['fp8_dtype']}'s range ±{bound}"
+    if _is_upcast(m["x"]):
+        return "x is an up-cast: the quant's input is the value before it"
     if _val(m["quotient"]).dtype != F32:
         return f"x / scale is computed in {_short(_val(m['quotient']).dtype)}, not fp32"
     s = _val(m["scale"])

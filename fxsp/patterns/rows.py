@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
+from ..fake import same_shape  # noqa: F401 - re-exported for the SP rules
 
 aten = torch.ops.aten
 
@@ -33,11 +33,6 @@ def row_count(t: torch.Tensor) -> Any:
     for d in t.shape[:-1]:
         rows = rows * d
     return rows
-
-
-def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True only when the shapes are provably equal (unknown symbolic equality counts as no)."""
-    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
 
 
 def _size(b: Builder, x: Node, dim: int) -> Size:
@@ -68,8 +63,8 @@ class RowBlocks:
 
 def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
     shape = [_size(b, x, d) for d in range(val(x).dim())]
-    rows = 1
-    for d in shape[:-1]:
+    rows = shape[0]
+    for d in shape[1:-1]:
         rows = _arith(b, operator.mul, rows, d)
     per_rank = _arith(b, operator.floordiv, _arith(b, operator.add, rows, tp - 1), tp)
     return RowBlocks(rows, _arith(b, operator.mul, per_rank, tp), per_rank, shape)

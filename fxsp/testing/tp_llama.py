@@ -131,18 +131,25 @@ class TPLlama(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = inputs if self.spec.prompt_embeds else self.embed_tokens(inputs)
-        residual = hidden
-        for i, layer in enumerate(self.layers):
-            if i > 0 and self.spec.graph_break:
-                torch._dynamo.graph_break()
+        split = 1 if self.spec.graph_break else len(self.layers)
+        hidden, residual = self.run_layers(0, split, hidden, hidden)
+        if self.spec.graph_break:  # outside any loop, so Dynamo splits the graph right here
+            torch._dynamo.graph_break()
+        hidden, residual = self.run_layers(split, len(self.layers), hidden, residual)
+        hidden = hidden + residual
+        return self.final_norm(hidden) if self.spec.final_norm else hidden
+
+    def run_layers(self, start: int, stop: int, hidden: torch.Tensor, residual: torch.Tensor) -> tuple:
+        """HF decoder layers: the layer's input is the previous MLP output plus the residual."""
+        for i in range(start, stop):
+            layer = self.layers[i]
             if i > 0:
                 hidden = hidden + residual
                 residual = hidden
             hidden = self.attention(layer, self.norm(layer.input_norm, hidden)) + residual
             residual = hidden
             hidden = self.mlp(layer, self.norm(layer.post_norm, hidden))
-        hidden = hidden + residual
-        return self.final_norm(hidden) if self.spec.final_norm else hidden
+        return hidden, residual
 
     def example_input(self, rows: int, seed: int = 1) -> torch.Tensor:
         """Tokens (or embeddings) for `rows` rows, identical on every rank."""

@@ -1,0 +1,201 @@
+"""Raising + lowering inside a real Inductor compile on CPU: small models with each spelling,
+compiled with the pass installed as Inductor's post-grad custom pre pass, give what eager gives,
+and the pass really raised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from fxsp.ir import lower_ir, raise_ir
+from tests.test_ir_raising import (
+    BF16, E4M3, F16, F32, counts, fp8_div, fp8_reciprocal, gemma, hf, hf_down_after, world_of_one,  # noqa: F401
+)
+from tests.vllm_standins import register_vllm_standins
+
+register_vllm_standins()
+
+
+class RaiseAndLower(CustomGraphPass):
+    """What the backend does first and last, and nothing in between."""
+
+    def __init__(self) -> None:
+        self.raised: dict[str, int] = {}
+        self.lowered: dict[str, int] = {}
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for rule, n in counts(raise_ir(graph, check=True)).items():
+            self.raised[rule] = self.raised.get(rule, 0) + n
+        for how, n in lower_ir(graph).items():
+            self.lowered[how] = self.lowered.get(how, 0) + n
+
+    def uuid(self) -> str:
+        return "fxsp-test-raise-and-lower"
+
+
+def compile_and_compare(model, *args, rtol: float, atol: float, dynamic_rows: bool = False) -> RaiseAndLower:
+    """Compile `model` with the pass, check its outputs against eager, return the pass.
+
+    Inductor rounds low-precision values where eager does (emulate_precision_casts): the
+    comparison then sees what fxsp changed, not Inductor's fusion numerics."""
+    spy = RaiseAndLower()
+    torch._dynamo.reset()
+    if dynamic_rows:
+        torch._dynamo.mark_dynamic(args[0], 0)
+    with inductor_config.patch(post_grad_custom_pre_pass=spy, emulate_precision_casts=True), torch.no_grad():
+        want = model(*[a.clone() for a in args])
+        got = torch.compile(model, backend="inductor", fullgraph=True)(*[a.clone() for a in args])
+    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,),
+                    strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=atol)
+    return spy
+
+
+BF16_TOL = {"rtol": 2e-2, "atol": 2e-2}  # GEMM epilogues round differently: a few bf16 ulps
+
+
+class HFLlamaBlocks(nn.Module):
+    """Pre-norm blocks the HF way: h = h + mlp(norm(h)); final norm."""
+
+    def __init__(self, layers: int = 2, hidden: int = 16, dtype: torch.dtype = F32, eps: float = 1e-6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlps = nn.ModuleList(nn.Linear(hidden, hidden, bias=False, dtype=dtype) for _ in range(layers))
+        self.weights = nn.ParameterList(nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=dtype))
+                                        for _ in range(layers + 1))
+        self.eps = eps
+
+    def forward(self, h):
+        residual = h
+        for mlp, w in zip(self.mlps, self.weights):
+            residual = residual + mlp(hf(self.eps)(residual, w))
+        return hf(self.eps)(residual, self.weights[-1]), residual
+
+
+def test_hf_llama_blocks_bf16():
+    model = HFLlamaBlocks(dtype=BF16)
+    spy = compile_and_compare(model, torch.randn(6, 16, dtype=BF16), **BF16_TOL)
+    # the first norm reads the input; the others follow a residual add
+    assert spy.raised == {"raise.rms_norm": 3, "raise.add_rms_norm": 2}
+    assert spy.lowered == {"aten": 3}
+
+
+def test_hf_llama_blocks_dynamic_rows():
+    # symbolic row counts; eps stays a constant (with dynamic=True Dynamo would make the float
+    # eps a graph input, and a norm with a run-time eps is not raised)
+    model = HFLlamaBlocks(dtype=F32, eps=1e-5)
+    spy = compile_and_compare(model, torch.randn(6, 16), rtol=1e-5, atol=1e-5, dynamic_rows=True)
+    assert spy.raised == {"raise.rms_norm": 3, "raise.add_rms_norm": 2}
+    assert spy.lowered == {"aten": 3}
+
+
+class TorchNorms(nn.Module):
+    """nn.RMSNorm, F.rms_norm without weight, a Gemma-style norm and a down-cast-after norm."""
+
+    def __init__(self, hidden: int = 16, dtype: torch.dtype = F32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.RMSNorm(hidden, eps=1e-6, dtype=dtype)
+        self.proj = nn.Linear(hidden, hidden, bias=False, dtype=dtype)
+        self.gemma_w = nn.Parameter(0.1 * torch.randn(hidden, dtype=dtype))
+
+    def forward(self, x):
+        a = self.proj(self.norm(x))
+        b = F.rms_norm(a, (a.shape[-1],), None, 0.1)
+        c = gemma(1e-6)(b, self.gemma_w)
+        return hf_down_after(1e-8)(c + x, self.norm.weight)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_torch_norms(dtype):
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == F32 else {"rtol": 5e-3, "atol": 5e-3}
+    spy = compile_and_compare(TorchNorms(dtype=dtype), torch.randn(5, 16, dtype=dtype), **tol)
+    assert spy.raised == {"raise.rms_norm": 3, "raise.rms_norm_unweighted": 1, "raise.add_rms_norm": 1}
+
+
+class Fp8Model(nn.Module):
+    """norm → static FP8 quant, and a quant by reciprocal into the other FP8 dtype."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=BF16))
+        self.register_buffer("scale", torch.tensor(0.05))
+
+    def forward(self, x):
+        q = fp8_div(E4M3)(hf(1e-6)(x, self.w), self.scale)
+        q2 = fp8_reciprocal(torch.float8_e4m3fnuz)(x * 3, self.scale)
+        return q, q2
+
+
+def test_fp8_quant():
+    # x * (1/scale) may land one fp8 step from x / scale: a relative 2^-3
+    spy = compile_and_compare(Fp8Model(), 10 * torch.randn(8, 16, dtype=BF16), rtol=2**-3, atol=2**-9)
+    assert spy.raised == {"raise.rms_norm": 1, "raise.static_fp8_quant": 2}
+
+
+class VllmOps(nn.Module):
+    """A layer written with vLLM's ops (stand-ins here)."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1 = nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=BF16))
+        self.w2 = nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=BF16))
+        self.register_buffer("scale", torch.tensor(0.05))
+
+    def forward(self, x, residual):
+        normed = torch.empty_like(x)
+        torch.ops._C.rms_norm(normed, x, self.w1, 1e-6)
+        h = normed * 2  # stands for the attention
+        torch.ops._C.fused_add_rms_norm(h, residual, self.w2, 1e-6)  # h ← norm(h + r), r ← h + r
+        out, residual = torch.ops.vllm_ir.fused_add_rms_norm(h * 3, residual, self.w1, 1e-5)
+        q = torch.empty(out.shape, dtype=E4M3)
+        torch.ops._C.static_scaled_fp8_quant(q, torch.ops.vllm_ir.rms_norm(out, self.w2, 1e-5), self.scale)
+        return q, residual
+
+
+def test_vllm_ops():
+    x, residual = torch.randn(6, 16, dtype=BF16), torch.randn(6, 16, dtype=BF16)
+    spy = compile_and_compare(VllmOps(), x, residual, rtol=0, atol=0)
+    assert spy.raised == {
+        "raise.vllm_c_rms_norm": 1, "raise.vllm_c_fused_add_rms_norm": 1, "raise.vllm_ir_rms_norm": 1,
+        "raise.vllm_ir_fused_add_rms_norm": 1, "raise.vllm_c_static_fp8_quant": 1,
+    }
+    assert spy.lowered == {"aten": 5}
+
+
+class TPBlock(nn.Module):
+    """Row-parallel matmuls reduced three ways, each followed by a residual add + norm."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.projs = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(3))
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(hidden))
+
+    def forward(self, x):
+        group = dist.group.WORLD
+        residual = x
+        y = funcol.all_reduce(self.projs[0](x), "sum", group)
+        residual = residual + y
+        z = self.projs[1](hf(1e-6)(residual, self.w))
+        dist.all_reduce(z, group=group)
+        residual = z + residual
+        u = torch.ops.vllm.all_reduce(self.projs[2](hf(1e-6)(residual, self.w)), group.group_name)
+        mean = funcol.all_reduce(u, "avg", group)  # never raised
+        return hf(1e-6)(residual + mean, self.w)
+
+
+def test_collectives(world_of_one):
+    spy = compile_and_compare(TPBlock(), torch.randn(4, 16), rtol=1e-5, atol=1e-5)
+    assert spy.raised == {"raise.c10d_all_reduce": 2, "raise.vllm_all_reduce": 1, "raise.rms_norm": 3,
+                          "raise.add_rms_norm": 3}
+    assert spy.lowered == {"all_reduce": 3, "aten": 3}

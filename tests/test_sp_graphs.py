@@ -1,0 +1,291 @@
+"""Golden graphs of the SP rewrite, single process on the fake process group.
+
+Each test compiles a small TP block with `fxsp.backend(inner="eager")` and pins the graph
+after the rewrite and clean-up (IR ops not yet lowered): what the rules produced, readable.
+"""
+
+from __future__ import annotations
+
+import expecttest
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+
+import fxsp
+from fxsp.testing.tp_llama import static_fp8
+
+
+class Block(nn.Module):
+    """all_reduce → norm, then per layer: all_reduce(matmul) + residual → norm."""
+
+    def __init__(self, layers: int = 2, hidden: int = 8, prompt_embeds: bool = False, fp8: bool = False,
+                 graph_break: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1))
+        self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
+        self.prompt_embeds, self.fp8, self.graph_break = prompt_embeds, fp8, graph_break
+
+    def norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm_w[i] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return static_fp8(out, torch.tensor(0.5)) if self.fp8 and i < len(self.w) - 1 else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.prompt_embeds else funcol.all_reduce(x @ self.w[0], "sum", dist.group.WORLD)
+        split = 2 if self.graph_break else len(self.w)
+        out, residual = self.layers(1, split, self.norm(0, h), h)
+        if self.graph_break:  # outside any loop, so Dynamo splits the graph right here
+            torch._dynamo.graph_break()
+        return self.layers(split, len(self.w), out, residual)[0]
+
+    def layers(self, start: int, stop: int, out: torch.Tensor, residual: torch.Tensor) -> tuple:
+        for i in range(start, stop):
+            residual = funcol.all_reduce(out @ self.w[i], "sum", dist.group.WORLD) + residual
+            out = self.norm(i, residual)
+        return out, residual
+
+
+def rewrite(model: nn.Module, x: torch.Tensor, dynamic: bool = False, **options) -> list:
+    backend = fxsp.backend(None, inner="eager", **options)
+    if dynamic:
+        torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    return backend.reports
+
+
+@pytest.fixture(autouse=True)
+def world(fake_pg):
+    return fake_pg
+
+
+class TestGoldenSP(expecttest.TestCase):
+    def test_two_layers_rows(self):
+        (report,) = rewrite(Block(), torch.randn(4, 8))
+        self.assertEqual(report.counts["sp.first"], 1)
+        self.assertExpectedInline(report.rewritten, """\
+%0 = input('arg0_1')  : f32[8, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = input('arg3_1')  : f32[8, 8]
+%4 = input('arg4_1')  : f32[8]
+%5 = input('arg5_1')  : f32[8, 8]
+%6 = input('arg6_1')  : f32[8]
+%7 = aten.mm.default(%1, %0)  : f32[4, 8]
+%8 = _c10d_functional.reduce_scatter_tensor.default(%7, 'sum', 2, G0)  : f32[2, 8]
+%9 = _c10d_functional.wait_tensor.default(%8)  : f32[2, 8]
+%10 = fxsp.rms_norm.default(%9, %2, 1e-06)  : f32[2, 8]
+%11 = _c10d_functional.all_gather_into_tensor.default(%10, 2, G0)  : f32[4, 8]
+%12 = _c10d_functional.wait_tensor.default(%11)  : f32[4, 8]
+%13 = aten.mm.default(%12, %3)  : f32[4, 8]
+%14 = _c10d_functional.reduce_scatter_tensor.default(%13, 'sum', 2, G0)  : f32[2, 8]
+%15 = _c10d_functional.wait_tensor.default(%14)  : f32[2, 8]
+%16 = fxsp.fused_add_rms_norm.default(%15, %9, %4, 1e-06)  : (f32[2, 8], f32[2, 8])
+%17 = operator.getitem(%16, 0)  : f32[2, 8]
+%18 = operator.getitem(%16, 1)  : f32[2, 8]
+%19 = _c10d_functional.all_gather_into_tensor.default(%17, 2, G0)  : f32[4, 8]
+%20 = _c10d_functional.wait_tensor.default(%19)  : f32[4, 8]
+%21 = aten.mm.default(%20, %5)  : f32[4, 8]
+%22 = _c10d_functional.reduce_scatter_tensor.default(%21, 'sum', 2, G0)  : f32[2, 8]
+%23 = _c10d_functional.wait_tensor.default(%22)  : f32[2, 8]
+%24 = fxsp.fused_add_rms_norm.default(%23, %18, %6, 1e-06)  : (f32[2, 8], f32[2, 8])
+%25 = operator.getitem(%24, 0)  : f32[2, 8]
+%26 = _c10d_functional.all_gather_into_tensor.default(%25, 2, G0)  : f32[4, 8]
+%27 = _c10d_functional.wait_tensor.default(%26)  : f32[4, 8]
+return (%27,)""")
+
+    def test_rows_not_divisible_are_padded_and_trimmed(self):
+        (report,) = rewrite(Block(layers=1), torch.randn(5, 8))
+        self.assertExpectedInline(report.rewritten, """\
+%0 = input('arg0_1')  : f32[8, 8]
+%1 = input('arg1_1')  : f32[5, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = input('arg3_1')  : f32[8, 8]
+%4 = input('arg4_1')  : f32[8]
+%5 = aten.mm.default(%1, %0)  : f32[5, 8]
+%6 = aten.constant_pad_nd.default(%5, [0, 0, 0, 1], 0.0)  : f32[6, 8]
+%7 = _c10d_functional.reduce_scatter_tensor.default(%6, 'sum', 2, G0)  : f32[3, 8]
+%8 = _c10d_functional.wait_tensor.default(%7)  : f32[3, 8]
+%9 = fxsp.rms_norm.default(%8, %2, 1e-06)  : f32[3, 8]
+%10 = _c10d_functional.all_gather_into_tensor.default(%9, 2, G0)  : f32[6, 8]
+%11 = _c10d_functional.wait_tensor.default(%10)  : f32[6, 8]
+%12 = aten.slice.Tensor(%11, 0, 0, 5)  : f32[5, 8]
+%13 = aten.mm.default(%12, %3)  : f32[5, 8]
+%14 = aten.constant_pad_nd.default(%13, [0, 0, 0, 1], 0.0)  : f32[6, 8]
+%15 = _c10d_functional.reduce_scatter_tensor.default(%14, 'sum', 2, G0)  : f32[3, 8]
+%16 = _c10d_functional.wait_tensor.default(%15)  : f32[3, 8]
+%17 = fxsp.fused_add_rms_norm.default(%16, %8, %4, 1e-06)  : (f32[3, 8], f32[3, 8])
+%18 = operator.getitem(%17, 0)  : f32[3, 8]
+%19 = _c10d_functional.all_gather_into_tensor.default(%18, 2, G0)  : f32[6, 8]
+%20 = _c10d_functional.wait_tensor.default(%19)  : f32[6, 8]
+%21 = aten.slice.Tensor(%20, 0, 0, 5)  : f32[5, 8]
+return (%21,)""")
+
+    def test_batch_seq_hidden(self):
+        (report,) = rewrite(Block(layers=1), torch.randn(2, 3, 8))
+        self.assertExpectedInline(report.rewritten, """\
+%0 = input('arg0_1')  : f32[8, 8]
+%1 = input('arg1_1')  : f32[2, 3, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = input('arg3_1')  : f32[8, 8]
+%4 = input('arg4_1')  : f32[8]
+%5 = aten.view.default(%1, [6, 8])  : f32[6, 8]
+%6 = aten.mm.default(%5, %0)  : f32[6, 8]
+%7 = _c10d_functional.reduce_scatter_tensor.default(%6, 'sum', 2, G0)  : f32[3, 8]
+%8 = _c10d_functional.wait_tensor.default(%7)  : f32[3, 8]
+%9 = fxsp.rms_norm.default(%8, %2, 1e-06)  : f32[3, 8]
+%10 = _c10d_functional.all_gather_into_tensor.default(%9, 2, G0)  : f32[6, 8]
+%11 = _c10d_functional.wait_tensor.default(%10)  : f32[6, 8]
+%12 = aten.mm.default(%11, %3)  : f32[6, 8]
+%13 = _c10d_functional.reduce_scatter_tensor.default(%12, 'sum', 2, G0)  : f32[3, 8]
+%14 = _c10d_functional.wait_tensor.default(%13)  : f32[3, 8]
+%15 = fxsp.fused_add_rms_norm.default(%14, %8, %4, 1e-06)  : (f32[3, 8], f32[3, 8])
+%16 = operator.getitem(%15, 0)  : f32[3, 8]
+%17 = _c10d_functional.all_gather_into_tensor.default(%16, 2, G0)  : f32[6, 8]
+%18 = _c10d_functional.wait_tensor.default(%17)  : f32[6, 8]
+%19 = aten.view.default(%18, [2, 3, 8])  : f32[2, 3, 8]
+return (%19,)""")
+
+    def test_prompt_embeds_residual_is_sliced(self):
+        (report,) = rewrite(Block(layers=1, prompt_embeds=True), torch.randn(4, 8))
+        self.assertEqual(report.counts["sp.first"], 0)
+        self.assertExpectedInline(report.rewritten, """\
+%0 = input('arg0_1')  : f32[8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8, 8]
+%3 = input('arg3_1')  : f32[8]
+%4 = aten.slice.Tensor(%1, 0, 0, 2)  : f32[2, 8]
+%5 = fxsp.rms_norm.default(%1, %0, 1e-06)  : f32[4, 8]
+%6 = aten.mm.default(%5, %2)  : f32[4, 8]
+%7 = _c10d_functional.reduce_scatter_tensor.default(%6, 'sum', 2, G0)  : f32[2, 8]
+%8 = _c10d_functional.wait_tensor.default(%7)  : f32[2, 8]
+%9 = fxsp.fused_add_rms_norm.default(%8, %4, %3, 1e-06)  : (f32[2, 8], f32[2, 8])
+%10 = operator.getitem(%9, 0)  : f32[2, 8]
+%11 = _c10d_functional.all_gather_into_tensor.default(%10, 2, G0)  : f32[4, 8]
+%12 = _c10d_functional.wait_tensor.default(%11)  : f32[4, 8]
+return (%12,)""")
+
+    def test_fp8_gathers_bytes(self):
+        (report,) = rewrite(Block(layers=1, fp8=True), torch.randn(4, 8))
+        self.assertEqual(report.counts["sp.first_fp8"], 1)
+        self.assertExpectedInline(report.rewritten, """\
+%0 = input('arg0_1')  : f32[8, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = input('arg3_1')  : f32[8, 8]
+%4 = input('arg4_1')  : f32[8]
+%5 = aten.mm.default(%1, %0)  : f32[4, 8]
+%6 = _c10d_functional.reduce_scatter_tensor.default(%5, 'sum', 2, G0)  : f32[2, 8]
+%7 = _c10d_functional.wait_tensor.default(%6)  : f32[2, 8]
+%8 = fxsp.rms_norm.default(%7, %2, 1e-06)  : f32[2, 8]
+%9 = attr('_tensor_constant0')  : f32[]
+%10 = aten.lift_fresh_copy.default(%9)  : f32[]
+%11 = fxsp.static_fp8_quant.default(%8, %10, torch.float8_e4m3fn)  : f8e4m3fn[2, 8]
+%12 = aten.view.dtype(%11, torch.uint8)  : u8[2, 8]
+%13 = _c10d_functional.all_gather_into_tensor.default(%12, 2, G0)  : u8[4, 8]
+%14 = _c10d_functional.wait_tensor.default(%13)  : u8[4, 8]
+%15 = aten.view.dtype(%14, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+%16 = prims.convert_element_type.default(%15, torch.float32)  : f32[4, 8]
+%17 = aten.mul.Tensor(%16, %10)  : f32[4, 8]
+%18 = aten.mm.default(%17, %3)  : f32[4, 8]
+%19 = _c10d_functional.reduce_scatter_tensor.default(%18, 'sum', 2, G0)  : f32[2, 8]
+%20 = _c10d_functional.wait_tensor.default(%19)  : f32[2, 8]
+%21 = fxsp.fused_add_rms_norm.default(%20, %7, %4, 1e-06)  : (f32[2, 8], f32[2, 8])
+%22 = operator.getitem(%21, 0)  : f32[2, 8]
+%23 = _c10d_functional.all_gather_into_tensor.default(%22, 2, G0)  : f32[4, 8]
+%24 = _c10d_functional.wait_tensor.default(%23)  : f32[4, 8]
+return (%24,)""")
+
+    def test_dynamic_rows(self):
+        (report,) = rewrite(Block(layers=1), torch.randn(6, 8), dynamic=True)
+        self.assertExpectedInline(report.rewritten, """\
+%0 = input('arg0_1')  : f32[8, 8]
+%1 = input('arg1_1')  : SymInt
+%2 = input('arg2_1')  : f32[s77, 8]
+%3 = input('arg3_1')  : f32[8]
+%4 = input('arg4_1')  : f32[8, 8]
+%5 = input('arg5_1')  : f32[8]
+%6 = aten.mm.default(%2, %0)  : f32[s77, 8]
+%7 = aten.sym_size.int(%6, 0)  : SymInt
+%8 = operator.add(%7, 1)  : SymInt
+%9 = operator.floordiv(%8, 2)  : SymInt
+%10 = operator.mul(%9, 2)  : SymInt
+%11 = operator.sub(%10, %7)  : SymInt
+%12 = aten.constant_pad_nd.default(%6, [0, 0, 0, %11], 0.0)  : f32[2*(((s77 + 1)//2)), 8]
+%13 = _c10d_functional.reduce_scatter_tensor.default(%12, 'sum', 2, G0)  : f32[((s77 + 1)//2), 8]
+%14 = _c10d_functional.wait_tensor.default(%13)  : f32[((s77 + 1)//2), 8]
+%15 = fxsp.rms_norm.default(%14, %3, 1e-06)  : f32[((s77 + 1)//2), 8]
+%16 = _c10d_functional.all_gather_into_tensor.default(%15, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
+%17 = _c10d_functional.wait_tensor.default(%16)  : f32[2*(((s77 + 1)//2)), 8]
+%18 = aten.slice.Tensor(%17, 0, 0, %7)  : f32[s77, 8]
+%19 = aten.mm.default(%18, %4)  : f32[s77, 8]
+%20 = aten.sym_size.int(%19, 0)  : SymInt
+%21 = operator.add(%20, 1)  : SymInt
+%22 = operator.floordiv(%21, 2)  : SymInt
+%23 = operator.mul(%22, 2)  : SymInt
+%24 = operator.sub(%23, %20)  : SymInt
+%25 = aten.constant_pad_nd.default(%19, [0, 0, 0, %24], 0.0)  : f32[2*(((s77 + 1)//2)), 8]
+%26 = _c10d_functional.reduce_scatter_tensor.default(%25, 'sum', 2, G0)  : f32[((s77 + 1)//2), 8]
+%27 = _c10d_functional.wait_tensor.default(%26)  : f32[((s77 + 1)//2), 8]
+%28 = fxsp.fused_add_rms_norm.default(%27, %14, %5, 1e-06)  : (f32[((s77 + 1)//2), 8], f32[((s77 + 1)//2), 8])
+%29 = operator.getitem(%28, 0)  : f32[((s77 + 1)//2), 8]
+%30 = _c10d_functional.all_gather_into_tensor.default(%29, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
+%31 = _c10d_functional.wait_tensor.default(%30)  : f32[2*(((s77 + 1)//2)), 8]
+%32 = aten.slice.Tensor(%31, 0, 0, %20)  : f32[s77, 8]
+return (%32,)""")
+
+    def test_graph_break_keeps_outputs_full_size(self):
+        first, second = rewrite(Block(layers=2, graph_break=True), torch.randn(4, 8))
+        self.assertExpectedInline(first.rewritten, """\
+%0 = input('arg0_1')  : f32[8, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = input('arg3_1')  : f32[8, 8]
+%4 = input('arg4_1')  : f32[8]
+%5 = aten.mm.default(%1, %0)  : f32[4, 8]
+%6 = _c10d_functional.reduce_scatter_tensor.default(%5, 'sum', 2, G0)  : f32[2, 8]
+%7 = _c10d_functional.wait_tensor.default(%6)  : f32[2, 8]
+%8 = fxsp.rms_norm.default(%7, %2, 1e-06)  : f32[2, 8]
+%9 = _c10d_functional.all_gather_into_tensor.default(%8, 2, G0)  : f32[4, 8]
+%10 = _c10d_functional.wait_tensor.default(%9)  : f32[4, 8]
+%11 = aten.mm.default(%10, %3)  : f32[4, 8]
+%12 = _c10d_functional.reduce_scatter_tensor.default(%11, 'sum', 2, G0)  : f32[2, 8]
+%13 = _c10d_functional.wait_tensor.default(%12)  : f32[2, 8]
+%14 = fxsp.fused_add_rms_norm.default(%13, %7, %4, 1e-06)  : (f32[2, 8], f32[2, 8])
+%15 = operator.getitem(%14, 0)  : f32[2, 8]
+%16 = operator.getitem(%14, 1)  : f32[2, 8]
+%17 = _c10d_functional.all_gather_into_tensor.default(%15, 2, G0)  : f32[4, 8]
+%18 = _c10d_functional.wait_tensor.default(%17)  : f32[4, 8]
+%19 = _c10d_functional.all_gather_into_tensor.default(%16, 2, G0)  : f32[4, 8]
+%20 = _c10d_functional.wait_tensor.default(%19)  : f32[4, 8]
+return (%18, %20)""")
+        self.assertExpectedInline(second.rewritten, """\
+%0 = input('arg0_1')  : f32[8, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[4, 8]
+%3 = input('arg3_1')  : f32[8]
+%4 = aten.slice.Tensor(%2, 0, 0, 2)  : f32[2, 8]
+%5 = aten.mm.default(%1, %0)  : f32[4, 8]
+%6 = _c10d_functional.reduce_scatter_tensor.default(%5, 'sum', 2, G0)  : f32[2, 8]
+%7 = _c10d_functional.wait_tensor.default(%6)  : f32[2, 8]
+%8 = fxsp.fused_add_rms_norm.default(%7, %4, %3, 1e-06)  : (f32[2, 8], f32[2, 8])
+%9 = operator.getitem(%8, 0)  : f32[2, 8]
+%10 = _c10d_functional.all_gather_into_tensor.default(%9, 2, G0)  : f32[4, 8]
+%11 = _c10d_functional.wait_tensor.default(%10)  : f32[4, 8]
+return (%11,)""")
+
+    def test_min_tokens_keeps_small_batches(self):
+        (report,) = rewrite(Block(layers=1), torch.randn(4, 8), min_tokens=8)
+        self.assertEqual(sum(report.counts[k] for k in report.counts if k.startswith("sp.")), 0)
+        self.assertIn("4 rows < min_tokens 8", str(report.misses["sp.first"]))
+
+
+@pytest.mark.parametrize("fake_pg", [4], indirect=True)
+def test_world_of_four(fake_pg):
+    (report,) = rewrite(Block(layers=1), torch.randn(6, 8))
+    text = report.rewritten
+    assert "reduce_scatter_tensor.default(%" in text and "'sum', 4, G0)" in text
+    assert "constant_pad_nd.default(%" in text and "[0, 0, 0, 2]" in text  # 6 rows → 8
+    assert report.counts["sp.first"] == 1 and report.counts["sp.last"] == 1

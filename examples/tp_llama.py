@@ -48,12 +48,13 @@ def main() -> None:
         report = backend.reports[-1]
         print(f"fxsp demo: {world} ranks, {args.layers} layers, {args.rows} rows, hidden {spec.hidden}, {device.type}")
         print("rules applied:", ", ".join(f"{k}={v}" for k, v in report.counts.items() if v) or "none")
-        print("best near-misses:")
+        print("best near-misses (rules with candidates that did not match):")
         for near in report.misses.values():
-            print("  ", near)
+            if near.anchor != "-":
+                print("  ", near)
         print("per all-reduce site, per rank:")
-        print(f"  without SP: {report.traffic_before.per_layer()}")
-        print(f"  with SP:    {report.traffic_after.per_layer()}")
+        print(f"  without SP: {report.traffic_before.per_layer(world)}")
+        print(f"  with SP:    {report.traffic_after.per_layer(world)}")
         print(f"max |fxsp - eager| over all ranks: {error.item():.3g}")
     dist.destroy_process_group()
 

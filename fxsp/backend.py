@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import sympy
 import torch
 import torch.distributed as dist
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -137,7 +138,8 @@ class RowDispatch:
                     self.sources.setdefault(size.node.expr, (i, dim))
 
     def use_sp(self, args: tuple) -> bool:
-        values = {sym: args[i] if dim is None else args[i].shape[dim] for sym, (i, dim) in self.sources.items()}
+        values = {sym: sympy.Integer(args[i] if dim is None else args[i].shape[dim])
+                  for sym, (i, dim) in self.sources.items()}
         for rows, need in self.thresholds:
             value = rows.xreplace(values)
             if not value.is_number or int(value) < need:  # unknown: the safe, non-SP variant

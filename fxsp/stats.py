@@ -27,12 +27,18 @@ class Traffic:
     norm_rows: list = field(default_factory=list)
     residual_rows: list = field(default_factory=list)
 
-    def per_layer(self) -> str:
+    def sent_per_rank(self, tp: int) -> float:
+        """Bytes each rank sends, ring algorithms: an all-reduce sends 2(tp-1)/tp of its
+        payload, a reduce-scatter or an all-gather (tp-1)/tp."""
+        share = (tp - 1) / tp
+        return sum(v * share * (2 if k == "all_reduce" else 1) for k, v in self.bytes.items())
+
+    def per_layer(self, tp: int) -> str:
         """Averages per all-reduce site and per norm: what one such block costs each rank."""
         sites = max(self.sites, 1)
-        moved = ", ".join(f"{k} {v / sites / 1024:.2f} KiB" for k, v in sorted(self.bytes.items()))
-        return (f"{moved or 'no collectives'}; norm rows {_mean(self.norm_rows)}, "
-                f"residual rows {_mean(self.residual_rows)}")
+        moved = " + ".join(f"{k} {v / sites / 1024:.2f} KiB" for k, v in sorted(self.bytes.items()))
+        return (f"payload {moved or 'none'} (sent {self.sent_per_rank(tp) / sites / 1024:.2f} KiB); "
+                f"norm rows {_mean(self.norm_rows)}, residual rows {_mean(self.residual_rows)}")
 
 
 def traffic(graph: Graph) -> Traffic:

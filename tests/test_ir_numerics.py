@@ -19,8 +19,19 @@ from fxsp.ir import lower_ir, raise_ir
 from fxsp.ir.ops import FUSED_ADD_RMS_NORM, IR_OPS, RMS_NORM
 from fxsp.ir.providers import Provider, register_provider, unregister_provider
 from tests.test_ir_raising import (
-    BF16, COLLECTIVES, E4M3, E4M3_FNUZ, F16, F32, NORMS, QUANTS, capture, counts, fused_rms_norm_graph,
-    make_inputs, world_of_one,  # noqa: F401 (fixture)
+    BF16,
+    COLLECTIVES,
+    E4M3,
+    E4M3_FNUZ,
+    F16,
+    F32,
+    NORMS,
+    QUANTS,
+    capture,
+    counts,
+    fused_rms_norm_graph,
+    make_inputs,
+    world_of_one,  # noqa: F401 (a fixture)
 )
 
 DTYPES = [F32, BF16, F16]
@@ -127,7 +138,8 @@ def test_fp8_spelling_keeps_its_values(name, dtype, fp8):
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("name", sorted(COLLECTIVES))
-def test_collective_spelling_keeps_its_values(name, dtype, world_of_one):
+@pytest.mark.usefixtures("world_of_one")
+def test_collective_spelling_keeps_its_values(name, dtype):
     spelling = COLLECTIVES[name]
     args = make_inputs(spelling.inputs, dtype)
     original = capture(spelling.build(dist.group.WORLD), *args)

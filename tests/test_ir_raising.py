@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import expecttest
 import pytest
@@ -249,12 +249,9 @@ def capture(fn: Callable, *args: torch.Tensor) -> GraphModule:
 
     spy = _Capture()
     torch._dynamo.reset()
-    with inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False), torch.no_grad():
-        try:
-            torch.compile(in_order, backend="inductor", fullgraph=True)(*args)
-        except Exception:
-            if spy.gm is None:
-                raise
+    with (inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False), torch.no_grad(),
+          pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured")):
+        torch.compile(in_order, backend="inductor", fullgraph=True)(*args)
     assert spy.gm is not None
     return spy.gm
 
@@ -517,6 +514,31 @@ return (%11,)
 %4 = fxsp.rms_norm.default(%0, %3, 1e-06)  : f32[4, 8]
 %5 = prims.convert_element_type.default(%4, torch.bfloat16)  : bf16[4, 8]
 return (%5,)""")
+
+    def test_torch_rms_norm_bf16_non_contiguous_input(self):
+        # torch's decomposition clones the fp32 result to make it contiguous
+        gm = capture(lambda x, w: F.rms_norm(x.t(), (H,), w, 1e-6), make_inputs("x", BF16, rows=H, hidden=4)[0],
+                     torch.ones(H, dtype=BF16))
+        self.assertExpectedInline(raised(gm), """\
+%0 = input('arg0_1')  : bf16[8, 4]
+%1 = input('arg1_1')  : bf16[8]
+%2 = aten.permute.default(%0, [1, 0])  : bf16[4, 8]
+%3 = prims.convert_element_type.default(%2, torch.float32)  : f32[4, 8]
+%4 = aten.pow.Tensor_Scalar(%3, 2)  : f32[4, 8]
+%5 = aten.mean.dim(%4, [1], True)  : f32[4, 1]
+%6 = aten.add.Scalar(%5, 9.999999974752427e-07)  : f32[4, 1]
+%7 = aten.rsqrt.default(%6)  : f32[4, 1]
+%8 = aten.mul.Tensor(%3, %7)  : f32[4, 8]
+%9 = aten.mul.Tensor(%8, %1)  : f32[4, 8]
+%10 = aten.clone.default(%9, memory_format=torch.contiguous_format)  : f32[4, 8]
+%11 = prims.convert_element_type.default(%10, torch.bfloat16)  : bf16[4, 8]
+return (%11,)
+--- raise.rms_norm=1
+%0 = input('arg0_1')  : bf16[8, 4]
+%1 = input('arg1_1')  : bf16[8]
+%2 = aten.permute.default(%0, [1, 0])  : bf16[4, 8]
+%3 = fxsp.rms_norm.default(%2, %1, 9.999999974752427e-07)  : bf16[4, 8]
+return (%3,)""")
 
     def test_undecomposed_fused_rms_norm(self):
         # torch's fused op, kept whole (export; torch versions or backends without its
@@ -981,11 +1003,9 @@ def test_training_graph_keeps_the_saved_rsqrt():
     module = nn.RMSNorm(H, eps=1e-6)
     spy = _Capture()
     torch._dynamo.reset()
-    with inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False):
-        try:
-            torch.compile(module, backend="inductor")(make_inputs("x")[0].requires_grad_())
-        except Exception:
-            assert spy.gm is not None
+    with (inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False),
+          pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured")):
+        torch.compile(module, backend="inductor")(make_inputs("x")[0].requires_grad_())
     reports = raise_ir(spy.gm)
     assert counts(reports) == {}
     assert "also used by output" in explain(reports)

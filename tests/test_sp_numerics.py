@@ -29,12 +29,13 @@ def expected_counts(spec: Spec) -> dict:
 
 
 def compile_and_compare(rank: int, world: int, cases: list) -> list:
-    """For each (spec, rows list, inner, dynamic): max |compiled - eager| and the rule counts."""
+    """For each (spec, rows list, inner, dynamic[, backend options]): max |compiled - eager| and
+    the rule counts."""
     out = []
-    for spec, rows_list, inner, dynamic in cases:
+    for spec, rows_list, inner, dynamic, *options in cases:
         torch._dynamo.reset()
         model = TPLlama(spec)
-        backend = fxsp.backend(None, inner=inner)
+        backend = fxsp.backend(None, inner=inner, **(options[0] if options else {}))
         compiled = torch.compile(model, backend=backend)
         for rows in rows_list:
             inputs = model.example_input(rows)
@@ -91,6 +92,8 @@ def test_graph_break_and_dynamic_shapes_equal_eager():
         (BASE.with_(graph_break=True), [5, 64], "eager", False),
         (BASE, [5, 7, 64], "eager", True),
         (BASE.with_(batched=True), [6, 10], "inductor", True),
+        # symbolic rows and a threshold: one SP and one plain variant, picked per call
+        (BASE.with_(layers=1), [5, 9, 64], "inductor", True, {"min_tokens": 8}),
     ]
     check(run_world(2, compile_and_compare, cases))
 

@@ -36,7 +36,8 @@ REFERENCES = {
 }
 
 
-def lower_ir(target: Graph | GraphModule, providers: tuple[str, ...] | None = None) -> dict[str, int]:
+def lower_ir(target: Graph | GraphModule,
+             providers: tuple[str, ...] | None = None) -> dict[str, int]:
     """Replace every fxsp IR node in `target`. `providers` limits the kernel providers that may
     be chosen (None: any registered one; (): reference decompositions only).
 
@@ -78,9 +79,10 @@ def _inline_reference(graph: Graph, node: Node) -> None:
     from torch._inductor.decomposition import select_decomp_table  # heavy import, only here
 
     traced = make_fx(call, decomposition_table=select_decomp_table())(*_fake_inputs(tensors))
-    env = dict(zip(traced.graph.find_nodes(op="placeholder"), tensors))
+    env = dict(zip(traced.graph.find_nodes(op="placeholder"), tensors, strict=True))
     with graph.inserting_before(node):
         for inner in traced.graph.nodes:
+            assert inner.op in ("placeholder", "call_function", "output"), inner.format_node()
             if inner.op == "call_function":
                 # The copy keeps the traced meta: "val", and the rounding barriers Inductor's
                 # emulate_precision_casts relies on.
@@ -99,7 +101,8 @@ def _fake_inputs(nodes: list[Node]) -> list[torch.Tensor]:
         return vals
     except AssertionError:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in vals]
+            return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                    for v in vals]
 
 
 def _replace(node: Node, result: Any) -> None:
@@ -118,5 +121,5 @@ def _replace(node: Node, result: Any) -> None:
 def _val(node: Any) -> torch.Tensor:
     val = node.meta.get("val") if isinstance(node, Node) else None
     if not isinstance(val, torch.Tensor):
-        raise ValueError(f"lowering {node} needs its meta['val'] (a fake tensor)")
+        raise TypeError(f"lowering {node} needs its meta['val'] (a fake tensor)")
     return val

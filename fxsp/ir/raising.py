@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -42,7 +42,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
 from ..fake import same_shape
-from ..pattern import ADD, CAST, alt, anything, dims, dtype, getitem, op, scalar, string, tensor
+from ..pattern import (
+    ADD, CAST, CLONE, alt, anything, dims, dtype, getitem, op, scalar, string, tensor, through,
+)
 from ..rules import Match, Report, Rule, RuleSet
 from .collectives import C10D_ALL_REDUCE, WAIT, vllm_op
 from .ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, fp8_max
@@ -87,6 +89,20 @@ def fp32_of(x_name: str = "x") -> Any:
     return alt(tensor(x_name, [F32]), cast(tensor(x_name, LOW), F32), name="xf")
 
 
+def _rule(name: str, pattern: Any, rewrite: Any, outputs: tuple = (), where: Any = None) -> Rule:
+    """A raising rule. Its checks read shapes and dtypes from `meta["val"]`: a graph without
+    them (not traced with fake tensors) is left alone, with the reason in the report."""
+
+    def checked(m: Match) -> bool | str:
+        for name_, value in m.bindings.items():
+            for node in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(node, Node) and node.meta.get("val") is None:
+                    return f"{name_} ({node.name}) has no meta['val']"
+        return True if where is None else where(m)
+
+    return Rule(name, pattern, rewrite, outputs, where=checked)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Collectives
 # ---------------------------------------------------------------------------------------------
@@ -113,18 +129,21 @@ normed = op(aten.mul.Tensor, xf, op(aten.rsqrt.default, op(ADD, mean_square, eps
 
 weight = tensor("weight")
 down = dtype("down", FLOATS)
+# torch's decomposition makes its fp32 result contiguous before the down-cast: a clone when x
+# is not contiguous.
 rms_norm_weighted = alt(
     op(aten.mul.Tensor, weight, maybe_cast(normed, down)),  # HF/Llama: w * normed.to(dtype)
-    cast(op(aten.mul.Tensor, normed, weight), down),         # F.rms_norm, Gemma: (normed * w).to(dtype)
+    cast(through(op(aten.mul.Tensor, normed, weight), CLONE), down),  # F.rms_norm, Gemma
 )
-rms_norm_unweighted = maybe_cast(normed, down)
+rms_norm_unweighted = maybe_cast(through(normed, CLONE), down)
 
 # Undecomposed torch ops (export graphs, versions or backends that keep the fused op).
 # Their numerics: (normed * w).type_as(x), the default eps is fp32's machine epsilon.
 aten_rms_norm = alt(
     getitem(op(aten._fused_rms_norm.default, tensor("x", FLOATS), anything("shape"),
                anything("weight"), anything("eps")), 0),
-    op(aten.rms_norm.default, tensor("x", FLOATS), anything("shape"), anything("weight"), anything("eps")),
+    op(aten.rms_norm.default, tensor("x", FLOATS), anything("shape"), anything("weight"),
+       anything("eps")),
 )
 
 
@@ -133,7 +152,8 @@ def _exact_norm(m: Match) -> bool | str:
     docstring allows."""
     x, down_to = _val(m["x"]), m.get("down")
     if x.dtype in LOW and down_to is None:
-        return f"the fp32 result of a {_short(x.dtype)} norm is never cast back to {_short(x.dtype)}"
+        dt = _short(x.dtype)
+        return f"the fp32 result of a {dt} norm is never cast back to {dt}"
     if down_to is not None and down_to != x.dtype:
         return f"the result is cast to {_short(down_to)}, not to the input's {_short(x.dtype)}"
     if _is_upcast(m["x"]):
@@ -156,7 +176,8 @@ def _per_feature_weight(x: Node, w: Any) -> bool | str:
 
 def _aten_norm_ok(m: Match) -> bool | str:
     x, shape = _val(m["x"]), m["shape"]
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 1 and _same_size(shape[0], x.shape[-1])):
+    last_dim = isinstance(shape, (list, tuple)) and len(shape) == 1
+    if not (last_dim and _same_size(shape[0], x.shape[-1])):
         return f"normalized_shape {list(shape)} is not the last dim"
     if m["eps"] is not None and not (isinstance(m["eps"], (int, float)) and m["eps"] > 0):
         return f"eps {m['eps']!r} is not a positive number"
@@ -171,55 +192,58 @@ def _rms_norm(b: Builder, m: Match) -> Node:
     return _as_dtype_of(b, out, m.root)
 
 
-# vLLM spellings. `_C` ops write into their mutable arguments, so post-grad graphs carry them
-# inside `auto_functionalized` (v1: one kwarg per argument) or `auto_functionalized_v2` (mutated
-# arguments listed in `_all_bases`, named by index). Outputs: getitem 1, 2, ... are the new
-# values of the mutated arguments, in order.
+# vLLM spellings. `_C` ops write into their arguments, so post-grad graphs carry them under
+# `auto_functionalized` or `auto_functionalized_v2`, whose getitem 1, 2, ... are the new values
+# of the written arguments, in order.
 
 
-def _vllm_rules(ops: dict) -> list[Rule]:
-    rules = []
-    c_rms, c_fused, c_quant = ops.get("_C.rms_norm"), ops.get("_C.fused_add_rms_norm"), ops.get(
-        "_C.static_scaled_fp8_quant")
-    ir_rms, ir_fused = ops.get("vllm_ir.rms_norm"), ops.get("vllm_ir.fused_add_rms_norm")
-    w, e = tensor("weight"), scalar("eps")
-    if c_rms is not None:
-        rules.append(Rule("raise.vllm_c_rms_norm", alt(
-            op(hop.auto_functionalized, c_rms, result=tensor("out"), input=tensor("x"), weight=w, epsilon=e),
-            op(hop.auto_functionalized_v2, c_rms, _all_bases=anything("bases"), _result_base_index=0,
-               input=tensor("x"), weight=w, epsilon=e),
-        ), _c_rms_norm, where=_c_rms_norm_ok))
-    if c_fused is not None:
-        rules.append(Rule("raise.vllm_c_fused_add_rms_norm", alt(
-            op(hop.auto_functionalized, c_fused, input=tensor("x"), residual=tensor("residual"),
-               weight=w, epsilon=e),
-            op(hop.auto_functionalized_v2, c_fused, _all_bases=anything("bases"), _input_base_index=0,
-               _residual_base_index=1, weight=w, epsilon=e),
-        ), _c_fused_add_rms_norm, where=_c_fused_ok))
-    if ir_rms is not None:
-        rules.append(Rule("raise.vllm_ir_rms_norm", op(ir_rms, tensor("x", FLOATS), anything("weight"), e),
-                          _rms_norm, where=_vllm_ir_ok))
-    if ir_fused is not None:
-        rules.append(Rule("raise.vllm_ir_fused_add_rms_norm",
-                          op(ir_fused, tensor("x", FLOATS), tensor("residual"), anything("weight"), e),
-                          _vllm_ir_fused, where=_vllm_ir_ok))
-    if c_quant is not None:
-        rules.append(Rule("raise.vllm_c_static_fp8_quant", alt(
-            op(hop.auto_functionalized, c_quant, result=tensor("out"), input=tensor("x"), scale=tensor("scale")),
-            op(hop.auto_functionalized_v2, c_quant, _all_bases=anything("bases"), _result_base_index=0,
-               input=tensor("x"), scale=tensor("scale")),
-        ), _c_quant, where=_c_quant_ok))
-    return rules
+def functionalized(target: Any, written: dict[str, str], **args: Any) -> Any:
+    """A call of `target` that writes the arguments `written` (argument name -> binding name):
+    v1 passes every argument by name; v2 lists the written ones in `_all_bases`, by index (and
+    adds `_<name>_size`-style kwargs for views, which this pattern refuses)."""
+    by_name = {arg: tensor(binding) for arg, binding in written.items()}
+    by_index = {f"_{arg}_base_index": i for i, arg in enumerate(written)}
+    v2_bases = anything("bases")
+    return alt(op(hop.auto_functionalized, target, **by_name, **args),
+               op(hop.auto_functionalized_v2, target, _all_bases=v2_bases, **by_index, **args))
 
 
 def _mutated(m: Match, *names: str) -> list | None:
-    """The tensors a `_C` op mutates, by argument name: kwargs under `auto_functionalized`,
-    `_all_bases` in order under `auto_functionalized_v2` (whose patterns fix the base indices
-    and refuse the extra kwargs that views would add). None unless they are distinct."""
+    """The written tensors, by binding name (under v2: `_all_bases`, in order), when they are
+    distinct tensors."""
     bases = m.get("bases")
-    found = [m.get(n) for n in names] if bases is None else list(bases) if isinstance(bases, (list, tuple)) else []
-    ok = len(found) == len(names) and len(set(found)) == len(names) and all(isinstance(n, Node) for n in found)
-    return found if ok else None
+    found = [m.get(n) for n in names] if bases is None else list(bases)
+    distinct = len(set(found)) == len(names) == len(found)
+    return found if distinct and all(isinstance(n, Node) for n in found) else None
+
+
+def _vllm_rules(ops: dict) -> list[Rule]:
+    """Rules for the vLLM ops that are loaded (a rule can only name an op that exists)."""
+    x, w, residual, scale = tensor("x"), tensor("weight"), tensor("residual"), tensor("scale")
+    rules = []
+    if (target := ops.get("_C.rms_norm")) is not None:
+        written = {"result": "out"}
+        rules.append(_rule("raise.vllm_c_rms_norm",
+                           functionalized(target, written, input=x, weight=w, epsilon=eps),
+                           _c_rms_norm, where=_c_rms_norm_ok))
+    if (target := ops.get("_C.fused_add_rms_norm")) is not None:
+        written = {"input": "x", "residual": "residual"}
+        rules.append(_rule("raise.vllm_c_fused_add_rms_norm",
+                           functionalized(target, written, weight=w, epsilon=eps),
+                           _c_fused_add_rms_norm, where=_c_fused_ok))
+    if (target := ops.get("vllm_ir.rms_norm")) is not None:
+        rules.append(_rule("raise.vllm_ir_rms_norm",
+                           op(target, tensor("x", FLOATS), anything("weight"), eps),
+                           _rms_norm, where=_vllm_ir_ok))
+    if (target := ops.get("vllm_ir.fused_add_rms_norm")) is not None:
+        rules.append(_rule("raise.vllm_ir_fused_add_rms_norm",
+                           op(target, tensor("x", FLOATS), residual, anything("weight"), eps),
+                           _vllm_ir_fused, where=_vllm_ir_ok))
+    if (target := ops.get("_C.static_scaled_fp8_quant")) is not None:
+        rules.append(_rule("raise.vllm_c_static_fp8_quant",
+                           functionalized(target, {"result": "out"}, input=x, scale=scale),
+                           _c_quant, where=_c_quant_ok))
+    return rules
 
 
 def _outputs_only(m: Match, indices: set) -> bool | str:
@@ -244,7 +268,7 @@ def _c_rms_norm_ok(m: Match) -> bool | str:
     if out is None:
         return "not one whole result buffer"
     x, buf = _val(m["x"]), _val(out[0])
-    if tuple(buf.shape) != tuple(x.shape) or x.dtype not in FLOATS:
+    if not same_shape(buf, x) or x.dtype not in FLOATS:
         return "result buffer and input differ in shape, or the input is not fp32/bf16/fp16"
     return _all(lambda: _per_feature_weight(m["x"], m["weight"]), lambda: _outputs_only(m, {1}))
 
@@ -259,9 +283,10 @@ def _c_fused_ok(m: Match) -> bool | str:
     if operands is None:
         return "input and residual are not two distinct whole tensors"
     x, r = map(_val, operands)
-    if x.shape != r.shape or x.dtype != r.dtype or x.dtype not in FLOATS:
+    if not same_shape(x, r) or x.dtype != r.dtype or x.dtype not in FLOATS:
         return "input and residual differ in shape or dtype"
-    return _all(lambda: _per_feature_weight(operands[0], m["weight"]), lambda: _outputs_only(m, {1, 2}))
+    return _all(lambda: _per_feature_weight(operands[0], m["weight"]),
+                lambda: _outputs_only(m, {1, 2}))
 
 
 def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
@@ -274,10 +299,14 @@ def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
 def _vllm_ir_ok(m: Match) -> bool | str:
     if "residual" in m.bindings:
         x, r = _val(m["x"]), _val(m["residual"])
-        if x.shape != r.shape or x.dtype != r.dtype:
+        if not same_shape(x, r) or x.dtype != r.dtype:
             return "input and residual differ in shape or dtype"
     if m["weight"] is not None and not isinstance(m["weight"], Node):
         return "weight is not a tensor"
+    # vLLM versions round the normalised value to the weight's dtype or to x's: the same only
+    # when they are the same.
+    if m["weight"] is not None and _val(m["weight"]).dtype != _val(m["x"]).dtype:
+        return "weight and x differ in dtype"
     outputs = (lambda: _outputs_only(m, {0, 1})) if "residual" in m.bindings else (lambda: True)
     return _all(lambda: _per_feature_weight(m["x"], m["weight"]), outputs)
 
@@ -317,7 +346,7 @@ def _fuse_add(b: Builder, m: Match) -> Node:
 
 scale = tensor("scale")
 reciprocal = op(aten.reciprocal.default, scale, name="reciprocal")
-inverse_scale = alt(reciprocal, op(aten.mul.Tensor, reciprocal, 1.0), name="inverse_scale")  # 1 / scale
+inverse_scale = alt(reciprocal, op(aten.mul.Tensor, reciprocal, 1.0), name="inverse_scale")
 quotient = alt(op(aten.div.Tensor, fp32_of(), scale), op(aten.mul.Tensor, fp32_of(), inverse_scale),
                name="quotient")
 low, high = scalar("low"), scalar("high")
@@ -336,7 +365,7 @@ def _fp8_range(m: Match) -> bool | str:
     if _val(m["quotient"]).dtype != F32:
         return f"x / scale is computed in {_short(_val(m['quotient']).dtype)}, not fp32"
     s = _val(m["scale"])
-    if s.numel() != 1 or s.dim() > _val(m["x"]).dim():
+    if not _same_size(s.numel(), 1) or s.dim() > _val(m["x"]).dim():
         return f"scale of shape {list(s.shape)} is not one per-tensor value"
     return True
 
@@ -353,7 +382,7 @@ def _c_quant_ok(m: Match) -> bool | str:
     # vLLM's kernels clamp float8_e4m3fnuz at 224, not its max 240: only e4m3fn is equivalent.
     if _val(out).dtype != torch.float8_e4m3fn:
         return f"result buffer of dtype {_val(out).dtype}: vLLM's fnuz kernels clamp at 224"
-    if tuple(_val(out).shape) != tuple(_val(m["x"]).shape) or _val(m["scale"]).numel() != 1:
+    if not same_shape(_val(out), _val(m["x"])) or not _same_size(_val(m["scale"]).numel(), 1):
         return "result buffer and input differ in shape, or the scale is not per-tensor"
     return _outputs_only(m, {1})
 
@@ -368,31 +397,32 @@ def _c_quant(b: Builder, m: Match) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _passes(vllm_ops: tuple) -> list[RuleSet]:
     ops = dict(vllm_ops)
-    collectives = [Rule("raise.c10d_all_reduce", c10d_sum, _all_reduce("c10d"))]
-    if ops.get("vllm.all_reduce") is not None:
-        collectives.append(Rule("raise.vllm_all_reduce",
-                                op(ops["vllm.all_reduce"], tensor("x"), string("group")), _all_reduce("vllm")))
+    collectives = [_rule("raise.c10d_all_reduce", c10d_sum, _all_reduce("c10d"))]
+    if (target := ops.get("vllm.all_reduce")) is not None:
+        collectives.append(_rule("raise.vllm_all_reduce", op(target, tensor("x"), string("group")),
+                                 _all_reduce("vllm")))
     vllm = _vllm_rules(ops)
     return [
         RuleSet("raise.collectives", collectives),
         RuleSet("raise.norms", [
-            Rule("raise.rms_norm", rms_norm_weighted, _rms_norm, outputs=("xf",), where=_exact_norm),
-            Rule("raise.aten_rms_norm", aten_rms_norm, _rms_norm, where=_aten_norm_ok),
+            _rule("raise.rms_norm", rms_norm_weighted, _rms_norm, ("xf",), _exact_norm),
+            _rule("raise.aten_rms_norm", aten_rms_norm, _rms_norm, where=_aten_norm_ok),
             *[r for r in vllm if "norm" in r.name],
         ]),
         # Every weighted norm contains an unweighted one: a pass of its own, after them.
         RuleSet("raise.norms_unweighted", [
-            Rule("raise.rms_norm_unweighted", rms_norm_unweighted, _rms_norm, outputs=("xf",), where=_exact_norm),
+            _rule("raise.rms_norm_unweighted", rms_norm_unweighted, _rms_norm, ("xf",),
+                  _exact_norm),
         ]),
         RuleSet("raise.add_rms_norm", [
-            Rule("raise.add_rms_norm", add_then_norm, _fuse_add, outputs=("residual_out",), where=_plain_sum),
+            _rule("raise.add_rms_norm", add_then_norm, _fuse_add, ("residual_out",), _plain_sum),
         ]),
         RuleSet("raise.fp8", [
-            Rule("raise.static_fp8_quant", fp8_quant, _fp8_quant, outputs=("xf", "reciprocal", "inverse_scale"),
-                 where=_fp8_range),
+            _rule("raise.static_fp8_quant", fp8_quant, _fp8_quant,
+                  ("xf", "reciprocal", "inverse_scale"), _fp8_range),
             *[r for r in vllm if "quant" in r.name],
         ]),
     ]

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .pipeline import GraphReport, run_pipeline
+from .runtime.guard import RankGuard, fingerprint, graph_structure
 from .patterns.sp import SPConfig
 
 log = logging.getLogger("fxsp")
@@ -37,6 +38,8 @@ class Options:
     fp8: bool = True  # the FP8 SP rules (all-gather FP8 bytes)
     inner: str = "inductor"  # "inductor", or "eager": run the rewritten ATen graph without codegen
     explain: bool = False  # log every rule's best near-miss at INFO
+    check_ranks: bool = True  # compare rewrite fingerprints across ranks before a graph's first run
+    batch_invariant: bool = False  # results independent of batch size: no SP (see Backend)
 
 
 def backend(tp_group: Any = None, **options: Any) -> "Backend":
@@ -55,10 +58,21 @@ class Backend:
         self.tp_group = tp_group
         self.options = options
         self.reports: list[GraphReport] = []
-        self._said_tp1 = False
+        self._said_off = False
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         sp = self.sp_config()
+        seen = len(self.reports)
+        compiled = self._compile_variants(gm, example_inputs, sp)
+        if sp is None or not self.options.check_ranks:
+            return compiled
+        facts = fingerprint(_source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
+                            graph_structure(gm), [_input_type(a) for a in example_inputs])
+        new = self.reports[seen:]
+        decisions = fingerprint([(r.counts, r.collectives) for r in new]) if new else 0
+        return RankGuard(compiled, self._group, facts, decisions, what=f"graph {seen}")
+
+    def _compile_variants(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
         if sp is None or not self._may_dispatch(example_inputs):
             return self._compile(gm, example_inputs, sp)
         # Symbolic rows: the SP variant's graph cannot know whether a batch reaches min_tokens,
@@ -94,12 +108,14 @@ class Backend:
 
     def sp_config(self) -> SPConfig | None:
         """The SP settings for this process, or None when TP size is 1 (nothing to rewrite)."""
-        group = _process_group(self.tp_group)
+        group = self._group = _process_group(self.tp_group)
         world = dist.get_world_size(group)
-        if world == 1:
-            if not self._said_tp1:
-                log.info("fxsp: TP size 1, sequence parallelism has nothing to do")
-                self._said_tp1 = True
+        if world == 1 or self.options.batch_invariant:
+            if not self._said_off:
+                log.info("fxsp: %s", "TP size 1, sequence parallelism has nothing to do" if world == 1 else
+                         "batch_invariant: sequence parallelism is off (a reduce-scatter sums in another "
+                         "order than an all-reduce, so results would depend on the batch)")
+                self._said_off = True
             return None
         return SPConfig(group=group.group_name, world=world, rank=dist.get_rank(group),
                         min_tokens=self.options.min_tokens, fp8=self.options.fp8)
@@ -148,6 +164,12 @@ class RowDispatch:
 
     def __call__(self, *args: Any) -> Any:
         return (self.with_sp if self.use_sp(args) else self.without_sp)(*args)
+
+
+def _input_type(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (str(a.dtype), tuple(str(d) for d in a.shape))
+    return str(a) if isinstance(a, torch.SymInt) else type(a).__name__
 
 
 def _has_symbolic_size(t: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ from .ir.lowering import lower_ir
 from .ir.raising import raise_ir
 from .patterns.sp import SPConfig, sp_rules
 from .rules import Report
-from .stats import Traffic, traffic
+from .stats import Traffic, collective_signature, traffic
 
 log = logging.getLogger("fxsp")
 
@@ -31,6 +31,7 @@ class GraphReport:
     traffic_before: Traffic | None = None  # collective bytes and norm rows, raised graph
     traffic_after: Traffic | None = None  # ... after the rewrite
     row_thresholds: list = field(default_factory=list)  # (symbolic rows, min rows) of SP sites
+    collectives: list = field(default_factory=list)  # (op, value type, group index) in order
 
     def explain(self) -> str:
         return "\n".join(p.explain() for p in self.passes)
@@ -56,6 +57,7 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False) -> Gr
     remove_dead_code(graph)
     graph.lint()
     report.after = golden(graph)
+    report.collectives = collective_signature(graph)
     if explain:
         for near in report.misses.values():
             log.info("near-miss %s", near)

@@ -60,6 +60,21 @@ def traffic(graph: Graph) -> Traffic:
     return out
 
 
+def collective_signature(graph: Graph) -> list:
+    """The collectives a graph runs, in order: what every rank of the group must run alike."""
+    from .golden import _value_type
+    from .pattern import target_name
+
+    groups: dict = {}
+    out = []
+    for node in graph.nodes:
+        name = target_name(node.target) if node.op == "call_function" else ""
+        if name.startswith(("_c10d_functional.", "vllm.")) and "wait" not in name:
+            group = next((a for a in node.args if isinstance(a, str) and a not in ("sum", "avg")), "")
+            out.append((name, _value_type(node.meta.get("val")), groups.setdefault(group, len(groups))))
+    return out
+
+
 def _mean(values: list) -> str:
     return f"{sum(values) / len(values):.1f}" if values else "-"
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import fxsp
 from fxsp.backend import FxspPass, RowDispatch
+from fxsp.runtime.guard import RankGuard
 from tests.test_sp_graphs import Block
 
 
@@ -90,7 +91,9 @@ def test_symbolic_rows_dispatch_by_threshold(fake_pg):
 
     with torch.no_grad():
         torch.compile(Block(layers=1), backend=spy)(x)
-    (dispatch,) = captured
+    (guarded,) = captured
+    assert isinstance(guarded, RankGuard)
+    dispatch = guarded.fn
     assert isinstance(dispatch, RowDispatch)
     with_sp, without_sp = backend.reports
     assert with_sp.counts["sp.first"] == 1 and without_sp.counts.get("sp.first", 0) == 0

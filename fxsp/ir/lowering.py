@@ -9,13 +9,14 @@ on CPU, the op's reference implementation from `ops.py` traced to ATen with the 
 inputs and inlined in its place. Traced with Inductor's decomposition table, the inlined nodes
 are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
 (and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of
-its flavor (`collectives.py`).
+its flavor (`collectives.py`). IR ops defined in other modules (`fused_ops.py`) join through
+`register_reference` and are lowered the same way.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch._guards import detect_fake_mode
@@ -36,6 +37,12 @@ REFERENCES = {
 }
 
 
+def register_reference(op: Any, reference: Callable) -> None:
+    """Make `lower_ir` lower `op`, an IR op defined outside `ops.py` (e.g. `fused_ops.py`), like
+    the core ones: a provider's kernel, or else `reference` traced to ATen and inlined."""
+    REFERENCES[op] = reference
+
+
 def lower_ir(target: Graph | GraphModule,
              providers: tuple[str, ...] | None = None) -> dict[str, int]:
     """Replace every fxsp IR node in `target`. `providers` limits the kernel providers that may
@@ -45,7 +52,8 @@ def lower_ir(target: Graph | GraphModule,
     """
     graph = target.graph if isinstance(target, GraphModule) else target
     counts: dict[str, int] = {}
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in ops.IR_OPS]:
+    lowered = {*ops.IR_OPS, *REFERENCES}
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in lowered]:
         how = _lower(graph, node, providers)
         counts[how] = counts.get(how, 0) + 1
     if isinstance(target, GraphModule):

@@ -1,0 +1,140 @@
+"""AllReduce + RMSNorm fusion for small batches: the all-reduce and the norm that reads it become
+one fused op (FlashInfer's one-kernel all-reduce + norm on CUDA, the unfused chain elsewhere).
+
+The rules, on fxsp's IR (see fxsp/ir/fused_ops.py for the fused ops):
+
+    rms_norm        rms_norm(all_reduce(x))                  ⇒ allreduce_rms_norm(x)[0]
+                    (the all-reduce's other readers take     ⇒ allreduce_rms_norm(x)[1])
+    fused_add       fused_add_rms_norm(all_reduce(x), r)     ⇒ allreduce_fused_add_rms_norm(x, r)
+                    (r + all_reduce(x) too: the sum commutes)
+    *_fp8           the same followed by static_fp8_quant    ⇒ the op's static-FP8 form
+
+Where it applies:
+- only to sum all-reduces over the TP group (`cfg.group`), never another group's;
+- only up to `cfg.max_tokens` rows (`"auto"`: `runtime.thresholds.allreduce_rms_max_tokens`,
+  which has no number off SM90 / SM100, so nothing is fused there unless a number is given).
+  Symbolic row counts are fused only when provably within the limit (e.g.
+  `torch._dynamo.mark_dynamic(x, 0, max=...)`).
+
+It runs after the SP rules: SP takes the batches above its threshold, and what is left, the
+small batches, is this rule set's. Whether it runs at all (TP > 1, one pipeline stage, CUDA
+SM90 / SM100 family, FlashInfer importable) is decided by `runtime.fusion`. Decisions depend
+only on shapes, dtypes, group names and options, so every rank fuses the same sites.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..builder import Builder
+from ..fake import same_shape
+from ..ir.fused_ops import (
+    ALLREDUCE_FUSED_ADD_RMS_NORM,
+    ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT,
+    ALLREDUCE_RMS_NORM,
+    ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT,
+)
+from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
+from ..rules import Match, Rule, RuleSet
+from ..runtime.thresholds import allreduce_rms_max_tokens
+from .rows import row_count, val
+
+
+@dataclass(frozen=True)
+class AllReduceNormConfig:
+    """What the fusion rules need to know; the same on every rank."""
+
+    group: str  # only all-reduces over this process group (the TP group) are fused
+    world: int  # TP size
+    max_tokens: int | str = "auto"  # fuse up to this many rows; "auto": runtime.thresholds
+    fp8: bool = True  # the static-FP8 forms
+
+
+# --- patterns ----------------------------------------------------------------------------------
+
+x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
+reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
+quant_args = (tensor("scale"), dtype("fp8_dtype", FP8_DTYPES))
+
+norm = op(RMS_NORM, reduced, weight, eps, name="norm")
+# residual_out = reduced + residual commutes: the all-reduce may be either operand.
+add_norm = alt(op(FUSED_ADD_RMS_NORM, reduced, residual, weight, eps),
+               op(FUSED_ADD_RMS_NORM, residual, reduced, weight, eps), name="norm")
+norm_fp8 = op(STATIC_FP8_QUANT, norm, *quant_args)
+add_norm_fp8 = op(STATIC_FP8_QUANT, getitem(add_norm, 0), *quant_args)
+
+
+# --- rewrites ----------------------------------------------------------------------------------
+
+
+def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
+    """The AllReduce+RMSNorm fusion rule set, to run after the SP rules."""
+
+    def applicable(m: Match) -> bool | str:
+        """Rank-independent facts only: every rank must fuse the same sites."""
+        if m["group"] != cfg.group:
+            return f"all-reduce over group {m['group']!r}, not the TP group"
+        t = val(m["x"])
+        if t.dim() < 1:
+            return "a 0-d all-reduce has no rows"
+        limit = _max_rows(cfg, t)
+        if isinstance(limit, str):
+            return limit
+        rows = row_count(t)
+        if isinstance(rows, int) and rows > limit:
+            return f"{rows} rows > fusion limit {limit}"
+        if not isinstance(rows, int) and not statically_known_true(rows <= limit):
+            return f"symbolic rows may exceed the fusion limit {limit}"
+        if "residual" in m.bindings and not same_shape(t, val(m["residual"])):
+            return "residual shape differs from the all-reduce's"
+        return True
+
+    def fuse_norm(b: Builder, m: Match) -> Node:
+        args = (m["x"], m["weight"], m["eps"], *_quant(m), m["group"], m["flavor"])
+        fused = b.call(ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT if _quant(m) else ALLREDUCE_RMS_NORM,
+                       *args)
+        # Every other reader of the all-reduce (the residual stream) reads the fused op's copy;
+        # the norm reads it too until the engine erases it with the match.
+        b.replace(m["reduced"], b.call(operator.getitem, fused, 1))
+        return b.call(operator.getitem, fused, 0)
+
+    def fuse_add_norm(b: Builder, m: Match) -> Node:
+        args = (m["x"], m["residual"], m["weight"], m["eps"], *_quant(m), m["group"], m["flavor"])
+        if not _quant(m):  # same outputs as the fused_add_rms_norm it replaces
+            return b.call(ALLREDUCE_FUSED_ADD_RMS_NORM, *args)
+        fused = b.call(ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT, *args)
+        residual_out = b.call(operator.getitem, fused, 1)
+        for user in list(m["norm"].users):  # the residual stream: readers of the norm's [1]
+            if user.target is operator.getitem and user.args[1] == 1:
+                b.replace(user, residual_out)
+                user.graph.erase_node(user)
+        return b.call(operator.getitem, fused, 0)
+
+    rules = [
+        Rule("allreduce_norm.rms_norm_fp8", norm_fp8, fuse_norm, outputs=("reduced",),
+             where=applicable),
+        Rule("allreduce_norm.fused_add_rms_norm_fp8", add_norm_fp8, fuse_add_norm,
+             outputs=("norm",), where=applicable),
+        Rule("allreduce_norm.rms_norm", norm, fuse_norm, outputs=("reduced",), where=applicable),
+        Rule("allreduce_norm.fused_add_rms_norm", add_norm, fuse_add_norm, where=applicable),
+    ]
+    return RuleSet("allreduce_norm", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
+
+
+def _max_rows(cfg: AllReduceNormConfig, t: torch.Tensor) -> int | str:
+    """The fusion's row limit for this activation, or why it is off for it."""
+    if cfg.max_tokens != "auto":
+        return int(cfg.max_tokens)
+    limit = allreduce_rms_max_tokens(t.shape[-1], cfg.world, t.dtype, t.device)
+    return limit.reason if limit.max_tokens is None else limit.max_tokens
+
+
+def _quant(m: Match) -> tuple:
+    """(scale, fp8_dtype) when the match ends in a static FP8 quant, else ()."""
+    return (m["scale"], m["fp8_dtype"]) if "fp8_dtype" in m.bindings else ()

@@ -40,6 +40,7 @@ class Options:
     explain: bool = False  # log every rule's best near-miss at INFO
     check_ranks: bool = True  # compare rewrite fingerprints across ranks before a graph's first run
     batch_invariant: bool = False  # results independent of batch size: no SP (see Backend)
+    shard_outputs: bool = False  # outputs fxsp gathered stay sharded: see runtime.gather_rows
 
 
 def backend(tp_group: Any = None, **options: Any) -> "Backend":
@@ -118,7 +119,8 @@ class Backend:
                 self._said_off = True
             return None
         return SPConfig(group=group.group_name, world=world, rank=dist.get_rank(group),
-                        min_tokens=self.options.min_tokens, fp8=self.options.fp8)
+                        min_tokens=self.options.min_tokens, fp8=self.options.fp8,
+                        shard_outputs=self.options.shard_outputs)
 
 
 class FxspPass(CustomGraphPass):

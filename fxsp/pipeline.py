@@ -11,7 +11,7 @@ from .cleanup import noop_rules, remove_dead_code
 from .golden import golden
 from .ir.lowering import lower_ir
 from .ir.raising import raise_ir
-from .patterns.sp import SPConfig, sp_rules
+from .patterns.sp import SPConfig, shard_graph_outputs, sp_rules
 from .rules import Report
 from .stats import Traffic, collective_signature, traffic
 
@@ -49,6 +49,8 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False) -> Gr
     report.traffic_before = traffic(graph)
     if sp is not None:
         report._add(sp_rules(sp, report.row_thresholds).apply(graph))
+        if sp.shard_outputs:
+            report.counts["sp.sharded_outputs"] = shard_graph_outputs(graph)
     remove_dead_code(graph)
     report._add(noop_rules().apply(graph))
     report.rewritten = golden(graph)

@@ -50,6 +50,9 @@ class SPConfig:
     # Accept symbolic row counts whatever the threshold, reporting each (rows, threshold) so
     # the backend can pick this variant or a non-SP one per call (see backend.RowDispatch).
     dispatch: bool = False
+    # Return values fxsp gathered from a shard stay sharded (pipeline stage boundaries: the next
+    # stage gathers them with runtime.gather_rows, or takes them as they are).
+    shard_outputs: bool = False
 
 
 # --- patterns ----------------------------------------------------------------------------------
@@ -147,6 +150,24 @@ def _min_rows(cfg: SPConfig, t: torch.Tensor) -> int | str:
         return int(cfg.min_tokens)
     threshold = sp_min_tokens(t.shape[-1], cfg.world, t.dtype, t.device)
     return threshold.reason if threshold.min_tokens is None else threshold.min_tokens
+
+
+def shard_graph_outputs(graph: torch.fx.Graph) -> int:
+    """Return the sharded twin of every output fxsp gathered: this rank's block of the padded
+    rows instead of the full value. Returns how many outputs changed."""
+    output = graph.output_node()
+    changed = 0
+
+    def sharded(value):
+        nonlocal changed
+        twin = value.meta.get(SHARD) if isinstance(value, Node) else None
+        if twin is None or twin[0]._erased:
+            return value
+        changed += 1
+        return twin[0]
+
+    output.args = (torch.fx.node.map_aggregate(output.args[0], sharded),)
+    return changed
 
 
 def _scatter(b: Builder, m: Match, cfg: SPConfig) -> tuple[RowBlocks, Node]:

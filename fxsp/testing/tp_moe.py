@@ -77,8 +77,9 @@ class TPMoE(nn.Module):
         self.layers = nn.ModuleList()
         for _ in range(spec.layers):
             layer = nn.Module()
-            layer.input_norm, layer.post_norm = RMSNorm(spec), RMSNorm(spec)
+            layer.post_norm = RMSNorm(spec)
             if spec.attention:
+                layer.input_norm = RMSNorm(spec)
                 layer.qkv = nn.ParameterList([shard(randn(h, h), 0) for _ in range(3)])
                 layer.o = shard(randn(h, h), 1)
             layer.router = nn.Parameter(randn(e, h))  # replicated

@@ -108,6 +108,14 @@ def _rule(name: str, pattern: Any, rewrite: Any, outputs: tuple = (), where: Any
 # ---------------------------------------------------------------------------------------------
 
 c10d_sum = op(WAIT, op(C10D_ALL_REDUCE, tensor("x"), "sum", string("group")))
+# Dynamo's functional form of an in-place `dist.all_reduce(x)`: x = copy(x, wait(all_reduce(x))).
+c10d_sum_in_place = op(aten.copy.default, tensor("x"), c10d_sum)
+
+
+def _copy_is_plain(m: Match) -> bool | str:
+    """copy(x, y) is y when it neither broadcasts nor casts."""
+    x, out = _val(m["x"]), _val(m.root)
+    return (same_shape(x, out) and x.dtype == out.dtype) or "the copy broadcasts or casts"
 
 
 def _all_reduce(flavor: str):
@@ -400,7 +408,10 @@ def _c_quant(b: Builder, m: Match) -> None:
 @cache
 def _passes(vllm_ops: tuple) -> list[RuleSet]:
     ops = dict(vllm_ops)
-    collectives = [_rule("raise.c10d_all_reduce", c10d_sum, _all_reduce("c10d"))]
+    collectives = [
+        _rule("raise.c10d_all_reduce_in_place", c10d_sum_in_place, _all_reduce("c10d"), where=_copy_is_plain),
+        _rule("raise.c10d_all_reduce", c10d_sum, _all_reduce("c10d")),
+    ]
     if (target := ops.get("vllm.all_reduce")) is not None:
         collectives.append(_rule("raise.vllm_all_reduce", op(target, tensor("x"), string("group")),
                                  _all_reduce("vllm")))

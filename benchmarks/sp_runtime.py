@@ -1,0 +1,228 @@
+"""Run time and memory of a TP Llama on CPU over gloo, TP 2: fxsp (SP) against plain Inductor.
+
+    .venv/bin/python benchmarks/sp_runtime.py [--rows 64 512 4096]
+
+A real 2-rank gloo world (tests/worlds.py spawns it; one thread per rank on this 2-core
+machine). Per row count, each rank compiles fxsp.testing.tp_llama.TPLlama (2 layers, hidden
+512, 8 heads, MLP 1024, fp32, one sequence of `rows` tokens) twice, with `fxsp.backend` and with
+plain Inductor, checks both against the eager model, then alternates their steps:
+
+- step time: median over the timed steps of the slowest rank, each step started by a barrier;
+- peak memory per rank: the most tensor memory allocated during one step over what was
+  allocated before it (weights, inputs), read from the profiler's allocation events;
+- norm rows and residual bytes per rank, and collective bytes per layer (two all-reduce sites),
+  from fxsp's report of the graph (`backend.reports[-1].traffic_before` / `traffic_after`);
+- gloo itself: one all-reduce against one reduce-scatter plus one all-gather of a [rows, hidden]
+  tensor, the collectives SP swaps, outside the model.
+
+SP halves each rank's norm work and residual stream, and sends as many bytes as the all-reduce
+(ring algorithms: RS + AG = AR). What it costs is more collective calls; where gloo's
+reduce-scatter + all-gather is slower than its all-reduce, the table shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*`, `tests.*` from a script
+
+import fxsp  # noqa: E402
+from benchmarks.plotting import save_plot  # noqa: E402
+from fxsp.testing.tp_llama import Spec, TPLlama  # noqa: E402
+from tests.worlds import run_world  # noqa: E402
+
+SPEC = Spec(layers=2, hidden=512, heads=8, inter=1024, vocab=512)
+TP = 2
+ROWS = (64, 512, 4096)
+COLLECTIVE_REPEATS = 20
+MiB = 1024 * 1024
+
+
+def steps_for(rows: int) -> int:
+    return 5 if rows >= 4096 else 10
+
+
+def peak_step_memory(fn, tokens: torch.Tensor) -> int:
+    """Bytes: the peak of tensor memory allocated during one call, over what existed before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.load(open(path))["traceEvents"]
+    # The profiler counts allocations from its start: "Total Allocated" is memory above then.
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
+
+
+def collective_ms(rows: int, hidden: int) -> dict:
+    """Median ms of gloo's all-reduce, and of reduce-scatter + all-gather, of [rows, hidden]."""
+    full = torch.randn(rows, hidden)
+    shard = torch.empty(rows // TP, hidden)
+
+    def all_reduce() -> None:
+        dist.all_reduce(full)
+
+    def scatter_gather() -> None:
+        dist.reduce_scatter_tensor(shard, full)
+        dist.all_gather_into_tensor(full, shard)
+
+    out = {}
+    for name, fn in (("all_reduce", all_reduce), ("rs_ag", scatter_gather)):
+        fn()
+        times = []
+        for _ in range(COLLECTIVE_REPEATS):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times) * 1e3
+    return out
+
+
+def measure(rank: int, world: int, rows_list: list) -> list:
+    """Per row count, this rank's figures (see the module docstring)."""
+    results = []
+    for rows in rows_list:
+        torch._dynamo.reset()
+        model = TPLlama(SPEC)
+        tokens = model.example_input(rows)
+        backend = fxsp.backend(None, min_tokens=0)
+        compiled = {"inductor": torch.compile(model, backend="inductor"),
+                    "fxsp": torch.compile(model, backend=backend)}
+        figures: dict = {"rows": rows, "step_ms": {}, "peak_bytes": {}, "compile_s": {}, "error": {}}
+        with torch.no_grad():
+            reference = model(tokens)
+            for name, fn in compiled.items():
+                start = time.perf_counter()
+                out = fn(tokens)
+                figures["compile_s"][name] = time.perf_counter() - start
+                figures["error"][name] = (out - reference).abs().max().item()
+                fn(tokens)  # one warm step
+            assert backend.reports, "the fxsp-compiled model did not go through fxsp"
+            times: dict = {name: [] for name in compiled}
+            for step in range(steps_for(rows)):
+                # Alternate which variant goes first, so neither always follows the other.
+                for name in (list(compiled) if step % 2 == 0 else list(reversed(compiled))):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    compiled[name](tokens)
+                    times[name].append(time.perf_counter() - start)
+            for name, fn in compiled.items():
+                figures["step_ms"][name] = statistics.median(times[name]) * 1e3
+                dist.barrier()
+                figures["peak_bytes"][name] = peak_step_memory(fn, tokens)
+        report = backend.reports[-1]
+        figures["counts"] = {k: v for k, v in report.counts.items() if k.startswith("sp.") and v}
+        for when, traffic in (("before", report.traffic_before), ("after", report.traffic_after)):
+            sites = max(traffic.sites, 1)
+            figures[when] = {
+                "norm_rows": max(traffic.norm_rows),
+                "residual_rows": max(traffic.residual_rows),
+                # two all-reduce sites per layer (attention out, MLP out)
+                "payload_per_layer": {k: 2 * v / sites for k, v in traffic.bytes.items()},
+                "sent_per_layer": 2 * traffic.sent_per_rank(TP) / sites,
+            }
+        figures["gloo_ms"] = collective_ms(rows, SPEC.hidden)
+        results.append(figures)
+    return results
+
+
+def combine(by_rank: list) -> list:
+    """Rank 0's figures, with step time the slowest rank's and memory the largest rank's."""
+    combined = []
+    for per_rank in zip(*by_rank):
+        figures = dict(per_rank[0])
+        for key in ("step_ms", "peak_bytes", "gloo_ms", "error"):
+            figures[key] = {name: max(r[key][name] for r in per_rank) for name in per_rank[0][key]}
+        combined.append(figures)
+    return combined
+
+
+def print_tables(results: list) -> None:
+    bytes_per_row = SPEC.hidden * SPEC.dtype.itemsize
+    print(f"TP {TP} over gloo, CPU, 1 thread per rank; {SPEC.layers} layers, hidden {SPEC.hidden}, "
+          f"MLP {SPEC.inter}, {SPEC.dtype}\n")
+    print(f"{'rows':>5} {'inductor ms':>11} {'fxsp ms':>8} {'fxsp/ind':>8} "
+          f"{'peak MiB ind':>12} {'peak MiB fxsp':>13} {'max err ind/fxsp':>17}")
+    for f in results:
+        s, p, e = f["step_ms"], f["peak_bytes"], f["error"]
+        print(f"{f['rows']:>5} {s['inductor']:>11.1f} {s['fxsp']:>8.1f} {s['fxsp'] / s['inductor']:>8.2f} "
+              f"{p['inductor'] / MiB:>12.1f} {p['fxsp'] / MiB:>13.1f} "
+              f"{e['inductor']:>8.1e}/{e['fxsp']:.1e}")
+    print(f"\nper rank, per layer (fxsp's report; 'ind' = the graph before SP, as Inductor runs it):")
+    print(f"{'rows':>5} {'norm rows ind/fxsp':>18} {'residual KiB ind/fxsp':>21} "
+          f"{'payload KiB ind':>15} {'payload KiB fxsp (RS + AG)':>26} {'sent KiB ind/fxsp':>17}")
+    for f in results:
+        b, a = f["before"], f["after"]
+        payload_after = " + ".join(f"{a['payload_per_layer'].get(k, 0) / 1024:.0f}"
+                                   for k in ("reduce_scatter", "all_gather"))
+        print(f"{f['rows']:>5} {b['norm_rows']:>9}/{a['norm_rows']:<8} "
+              f"{b['residual_rows'] * bytes_per_row / 1024:>10.0f}/{a['residual_rows'] * bytes_per_row / 1024:<10.0f} "
+              f"{b['payload_per_layer'].get('all_reduce', 0) / 1024:>15.0f} {payload_after:>26} "
+              f"{b['sent_per_layer'] / 1024:>8.0f}/{a['sent_per_layer'] / 1024:<8.0f}")
+    print(f"\ngloo alone, one [rows, {SPEC.hidden}] fp32 tensor (median of {COLLECTIVE_REPEATS}, slowest rank):")
+    print(f"{'rows':>5} {'all-reduce ms':>13} {'RS + AG ms':>10} {'ratio':>6}")
+    for f in results:
+        g = f["gloo_ms"]
+        print(f"{f['rows']:>5} {g['all_reduce']:>13.3f} {g['rs_ag']:>10.3f} {g['rs_ag'] / g['all_reduce']:>6.2f}")
+
+
+def plot(results: list) -> None:
+    rows = [f["rows"] for f in results]
+
+    def draw(axes) -> None:
+        time_ax, memory_ax, gloo_ax = axes
+        for name, marker in (("inductor", "s-"), ("fxsp", "o-")):
+            label = "plain Inductor" if name == "inductor" else "fxsp (SP)"
+            time_ax.plot(rows, [f["step_ms"][name] for f in results], marker, label=label)
+            memory_ax.plot(rows, [f["peak_bytes"][name] / MiB for f in results], marker, label=label)
+        time_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="step ms (slowest rank)",
+                    title="step time, TP 2 gloo")
+        memory_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="MiB",
+                      title="peak step memory per rank")
+        gloo_ax.plot(rows, [f["gloo_ms"]["all_reduce"] for f in results], "s-", label="all-reduce")
+        gloo_ax.plot(rows, [f["gloo_ms"]["rs_ag"] for f in results], "o-",
+                     label="reduce-scatter + all-gather")
+        gloo_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="ms",
+                    title=f"gloo collectives, [rows, {SPEC.hidden}] fp32")
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+
+    save_plot("sp_runtime", draw, panels=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:  # fresh Inductor cache, shared by both ranks
+        results = combine(run_world(TP, measure, args.rows, cache_dir=cache, timeout=900))
+    print_tables(results)
+    plot(results)
+    by_rows = {f["rows"]: f for f in results}
+    ratios = ", ".join(f"{r} rows {f['step_ms']['fxsp'] / f['step_ms']['inductor']:.2f}x"
+                       for r, f in by_rows.items())
+    gloo = ", ".join(f"{r} rows {f['gloo_ms']['rs_ag'] / f['gloo_ms']['all_reduce']:.2f}x"
+                     for r, f in by_rows.items())
+    print(f"\nsummary: fxsp step time / Inductor's: {ratios}; norm rows and residual per rank 1/{TP}, "
+          f"collective bytes sent per layer unchanged; gloo RS+AG / AR: {gloo} "
+          f"({time.perf_counter() - start:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -142,9 +142,22 @@ def test_dtensor_parallelize_module_equals_eager(world):
         assert counts == {"sp.middle": 1, "sp.last": 1}, counts
 
 
+def compare_with_cache(rank: int, world: int) -> tuple:
+    """Inductor-compiled prompt-embeds model (rank-specific residual slices): error and cache hits."""
+    from torch._dynamo.utils import counters
+
+    model = TPLlama(BASE.with_(prompt_embeds=True, layers=1))
+    inputs = model.example_input(5)
+    with torch.no_grad():
+        reference, result = model(inputs), torch.compile(model, backend=fxsp.backend(None))(inputs)
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    return (result - reference).abs().max().item(), hits
+
+
 def test_shared_cache_dir_second_run_equals_eager(tmp_path):
-    """REFERENCE §2 trap 2: rank-specific graphs must not share a cache entry across ranks."""
-    cases = [(BASE.with_(prompt_embeds=True), [5], "inductor", False)]
+    """REFERENCE §2 trap 2: ranks share one cache dir; rank-specific graphs must not be shared."""
     cache = str(tmp_path / "shared-cache")
-    for _ in range(2):
-        check(run_world(2, compile_and_compare, cases, cache_dir=cache))
+    first = run_world(2, compare_with_cache, cache_dir=cache)
+    second = run_world(2, compare_with_cache, cache_dir=cache)
+    assert all(error <= 2e-4 for error, _ in first + second), (first, second)
+    assert all(hits > 0 for _, hits in second), second  # the second run really came from the cache

@@ -42,7 +42,8 @@ batch in its model runner, this baseline has no padding.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch._inductor.pattern_matcher as pm

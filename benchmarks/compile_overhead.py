@@ -31,9 +31,9 @@ from torch._inductor.utils import fresh_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` from a script
 
-import fxsp  # noqa: E402
-from benchmarks.plotting import save_plot  # noqa: E402
-from fxsp.testing.tp_llama import Spec, TPLlama  # noqa: E402
+import fxsp
+from benchmarks.plotting import save_plot
+from fxsp.testing.tp_llama import Spec, TPLlama
 
 SPEC = Spec(layers=4, hidden=96, heads=6, inter=192, vocab=96)
 ROWS = 64

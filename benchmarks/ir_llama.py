@@ -38,7 +38,7 @@ def ir_llama(embeds: torch.Tensor, weights: list, group: str = GROUP, eps: float
 
     *layers, final_norm = weights
     hidden = embeds if prompt_embeds else all_reduce(embeds)
-    residual = hidden
+    residual, mlp_out = hidden, None  # each layer's MLP output is normed by the next
     for i, (input_norm, wq, wk, wv, wo, post_norm, gate, up, down) in enumerate(layers):
         if i == 0:
             x = ir.rms_norm(hidden, input_norm, eps)

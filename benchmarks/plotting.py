@@ -3,8 +3,9 @@ extra): without it a benchmark prints its table and says the plot was skipped.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PLOTS = Path(__file__).resolve().parent / "plots"
 

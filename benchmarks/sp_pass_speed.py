@@ -10,7 +10,7 @@ baseline's docstring for why that is the fair comparison). A fake process group 
 small tensors, since the graph is measured, not the math.
 
 Measured, in one process unless said otherwise:
-- registration: in a fresh process each time (median of 3 processes per engine), the rule
+- registration: in a fresh process each time (median of 5 processes per engine), the rule
   module's body (bytecode compiled beforehand, as Python's cache has it; dependencies imported)
   plus building the rule set. fxsp: fxsp/patterns/sp.py, whose patterns are module-level data,
   and `sp_rules(config)`. Baseline: its module and `PatternMatcherSP(...)`, which traces and
@@ -40,6 +40,7 @@ import sys
 import time
 import types
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -49,14 +50,14 @@ from torch.fx import GraphModule
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks.*` from a script
 
-from benchmarks.ir_llama import GROUP, trace_ir_llama  # noqa: E402
-from benchmarks.plotting import save_plot  # noqa: E402
-from fxsp.cleanup import remove_dead_code  # noqa: E402
-from fxsp.patterns.sp import SPConfig, sp_rules  # noqa: E402
+from benchmarks.ir_llama import GROUP, trace_ir_llama
+from benchmarks.plotting import save_plot
+from fxsp.cleanup import remove_dead_code
+from fxsp.patterns.sp import SPConfig, sp_rules
 
 LAYER_COUNTS = (4, 16, 32, 80, 128)
 RUNS = 5
-REGISTRATION_PROCESSES = 3
+REGISTRATION_PROCESSES = 5
 WORLD, RANK = 2, 0
 CONFIG = SPConfig(group=GROUP, world=WORLD, rank=RANK, min_tokens=0)
 
@@ -78,7 +79,7 @@ def run_rule_module(name: str, path: Path) -> tuple[types.ModuleType, float]:
     module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
     sys.modules[name] = module  # dataclasses look their module up while the body runs
     start = time.perf_counter()
-    exec(code, module.__dict__)
+    exec(code, module.__dict__)  # noqa: S102 - fxsp's own module (or the baseline's), timed
     return module, time.perf_counter() - start
 
 
@@ -143,13 +144,42 @@ def timed_apply(original: GraphModule, apply) -> tuple[int, float, dict]:
     return matches, statistics.median(times), collectives
 
 
-def profile_fxsp(layers: int = 80, top: int = 18) -> None:
-    gm = trace_ir_llama(layers)
+def profile_fxsp(layers: int = 80, top: int = 12) -> None:
+    """Where fxsp's apply time goes: the share spent computing fake values for new nodes
+    (fxsp/builder.py → fxsp/fake.py), per op, then cProfile's top entries."""
+    import fxsp.builder
+
+    original = trace_ir_llama(layers)
+    fake_value = fxsp.builder.fake_value
+    per_target: dict = defaultdict(lambda: [0, 0.0])
+
+    def timed_fake_value(target, args, kwargs):
+        start = time.perf_counter()
+        try:
+            return fake_value(target, args, kwargs)
+        finally:
+            per_target[getattr(target, "__name__", str(target))][0] += 1
+            per_target[getattr(target, "__name__", str(target))][1] += time.perf_counter() - start
+
+    fxsp.builder.fake_value = timed_fake_value  # instruments this process only
+    try:
+        start = time.perf_counter()
+        apply_fxsp(copy.deepcopy(original))
+        total = time.perf_counter() - start
+    finally:
+        fxsp.builder.fake_value = fake_value
+    fake_total = sum(seconds for _, seconds in per_target.values())
+    print(f"\nfxsp apply at {layers} layers: {total * 1e3:.0f} ms, of which fake-value propagation for "
+          f"new nodes {fake_total * 1e3:.0f} ms ({fake_total / total:.0%}):")
+    for name, (calls, seconds) in sorted(per_target.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:<40} {calls:>5} nodes {seconds * 1e3:>8.1f} ms  {seconds / calls * 1e3:.2f} ms each")
+
     profiler = cProfile.Profile()
+    gm = copy.deepcopy(original)
     profiler.enable()
     apply_fxsp(gm)
     profiler.disable()
-    print(f"\nwhere fxsp's apply time goes at {layers} layers (cProfile, cumulative):")
+    print(f"\ncProfile of the same, top {top} by cumulative time:")
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
 
 
@@ -164,15 +194,17 @@ def plot(results: dict, fxsp_registration: float, baseline_registration: float) 
         apply_ax.plot(layers, [results[n]["fxsp"] * 1e3 for n in layers], "o-", label="fxsp rules")
         apply_ax.plot(layers, [results[n]["baseline"] * 1e3 for n in layers], "s-",
                       label="Inductor pattern matcher (vLLM-style)")
-        apply_ax.set(xlabel="Llama layers", ylabel="apply time, ms (median of 5)", yscale="log",
-                     title="SP pass: apply")
+        # log-log: a linear-time pass is a line of slope 1
+        apply_ax.set(xlabel="Llama layers", ylabel="apply time, ms (median of 5)", xscale="log",
+                     yscale="log", title="SP pass: apply")
+        apply_ax.set_xticks(layers, [str(n) for n in layers])
         apply_ax.grid(True, which="both", alpha=0.3)
         apply_ax.legend()
         bars = registration_ax.bar(["fxsp", "pattern matcher"],
                                    [fxsp_registration * 1e3, baseline_registration * 1e3],
                                    color=["C0", "C1"])
         registration_ax.bar_label(bars, fmt="%.3g ms")
-        registration_ax.set(ylabel="ms (fresh process, median of 3)", yscale="log",
+        registration_ax.set(ylabel=f"ms (fresh process, median of {REGISTRATION_PROCESSES})", yscale="log",
                             title="SP pass: rule registration")
 
     save_plot("sp_pass_speed", draw, panels=2)

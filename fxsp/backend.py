@@ -41,6 +41,7 @@ class Options:
     check_ranks: bool = True  # compare rewrite fingerprints across ranks before a graph's first run
     batch_invariant: bool = False  # results independent of batch size: no SP (see Backend)
     shard_outputs: bool = False  # outputs fxsp gathered stay sharded: see runtime.gather_rows
+    inductor_reuse_patch: bool = True  # torch 2.11 only: runtime.inductor_reuse's cost model
 
 
 def backend(tp_group: Any = None, **options: Any) -> "Backend":
@@ -94,6 +95,10 @@ class Backend:
         if self.options.inner == "eager":
             return _compile_eager(gm, example_inputs, graph_pass)
         from torch._inductor.compile_fx import compile_fx
+
+        from .runtime.inductor_reuse import install as install_reuse_patch
+
+        install_reuse_patch(enabled=self.options.inductor_reuse_patch)  # a no-op off torch 2.11
 
         return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass})
 

@@ -35,7 +35,7 @@ def _child(rank: int, world: int, port: int, cache_dir: str | None, fn: Callable
             dist.destroy_process_group()
 
 
-def run_world(world: int, fn: Callable, *args: Any, cache_dir: str | None = None, timeout: float = 300) -> list:
+def run_world(world: int, fn: Callable, *args: Any, cache_dir: str | None = None, timeout: float = 900) -> list:
     """fn(rank, world, *args) on each rank of a gloo world; returns the results by rank.
 
     `fn` must be importable (a module-level function). Raises with the child's traceback if any

@@ -16,7 +16,8 @@ its flavor (`collectives.py`). IR ops defined in other modules (`fused_ops.py`) 
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch._guards import detect_fake_mode

@@ -43,7 +43,19 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..builder import Builder
 from ..fake import same_shape
 from ..pattern import (
-    ADD, CAST, CLONE, alt, anything, dims, dtype, getitem, op, scalar, string, tensor, through,
+    ADD,
+    CAST,
+    CLONE,
+    alt,
+    anything,
+    dims,
+    dtype,
+    getitem,
+    op,
+    scalar,
+    string,
+    tensor,
+    through,
 )
 from ..rules import Match, Report, Rule, RuleSet
 from .collectives import C10D_ALL_REDUCE, WAIT, vllm_op

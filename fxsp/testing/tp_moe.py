@@ -50,6 +50,9 @@ class MoESpec:
     shared_expert: bool = False  # a sigmoid-gated shared expert (Qwen2-MoE)
     attention: bool = True  # attention before each MoE; False: MoE-only layers
     batched: bool = False  # activations [B, S, H] instead of [T, H]
+    # All-reduce the MoE output as [T, H] rows and reshape after (vLLM's FusedMoE reduces rows):
+    # with batched activations a reshape then sits between the all-reduce and the residual add.
+    reduce_rows: bool = False
 
     def with_(self, **changes) -> "MoESpec":
         return replace(self, **changes)
@@ -142,6 +145,8 @@ class TPMoE(nn.Module):
             shared = F.linear(F.silu(F.linear(rows, layer.shared_gate))
                               * F.linear(rows, layer.shared_up), layer.shared_down)
             out = out + torch.sigmoid(F.linear(rows, layer.shared_expert_gate)) * shared
+        if self.spec.reduce_rows:
+            return self.all_reduce(out).reshape(x.shape)
         return self.all_reduce(out.reshape(x.shape))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

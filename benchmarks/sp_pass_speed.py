@@ -16,7 +16,8 @@ Measured, in one process unless said otherwise:
   and `sp_rules(config)`. Baseline: its module and `PatternMatcherSP(...)`, which traces and
   registers 24 patterns; one throw-away trace runs first, so Inductor's lazy imports are not
   counted against it.
-- apply: median of 5 runs, each on a fresh deep copy of the graph (the copy is not timed).
+- apply: median of 5 runs, each on a fresh deep copy of the graph (the copy is not timed); the
+  two engines take turns run by run, so drifting machine load hits both.
   fxsp: `sp_rules(config).apply(graph)` plus its dead-code removal (the gathers its rewrites
   leave unused); baseline: `PatternMatcherPass.apply` plus its residual-slice clean-up.
 - matches, and whether both leave the same collectives (reduce-scatters, all-gathers, no
@@ -131,17 +132,21 @@ def apply_fxsp(gm: GraphModule) -> int:
     return sum(report.counts.values())
 
 
-def timed_apply(original: GraphModule, apply) -> tuple[int, float, dict]:
-    """(matches, median seconds, collectives left) of `apply` on fresh copies of `original`."""
-    times, matches, collectives = [], 0, {}
+def timed_apply(original: GraphModule, engines: dict) -> dict:
+    """Per engine: (matches, median seconds, collectives left) of applying it to fresh copies
+    of `original`. The engines take turns run by run, so a change in machine load hits all."""
+    times: dict = {name: [] for name in engines}
+    found: dict = {}
     for _ in range(RUNS):
-        gm = copy.deepcopy(original)
-        start = time.perf_counter()
-        matches = apply(gm)
-        times.append(time.perf_counter() - start)
-        collectives = {name: len(gm.graph.find_nodes(op="call_function", target=t))
-                       for name, t in COLLECTIVES.items()}
-    return matches, statistics.median(times), collectives
+        for name, apply in engines.items():
+            gm = copy.deepcopy(original)
+            start = time.perf_counter()
+            matches = apply(gm)
+            times[name].append(time.perf_counter() - start)
+            collectives = {kind: len(gm.graph.find_nodes(op="call_function", target=t))
+                           for kind, t in COLLECTIVES.items()}
+            found[name] = (matches, collectives)
+    return {name: (found[name][0], statistics.median(times[name]), found[name][1]) for name in engines}
 
 
 def profile_fxsp(layers: int = 80, top: int = 12) -> None:
@@ -241,8 +246,9 @@ def main() -> None:
     results = {}
     for layers in LAYER_COUNTS:
         graph = trace_ir_llama(layers)
-        fxsp_matches, fxsp_s, fxsp_left = timed_apply(graph, apply_fxsp)
-        baseline_matches, baseline_s, baseline_left = timed_apply(graph, baseline.apply)
+        timed = timed_apply(graph, {"fxsp": apply_fxsp, "baseline": baseline.apply})
+        (fxsp_matches, fxsp_s, fxsp_left), (baseline_matches, baseline_s, baseline_left) = \
+            timed["fxsp"], timed["baseline"]
         expected = 2 * layers + 1  # first + (2 * layers - 1) middle + last
         same = fxsp_matches == baseline_matches == expected and fxsp_left == baseline_left
         results[layers] = {"fxsp": fxsp_s, "baseline": baseline_s}

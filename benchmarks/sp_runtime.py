@@ -15,9 +15,12 @@ plain Inductor, checks both against the eager model, then alternates their steps
 - gloo itself: one all-reduce against one reduce-scatter plus one all-gather of a [rows, hidden]
   tensor, the collectives SP swaps, outside the model.
 
-SP halves each rank's norm work and residual stream, and sends as many bytes as the all-reduce
-(ring algorithms: RS + AG = AR). What it costs is more collective calls; where gloo's
-reduce-scatter + all-gather is slower than its all-reduce, the table shows it.
+SP halves each rank's norm work and residual stream, and on NCCL sends as many bytes as the
+all-reduce (ring algorithms: RS + AG = AR), in twice the calls. gloo is different: it has no
+reduce-scatter of its own, torch's ProcessGroupGloo runs one as a full all-reduce plus a copy of
+this rank's rows (the script checks this with the profiler and says so). On gloo, RS + AG is
+therefore an all-reduce *plus* an all-gather: slower than the all-reduce it replaces at every
+size, and the step-time table shows what that costs.
 """
 
 from __future__ import annotations
@@ -96,6 +99,17 @@ def collective_ms(rows: int, hidden: int) -> dict:
     return out
 
 
+def gloo_reduce_scatter_runs_all_reduce() -> bool:
+    """Whether this process group's reduce-scatter is an all-reduce underneath (gloo's is)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    full = torch.randn(2 * TP, 4)
+    group = dist.group.WORLD.group_name
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        c10d.wait_tensor(c10d.reduce_scatter_tensor(full, "sum", TP, group))
+    return any(e.name == "gloo:all_reduce" for e in prof.events())
+
+
 def measure(rank: int, world: int, rows_list: list) -> list:
     """Per row count, this rank's figures (see the module docstring)."""
     results = []
@@ -140,6 +154,7 @@ def measure(rank: int, world: int, rows_list: list) -> list:
                 "sent_per_layer": 2 * traffic.sent_per_rank(TP) / sites,
             }
         figures["gloo_ms"] = collective_ms(rows, SPEC.hidden)
+        figures["rs_is_all_reduce"] = gloo_reduce_scatter_runs_all_reduce()
         results.append(figures)
     return results
 
@@ -166,7 +181,8 @@ def print_tables(results: list) -> None:
         print(f"{f['rows']:>5} {steps_for(f['rows']):>5} {s['inductor']:>11.1f} {s['fxsp']:>8.1f} "
               f"{s['fxsp'] / s['inductor']:>8.2f} {p['inductor'] / MiB:>12.1f} {p['fxsp'] / MiB:>13.1f} "
               f"{c['inductor']:>9.1f}/{c['fxsp']:<8.1f} {e['inductor']:>8.1e}/{e['fxsp']:.1e}")
-    print("\nper rank, per layer (fxsp's report; 'ind' = the graph before SP, as Inductor runs it):")
+    print("\nper rank, per layer (fxsp's report; 'ind' = the graph before SP, as Inductor runs it;"
+          "\n'sent' = bytes a rank sends with ring algorithms, as NCCL runs them, not gloo):")
     print(f"{'rows':>5} {'norm rows ind/fxsp':>18} {'residual KiB ind/fxsp':>21} "
           f"{'payload KiB ind':>15} {'payload KiB fxsp (RS + AG)':>26} {'sent KiB ind/fxsp':>17}")
     for f in results:
@@ -182,6 +198,9 @@ def print_tables(results: list) -> None:
     for f in results:
         g = f["gloo_ms"]
         print(f"{f['rows']:>5} {g['all_reduce']:>13.3f} {g['rs_ag']:>10.3f} {g['rs_ag'] / g['all_reduce']:>6.2f}")
+    if all(f["rs_is_all_reduce"] for f in results):
+        print("gloo's reduce-scatter runs a full all-reduce underneath (profiler: gloo:all_reduce), "
+              "so on gloo RS + AG = AR + AG.")
 
 
 def plot(results: list) -> None:
@@ -223,9 +242,9 @@ def main() -> None:
                        for r, f in by_rows.items())
     gloo = ", ".join(f"{r} rows {f['gloo_ms']['rs_ag'] / f['gloo_ms']['all_reduce']:.2f}x"
                      for r, f in by_rows.items())
-    print(f"\nsummary: fxsp step time / Inductor's: {ratios}; norm rows and residual per rank 1/{TP}, "
-          f"collective bytes sent per layer unchanged; gloo RS+AG / AR: {gloo} "
-          f"({time.perf_counter() - start:.0f} s in all)")
+    underneath = " (gloo's RS is an AR underneath)" if all(f["rs_is_all_reduce"] for f in results) else ""
+    print(f"\nsummary: fxsp step time / Inductor's: {ratios}; norm rows and residual per rank 1/{TP}; "
+          f"gloo RS+AG / AR: {gloo}{underneath} ({time.perf_counter() - start:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .pipeline import GraphReport, run_pipeline
 from .runtime.guard import RankGuard, fingerprint, graph_structure
+from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
+from .runtime.fusion import decide_allreduce_rms_fusion
 
 log = logging.getLogger("fxsp")
 
@@ -42,6 +44,8 @@ class Options:
     batch_invariant: bool = False  # results independent of batch size: no SP (see Backend)
     shard_outputs: bool = False  # outputs fxsp gathered stay sharded: see runtime.gather_rows
     inductor_reuse_patch: bool = True  # torch 2.11 only: runtime.inductor_reuse's cost model
+    allreduce_fusion: bool = True  # fused all-reduce + RMSNorm below the SP threshold, where allowed
+    pipeline_size: int = 1  # pipeline stages; the fused all-reduce is off above 1 (it deadlocks)
 
 
 def backend(tp_group: Any = None, **options: Any) -> "Backend":
@@ -61,6 +65,7 @@ class Backend:
         self.options = options
         self.reports: list[GraphReport] = []
         self._said_off = False
+        self._fusion: tuple | None = None  # (config or None,) once decided
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         sp = self.sp_config()
@@ -91,7 +96,7 @@ class Backend:
         return RowDispatch(with_sp, without_sp, thresholds, example_inputs)
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
-        graph_pass = FxspPass(self, sp)
+        graph_pass = FxspPass(self, sp, self.fusion_config())
         if self.options.inner == "eager":
             return _compile_eager(gm, example_inputs, graph_pass)
         from torch._inductor.compile_fx import compile_fx
@@ -128,20 +133,37 @@ class Backend:
                         shard_outputs=self.options.shard_outputs)
 
 
+    def fusion_config(self) -> AllReduceNormConfig | None:
+        """The fused all-reduce + RMSNorm settings, or None where runtime.fusion rules it out
+        (it logs why, once per backend)."""
+        if self._fusion is None:
+            group = _process_group(self.tp_group)
+            world = dist.get_world_size(group)
+            # The kernel's summation order depends on the rows: not batch-invariant.
+            if not self.options.allreduce_fusion or self.options.batch_invariant or world == 1:
+                self._fusion = (None,)
+            elif not decide_allreduce_rms_fusion(world, self.options.pipeline_size).enabled:
+                self._fusion = (None,)
+            else:
+                self._fusion = (AllReduceNormConfig(group=group.group_name, world=world, fp8=self.options.fp8),)
+        return self._fusion[0]
+
+
 class FxspPass(CustomGraphPass):
     """fxsp's pipeline as an Inductor post-grad pass. Its uuid covers fxsp's source, the options
     and the TP group *and rank*: the rewritten graph holds rank-specific slice offsets, while
     Inductor's cache key is otherwise the same on every rank."""
 
-    def __init__(self, owner: Backend, sp: SPConfig | None) -> None:
-        self.owner, self.sp = owner, sp
+    def __init__(self, owner: Backend, sp: SPConfig | None, fusion: AllReduceNormConfig | None = None) -> None:
+        self.owner, self.sp, self.fusion = owner, sp, fusion
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        report = run_pipeline(graph, self.sp, explain=self.owner.options.explain)
+        report = run_pipeline(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
         self.owner.reports.append(report)
 
     def uuid(self) -> str:
-        parts = (_source_digest(), asdict(self.owner.options), asdict(self.sp) if self.sp else None)
+        parts = (_source_digest(), asdict(self.owner.options), asdict(self.sp) if self.sp else None,
+                 asdict(self.fusion) if self.fusion else None)
         return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 

@@ -11,6 +11,7 @@ from .cleanup import noop_rules, remove_dead_code
 from .golden import golden
 from .ir.lowering import lower_ir
 from .ir.raising import raise_ir
+from .patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from .patterns.sp import SPConfig, shard_graph_outputs, sp_rules
 from .rules import Report
 from .stats import Traffic, collective_signature, traffic
@@ -38,19 +39,24 @@ class GraphReport:
 
     def _add(self, report: Report) -> None:
         self.passes.append(report)
-        self.counts.update(report.counts)
+        for name, n in report.counts.items():
+            self.counts[name] = self.counts.get(name, 0) + n
         self.misses.update(report.misses)
 
 
-def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False) -> GraphReport:
+def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
+                 fusion: AllReduceNormConfig | None = None) -> GraphReport:
     report = GraphReport(before=golden(graph))
     for r in raise_ir(graph):
         report._add(r)
+    report._add(noop_rules().apply(graph))  # an identity reshape must not hide a norm's input
     report.traffic_before = traffic(graph)
     if sp is not None:
         report._add(sp_rules(sp, report.row_thresholds).apply(graph))
         if sp.shard_outputs:
             report.counts["sp.sharded_outputs"] = shard_graph_outputs(graph)
+    if fusion is not None:  # after SP: SP takes the large batches, the fusion what is left
+        report._add(allreduce_norm_rules(fusion).apply(graph))
     remove_dead_code(graph)
     report._add(noop_rules().apply(graph))
     report.rewritten = golden(graph)

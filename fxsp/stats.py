@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph
 
+from .ir.fused_ops import FUSED_IR_OPS
 from .ir.ops import ALL_REDUCE, FUSED_ADD_RMS_NORM, RMS_NORM
 
 c10d = torch.ops._c10d_functional
 _KINDS = {
     ALL_REDUCE: "all_reduce", c10d.all_reduce.default: "all_reduce",
+    **{fused: "all_reduce" for fused in FUSED_IR_OPS},
     c10d.reduce_scatter_tensor.default: "reduce_scatter", c10d.all_gather_into_tensor.default: "all_gather",
 }
 

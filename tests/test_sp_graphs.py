@@ -289,3 +289,22 @@ def test_world_of_four(fake_pg):
     assert "reduce_scatter_tensor.default(%" in text and "'sum', 4, G0)" in text
     assert "constant_pad_nd.default(%" in text and "[0, 0, 0, 2]" in text  # 6 rows → 8
     assert report.counts["sp.first"] == 1 and report.counts["sp.last"] == 1
+
+
+def test_identity_reshape_does_not_hide_the_all_reduce(fake_pg):
+    """MoE blocks often reshape their all-reduced output back to the input's shape."""
+
+    class ReshapedBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            out = funcol.all_reduce(x @ self.w, "sum", dist.group.WORLD).reshape(x.shape)
+            h = residual + out
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    backend = fxsp.backend(None, inner="eager")
+    with torch.no_grad():
+        torch.compile(ReshapedBlock(), backend=backend)(torch.randn(4, 8), torch.randn(4, 8))
+    assert backend.reports[-1].counts["sp.last"] == 1

@@ -167,6 +167,7 @@ for _op, _reference in zip(FUSED_IR_OPS, _REFERENCES.values(), strict=True):
 
 FLASHINFER_ALLREDUCE = "flashinfer_allreduce"
 _KERNEL_DTYPES = frozenset({torch.bfloat16, torch.float16})
+_KERNEL_WORLD_SIZES = (2, 4, 8)  # the TP sizes the kernel is built and measured for
 DEFAULT_WORKSPACE_TOKENS = 2048
 """Rows a workspace holds where `allreduce_rms_max_tokens` has no number for the device."""
 
@@ -189,21 +190,23 @@ def flashinfer_comm_available() -> bool:
 _workspaces: dict[tuple, tuple[int, torch.Tensor, object]] = {}
 
 
-def flashinfer_workspace(group_name: str, hidden: int, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+def flashinfer_workspace(group_name: str, hidden: int, dtype: torch.dtype,
+                         device: torch.device) -> tuple[int, torch.Tensor]:
     """(max rows, workspace pointers) of the IPC workspace for fused all-reduces of `hidden`-wide
-    `dtype` rows over the c10d group `group_name`, created on first use.
+    `dtype` rows on `device` over the c10d group `group_name`, created on first use. It holds
+    `allreduce_rms_max_tokens` rows for the device, or `DEFAULT_WORKSPACE_TOKENS`.
 
     Creating it is a collective over that group: every rank must call this at the same point.
     The fused ops call it on their first run (all ranks run the same graph); call it yourself
     before capturing CUDA graphs, since a rendezvous cannot be captured.
     """
-    key = (group_name, hidden, dtype)
+    key = (group_name, hidden, dtype, device)
     if key not in _workspaces:
         from ..runtime.thresholds import allreduce_rms_max_tokens
 
         group = dist.distributed_c10d._resolve_process_group(group_name)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        limit = allreduce_rms_max_tokens(hidden, world, dtype, torch.cuda.current_device())
+        limit = allreduce_rms_max_tokens(hidden, world, dtype, device)
         max_tokens = limit.max_tokens or DEFAULT_WORKSPACE_TOKENS
         # The rendezvous and the peer buffers belong to the TP group, never the world group
         # (FlashInfer's default when `group` is None). With pipeline stages the world holds
@@ -212,7 +215,7 @@ def flashinfer_workspace(group_name: str, hidden: int, dtype: torch.dtype) -> tu
         # stage's graph. That is the hang of vLLM PR #43616 (seeds/003), which is also why
         # runtime.fusion keeps the fusion off when the pipeline size is above 1.
         handles, pointers = _flashinfer_comm().trtllm_create_ipc_workspace_for_all_reduce_fusion(
-            rank, world, max_tokens, hidden, use_fp32_lamport=dtype == torch.float32, group=group)
+            rank, world, max_tokens, hidden, group=group)
         _workspaces[key] = (max_tokens, pointers, handles)  # handles keep the IPC memory alive
         log.info("fxsp: FlashInfer all-reduce workspace for group %s: %d rows x %d, %s",
                  group_name, max_tokens, hidden, dtype)
@@ -226,7 +229,7 @@ def _kernel_takes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     return (x.is_cuda and x.dtype in _KERNEL_DTYPES and x.dim() >= 1 and x.numel() > 0
             and x.shape[-1] % 8 == 0  # 16-byte vector accesses
             and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
-            and (weight is None or weight.dtype == x.dtype)
+            and (weight is None or (weight.dtype == x.dtype and weight.numel() == x.shape[-1]))
             and fp8_dtype in (None, torch.float8_e4m3fn)  # the kernel writes e4m3fn only
             # vLLM's group names ("tp:0") name no c10d group: the workspace needs one.
             and flavor == "c10d" and _flashinfer_comm() is not None)
@@ -235,14 +238,17 @@ def _kernel_takes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
 def _fused_kernel(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                   eps: float, group_name: str, scale: torch.Tensor | None = None,
                   fp8_dtype: torch.dtype | None = None) -> Tensors | None:
-    """(out, residual_out) from FlashInfer, or None when the rows exceed the workspace."""
+    """(out, residual_out) from FlashInfer, or None when the kernel cannot take the TP size or
+    the rows exceed the workspace (both the same on every rank)."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    if dist.get_world_size(group) not in _KERNEL_WORLD_SIZES:
+        return None
     hidden = x.shape[-1]
     rows = x.numel() // hidden
-    max_tokens, pointers = flashinfer_workspace(group_name, hidden, x.dtype)
+    max_tokens, pointers = flashinfer_workspace(group_name, hidden, x.dtype, x.device)
     if rows > max_tokens:
         return None
     comm = _flashinfer_comm()
-    group = dist.distributed_c10d._resolve_process_group(group_name)
     flat = x.reshape(rows, hidden).contiguous()
     # Without a residual the kernel adds zeros: residual_out is then the all-reduced x.
     residual_in = (torch.zeros_like(flat) if residual is None

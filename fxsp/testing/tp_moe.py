@@ -48,13 +48,16 @@ class MoESpec:
     dispatch: str = "gather"  # "gather" or "dense", see the module docstring
     norm_topk_prob: bool = True  # renormalise the top-k probabilities (Mixtral) or not
     shared_expert: bool = False  # a sigmoid-gated shared expert (Qwen2-MoE)
+    # The shared expert all-reduced on its own and added to the all-reduced routed output: the
+    # norm then follows a sum of two all-reduces.
+    shared_all_reduce: bool = False
     attention: bool = True  # attention before each MoE; False: MoE-only layers
     batched: bool = False  # activations [B, S, H] instead of [T, H]
     # All-reduce the MoE output as [T, H] rows and reshape after (vLLM's FusedMoE reduces rows):
     # with batched activations a reshape then sits between the all-reduce and the residual add.
     reduce_rows: bool = False
 
-    def with_(self, **changes) -> "MoESpec":
+    def with_(self, **changes) -> MoESpec:
         return replace(self, **changes)
 
 
@@ -141,13 +144,20 @@ class TPMoE(nn.Module):
             routing = torch.zeros(rows.shape[0], self.spec.experts, dtype=rows.dtype,
                                   device=rows.device).scatter(1, chosen, weights)
             out = torch.einsum("te,eth->th", routing, experts)
+        shared = None
         if self.spec.shared_expert:
             shared = F.linear(F.silu(F.linear(rows, layer.shared_gate))
                               * F.linear(rows, layer.shared_up), layer.shared_down)
-            out = out + torch.sigmoid(F.linear(rows, layer.shared_expert_gate)) * shared
+            shared = torch.sigmoid(F.linear(rows, layer.shared_expert_gate)) * shared
+            if not self.spec.shared_all_reduce:
+                out, shared = out + shared, None
         if self.spec.reduce_rows:
-            return self.all_reduce(out).reshape(x.shape)
-        return self.all_reduce(out.reshape(x.shape))
+            out = self.all_reduce(out).reshape(x.shape)
+        else:
+            out = self.all_reduce(out.reshape(x.shape))
+        if shared is not None:
+            out = out + self.all_reduce(shared.reshape(x.shape))
+        return out
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(tokens)

@@ -1,0 +1,352 @@
+"""fxsp inside vLLM (fxsp/adapters/vllm.py), tested with the real vLLM package.
+
+vLLM is installed without its CUDA dependencies on the CPU torch (see requirements-vllm.txt):
+its kernels (`vllm._C`) cannot load, but its config, its post-grad pass manager and the
+`torch.ops.vllm` collectives over gloo work (REFERENCE §2.9). Tests that need vLLM skip when it
+is not installed; `make test` installs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # vLLM finds no GPU and must be told; set before it loads
+
+import copy
+import importlib.util
+import pickle
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from fxsp.adapters.vllm import PASS_KEY, VLLM_SP_FLAGS, configure
+from tests.worlds import run_world
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (`make test` installs it: requirements-vllm.txt, then vllm --no-deps)")
+
+HIDDEN = 16
+SP_MIN_TOKENS = 8
+
+
+def test_adapter_imports_without_vllm_and_says_what_is_missing():
+    code = "\n".join([
+        "import sys",
+        "import fxsp.adapters.vllm as adapter",
+        "print('vllm imported:', 'vllm' in sys.modules)",
+        "sys.modules['vllm'] = None  # as if vLLM were not installed",
+        "try:",
+        "    adapter.FxspVllmPass",
+        "except ImportError as e:",
+        "    print('ImportError:', e)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "vllm imported: False" in out
+    assert "ImportError: fxsp.adapters.vllm needs vLLM" in out
+
+
+# --- configure() -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_config():
+    from vllm.config import ParallelConfig, VllmConfig
+
+    return VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=2))
+
+
+@pytest.fixture
+def vllm_config(base_config):
+    """A TP-2 VllmConfig without a model. vLLM's CPU platform compiles with plain Inductor
+    (DYNAMO_TRACE_ONCE); tests that need the GPU path set mode VLLM_COMPILE."""
+    return copy.deepcopy(base_config)
+
+
+def _as_on_gpu(vllm_config, splitting_ops, graph_partition=False):
+    from vllm.config import CompilationMode
+
+    compilation = vllm_config.compilation_config
+    compilation.mode = CompilationMode.VLLM_COMPILE
+    compilation.splitting_ops = splitting_ops
+    compilation.use_inductor_graph_partition = graph_partition
+    return vllm_config
+
+
+@needs_vllm
+def test_configure_installs_the_pass_and_splits_compile_ranges(vllm_config):
+    from fxsp.adapters.vllm import FxspVllmPass
+
+    configured = configure(vllm_config, min_tokens=64)
+    assert configured is vllm_config
+    compilation = vllm_config.compilation_config
+    graph_pass = compilation.inductor_compile_config[PASS_KEY]
+    assert isinstance(graph_pass, FxspVllmPass)
+    assert [(r.start, r.end) for r in compilation.get_compile_ranges()] == [(1, 63), (64, 2048)]
+
+    configure(vllm_config, min_tokens=64)  # again: replaces fxsp's own pass, same ranges
+    assert compilation.inductor_compile_config[PASS_KEY] is not graph_pass
+    assert compilation.compile_ranges_endpoints == [63, 2048]
+    assert vllm_config.compute_hash()  # vLLM hashes the pass through its uuid(), before TP exists
+
+
+@needs_vllm
+def test_configure_leaves_ranges_alone_when_no_range_reaches_the_threshold(vllm_config):
+    configure(vllm_config, min_tokens=1 << 20)
+    assert vllm_config.compilation_config.compile_ranges_endpoints == [2048]
+
+
+@needs_vllm
+def test_configure_accepts_whole_graph_compilation_on_the_gpu_path(vllm_config):
+    configure(_as_on_gpu(vllm_config, ["vllm::unified_attention"], graph_partition=True), min_tokens=8)
+    configure(_as_on_gpu(copy.deepcopy(vllm_config), []), min_tokens=8)
+
+
+@needs_vllm
+@pytest.mark.parametrize("flag", VLLM_SP_FLAGS)
+def test_configure_refuses_vllms_own_sp(vllm_config, flag):
+    # vLLM 0.32 has no SP flag; older versions had one of these (a plain attribute stands in).
+    object.__setattr__(vllm_config.compilation_config.pass_config, flag, True)
+    with pytest.raises(ValueError, match=f"pass_config.{flag} is on: vLLM's own sequence parallelism"):
+        configure(vllm_config, min_tokens=8)
+
+
+@needs_vllm
+def test_configure_refuses_a_runtime_that_expects_a_scattered_residual(vllm_config, monkeypatch):
+    # vLLM versions with SP decide the residual layout between pipeline stages with
+    # vllm.v1.worker.utils.is_residual_scattered_for_sp; 0.32 has no such function.
+    answers = []
+    worker_utils = types.SimpleNamespace(is_residual_scattered_for_sp=lambda config, tokens: answers.append(tokens) or True)
+    monkeypatch.setitem(sys.modules, "vllm.v1.worker.utils", worker_utils)
+    with pytest.raises(ValueError, match="treat the residual as scattered.*fxsp keeps every graph output full-size"):
+        configure(vllm_config, min_tokens=8)
+    assert answers == [2]  # asked at a multiple of the TP size, as vLLM requires
+
+    worker_utils.is_residual_scattered_for_sp = lambda config, tokens: False
+    configure(vllm_config, min_tokens=8)
+
+
+@needs_vllm
+def test_configure_refuses_configs_that_never_run_inductor(vllm_config):
+    from vllm.config import CompilationMode
+
+    vllm_config.compilation_config.mode = CompilationMode.NONE
+    with pytest.raises(ValueError, match="runs inside Inductor"):
+        configure(vllm_config, min_tokens=8)
+    vllm_config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+    vllm_config.compilation_config.backend = "eager"
+    with pytest.raises(ValueError, match="runs inside Inductor"):
+        configure(vllm_config, min_tokens=8)
+
+
+@needs_vllm
+def test_configure_refuses_fx_level_piecewise_splitting(vllm_config):
+    with pytest.raises(ValueError, match="use_inductor_graph_partition"):
+        configure(_as_on_gpu(vllm_config, ["vllm::unified_attention"]), min_tokens=8)
+
+
+@needs_vllm
+def test_configure_refuses_to_replace_another_post_pass(vllm_config):
+    from vllm.compilation.passes.inductor_pass import CallableInductorPass
+
+    vllm_config.compilation_config.inductor_compile_config[PASS_KEY] = CallableInductorPass(lambda graph: None)
+    with pytest.raises(ValueError, match="already holds"):
+        configure(vllm_config, min_tokens=8)
+
+
+@needs_vllm
+def test_configure_refuses_bad_input(vllm_config):
+    with pytest.raises(TypeError, match="VllmConfig"):
+        configure(object())
+    with pytest.raises(ValueError, match="min_tokens must be"):
+        configure(vllm_config, min_tokens=-1)
+    with pytest.raises(ValueError, match="no model_config: pass min_tokens="):
+        configure(vllm_config)  # "auto" needs the model's hidden size and dtype
+
+
+# --- the pass object ---------------------------------------------------------------------------
+
+
+@needs_vllm
+def test_pass_survives_deepcopy_and_pickle():
+    from fxsp.adapters.vllm import FxspVllmPass
+
+    graph_pass = FxspVllmPass(min_tokens=SP_MIN_TOKENS)
+    clone = copy.deepcopy(graph_pass)
+    assert type(clone) is FxspVllmPass and clone.uuid() == graph_pass.uuid()
+    assert clone.reports is graph_pass.reports  # vLLM copies its Inductor config; reports reach the original
+    # vLLM's own copy: VllmBackend deep-copies inductor_compile_config.
+    assert copy.deepcopy({PASS_KEY: graph_pass})[PASS_KEY].reports is graph_pass.reports
+
+    graph_pass.reports.append("a report")
+    restored = pickle.loads(pickle.dumps(graph_pass))  # vLLM ships its config to worker processes
+    assert type(restored) is FxspVllmPass and restored.uuid() == graph_pass.uuid()
+    assert restored.reports == []
+
+    assert FxspVllmPass(min_tokens=SP_MIN_TOKENS + 1).uuid() != graph_pass.uuid()
+    assert FxspVllmPass(min_tokens=SP_MIN_TOKENS, fp8=False).uuid() != graph_pass.uuid()
+
+
+@needs_vllm
+def test_pass_needs_vllms_tp_group():
+    from vllm.config.utils import Range
+
+    from fxsp.adapters.vllm import FxspVllmPass
+
+    graph_pass = FxspVllmPass(min_tokens=SP_MIN_TOKENS)
+    assert not graph_pass.is_applicable_for_range(Range(8, 64))  # no TP group: nothing to shard
+    with pytest.raises(RuntimeError, match="initialize_model_parallel"):
+        graph_pass(torch.fx.Graph())
+
+
+# --- two ranks -----------------------------------------------------------------------------------
+
+
+def _define_missing_c_ops() -> None:
+    """vLLM's FixFunctionalizationPass names `_C.rotary_embedding` on every call, and vLLM's
+    kernels (`vllm._C`) do not load on a CPU-only torch: a schema-only placeholder stands in."""
+    try:
+        torch.ops._C.rotary_embedding.default
+    except (AttributeError, RuntimeError):
+        lib = torch.library.Library("_C", "FRAGMENT")  # noqa: TOR901 - another project's namespace
+        lib.define("rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
+                   "Tensor cos_sin_cache, bool is_neox) -> ()")
+        _define_missing_c_ops.library = lib  # keep the registration alive
+
+
+def _weights() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(HIDDEN, HIDDEN, generator=g) / 4 for _ in range(3)) + (1 + 0.1 * torch.randn(HIDDEN, generator=g),)
+
+
+def _vllm_model(group_name: str):
+    """Three TP layers as vLLM spells them on GPU: `vllm.all_reduce` ops, an HF-style first norm,
+    then `vllm_ir.fused_add_rms_norm` (middle, and last with its residual unused)."""
+    w0, w1, w2, norm_weight = _weights()
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        h = torch.ops.vllm.all_reduce(x @ w0, group_name)
+        normed = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        h2 = torch.ops.vllm.all_reduce(normed @ w1, group_name)
+        normed, residual = torch.ops.vllm_ir.fused_add_rms_norm(h2, h, norm_weight, 1e-6)
+        h3 = torch.ops.vllm.all_reduce(normed @ w2, group_name)
+        return torch.ops.vllm_ir.fused_add_rms_norm(h3, residual, norm_weight, 1e-5)[0]
+
+    return model
+
+
+def _cpu_model(tp_group):
+    """The same layers as vLLM on CPU runs them: GroupCoordinator.all_reduce, which traces to a
+    c10d all-reduce over the TP device group."""
+    w0, w1, _, norm_weight = _weights()
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        h = tp_group.all_reduce(x @ w0)
+        normed = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return torch.ops.vllm_ir.fused_add_rms_norm(tp_group.all_reduce(normed @ w1), h, norm_weight, 1e-6)[0]
+
+    return model
+
+
+def _inputs(tokens: int, rank: int) -> torch.Tensor:
+    return torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(100 * rank + tokens))
+
+
+# vLLM's CPU all-reduce writes into its input (CpuCommunicator.all_reduce is in place although
+# vllm.all_reduce is declared out-of-place; on GPU it is out-of-place). Inductor's buffer reuse
+# would then overwrite all-reduce results in graphs that keep them (the range without SP), so
+# these compiles keep every buffer.
+KEEP_BUFFERS = {"allow_buffer_reuse": False, "inplace_buffers": False}
+
+
+def _on_rank(rank: int, world: int) -> dict:
+    from torch._inductor.compile_fx import compile_fx
+    from vllm.compilation.backends import VllmBackend
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config import CompilationMode, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.config.utils import Range
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import destroy_model_parallel, get_tp_group
+
+    from fxsp.adapters.vllm import FxspVllmPass
+
+    _define_missing_c_ops()
+    result: dict = {"uuid_before_tp": FxspVllmPass(min_tokens=SP_MIN_TOKENS).uuid()}
+
+    # The GPU path: vLLM's backend and PostGradPassManager, one compile per compile range.
+    config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world))
+    config.compilation_config.mode = CompilationMode.VLLM_COMPILE  # vLLM on CPU would pick plain Inductor
+    configure(config, min_tokens=SP_MIN_TOKENS)
+    graph_pass = config.compilation_config.inductor_compile_config[PASS_KEY]
+    ranges = config.compilation_config.get_compile_ranges()
+    with set_current_vllm_config(config):
+        init_distributed_environment(world, rank, local_rank=rank, backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=world, backend="gloo")
+        tp_group = get_tp_group()
+        backend = VllmBackend(config)
+        backend.configure_post_pass()  # takes the pass from inductor_compile_config, as vLLM does
+        result["pass_in_manager"] = graph_pass in backend.pass_manager.passes
+        result["applicable"] = {(r.start, r.end): graph_pass.is_applicable_for_range(r)
+                                for r in [*ranges, Range(7, 64), Range(8, 8), Range(1, 1)]}
+        result["uuids"] = [graph_pass.uuid(), copy.deepcopy(graph_pass).uuid(),
+                           pickle.loads(pickle.dumps(graph_pass)).uuid()]
+
+        model, errors = _vllm_model(tp_group.unique_name), {}
+        inductor_config = {**backend.inductor_config, **KEEP_BUFFERS}
+        for compile_range, token_counts in zip(ranges, [(6, 5), (9, 16)]):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True,
+                                     backend=lambda gm, inputs: compile_fx(gm, inputs, config_patches=inductor_config))
+            with pass_context(compile_range):
+                for tokens in token_counts:
+                    x = _inputs(tokens, rank)
+                    torch._dynamo.mark_dynamic(x, 0)  # as vLLM marks the token dim
+                    errors[tokens] = (compiled(x) - model(x)).abs().max().item()
+        result["errors"] = errors
+        result["reports"] = [(report.counts, report.after) for report in graph_pass.reports]
+
+        # The CPU path: vLLM hands inductor_compile_config to plain Inductor, which calls the
+        # pass directly; the graph's all-reduces are c10d ones over the TP device group.
+        cpu_config = configure(VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world)),
+                               min_tokens=SP_MIN_TOKENS)
+        cpu_pass = cpu_config.compilation_config.inductor_compile_config[PASS_KEY]
+        torch._dynamo.reset()
+        model = _cpu_model(tp_group)
+        compiled = torch.compile(model, fullgraph=True,
+                                 options={**cpu_config.compilation_config.inductor_compile_config, **KEEP_BUFFERS})
+        x = _inputs(10, rank)
+        result["cpu_error"] = (compiled(x) - model(x)).abs().max().item()
+        result["cpu_reports"] = [report.counts for report in cpu_pass.reports]
+    destroy_model_parallel()
+    return result
+
+
+@needs_vllm
+def test_sp_inside_vllm_on_two_ranks(tmp_path):
+    ranks = run_world(2, _on_rank, cache_dir=str(tmp_path / "inductor"))
+    for rank, result in enumerate(ranks):
+        assert result["pass_in_manager"]
+        # configure() split the ranges at min_tokens - 1: SP for (8, 2048), not for (1, 7).
+        assert result["applicable"] == {(1, 7): False, (8, 2048): True, (7, 64): False, (8, 8): True,
+                                        (1, 1): False}, rank
+        assert max(result["errors"].values()) < 1e-5, (rank, result["errors"])
+
+        # The pass ran once, for the SP range (5, 6, 9 and 16 tokens: padded where 2 does not divide).
+        assert len(result["reports"]) == 1, rank
+        counts, after = result["reports"][0]
+        assert counts["raise.vllm_all_reduce"] == 3 and counts["raise.vllm_ir_fused_add_rms_norm"] == 2
+        assert (counts["sp.first"], counts["sp.middle"], counts["sp.last"]) == (1, 1, 1)
+        assert "vllm.reduce_scatter" in after and "vllm.all_gather" in after
+        assert "vllm.all_reduce" not in after
+
+        assert result["cpu_error"] < 1e-5, rank
+        assert len(result["cpu_reports"]) == 1 and result["cpu_reports"][0]["sp.first"] == 1
+        assert result["cpu_reports"][0]["sp.last"] == 1
+
+        # uuid: stable under deepcopy and pickle, covers the TP group and rank.
+        assert len(set(result["uuids"])) == 1
+        assert result["uuids"][0] != result["uuid_before_tp"]
+    assert ranks[0]["uuids"][0] != ranks[1]["uuids"][0]

@@ -111,3 +111,17 @@ def test_symbolic_rows_without_threshold_compile_once(fake_pg):
     backend, _ = compile_block(x, min_tokens=0)
     (report,) = backend.reports
     assert report.counts["sp.first"] == 1
+
+
+def test_batch_invariant_turns_sp_and_fusion_off(fake_pg, caplog):
+    with caplog.at_level(logging.INFO, logger="fxsp"):
+        backend, _ = compile_block(torch.randn(4, 8), batch_invariant=True)
+    assert all(v == 0 for r in backend.reports for k, v in r.counts.items() if k.startswith(("sp.", "allreduce_norm.")))
+    assert backend.fusion_config() is None
+    assert any("batch_invariant: sequence parallelism is off" in r.message for r in caplog.records)
+
+
+def test_fusion_is_off_on_cpu_and_says_why(fake_pg, caplog):
+    with caplog.at_level(logging.INFO, logger="fxsp"):
+        assert fxsp.backend(None).fusion_config() is None
+    assert any("CUDA" in r.message or "cuda" in r.message for r in caplog.records), [r.message for r in caplog.records]

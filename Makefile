@@ -6,11 +6,14 @@ NPROC ?= 2
 
 .PHONY: demo test setup clean
 
-$(VENV)/.ready: pyproject.toml constraints.txt requirements-vllm.txt
+$(VENV)/.ready: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 numpy -c constraints.txt
 	$(PY) -m pip install --quiet -e '.[test]' -c constraints.txt
+	touch $@
+
+$(VENV)/.vllm-ready: $(VENV)/.ready requirements-vllm.txt
 	# vLLM for tests/test_vllm_adapter.py: its pure-Python imports, then vLLM without its CUDA
 	# dependencies. 0.32.0 is the newest vLLM built against torch 2.13.0.
 	$(PY) -m pip install --quiet -r requirements-vllm.txt -c constraints.txt
@@ -22,7 +25,7 @@ setup: $(VENV)/.ready
 demo: $(VENV)/.ready
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/tp_llama.py
 
-test: $(VENV)/.ready
+test: $(VENV)/.ready $(VENV)/.vllm-ready
 	$(PY) -m pytest -q tests
 
 clean:

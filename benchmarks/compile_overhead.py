@@ -94,8 +94,10 @@ def plot(runs: list) -> None:
             ax.plot(numbers, [r["inductor"][clock] for r in runs], "s-", label="plain Inductor")
             ax.axhline(statistics.median(r["inductor"][clock] for r in runs) * GOAL, color="gray",
                        linestyle=":", label=f"goal: {GOAL}x Inductor's median")
-            ax.set(xlabel="run (alternating, fresh caches)", ylabel=f"{clock} seconds",
-                   title=f"compile of a {SPEC.layers}-layer TP Llama: {clock} time")
+            name = "CPU" if clock == "cpu" else clock
+            ax.set(xlabel="run (alternating, fresh caches)", ylabel=f"{name} seconds",
+                   title=f"compile of a {SPEC.layers}-layer TP Llama: {name} time")
+            ax.set_xticks(list(numbers))
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
             ax.legend(loc="lower right")

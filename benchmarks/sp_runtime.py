@@ -8,8 +8,8 @@ machine). Per row count, each rank compiles fxsp.testing.tp_llama.TPLlama (2 lay
 plain Inductor, checks both against the eager model, then alternates their steps:
 
 - step time: median over the timed steps of the slowest rank, each step started by a barrier;
-- peak memory per rank: the most tensor memory allocated during one step over what was
-  allocated before it (weights, inputs), read from the profiler's allocation events;
+- peak memory per rank: the most tensor memory allocated during a step over what was allocated
+  before it (weights, inputs), read from the profiler's allocation events, largest of 3 steps;
 - norm rows and residual bytes per rank, and collective bytes per layer (two all-reduce sites),
   from fxsp's report of the graph (`backend.reports[-1].traffic_before` / `traffic_after`);
 - gloo itself: one all-reduce against one reduce-scatter plus one all-gather of a [rows, hidden]
@@ -57,12 +57,14 @@ def steps_for(rows: int) -> int:
     return 3 if rows >= 4096 else 8
 
 
-def peak_step_memory(fn, tokens: torch.Tensor) -> int:
-    """Bytes: the peak of tensor memory allocated during one call, over what existed before."""
+def peak_step_memory(fn, tokens: torch.Tensor, steps: int = 3) -> int:
+    """Bytes: the peak of tensor memory allocated during a call, over what existed before; the
+    largest of `steps` calls, since gloo's worker thread allocates and frees at its own pace."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(tokens)
+        for _ in range(steps):
+            fn(tokens)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)

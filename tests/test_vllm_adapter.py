@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # vLLM finds no GPU and must be told; set before it loads
+# vLLM finds no GPU here and must be told (before it is imported, here and in spawned ranks).
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 import copy
 import importlib.util
 import pickle
 import subprocess
 import sys
+import textwrap
 import types
 
 import pytest
@@ -27,24 +29,27 @@ from tests.worlds import run_world
 
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
-    reason="vLLM is not installed (`make test` installs it: requirements-vllm.txt, then vllm --no-deps)")
+    reason="vLLM is not installed (`make test` installs it: requirements-vllm.txt, then vllm "
+           "--no-deps)")
 
 HIDDEN = 16
 SP_MIN_TOKENS = 8
+ATTENTION = ["vllm::unified_attention"]  # what vLLM splits the graph at by default
 
 
 def test_adapter_imports_without_vllm_and_says_what_is_missing():
-    code = "\n".join([
-        "import sys",
-        "import fxsp.adapters.vllm as adapter",
-        "print('vllm imported:', 'vllm' in sys.modules)",
-        "sys.modules['vllm'] = None  # as if vLLM were not installed",
-        "try:",
-        "    adapter.FxspVllmPass",
-        "except ImportError as e:",
-        "    print('ImportError:', e)",
-    ])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = textwrap.dedent("""
+        import sys
+        import fxsp.adapters.vllm as adapter
+        print("vllm imported:", "vllm" in sys.modules)
+        sys.modules["vllm"] = None  # as if vLLM were not installed
+        try:
+            adapter.FxspVllmPass
+        except ImportError as e:
+            print("ImportError:", e)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run.stdout
     assert "vllm imported: False" in out
     assert "ImportError: fxsp.adapters.vllm needs vLLM" in out
 
@@ -94,6 +99,23 @@ def test_configure_installs_the_pass_and_splits_compile_ranges(vllm_config):
 
 
 @needs_vllm
+def test_the_llm_compilation_config_of_docs_vllm_md():
+    from vllm.config import ParallelConfig, VllmConfig
+
+    from fxsp.adapters.vllm import FxspVllmPass
+
+    graph_pass = FxspVllmPass(min_tokens=1024)
+    config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=2), compilation_config={
+        "use_inductor_graph_partition": True,
+        "compile_ranges_endpoints": [1024 - 1],
+        "inductor_compile_config": {PASS_KEY: graph_pass},
+    })
+    compilation = config.compilation_config
+    assert compilation.inductor_compile_config[PASS_KEY] is graph_pass
+    assert [(r.start, r.end) for r in compilation.get_compile_ranges()] == [(1, 1023), (1024, 2048)]
+
+
+@needs_vllm
 def test_configure_leaves_ranges_alone_when_no_range_reaches_the_threshold(vllm_config):
     configure(vllm_config, min_tokens=1 << 20)
     assert vllm_config.compilation_config.compile_ranges_endpoints == [2048]
@@ -101,8 +123,9 @@ def test_configure_leaves_ranges_alone_when_no_range_reaches_the_threshold(vllm_
 
 @needs_vllm
 def test_configure_accepts_whole_graph_compilation_on_the_gpu_path(vllm_config):
-    configure(_as_on_gpu(vllm_config, ["vllm::unified_attention"], graph_partition=True), min_tokens=8)
-    configure(_as_on_gpu(copy.deepcopy(vllm_config), []), min_tokens=8)
+    split_after_passes = _as_on_gpu(copy.deepcopy(vllm_config), ATTENTION, graph_partition=True)
+    configure(split_after_passes, min_tokens=8)
+    configure(_as_on_gpu(vllm_config, []), min_tokens=8)
 
 
 @needs_vllm
@@ -110,7 +133,7 @@ def test_configure_accepts_whole_graph_compilation_on_the_gpu_path(vllm_config):
 def test_configure_refuses_vllms_own_sp(vllm_config, flag):
     # vLLM 0.32 has no SP flag; older versions had one of these (a plain attribute stands in).
     object.__setattr__(vllm_config.compilation_config.pass_config, flag, True)
-    with pytest.raises(ValueError, match=f"pass_config.{flag} is on: vLLM's own sequence parallelism"):
+    with pytest.raises(ValueError, match=f"{flag} is on: vLLM's own sequence parallelism"):
         configure(vllm_config, min_tokens=8)
 
 
@@ -118,15 +141,25 @@ def test_configure_refuses_vllms_own_sp(vllm_config, flag):
 def test_configure_refuses_a_runtime_that_expects_a_scattered_residual(vllm_config, monkeypatch):
     # vLLM versions with SP decide the residual layout between pipeline stages with
     # vllm.v1.worker.utils.is_residual_scattered_for_sp; 0.32 has no such function.
-    answers = []
-    worker_utils = types.SimpleNamespace(is_residual_scattered_for_sp=lambda config, tokens: answers.append(tokens) or True)
-    monkeypatch.setitem(sys.modules, "vllm.v1.worker.utils", worker_utils)
-    with pytest.raises(ValueError, match="treat the residual as scattered.*fxsp keeps every graph output full-size"):
-        configure(vllm_config, min_tokens=8)
-    assert answers == [2]  # asked at a multiple of the TP size, as vLLM requires
+    from fxsp.adapters import vllm as adapter
 
-    worker_utils.is_residual_scattered_for_sp = lambda config, tokens: False
-    configure(vllm_config, min_tokens=8)
+    asked, scattered = [], [True]
+
+    def is_residual_scattered_for_sp(config, tokens):
+        asked.append(tokens)
+        return scattered[0]
+
+    worker_utils = types.SimpleNamespace(is_residual_scattered_for_sp=is_residual_scattered_for_sp)
+    monkeypatch.setitem(sys.modules, "vllm.v1.worker.utils", worker_utils)
+    adapter._vllm_residual_check.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="treat the residual as scattered.*full-size"):
+            configure(vllm_config, min_tokens=8)
+        assert asked == [2]  # a multiple of the TP size, as vLLM requires
+        scattered[0] = False
+        configure(vllm_config, min_tokens=8)
+    finally:
+        adapter._vllm_residual_check.cache_clear()
 
 
 @needs_vllm
@@ -145,14 +178,15 @@ def test_configure_refuses_configs_that_never_run_inductor(vllm_config):
 @needs_vllm
 def test_configure_refuses_fx_level_piecewise_splitting(vllm_config):
     with pytest.raises(ValueError, match="use_inductor_graph_partition"):
-        configure(_as_on_gpu(vllm_config, ["vllm::unified_attention"]), min_tokens=8)
+        configure(_as_on_gpu(vllm_config, ATTENTION), min_tokens=8)
 
 
 @needs_vllm
 def test_configure_refuses_to_replace_another_post_pass(vllm_config):
     from vllm.compilation.passes.inductor_pass import CallableInductorPass
 
-    vllm_config.compilation_config.inductor_compile_config[PASS_KEY] = CallableInductorPass(lambda graph: None)
+    other_pass = CallableInductorPass(lambda graph: None)
+    vllm_config.compilation_config.inductor_compile_config[PASS_KEY] = other_pass
     with pytest.raises(ValueError, match="already holds"):
         configure(vllm_config, min_tokens=8)
 
@@ -177,8 +211,8 @@ def test_pass_survives_deepcopy_and_pickle():
     graph_pass = FxspVllmPass(min_tokens=SP_MIN_TOKENS)
     clone = copy.deepcopy(graph_pass)
     assert type(clone) is FxspVllmPass and clone.uuid() == graph_pass.uuid()
-    assert clone.reports is graph_pass.reports  # vLLM copies its Inductor config; reports reach the original
-    # vLLM's own copy: VllmBackend deep-copies inductor_compile_config.
+    # VllmBackend deep-copies inductor_compile_config: a copy's reports reach the original.
+    assert clone.reports is graph_pass.reports
     assert copy.deepcopy({PASS_KEY: graph_pass})[PASS_KEY].reports is graph_pass.reports
 
     graph_pass.reports.append("a report")
@@ -208,9 +242,7 @@ def test_pass_needs_vllms_tp_group():
 def _define_missing_c_ops() -> None:
     """vLLM's FixFunctionalizationPass names `_C.rotary_embedding` on every call, and vLLM's
     kernels (`vllm._C`) do not load on a CPU-only torch: a schema-only placeholder stands in."""
-    try:
-        torch.ops._C.rotary_embedding.default
-    except (AttributeError, RuntimeError):
+    if not hasattr(torch.ops._C, "rotary_embedding"):
         lib = torch.library.Library("_C", "FRAGMENT")  # noqa: TOR901 - another project's namespace
         lib.define("rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
                    "Tensor cos_sin_cache, bool is_neox) -> ()")
@@ -218,8 +250,11 @@ def _define_missing_c_ops() -> None:
 
 
 def _weights() -> tuple[torch.Tensor, ...]:
+    """Three row-parallel weight shards and a norm weight (the same on every rank: the test is
+    about the rewrite, not about sharding)."""
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(HIDDEN, HIDDEN, generator=g) / 4 for _ in range(3)) + (1 + 0.1 * torch.randn(HIDDEN, generator=g),)
+    matrices = [torch.randn(HIDDEN, HIDDEN, generator=g) / 4 for _ in range(3)]
+    return (*matrices, 1 + 0.1 * torch.randn(HIDDEN, generator=g))
 
 
 def _vllm_model(group_name: str):
@@ -246,7 +281,8 @@ def _cpu_model(tp_group):
     def model(x: torch.Tensor) -> torch.Tensor:
         h = tp_group.all_reduce(x @ w0)
         normed = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
-        return torch.ops.vllm_ir.fused_add_rms_norm(tp_group.all_reduce(normed @ w1), h, norm_weight, 1e-6)[0]
+        h2 = tp_group.all_reduce(normed @ w1)
+        return torch.ops.vllm_ir.fused_add_rms_norm(h2, h, norm_weight, 1e-6)[0]
 
     return model
 
@@ -278,7 +314,7 @@ def _on_rank(rank: int, world: int) -> dict:
 
     # The GPU path: vLLM's backend and PostGradPassManager, one compile per compile range.
     config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world))
-    config.compilation_config.mode = CompilationMode.VLLM_COMPILE  # vLLM on CPU would pick plain Inductor
+    config.compilation_config.mode = CompilationMode.VLLM_COMPILE  # CPU would use plain Inductor
     configure(config, min_tokens=SP_MIN_TOKENS)
     graph_pass = config.compilation_config.inductor_compile_config[PASS_KEY]
     ranges = config.compilation_config.get_compile_ranges()
@@ -296,10 +332,13 @@ def _on_rank(rank: int, world: int) -> dict:
 
         model, errors = _vllm_model(tp_group.unique_name), {}
         inductor_config = {**backend.inductor_config, **KEEP_BUFFERS}
+
+        def inductor(gm: torch.fx.GraphModule, inputs: list):
+            return compile_fx(gm, inputs, config_patches=inductor_config)
+
         for compile_range, token_counts in zip(ranges, [(6, 5), (9, 16)]):
             torch._dynamo.reset()
-            compiled = torch.compile(model, fullgraph=True,
-                                     backend=lambda gm, inputs: compile_fx(gm, inputs, config_patches=inductor_config))
+            compiled = torch.compile(model, fullgraph=True, backend=inductor)
             with pass_context(compile_range):
                 for tokens in token_counts:
                     x = _inputs(tokens, rank)
@@ -310,13 +349,13 @@ def _on_rank(rank: int, world: int) -> dict:
 
         # The CPU path: vLLM hands inductor_compile_config to plain Inductor, which calls the
         # pass directly; the graph's all-reduces are c10d ones over the TP device group.
-        cpu_config = configure(VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world)),
-                               min_tokens=SP_MIN_TOKENS)
-        cpu_pass = cpu_config.compilation_config.inductor_compile_config[PASS_KEY]
+        cpu_config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world))
+        configure(cpu_config, min_tokens=SP_MIN_TOKENS)
+        options = cpu_config.compilation_config.inductor_compile_config
+        cpu_pass = options[PASS_KEY]
         torch._dynamo.reset()
         model = _cpu_model(tp_group)
-        compiled = torch.compile(model, fullgraph=True,
-                                 options={**cpu_config.compilation_config.inductor_compile_config, **KEEP_BUFFERS})
+        compiled = torch.compile(model, fullgraph=True, options={**options, **KEEP_BUFFERS})
         x = _inputs(10, rank)
         result["cpu_error"] = (compiled(x) - model(x)).abs().max().item()
         result["cpu_reports"] = [report.counts for report in cpu_pass.reports]
@@ -330,14 +369,15 @@ def test_sp_inside_vllm_on_two_ranks(tmp_path):
     for rank, result in enumerate(ranks):
         assert result["pass_in_manager"]
         # configure() split the ranges at min_tokens - 1: SP for (8, 2048), not for (1, 7).
-        assert result["applicable"] == {(1, 7): False, (8, 2048): True, (7, 64): False, (8, 8): True,
-                                        (1, 1): False}, rank
+        expected = {(1, 7): False, (8, 2048): True, (7, 64): False, (8, 8): True, (1, 1): False}
+        assert result["applicable"] == expected, rank
         assert max(result["errors"].values()) < 1e-5, (rank, result["errors"])
 
-        # The pass ran once, for the SP range (5, 6, 9 and 16 tokens: padded where 2 does not divide).
+        # The pass ran once, for the SP range; 9 tokens are padded to 10 in the graph.
         assert len(result["reports"]) == 1, rank
         counts, after = result["reports"][0]
-        assert counts["raise.vllm_all_reduce"] == 3 and counts["raise.vllm_ir_fused_add_rms_norm"] == 2
+        assert counts["raise.vllm_all_reduce"] == 3
+        assert counts["raise.vllm_ir_fused_add_rms_norm"] == 2
         assert (counts["sp.first"], counts["sp.middle"], counts["sp.last"]) == (1, 1, 1)
         assert "vllm.reduce_scatter" in after and "vllm.all_gather" in after
         assert "vllm.all_reduce" not in after

@@ -12,20 +12,20 @@ docs/vllm.md for both.
 How the pass fits vLLM:
 
 - vLLM runs the custom post pass inside its PostGradPassManager (after its own fusions, before it
-  lowers its IR ops), and only for compile ranges where `is_applicable_for_range` says yes: here,
-  ranges whose smallest token count reaches the SP threshold. Where vLLM compiles with plain
-  Inductor (CPU: `DYNAMO_TRACE_ONCE`), Inductor calls the pass directly and fxsp's own row
-  threshold decides per graph.
+  lowers its IR ops), only for compile ranges where `is_applicable_for_range` says yes: ranges
+  whose smallest token count reaches the SP threshold. Where vLLM compiles with plain Inductor
+  (on CPU: DYNAMO_TRACE_ONCE), Inductor calls the pass directly and fxsp's own row threshold
+  decides per graph.
 - The rewrite emits collectives of the flavour it replaces (fxsp/ir/collectives.py):
   `vllm.all_reduce(x, "tp:0")` becomes `vllm.reduce_scatter` / `vllm.all_gather` over the same
-  group; vLLM on CPU traces its all-reduce to `_c10d_functional` over the TP device group, which
-  stays c10d.
+  group. vLLM on CPU traces its all-reduce to `_c10d_functional` over the TP device group, and
+  that stays c10d.
 - Graph outputs keep their full size: fxsp all-gathers every sharded value before it leaves the
   rewritten norms, and pads token counts the TP size does not divide inside the graph. So vLLM's
-  runtime needs no padding to a multiple of the TP size and must not expect a scattered residual
-  between pipeline stages, which is what vLLM's own SP needed; `configure` refuses that runtime.
-- The pass must see the whole model: vLLM's FX-level piecewise splitting would make every
-  residual leave its piece, all-gathered, and SP would cost more than it saves.
+  runtime needs no padding to a multiple of the TP size, and must not expect a residual
+  scattered between pipeline stages (what vLLM's own SP needed); `configure` refuses that.
+- The pass must see the whole model: with vLLM's FX-level piecewise splitting every residual
+  would leave its piece, all-gathered, and SP would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import hashlib
 import importlib
 import logging
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,12 +51,11 @@ from ..runtime.thresholds import SPThreshold, sp_min_tokens
 log = logging.getLogger("fxsp")
 
 PASS_KEY = "post_grad_custom_post_pass"
-# The PassConfig flags of vLLM's own SP pass: `enable_sequence_parallelism` up to v0.12, then
+# PassConfig flags of vLLM's own SP pass: `enable_sequence_parallelism` up to v0.12, then
 # `enable_sp`. vLLM 0.32 has neither.
 VLLM_SP_FLAGS = ("enable_sp", "enable_sequence_parallelism")
-# vLLM's CompilationMode values: NONE=0, STOCK_TORCH_COMPILE=1, DYNAMO_TRACE_ONCE=2 (both plain
-# torch.compile, Inductor given inductor_compile_config), VLLM_COMPILE=3 (vLLM's backend and
-# PostGradPassManager).
+# vLLM's CompilationMode: NONE=0; STOCK_TORCH_COMPILE=1 and DYNAMO_TRACE_ONCE=2 hand
+# inductor_compile_config to plain Inductor; VLLM_COMPILE=3 uses vLLM's backend and pass manager.
 _NO_COMPILE, _VLLM_COMPILE = 0, 3
 
 
@@ -63,7 +63,7 @@ _NO_COMPILE, _VLLM_COMPILE = 0, 3
 class PassOptions:
     """The pass's options; every one is part of its uuid."""
 
-    min_tokens: int | str = "auto"  # SP for >= this many tokens; "auto": fxsp.runtime.sp_min_tokens
+    min_tokens: int | str = "auto"  # SP from this many tokens; "auto": fxsp.runtime.sp_min_tokens
     fp8: bool = True  # the FP8 SP rules (all-gather FP8 bytes)
     explain: bool = False  # log every rule's best near-miss at INFO
 
@@ -92,10 +92,10 @@ class _FxspVllmPassImpl:
 
         FxspVllmPass(min_tokens="auto", fp8=True, explain=False, hidden_size=None, dtype=None)
 
-    `min_tokens="auto"` computes the threshold from the model's hidden size and dtype (given
-    here, by `configure`, or read from vLLM's current config) with `fxsp.runtime.sp_min_tokens`.
+    `min_tokens="auto"` takes the threshold from `fxsp.runtime.sp_min_tokens` for the model's
+    hidden size and dtype (given here, by `configure`, or read from vLLM's current config).
     `.reports` holds one `GraphReport` per graph the pass rewrote. A deepcopy shares `.reports`
-    with its original (vLLM copies its Inductor config); a pickled copy starts empty.
+    with its original (vLLM deep-copies its Inductor config); a pickled copy starts empty.
     """
 
     def __init__(self, *, min_tokens: int | str = "auto", fp8: bool = True, explain: bool = False,
@@ -107,9 +107,10 @@ class _FxspVllmPassImpl:
         self.reports: list[GraphReport] = []
 
     def threshold(self, tp_size: int) -> SPThreshold:
-        """The SP token threshold at `tp_size`; `min_tokens is None` means SP is off (`reason`)."""
-        if self.options.min_tokens != "auto":
-            return SPThreshold(self.options.min_tokens, f"min_tokens={self.options.min_tokens} set by the caller")
+        """The SP token threshold at `tp_size`; `min_tokens is None`: SP off, `reason` says why."""
+        min_tokens = self.options.min_tokens
+        if min_tokens != "auto":
+            return SPThreshold(min_tokens, f"min_tokens={min_tokens} set by the caller")
         hidden_size, dtype = self.hidden_size, self.dtype
         if hidden_size is None or dtype is None:
             hidden_size, dtype = _model_shape_from_current_config()
@@ -135,7 +136,8 @@ class _FxspVllmPassImpl:
             return
         compile_range = _current_compile_range()
         if compile_range is None:
-            # Plain Inductor (vLLM on CPU): fxsp judges each graph's rows itself.
+            # Plain Inductor (vLLM on CPU): fxsp judges each graph's rows itself; symbolic rows
+            # are only rewritten when the threshold is 0.
             min_tokens = self.options.min_tokens
         elif self.is_applicable_for_range(compile_range):
             min_tokens = 0  # every token count of the range reaches the threshold
@@ -146,23 +148,23 @@ class _FxspVllmPassImpl:
         self.reports.append(run_pipeline(graph, sp, explain=self.options.explain))
 
     def uuid(self) -> str:
-        """Covers fxsp's version and source, the options and the TP group with this rank (the
-        rewrite may slice this rank's rows, while Inductor's cache key is the same on every
-        rank). vLLM also hashes its config before the TP group exists; that hash has no TP part."""
+        """Covers fxsp's version and source, the options and the TP group with this rank: the
+        rewrite may slice this rank's rows, while Inductor's cache key is the same on every rank.
+        (vLLM also hashes its config before the TP group exists; that hash has no TP part.)"""
         from .. import __version__
 
         tp = vllm_tp_group()
-        parts = (__version__, _source_digest(), asdict(self.options), self.hidden_size, str(self.dtype),
-                 asdict(tp) if tp is not None else None)
+        parts = (__version__, _source_digest(), asdict(self.options), self.hidden_size,
+                 str(self.dtype), asdict(tp) if tp is not None else None)
         return hashlib.sha256(repr(parts).encode()).hexdigest()
 
     def __deepcopy__(self, memo: dict) -> Any:
         clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)  # the rest is immutable; `reports` is shared on purpose
+        clone.__dict__.update(self.__dict__)  # all immutable but `reports`, shared on purpose
         return clone
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "reports": []}  # reports hold graph text; a new process starts its own
+        return {**self.__dict__, "reports": []}  # another process keeps its own reports
 
     def __repr__(self) -> str:
         o = self.options
@@ -170,7 +172,7 @@ class _FxspVllmPassImpl:
 
 
 def __getattr__(name: str) -> Any:
-    # `FxspVllmPass` subclasses vLLM's InductorPass, so it exists only once vLLM is imported;
+    # FxspVllmPass subclasses vLLM's InductorPass, so it can only exist once vLLM is imported;
     # building it on first use keeps `import fxsp.adapters.vllm` free of vLLM.
     if name == "FxspVllmPass":
         return _pass_class()
@@ -179,10 +181,12 @@ def __getattr__(name: str) -> Any:
 
 @functools.cache
 def _pass_class() -> type:
-    base = _inductor_pass_base()
-    cls = types.new_class("FxspVllmPass", (_FxspVllmPassImpl, base),
-                          exec_body=lambda ns: ns.update(__module__=__name__, __doc__=_FxspVllmPassImpl.__doc__))
-    globals()["FxspVllmPass"] = cls  # later lookups, pickle among them, find it directly
+    def body(namespace: dict) -> None:
+        namespace.update(__module__=__name__, __doc__=_FxspVllmPassImpl.__doc__)
+
+    cls = types.new_class("FxspVllmPass", (_FxspVllmPassImpl, _inductor_pass_module().InductorPass),
+                          exec_body=body)
+    globals()["FxspVllmPass"] = cls  # later lookups, pickle's among them, find it directly
     return cls
 
 
@@ -191,22 +195,24 @@ def configure(vllm_config: Any, *, min_tokens: int | str = "auto", fp8: bool = T
     """Set `vllm_config` (a `VllmConfig`) up for fxsp's SP and return it.
 
     Installs a `FxspVllmPass` (hidden size and dtype from the model config) as the post-grad
-    custom post pass and adds a compile range boundary at threshold - 1, so the range below the
-    threshold compiles without SP and the one above with it. Raises ValueError when:
-    vLLM's own SP pass is on (both would rewrite the same graph) or its runtime would expect a
-    scattered residual (fxsp keeps graph outputs full-size); no Inductor compile would run the
-    pass; vLLM splits the graph into pieces before the passes; another custom post pass is set.
+    custom post pass and adds threshold - 1 to the compile range endpoints, so the range below
+    the threshold compiles without SP and the one from it with SP. Raises ValueError when vLLM's
+    own SP is on (both would rewrite the graph; its runtime would expect a scattered residual),
+    when no Inductor compile would run the pass, when vLLM splits the graph into pieces before
+    the passes, or when another custom post pass is installed.
     """
     if not hasattr(vllm_config, "compilation_config"):
-        raise TypeError(f"configure() takes a vllm.config.VllmConfig, not {type(vllm_config).__name__}")
+        kind = type(vllm_config).__name__
+        raise TypeError(f"configure() takes a vllm.config.VllmConfig, not {kind}")
     refuse_conflicts(vllm_config)
     compilation = vllm_config.compilation_config
     _require_inductor(compilation)
     _require_whole_graph(compilation)
     existing = compilation.inductor_compile_config.get(PASS_KEY)
     if existing is not None and not isinstance(existing, _FxspVllmPassImpl):
-        raise ValueError(f"compilation_config.inductor_compile_config[{PASS_KEY!r}] already holds "
-                         f"{existing!r}; vLLM runs one custom post pass and fxsp's would replace it")
+        raise ValueError(f"compilation_config.inductor_compile_config[{PASS_KEY!r}] already "
+                         f"holds {existing!r}; vLLM runs one custom post pass, and fxsp's would "
+                         "replace it")
     model = vllm_config.model_config
     if min_tokens == "auto" and model is None:
         raise ValueError("min_tokens='auto' needs the model's hidden size and dtype, and this "
@@ -226,10 +232,10 @@ def refuse_conflicts(vllm_config: Any) -> None:
     for flag in VLLM_SP_FLAGS:
         if getattr(pass_config, flag, False):
             raise ValueError(f"compilation_config.pass_config.{flag} is on: vLLM's own sequence "
-                             "parallelism pass would rewrite the same graph as fxsp's. Turn it off "
-                             "to use fxsp (or drop fxsp's pass to use vLLM's).")
-    # vLLM's own answer, where it has one: catches its SP under a flag name not listed above.
-    scattered = _runtime_scatters_residual(vllm_config)
+                             "parallelism pass would rewrite the same graph as fxsp's. Turn it "
+                             "off to use fxsp (or drop fxsp's pass to use vLLM's).")
+    # vLLM's own answer where it has one: catches its SP under a flag name not listed above.
+    scattered = _scattered_residual(vllm_config)
     if scattered is not None:
         raise ValueError(f"vLLM's runtime would treat the residual as scattered across TP ranks "
                          f"({scattered}), but fxsp keeps every graph output full-size: turn off "
@@ -260,10 +266,6 @@ def _inductor_pass_module() -> types.ModuleType:
     raise ImportError("this vLLM has no vllm.compilation(.passes).inductor_pass module")
 
 
-def _inductor_pass_base() -> type:
-    return _inductor_pass_module().InductorPass
-
-
 def _current_compile_range() -> Any:
     """The compile range vLLM's PostGradPassManager is compiling for, or None outside it."""
     get_pass_context = getattr(_inductor_pass_module(), "get_pass_context", None)
@@ -276,8 +278,7 @@ def _current_compile_range() -> Any:
 
 
 def _current_vllm_config() -> Any:
-    config = _import_vllm("vllm.config")
-    return config.get_current_vllm_config_or_none()
+    return _import_vllm("vllm.config").get_current_vllm_config_or_none()
 
 
 def _model_shape_from_current_config() -> tuple[int, torch.dtype]:
@@ -291,7 +292,7 @@ def _model_shape_from_current_config() -> tuple[int, torch.dtype]:
 
 
 def _tp_group_name_in(graph: Graph, tp: TPGroup) -> str:
-    """The name the graph's all-reduces give the TP group: vLLM's own when `vllm.all_reduce`
+    """The name the graph's all-reduces give the TP group: vLLM's own where `vllm.all_reduce`
     appears, else the device group's c10d name (vLLM on CPU traces to c10d collectives)."""
     vllm_all_reduce = vllm_op("all_reduce")
     if vllm_all_reduce is not None and graph.find_nodes(op="call_function", target=vllm_all_reduce):
@@ -301,13 +302,21 @@ def _tp_group_name_in(graph: Graph, tp: TPGroup) -> str:
     return tp.name
 
 
-def _runtime_scatters_residual(vllm_config: Any) -> str | None:
-    """Why vLLM's runtime would expect a scattered residual, or None. Asks vLLM's own
-    `is_residual_scattered_for_sp` where this vLLM has it (not 0.32), at token counts that are
-    multiples of the TP size, the only ones it accepts."""
+@functools.cache
+def _vllm_residual_check() -> Callable | None:
+    """vLLM's `is_residual_scattered_for_sp(config, tokens)`, or None where this vLLM has none
+    (0.32) or its worker module does not import (looked up once: a failed import would re-run)."""
     try:
-        check = importlib.import_module("vllm.v1.worker.utils").is_residual_scattered_for_sp
+        return importlib.import_module("vllm.v1.worker.utils").is_residual_scattered_for_sp
     except (ImportError, AttributeError):
+        return None
+
+
+def _scattered_residual(vllm_config: Any) -> str | None:
+    """Why vLLM's runtime would expect a scattered residual, or None. Asks at token counts that
+    are multiples of the TP size, the only ones vLLM's check accepts."""
+    check = _vllm_residual_check()
+    if check is None:
         return None
     tp = vllm_config.parallel_config.tensor_parallel_size
     compile_sizes = vllm_config.compilation_config.compile_sizes or []
@@ -315,7 +324,7 @@ def _runtime_scatters_residual(vllm_config: Any) -> str | None:
         try:
             if check(vllm_config, tokens):
                 return f"is_residual_scattered_for_sp(config, {tokens}) is True"
-        except AssertionError as e:  # its consistency checks fail only with its SP on
+        except AssertionError as e:  # its consistency checks, which only run with its SP on
             return f"is_residual_scattered_for_sp(config, {tokens}) failed: {e}"
     return None
 
@@ -323,16 +332,16 @@ def _runtime_scatters_residual(vllm_config: Any) -> str | None:
 def _require_inductor(compilation: Any) -> None:
     """Only Inductor runs post-grad passes: vLLM's backend (VLLM_COMPILE) or plain torch.compile
     (STOCK_TORCH_COMPILE, DYNAMO_TRACE_ONCE), with backend 'inductor' either way."""
-    if compilation.mode is None or int(compilation.mode) == _NO_COMPILE or compilation.backend != "inductor":
+    mode = compilation.mode
+    if mode is None or int(mode) == _NO_COMPILE or compilation.backend != "inductor":
         raise ValueError(f"fxsp's pass runs inside Inductor, and this config compiles with mode="
-                         f"{compilation.mode!r}, backend={compilation.backend!r}: use mode "
-                         "VLLM_COMPILE (3) with backend 'inductor', and do not enforce eager")
+                         f"{mode!r}, backend={compilation.backend!r}: use mode VLLM_COMPILE (3) "
+                         "with backend 'inductor', and do not enforce eager")
 
 
 def _require_whole_graph(compilation: Any) -> None:
-    splits_fx_graph = (int(compilation.mode) == _VLLM_COMPILE and compilation.splitting_ops
-                       and not compilation.use_inductor_graph_partition)
-    if splits_fx_graph:
+    if (int(compilation.mode) == _VLLM_COMPILE and compilation.splitting_ops
+            and not compilation.use_inductor_graph_partition):
         raise ValueError(
             f"vLLM splits the model's graph at {compilation.splitting_ops} before Inductor, so "
             "fxsp's pass would see pieces whose residual leaves every piece full-size: SP would "

@@ -9,7 +9,10 @@ plain Inductor, checks both against the eager model, then alternates their steps
 
 - step time: median over the timed steps of the slowest rank, each step started by a barrier;
 - peak memory per rank: the most tensor memory allocated during a step over what was allocated
-  before it (weights, inputs), read from the profiler's allocation events, largest of 3 steps;
+  before it (weights, inputs), from the profiler's allocation events; median and range of 3
+  steps, the largest rank's. It varies from step to step with SP on gloo: gloo's reduce-scatter
+  clones its whole input on a worker thread, and how many clones are alive at once depends on
+  thread timing;
 - norm rows and residual bytes per rank, and collective bytes per layer (two all-reduce sites),
   from fxsp's report of the graph (`backend.reports[-1].traffic_before` / `traffic_after`);
 - gloo itself: one all-reduce against one reduce-scatter plus one all-gather of a [rows, hidden]
@@ -57,22 +60,24 @@ def steps_for(rows: int) -> int:
     return 3 if rows >= 4096 else 8
 
 
-def peak_step_memory(fn, tokens: torch.Tensor, steps: int = 3) -> int:
-    """Bytes: the peak of tensor memory allocated during a call, over what existed before; the
-    largest of `steps` calls, since gloo's worker thread allocates and frees at its own pace."""
+def peak_step_memory(fn, tokens: torch.Tensor, steps: int = 3) -> list:
+    """Bytes, per call: the peak of tensor memory allocated during the call over what existed
+    before it, from the profiler's allocation events (every thread's, gloo's workers included)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in range(steps):
+    peaks = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn(tokens)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as trace:
-            events = json.load(trace)["traceEvents"]
-    # The profiler counts allocations from its start: "Total Allocated" is memory above then.
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max(totals, default=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as trace:
+                events = json.load(trace)["traceEvents"]
+        # The profiler counts allocations from its start: "Total Allocated" is memory above then.
+        totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+        peaks.append(max(totals, default=0))
+    return peaks
 
 
 def collective_ms(rows: int, hidden: int) -> dict:
@@ -162,14 +167,22 @@ def measure(rank: int, world: int, rows_list: list) -> list:
 
 
 def combine(by_rank: list) -> list:
-    """Rank 0's figures, with step time the slowest rank's and memory the largest rank's."""
+    """Rank 0's figures, with step time the slowest rank's and memory (per-step peaks) the rank's
+    with the largest median."""
     combined = []
     for per_rank in zip(*by_rank):
         figures = dict(per_rank[0])
-        for key in ("step_ms", "peak_bytes", "gloo_ms", "error", "compile_s"):
+        for key in ("step_ms", "gloo_ms", "error", "compile_s"):
             figures[key] = {name: max(r[key][name] for r in per_rank) for name in per_rank[0][key]}
+        figures["peak_bytes"] = {name: max((r["peak_bytes"][name] for r in per_rank), key=statistics.median)
+                                 for name in per_rank[0]["peak_bytes"]}
         combined.append(figures)
     return combined
+
+
+def mib(peaks: list) -> str:
+    """Median [min-max] of per-step peaks, in MiB."""
+    return f"{statistics.median(peaks) / MiB:.1f} [{min(peaks) / MiB:.1f}-{max(peaks) / MiB:.1f}]"
 
 
 def print_tables(results: list) -> None:
@@ -177,11 +190,11 @@ def print_tables(results: list) -> None:
     print(f"TP {TP} over gloo, CPU, 1 thread per rank; {SPEC.layers} layers, hidden {SPEC.hidden}, "
           f"MLP {SPEC.inter}, {SPEC.dtype}\n")
     print(f"{'rows':>5} {'steps':>5} {'inductor ms':>11} {'fxsp ms':>8} {'fxsp/ind':>8} "
-          f"{'peak MiB ind':>12} {'peak MiB fxsp':>13} {'compile s ind/fxsp':>18} {'max err ind/fxsp':>17}")
+          f"{'peak MiB ind':>18} {'peak MiB fxsp':>18} {'compile s ind/fxsp':>18} {'max err ind/fxsp':>17}")
     for f in results:
         s, p, c, e = f["step_ms"], f["peak_bytes"], f["compile_s"], f["error"]
         print(f"{f['rows']:>5} {steps_for(f['rows']):>5} {s['inductor']:>11.1f} {s['fxsp']:>8.1f} "
-              f"{s['fxsp'] / s['inductor']:>8.2f} {p['inductor'] / MiB:>12.1f} {p['fxsp'] / MiB:>13.1f} "
+              f"{s['fxsp'] / s['inductor']:>8.2f} {mib(p['inductor']):>18} {mib(p['fxsp']):>18} "
               f"{c['inductor']:>9.1f}/{c['fxsp']:<8.1f} {e['inductor']:>8.1e}/{e['fxsp']:.1e}")
     print("\nper rank, per layer (fxsp's report; 'ind' = the graph before SP, as Inductor runs it;"
           "\n'sent' = bytes a rank sends with ring algorithms, as NCCL runs them, not gloo):")
@@ -213,10 +226,13 @@ def plot(results: list) -> None:
         for name, marker in (("inductor", "s-"), ("fxsp", "o-")):
             label = "plain Inductor" if name == "inductor" else "fxsp (SP)"
             time_ax.plot(rows, [f["step_ms"][name] for f in results], marker, label=label)
-            memory_ax.plot(rows, [f["peak_bytes"][name] / MiB for f in results], marker, label=label)
+            medians = [statistics.median(f["peak_bytes"][name]) / MiB for f in results]
+            spread = [[m - min(f["peak_bytes"][name]) / MiB for m, f in zip(medians, results)],
+                      [max(f["peak_bytes"][name]) / MiB - m for m, f in zip(medians, results)]]
+            memory_ax.errorbar(rows, medians, yerr=spread, fmt=marker, capsize=3, label=label)
         time_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="step ms (slowest rank)",
                     title="step time, TP 2 gloo")
-        memory_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="MiB",
+        memory_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="MiB (median, range of 3 steps)",
                       title="peak step memory per rank")
         gloo_ax.plot(rows, [f["gloo_ms"]["all_reduce"] for f in results], "s-", label="all-reduce")
         gloo_ax.plot(rows, [f["gloo_ms"]["rs_ag"] for f in results], "o-",

@@ -70,13 +70,15 @@ class Rule:
         """The first complete match rooted at `node`, or None (failure reasons go to `trace`)."""
         for b in match(self.pattern, node, Bindings(), trace):
             reason = self._check(node, b)
-            if reason is None:
-                found = Match(self, node, b.values, b.nodes)
-                verdict = self.where(found) if self.where is not None else True
-                if verdict is True:
-                    return found
-                reason = verdict if isinstance(verdict, str) else "`where` rejected the match"
-            trace.fail(b.depth, "a self-contained match", reason, node)
+            if reason is not None:
+                trace.fail(b.depth, "a self-contained match", reason, node)
+                continue
+            found = Match(self, node, b.values, b.nodes)
+            verdict = self.where(found) if self.where is not None else True
+            if verdict is True:
+                return found
+            trace.fail(b.depth, "the rule's condition",
+                       verdict if isinstance(verdict, str) else "`where` rejected the match", node)
         return None
 
     def _check(self, root: Node, b: Bindings) -> str | None:

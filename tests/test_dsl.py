@@ -496,9 +496,9 @@ def test_where_vetoes_a_match_with_a_reason():
     pattern = op(aten.mul.Tensor, tensor("x"), 2)
     assert len(matches(pattern, trace(lambda x: x * 2, (3,)), where=small_only)) == 1
     assert near_miss(pattern, trace(lambda x: x * 2, (30,)), where=small_only) == (
-        "probe at mul: step 4 expected a self-contained match, got x_1 is too large")
+        "probe at mul: step 4 expected the rule's condition, got x_1 is too large")
     assert near_miss(pattern, trace(lambda x: x * 2, (3,)), where=lambda m: False) == (
-        "probe at mul: step 4 expected a self-contained match, got `where` rejected the match")
+        "probe at mul: step 4 expected the rule's condition, got `where` rejected the match")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,15 +4,51 @@ from .backend import Backend, Options, backend
 from .builder import Builder
 from .golden import golden
 from .pattern import (
-    ADD, CAST, MUL, PASS_THROUGH, Pattern, alt, anything, dims, dtype, getitem, literal, op, scalar,
-    string, tensor, through,
+    ADD,
+    CAST,
+    MUL,
+    PASS_THROUGH,
+    Pattern,
+    alt,
+    anything,
+    dims,
+    dtype,
+    getitem,
+    literal,
+    op,
+    scalar,
+    string,
+    tensor,
+    through,
 )
 from .rules import Match, Report, Rule, RuleSet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "Options", "backend", "ADD", "CAST", "MUL", "PASS_THROUGH", "Builder", "Match", "Pattern", "Report", "Rule", "RuleSet",
-    "alt", "anything", "dims", "dtype", "getitem", "golden", "literal", "op", "scalar", "string",
-    "tensor", "through",
+    "ADD",
+    "CAST",
+    "MUL",
+    "PASS_THROUGH",
+    "Backend",
+    "Builder",
+    "Match",
+    "Options",
+    "Pattern",
+    "Report",
+    "Rule",
+    "RuleSet",
+    "alt",
+    "anything",
+    "backend",
+    "dims",
+    "dtype",
+    "getitem",
+    "golden",
+    "literal",
+    "op",
+    "scalar",
+    "string",
+    "tensor",
+    "through",
 ]

@@ -14,20 +14,21 @@ import contextlib
 import copy
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import sympy
 import torch
 import torch.distributed as dist
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .pipeline import GraphReport, run_pipeline
-from .runtime.guard import RankGuard, fingerprint, graph_structure
 from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
+from .pipeline import GraphReport, run_pipeline
 from .runtime.fusion import decide_allreduce_rms_fusion
+from .runtime.guard import RankGuard, fingerprint, graph_structure
 
 log = logging.getLogger("fxsp")
 
@@ -48,7 +49,7 @@ class Options:
     pipeline_size: int = 1  # pipeline stages; the fused all-reduce is off above 1 (it deadlocks)
 
 
-def backend(tp_group: Any = None, **options: Any) -> "Backend":
+def backend(tp_group: Any = None, **options: Any) -> Backend:
     """A torch.compile backend applying sequence parallelism over `tp_group`.
 
     `tp_group`: a ProcessGroup, a 1-D DeviceMesh, or None for the default group.
@@ -139,13 +140,11 @@ class Backend:
         if self._fusion is None:
             group = _process_group(self.tp_group)
             world = dist.get_world_size(group)
-            # The kernel's summation order depends on the rows: not batch-invariant.
-            if not self.options.allreduce_fusion or self.options.batch_invariant or world == 1:
-                self._fusion = (None,)
-            elif not decide_allreduce_rms_fusion(world, self.options.pipeline_size).enabled:
-                self._fusion = (None,)
-            else:
-                self._fusion = (AllReduceNormConfig(group=group.group_name, world=world, fp8=self.options.fp8),)
+            # batch_invariant: the kernel's summation order depends on the rows.
+            wanted = self.options.allreduce_fusion and not self.options.batch_invariant and world > 1
+            allowed = wanted and decide_allreduce_rms_fusion(world, self.options.pipeline_size).enabled
+            config = AllReduceNormConfig(group=group.group_name, world=world, fp8=self.options.fp8)
+            self._fusion = (config if allowed else None,)
         return self._fusion[0]
 
 

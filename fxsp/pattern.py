@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.fx import Node
@@ -35,10 +36,10 @@ class Pattern:
 
     name: str | None = None
 
-    def named(self, name: str) -> "Pattern":
+    def named(self, name: str) -> Pattern:
         return replace(self, name=name)
 
-    def __or__(self, other: "Pattern") -> "Pattern":
+    def __or__(self, other: Pattern) -> Pattern:
         return alt(self, other)
 
 
@@ -258,14 +259,14 @@ class Bindings:
     nodes: tuple = ()  # graph nodes matched by Op/Through patterns: the match's interior
     depth: int = 0
 
-    def bind(self, name: str | None, value: Any) -> "Bindings | None":
+    def bind(self, name: str | None, value: Any) -> Bindings | None:
         if name is None:
             return self
         if name in self.values:
             return self if _same(self.values[name], value) else None
         return Bindings({**self.values, name: value}, self.nodes, self.depth)
 
-    def step(self, node: Node | None = None) -> "Bindings":
+    def step(self, node: Node | None = None) -> Bindings:
         nodes = self.nodes + (node,) if node is not None else self.nodes
         return Bindings(self.values, nodes, self.depth + 1)
 

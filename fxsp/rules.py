@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import validate_partition
@@ -31,7 +32,7 @@ log = logging.getLogger("fxsp")
 class Match:
     """One place where a rule's pattern matched: its bindings, root and interior nodes."""
 
-    rule: "Rule"
+    rule: Rule
     root: Node
     bindings: dict
     nodes: tuple
@@ -60,7 +61,7 @@ class Rule:
     pattern: Pattern
     rewrite: Rewrite
     outputs: tuple = ()
-    where: Callable[[Match], "bool | str"] | None = None
+    where: Callable[[Match], bool | str] | None = None
 
     def anchors(self) -> frozenset:
         """The op targets a root node of this rule can have: the index the matcher uses."""

@@ -18,8 +18,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxsp
 from fxsp import (
-    ADD, MUL, Builder, Rule, RuleSet, alt, anything, dims, dtype, getitem, literal, op, scalar,
-    string, tensor, through,
+    ADD,
+    MUL,
+    Builder,
+    Rule,
+    RuleSet,
+    alt,
+    anything,
+    dims,
+    dtype,
+    getitem,
+    literal,
+    op,
+    scalar,
+    string,
+    tensor,
+    through,
 )
 
 aten = torch.ops.aten

@@ -102,7 +102,11 @@ def dtensor_compare(rank: int, world: int, rows: int) -> tuple:
     """An MLP stack parallelised with DTensor's ColwiseParallel / RowwiseParallel."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     from fxsp.testing.tp_llama import RMSNorm
 

@@ -21,8 +21,9 @@ libraries are present; `load_gpu_providers()` imports them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -31,7 +31,16 @@ from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATI
 from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import sp_min_tokens
-from .rows import RowBlocks, from_padded_rows, row_blocks, row_count, same_shape, this_rank_rows, to_padded_rows, val
+from .rows import (
+    RowBlocks,
+    from_padded_rows,
+    row_blocks,
+    row_count,
+    same_shape,
+    this_rank_rows,
+    to_padded_rows,
+    val,
+)
 
 aten = torch.ops.aten
 

@@ -2,7 +2,6 @@
 pipeline-stage boundaries and Inductor's reuse heuristic."""
 
 from .guard import RankMismatchError
-
 from .inductor_reuse import install as install_inductor_reuse_patch
 from .inductor_reuse import is_installed as inductor_reuse_patch_installed
 from .inductor_reuse import should_realize
@@ -19,7 +18,18 @@ from .thresholds import (
 )
 
 __all__ = [
-    "DeviceInfo", "FusionLimit", "RankMismatchError", "gather_rows", "padded_block_rows", "SPThreshold", "allreduce_rms_max_tokens", "device_info",
-    "inductor_reuse_patch_installed", "install_inductor_reuse_patch", "should_realize",
-    "sp_min_tokens", "thresholds_markdown", "uninstall_inductor_reuse_patch",
+    "DeviceInfo",
+    "FusionLimit",
+    "RankMismatchError",
+    "SPThreshold",
+    "allreduce_rms_max_tokens",
+    "device_info",
+    "gather_rows",
+    "inductor_reuse_patch_installed",
+    "install_inductor_reuse_patch",
+    "padded_block_rows",
+    "should_realize",
+    "sp_min_tokens",
+    "thresholds_markdown",
+    "uninstall_inductor_reuse_patch",
 ]

@@ -14,7 +14,8 @@ One all-gather of two int64 per compiled graph, on its first call only.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -36,7 +36,7 @@ class Spec:
     collective: str = "funcol"  # "funcol" or "inplace" (dist.all_reduce)
     final_norm: bool = True
 
-    def with_(self, **changes) -> "Spec":
+    def with_(self, **changes) -> Spec:
         return replace(self, **changes)
 
 

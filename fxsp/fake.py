@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -29,6 +30,8 @@ def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
     vals = tree_map(val, (args, kwargs), is_leaf=lambda a: isinstance(a, Node))
     if missing:
         return None
+    if target is operator.getitem:  # an element of a tuple value: nothing to run
+        return operator.getitem(*vals[0])
     tensors = [v for v in tree_flatten(vals)[0] if isinstance(v, torch.Tensor)]
     try:
         mode = detect_fake_mode(tensors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from torch.fx import Graph, Node
@@ -20,8 +21,11 @@ class Builder:
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> Node:
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Node)]
-        # Never before a placeholder: FX and Inductor expect every graph input first.
-        anchor = max([*inputs, self._last_placeholder()])
+        anchor = max(inputs) if inputs else None
+        # Never before a placeholder: FX and Inductor expect every graph input first. An input
+        # that is not a placeholder already comes after all of them.
+        if anchor is None or anchor.op == "placeholder":
+            anchor = max(filter(None, (anchor, self._last_placeholder())))
         # Nodes this builder already put after the anchor come first: keeps creation order.
         while anchor.next in self.created:
             anchor = anchor.next
@@ -45,6 +49,14 @@ class Builder:
         for user in _users_before(new):
             cursor.append(user)
             cursor = user
+
+    def replace_items(self, tuple_node: Node, new: dict) -> None:
+        """Point the users of `tuple_node[i]` at `new[i]`, for each index in `new`, and erase
+        those getitems; users of other items stay as they are."""
+        for user in list(tuple_node.users):
+            if user.target is operator.getitem and user.args[1] in new:
+                self.replace(user, new[user.args[1]])
+                user.graph.erase_node(user)
 
     def _last_placeholder(self) -> Node:
         placeholders = self.graph.find_nodes(op="placeholder")

@@ -295,7 +295,7 @@ def _c_rms_norm_ok(m: Match) -> bool | str:
 
 def _c_rms_norm(b: Builder, m: Match) -> None:
     out = b.call(RMS_NORM, m["x"], m["weight"], float(m["eps"]))
-    _replace_items(b, m.root, {1: _as_dtype(b, out, _val(_mutated(m, "out")[0]).dtype)})
+    b.replace_items(m.root, {1: _as_dtype(b, out, _val(_mutated(m, "out")[0]).dtype)})
 
 
 def _c_fused_ok(m: Match) -> bool | str:
@@ -313,7 +313,7 @@ def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
     x, residual = _mutated(m, "x", "residual")
     fused = b.call(FUSED_ADD_RMS_NORM, x, residual, m["weight"], float(m["eps"]))
     out = _as_dtype(b, b.call(operator.getitem, fused, 0), _val(x).dtype)
-    _replace_items(b, m.root, {1: out, 2: b.call(operator.getitem, fused, 1)})
+    b.replace_items(m.root, {1: out, 2: b.call(operator.getitem, fused, 1)})
 
 
 def _vllm_ir_ok(m: Match) -> bool | str:
@@ -334,7 +334,7 @@ def _vllm_ir_ok(m: Match) -> bool | str:
 def _vllm_ir_fused(b: Builder, m: Match) -> None:
     fused = b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], float(m["eps"]))
     old = m.root.meta["val"]
-    _replace_items(b, m.root, {0: _as_dtype(b, b.call(operator.getitem, fused, 0), old[0].dtype),
+    b.replace_items(m.root, {0: _as_dtype(b, b.call(operator.getitem, fused, 0), old[0].dtype),
                                1: b.call(operator.getitem, fused, 1)})
 
 
@@ -409,7 +409,7 @@ def _c_quant_ok(m: Match) -> bool | str:
 
 def _c_quant(b: Builder, m: Match) -> None:
     out = b.call(STATIC_FP8_QUANT, m["x"], m["scale"], torch.float8_e4m3fn)
-    _replace_items(b, m.root, {1: out})
+    b.replace_items(m.root, {1: out})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,8 +509,3 @@ def _as_dtype_of(b: Builder, node: Node, old: Node) -> Node:
     return _as_dtype(b, node, _val(old).dtype)
 
 
-def _replace_items(b: Builder, tuple_node: Node, new: dict) -> None:
-    """Point the users of `tuple_node[i]` at `new[i]` and erase the getitems."""
-    for user in list(tuple_node.users):
-        b.replace(user, new[user.args[1]])
-        user.graph.erase_node(user)

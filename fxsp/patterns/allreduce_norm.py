@@ -109,11 +109,8 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         if not _quant(m):  # same outputs as the fused_add_rms_norm it replaces
             return b.call(ALLREDUCE_FUSED_ADD_RMS_NORM, *args)
         fused = b.call(ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT, *args)
-        residual_out = b.call(operator.getitem, fused, 1)
-        for user in list(m["norm"].users):  # the residual stream: readers of the norm's [1]
-            if user.target is operator.getitem and user.args[1] == 1:
-                b.replace(user, residual_out)
-                user.graph.erase_node(user)
+        # the residual stream: readers of the norm's [1]
+        b.replace_items(m["norm"], {1: b.call(operator.getitem, fused, 1)})
         return b.call(operator.getitem, fused, 0)
 
     rules = [

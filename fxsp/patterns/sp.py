@@ -138,9 +138,9 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         if "fp8_dtype" in m.bindings:
             b.replace(m.root, out)
         else:
-            _replace_item(b, m["norm"], 0, out)
+            b.replace_items(m["norm"], {0: out})
         if residual_alive(m):
-            _replace_item(b, m["norm"], 1, _gather(b, m, cfg, blocks, residual_out))
+            b.replace_items(m["norm"], {1: _gather(b, m, cfg, blocks, residual_out)})
 
     rules = [
         Rule("sp.first_fp8", first_fp8, first, outputs=("reduced",), where=applicable),
@@ -219,9 +219,3 @@ def _rows_of(b: Builder, residual: Node, blocks: RowBlocks, cfg: SPConfig, group
 def _index(user: Node) -> int | None:
     return user.args[1] if user.target is operator.getitem else None
 
-
-def _replace_item(b: Builder, tuple_node: Node, index: int, new: Node) -> None:
-    for user in list(tuple_node.users):
-        if _index(user) == index:
-            b.replace(user, new)
-            user.graph.erase_node(user)

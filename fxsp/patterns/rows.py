@@ -16,7 +16,6 @@ import torch
 from torch.fx import Node
 
 from ..builder import Builder
-from ..fake import same_shape  # noqa: F401 - re-exported for the SP rules
 
 aten = torch.ops.aten
 

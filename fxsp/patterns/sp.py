@@ -26,6 +26,7 @@ import torch
 from torch.fx import Node
 
 from ..builder import Builder
+from ..fake import same_shape
 from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
@@ -36,7 +37,6 @@ from .rows import (
     from_padded_rows,
     row_blocks,
     row_count,
-    same_shape,
     this_rank_rows,
     to_padded_rows,
     val,

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch._functorch.config
 import torch.distributed as dist
 
 
@@ -34,3 +35,7 @@ def fake_pg(request):
 
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torch raises on a custom op whose output aliases an input only when CI is set; raise
+    # everywhere so a local run fails where CI would (spawned ranks inherit the variable).
+    os.environ.setdefault("TORCHINDUCTOR_ERROR_ON_CUSTOM_OP_ALIASING", "1")
+    torch._functorch.config.error_on_custom_op_aliasing = True

@@ -13,6 +13,7 @@ import os
 # vLLM finds no GPU here and must be told (before it is imported, here and in spawned ranks).
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
+import contextlib
 import copy
 import importlib.util
 import pickle
@@ -291,11 +292,18 @@ def _inputs(tokens: int, rank: int) -> torch.Tensor:
     return torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(100 * rank + tokens))
 
 
-# vLLM's CPU all-reduce writes into its input (CpuCommunicator.all_reduce is in place although
-# vllm.all_reduce is declared out-of-place; on GPU it is out-of-place). Inductor's buffer reuse
-# would then overwrite all-reduce results in graphs that keep them (the range without SP), so
-# these compiles keep every buffer.
-KEEP_BUFFERS = {"allow_buffer_reuse": False, "inplace_buffers": False}
+@contextlib.contextmanager
+def _out_of_place_all_reduce(tp_group):
+    """`vllm.all_reduce` is declared out-of-place and is so on GPU, where vLLM calls it. Driving
+    the GPU path on CPU runs it through CpuCommunicator.all_reduce, which reduces into its input
+    and returns it: torch rejects that aliasing (an error under CI=1) and Inductor's buffer reuse
+    would overwrite the kept input. Give the op its GPU semantics for the span of that path."""
+    in_place = tp_group._all_reduce_out_place
+    tp_group._all_reduce_out_place = lambda tensor: in_place(tensor.clone())
+    try:
+        yield
+    finally:
+        del tp_group._all_reduce_out_place
 
 
 def _on_rank(rank: int, world: int) -> dict:
@@ -331,19 +339,20 @@ def _on_rank(rank: int, world: int) -> dict:
                            pickle.loads(pickle.dumps(graph_pass)).uuid()]
 
         model, errors = _vllm_model(tp_group.unique_name), {}
-        inductor_config = {**backend.inductor_config, **KEEP_BUFFERS}
+        inductor_config = backend.inductor_config
 
         def inductor(gm: torch.fx.GraphModule, inputs: list):
             return compile_fx(gm, inputs, config_patches=inductor_config)
 
-        for compile_range, token_counts in zip(ranges, [(6, 5), (9, 16)]):
-            torch._dynamo.reset()
-            compiled = torch.compile(model, fullgraph=True, backend=inductor)
-            with pass_context(compile_range):
-                for tokens in token_counts:
-                    x = _inputs(tokens, rank)
-                    torch._dynamo.mark_dynamic(x, 0)  # as vLLM marks the token dim
-                    errors[tokens] = (compiled(x) - model(x)).abs().max().item()
+        with _out_of_place_all_reduce(tp_group):
+            for compile_range, token_counts in zip(ranges, [(6, 5), (9, 16)]):
+                torch._dynamo.reset()
+                compiled = torch.compile(model, fullgraph=True, backend=inductor)
+                with pass_context(compile_range):
+                    for tokens in token_counts:
+                        x = _inputs(tokens, rank)
+                        torch._dynamo.mark_dynamic(x, 0)  # as vLLM marks the token dim
+                        errors[tokens] = (compiled(x) - model(x)).abs().max().item()
         result["errors"] = errors
         result["reports"] = [(report.counts, report.after) for report in graph_pass.reports]
 
@@ -355,7 +364,7 @@ def _on_rank(rank: int, world: int) -> dict:
         cpu_pass = options[PASS_KEY]
         torch._dynamo.reset()
         model = _cpu_model(tp_group)
-        compiled = torch.compile(model, fullgraph=True, options={**options, **KEEP_BUFFERS})
+        compiled = torch.compile(model, fullgraph=True, options=options)
         x = _inputs(10, rank)
         result["cpu_error"] = (compiled(x) - model(x)).abs().max().item()
         result["cpu_reports"] = [report.counts for report in cpu_pass.reports]

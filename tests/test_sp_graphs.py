@@ -219,7 +219,7 @@ return (%24,)""")
 %15 = fxsp.rms_norm.default(%14, %3, 1e-06)  : f32[((s77 + 1)//2), 8]
 %16 = _c10d_functional.all_gather_into_tensor.default(%15, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
 %17 = _c10d_functional.wait_tensor.default(%16)  : f32[2*(((s77 + 1)//2)), 8]
-%18 = aten.slice.Tensor(%17, 0, 0, %7)  : f32[s77, 8]
+%18 = aten.as_strided.default(%17, [%7, 8], [8, 1], 0)  : f32[s77, 8]
 %19 = aten.mm.default(%18, %4)  : f32[s77, 8]
 %20 = aten.sym_size.int(%19, 0)  : SymInt
 %21 = operator.add(%20, 1)  : SymInt
@@ -233,7 +233,7 @@ return (%24,)""")
 %29 = operator.getitem(%28, 0)  : f32[((s77 + 1)//2), 8]
 %30 = _c10d_functional.all_gather_into_tensor.default(%29, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
 %31 = _c10d_functional.wait_tensor.default(%30)  : f32[2*(((s77 + 1)//2)), 8]
-%32 = aten.slice.Tensor(%31, 0, 0, %20)  : f32[s77, 8]
+%32 = aten.as_strided.default(%31, [%20, 8], [8, 1], 0)  : f32[s77, 8]
 return (%32,)""")
 
     def test_graph_break_keeps_outputs_full_size(self):

@@ -81,11 +81,25 @@ def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks) -> Node:
 def from_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> Node:
     """[padded, H] → the original [*, H]: drop the padding rows, restore the token dims."""
     pad = blocks.padding(b)
-    if not (isinstance(pad, int) and pad == 0):
-        full = b.call(aten.slice.Tensor, full, 0, 0, blocks.rows)
+    if isinstance(pad, int):
+        if pad:
+            full = b.call(aten.slice.Tensor, full, 0, 0, blocks.rows)
+    else:
+        full = _first_rows(b, full, blocks.rows)
     if len(blocks.shape) == 2:
         return full
     return b.call(aten.view.default, full, list(blocks.shape))
+
+
+def _first_rows(b: Builder, full: Node, rows: Size) -> Node:
+    """full[:rows] for symbolic rows. A slice would make Dynamo and Inductor guard
+    `rows <= tp * ceil(rows / tp)`, true but beyond sympy, which breaks
+    `mark_dynamic(min=, max=)`; the same view stated by its strides has no bound to check."""
+    t = val(full)
+    if not t.is_contiguous():  # the all-gather's fresh buffer always is
+        return b.call(aten.slice.Tensor, full, 0, 0, rows)
+    return b.call(aten.as_strided.default, full, [rows, *t.shape[1:]], list(t.stride()),
+                  t.storage_offset())
 
 
 def this_rank_rows(b: Builder, padded: Node, blocks: RowBlocks, rank: int) -> Node:

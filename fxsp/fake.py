@@ -51,6 +51,12 @@ def _empty_like(v: Any) -> Any:
     return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
 
 
+def tensor_of(node: Any) -> torch.Tensor | None:
+    """The fake tensor a node computes (its `meta["val"]`); None for anything else."""
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
 def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True only when the shapes are provably equal: an unknown symbolic equality counts as no,
     and asking installs no guard."""

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from .fake import tensor_of
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -400,7 +402,7 @@ def _passes_through(node: Node) -> bool:
     src, out = node.args[0], node
     if not isinstance(src, Node):
         return False
-    a, o = src.meta.get("val"), out.meta.get("val")
+    a, o = tensor_of(src), tensor_of(out)
     return a is not None and o is not None and tuple(a.shape) == tuple(o.shape)
 
 
@@ -464,14 +466,13 @@ def _named_argument(node: Node, name: str, schema: list | None) -> Any:
 
 
 def _rank(node: Node) -> int | None:
-    first = node.args[0] if node.args else None
-    val = first.meta.get("val") if isinstance(first, Node) else None
-    return val.dim() if isinstance(val, torch.Tensor) else None
+    val = tensor_of(node.args[0]) if node.args else None
+    return val.dim() if val is not None else None
 
 
 def _dtype_of(node: Node) -> torch.dtype | None:
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) else None
+    val = tensor_of(node)
+    return val.dtype if val is not None else None
 
 
 def _same(a: Any, b: Any) -> bool:

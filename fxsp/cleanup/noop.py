@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fake import same_shape
+from ..fake import same_shape, tensor_of
 from ..pattern import anything, op, tensor
 from ..rules import Match, Rule, RuleSet
 
@@ -15,13 +15,8 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 x, y = tensor("x"), tensor("y")
 
 
-def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val")
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _same(a, b) -> bool:
-    va, vb = _val(a), _val(b)
+    va, vb = tensor_of(a), tensor_of(b)
     return va is not None and vb is not None and same_shape(va, vb)
 
 
@@ -36,7 +31,7 @@ def _src_fills_self(m: Match) -> bool | str:
 
 
 def _shape_text(node) -> str:
-    v = _val(node)
+    v = tensor_of(node)
     return "unknown" if v is None else str(list(v.shape))
 
 

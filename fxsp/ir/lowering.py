@@ -27,6 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
 from ..builder import Builder
+from ..fake import tensor_of
 from . import ops
 from .collectives import all_reduce_sum
 from .providers import choose
@@ -128,7 +129,7 @@ def _replace(node: Node, result: Any) -> None:
 
 
 def _val(node: Any) -> torch.Tensor:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    if not isinstance(val, torch.Tensor):
+    val = tensor_of(node)
+    if val is None:
         raise TypeError(f"lowering {node} needs its meta['val'] (a fake tensor)")
     return val

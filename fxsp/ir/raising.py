@@ -41,7 +41,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
-from ..fake import same_shape
+from ..fake import same_shape, tensor_of
 from ..pattern import (
     ADD,
     CAST,
@@ -126,7 +126,7 @@ c10d_sum_in_place = op(aten.copy.default, tensor("x"), c10d_sum)
 
 def _copy_is_plain(m: Match) -> bool | str:
     """copy(x, y) is y when it neither broadcasts nor casts."""
-    x, out = _val(m["x"]), _val(m.root)
+    x, out = tensor_of(m["x"]), tensor_of(m.root)
     return (same_shape(x, out) and x.dtype == out.dtype) or "the copy broadcasts or casts"
 
 
@@ -170,7 +170,7 @@ aten_rms_norm = alt(
 def _exact_norm(m: Match) -> bool | str:
     """The matched norm computes what fxsp.rms_norm computes, up to the rounding the module
     docstring allows."""
-    x, down_to = _val(m["x"]), m.get("down")
+    x, down_to = tensor_of(m["x"]), m.get("down")
     if x.dtype in LOW and down_to is None:
         dt = _short(x.dtype)
         return f"the fp32 result of a {dt} norm is never cast back to {dt}"
@@ -187,7 +187,7 @@ def _per_feature_weight(x: Node, w: Any) -> bool | str:
     """A weight is one value per feature: shape [H], H the last dim of x."""
     if w is None:
         return True
-    xv, wv = _val(x), _val(w)
+    xv, wv = tensor_of(x), tensor_of(w)
     if wv is None or wv.dim() != 1 or not _same_size(wv.shape[0], xv.shape[-1]):
         shape = list(wv.shape) if wv is not None else "?"
         return f"weight of shape {shape} is not one value per feature ({xv.shape[-1]})"
@@ -195,7 +195,7 @@ def _per_feature_weight(x: Node, w: Any) -> bool | str:
 
 
 def _aten_norm_ok(m: Match) -> bool | str:
-    x, shape = _val(m["x"]), m["shape"]
+    x, shape = tensor_of(m["x"]), m["shape"]
     last_dim = isinstance(shape, (list, tuple)) and len(shape) == 1
     if not (last_dim and _same_size(shape[0], x.shape[-1])):
         return f"normalized_shape {list(shape)} is not the last dim"
@@ -287,7 +287,7 @@ def _c_rms_norm_ok(m: Match) -> bool | str:
     out = _mutated(m, "out")
     if out is None:
         return "not one whole result buffer"
-    x, buf = _val(m["x"]), _val(out[0])
+    x, buf = tensor_of(m["x"]), tensor_of(out[0])
     if not same_shape(buf, x) or x.dtype not in FLOATS:
         return "result buffer and input differ in shape, or the input is not fp32/bf16/fp16"
     return _all(lambda: _per_feature_weight(m["x"], m["weight"]), lambda: _outputs_only(m, {1}))
@@ -295,14 +295,14 @@ def _c_rms_norm_ok(m: Match) -> bool | str:
 
 def _c_rms_norm(b: Builder, m: Match) -> None:
     out = b.call(RMS_NORM, m["x"], m["weight"], float(m["eps"]))
-    b.replace_items(m.root, {1: _as_dtype(b, out, _val(_mutated(m, "out")[0]).dtype)})
+    b.replace_items(m.root, {1: _as_dtype(b, out, tensor_of(_mutated(m, "out")[0]).dtype)})
 
 
 def _c_fused_ok(m: Match) -> bool | str:
     operands = _mutated(m, "x", "residual")
     if operands is None:
         return "input and residual are not two distinct whole tensors"
-    x, r = map(_val, operands)
+    x, r = map(tensor_of, operands)
     if not same_shape(x, r) or x.dtype != r.dtype or x.dtype not in FLOATS:
         return "input and residual differ in shape or dtype"
     return _all(lambda: _per_feature_weight(operands[0], m["weight"]),
@@ -312,20 +312,20 @@ def _c_fused_ok(m: Match) -> bool | str:
 def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
     x, residual = _mutated(m, "x", "residual")
     fused = b.call(FUSED_ADD_RMS_NORM, x, residual, m["weight"], float(m["eps"]))
-    out = _as_dtype(b, b.call(operator.getitem, fused, 0), _val(x).dtype)
+    out = _as_dtype(b, b.call(operator.getitem, fused, 0), tensor_of(x).dtype)
     b.replace_items(m.root, {1: out, 2: b.call(operator.getitem, fused, 1)})
 
 
 def _vllm_ir_ok(m: Match) -> bool | str:
     if "residual" in m.bindings:
-        x, r = _val(m["x"]), _val(m["residual"])
+        x, r = tensor_of(m["x"]), tensor_of(m["residual"])
         if not same_shape(x, r) or x.dtype != r.dtype:
             return "input and residual differ in shape or dtype"
     if m["weight"] is not None and not isinstance(m["weight"], Node):
         return "weight is not a tensor"
     # vLLM versions round the normalised value to the weight's dtype or to x's: the same only
     # when they are the same.
-    if m["weight"] is not None and _val(m["weight"]).dtype != _val(m["x"]).dtype:
+    if m["weight"] is not None and tensor_of(m["weight"]).dtype != tensor_of(m["x"]).dtype:
         return "weight and x differ in dtype"
     outputs = (lambda: _outputs_only(m, {0, 1})) if "residual" in m.bindings else (lambda: True)
     return _all(lambda: _per_feature_weight(m["x"], m["weight"]), outputs)
@@ -347,7 +347,7 @@ add_then_norm = op(RMS_NORM, residual_sum, anything("weight"), scalar("eps"))
 
 
 def _plain_sum(m: Match) -> bool | str:
-    x, residual, out = (_val(m[n]) for n in ("x", "residual", "residual_out"))
+    x, residual, out = (tensor_of(m[n]) for n in ("x", "residual", "residual_out"))
     if same_shape(x, out) and same_shape(residual, out):
         return True
     return f"the add broadcasts ({tuple(x.shape)} + {tuple(residual.shape)})"
@@ -382,10 +382,10 @@ def _fp8_range(m: Match) -> bool | str:
         return f"clamp to [{lo}, {hi}] is not {m['fp8_dtype']}'s range ±{bound}"
     if _is_upcast(m["x"]):
         return "x is an up-cast: the quant's input is the value before it"
-    if _val(m["quotient"]).dtype != F32:
-        return f"x / scale is computed in {_short(_val(m['quotient']).dtype)}, not fp32"
-    s = _val(m["scale"])
-    if not _same_size(s.numel(), 1) or s.dim() > _val(m["x"]).dim():
+    if tensor_of(m["quotient"]).dtype != F32:
+        return f"x / scale is computed in {_short(tensor_of(m['quotient']).dtype)}, not fp32"
+    s = tensor_of(m["scale"])
+    if not _same_size(s.numel(), 1) or s.dim() > tensor_of(m["x"]).dim():
         return f"scale of shape {list(s.shape)} is not one per-tensor value"
     return True
 
@@ -400,9 +400,9 @@ def _c_quant_ok(m: Match) -> bool | str:
         return "not one whole result buffer"
     out = out[0]
     # vLLM's kernels clamp float8_e4m3fnuz at 224, not its max 240: only e4m3fn is equivalent.
-    if _val(out).dtype != torch.float8_e4m3fn:
-        return f"result buffer of dtype {_val(out).dtype}: vLLM's fnuz kernels clamp at 224"
-    if not same_shape(_val(out), _val(m["x"])) or not _same_size(_val(m["scale"]).numel(), 1):
+    if tensor_of(out).dtype != torch.float8_e4m3fn:
+        return f"result buffer of dtype {tensor_of(out).dtype}: vLLM's fnuz kernels clamp at 224"
+    if not same_shape(tensor_of(out), tensor_of(m["x"])) or not _same_size(tensor_of(m["scale"]).numel(), 1):
         return "result buffer and input differ in shape, or the scale is not per-tensor"
     return _outputs_only(m, {1})
 
@@ -473,10 +473,6 @@ def _lookup(namespace: str, name: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, Node) else None
-
-
 def _short(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -488,8 +484,8 @@ def _same_size(a: Any, b: Any) -> bool:
 def _is_upcast(node: Node) -> bool:
     """A cast of a bf16/fp16 value to fp32."""
     return (node.op == "call_function" and node.target in CAST and isinstance(node.args[0], Node)
-            and _val(node.args[0]) is not None and _val(node.args[0]).dtype in LOW
-            and _val(node).dtype == F32)
+            and tensor_of(node.args[0]) is not None and tensor_of(node.args[0]).dtype in LOW
+            and tensor_of(node).dtype == F32)
 
 
 def _is_centred(node: Node) -> bool:
@@ -502,10 +498,10 @@ def _is_centred(node: Node) -> bool:
 
 def _as_dtype(b: Builder, node: Node, dt: torch.dtype) -> Node:
     """`node`, cast to `dt` if the IR op's result dtype differs from the spelling's."""
-    return node if _val(node).dtype == dt else b.call(prims.convert_element_type.default, node, dt)
+    return node if tensor_of(node).dtype == dt else b.call(prims.convert_element_type.default, node, dt)
 
 
 def _as_dtype_of(b: Builder, node: Node, old: Node) -> Node:
-    return _as_dtype(b, node, _val(old).dtype)
+    return _as_dtype(b, node, tensor_of(old).dtype)
 
 

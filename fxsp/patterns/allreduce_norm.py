@@ -32,7 +32,7 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
-from ..fake import same_shape
+from ..fake import same_shape, tensor_of
 from ..ir.fused_ops import (
     ALLREDUCE_FUSED_ADD_RMS_NORM,
     ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT,
@@ -43,7 +43,7 @@ from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATI
 from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import allreduce_rms_max_tokens
-from .rows import row_count, val
+from .rows import row_count
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         """Rank-independent facts only: every rank must fuse the same sites."""
         if m["group"] != cfg.group:
             return f"all-reduce over group {m['group']!r}, not the TP group"
-        t = val(m["x"])
+        t = tensor_of(m["x"])
         if t.dim() < 1:
             return "a 0-d all-reduce has no rows"
         limit = _max_rows(cfg, t)
@@ -91,7 +91,7 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
             return f"{rows} rows > fusion limit {limit}"
         if not isinstance(rows, int) and not statically_known_true(rows <= limit):
             return f"symbolic rows may exceed the fusion limit {limit}"
-        if "residual" in m.bindings and not same_shape(t, val(m["residual"])):
+        if "residual" in m.bindings and not same_shape(t, tensor_of(m["residual"])):
             return "residual shape differs from the all-reduce's"
         return True
 

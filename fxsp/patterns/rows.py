@@ -16,14 +16,11 @@ import torch
 from torch.fx import Node
 
 from ..builder import Builder
+from ..fake import tensor_of
 
 aten = torch.ops.aten
 
 Size = Any  # int or an FX node producing a SymInt
-
-
-def val(node: Node) -> torch.Tensor:
-    return node.meta["val"]
 
 
 def row_count(t: torch.Tensor) -> Any:
@@ -35,7 +32,7 @@ def row_count(t: torch.Tensor) -> Any:
 
 
 def _size(b: Builder, x: Node, dim: int) -> Size:
-    d = val(x).shape[dim]
+    d = tensor_of(x).shape[dim]
     return d if isinstance(d, int) else b.call(aten.sym_size.int, x, dim)
 
 
@@ -61,7 +58,7 @@ class RowBlocks:
 
 
 def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
-    shape = [_size(b, x, d) for d in range(val(x).dim())]
+    shape = [_size(b, x, d) for d in range(tensor_of(x).dim())]
     rows = shape[0]
     for d in shape[1:-1]:
         rows = _arith(b, operator.mul, rows, d)
@@ -71,7 +68,7 @@ def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
 
 def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks) -> Node:
     """[*, H] → [padded, H], zero rows appended where the TP size does not divide the rows."""
-    flat = x if val(x).dim() == 2 else b.call(aten.view.default, x, [blocks.rows, blocks.shape[-1]])
+    flat = x if tensor_of(x).dim() == 2 else b.call(aten.view.default, x, [blocks.rows, blocks.shape[-1]])
     pad = blocks.padding(b)
     if isinstance(pad, int) and pad == 0:
         return flat
@@ -95,7 +92,7 @@ def _first_rows(b: Builder, full: Node, rows: Size) -> Node:
     """full[:rows] for symbolic rows. A slice would make Dynamo and Inductor guard
     `rows <= tp * ceil(rows / tp)`, true but beyond sympy, which breaks
     `mark_dynamic(min=, max=)`; the same view stated by its strides has no bound to check."""
-    t = val(full)
+    t = tensor_of(full)
     if not t.is_contiguous():  # the all-gather's fresh buffer always is
         return b.call(aten.slice.Tensor, full, 0, 0, rows)
     return b.call(aten.as_strided.default, full, [rows, *t.shape[1:]], list(t.stride()),

@@ -26,7 +26,7 @@ import torch
 from torch.fx import Node
 
 from ..builder import Builder
-from ..fake import same_shape
+from ..fake import same_shape, tensor_of
 from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
@@ -39,7 +39,6 @@ from .rows import (
     row_count,
     this_rank_rows,
     to_padded_rows,
-    val,
 )
 
 aten = torch.ops.aten
@@ -90,7 +89,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             return f"all-reduce over group {m['group']!r}, not the TP group"
         if m["flavor"] == "vllm" and vllm_op("reduce_scatter") is None:
             return "vLLM collectives are not loaded"
-        t = val(m["x"])
+        t = tensor_of(m["x"])
         if t.dim() < 2:
             return f"activation of rank {t.dim()} has no token dim"
         rows, need = row_count(t), _min_rows(cfg, t)
@@ -102,7 +101,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             if not cfg.dispatch or row_thresholds is None:
                 return f"symbolic rows may fall below min_tokens {need}"
             row_thresholds.append((rows.node.expr, need))
-        if "residual" in m.bindings and not same_shape(t, val(m["residual"])):
+        if "residual" in m.bindings and not same_shape(t, tensor_of(m["residual"])):
             return "residual shape differs from the all-reduce's"
         return True
 
@@ -195,7 +194,7 @@ def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node)
     """The full-size value of `shard`, remembered as its twin for later rewrites.
 
     FP8 travels as uint8: the same bytes, and every backend (gloo, NCCL) can carry them."""
-    dt = val(shard).dtype
+    dt = tensor_of(shard).dtype
     if dt in FP8_DTYPES:
         as_bytes = b.call(aten.view.dtype, shard, torch.uint8)
         gathered = b.call(aten.view.dtype, all_gather_rows(b, as_bytes, cfg.world, m["group"], m["flavor"]), dt)

@@ -58,6 +58,18 @@ def backend(tp_group: Any = None, **options: Any) -> Backend:
     return Backend(tp_group, Options(**options))
 
 
+def _traced_floats(gm: torch.fx.GraphModule) -> list[str]:
+    """Sources of the graph inputs that Dynamo made of Python floats (passed as 0-d tensors)."""
+    names = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        arg = node.meta.get("grapharg")
+        if arg is not None and arg.pass_arg_as_tensor and arg.fake_tensor is not None \
+                and arg.fake_tensor.dtype.is_floating_point:
+            name = arg.source.name
+            names.append(name() if callable(name) else name)  # a method before torch 2.13
+    return names
+
+
 class Backend:
     def __init__(self, tp_group: Any, options: Options) -> None:
         if options.inner not in ("inductor", "eager"):
@@ -66,10 +78,13 @@ class Backend:
         self.options = options
         self.reports: list[GraphReport] = []
         self._said_off = False
+        self._floats_named: set[str] = set()
         self._fusion: tuple | None = None  # (config or None,) once decided
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         sp = self.sp_config()
+        if sp is not None:
+            self._name_traced_floats(gm)
         seen = len(self.reports)
         compiled = self._compile_variants(gm, example_inputs, sp)
         if sp is None or not self.options.check_ranks:
@@ -79,6 +94,17 @@ class Backend:
         new = self.reports[seen:]
         decisions = fingerprint([(r.counts, r.collectives) for r in new]) if new else 0
         return RankGuard(compiled, self._group, facts, decisions, what=f"graph {seen}")
+
+    def _name_traced_floats(self, gm: torch.fx.GraphModule) -> None:
+        """Say once which Python floats Dynamo made graph inputs: a norm whose eps is one has no
+        constant eps to match, so it silently stays as it is otherwise."""
+        new = [name for name in _traced_floats(gm) if name not in self._floats_named]
+        if new:
+            self._floats_named.update(new)
+            log.warning("fxsp: Dynamo traced Python floats as graph inputs (%s); a norm whose eps is "
+                        "one is not rewritten. torch.compile(dynamic=True) does this: set "
+                        "torch._dynamo.config.specialize_float = True, or mark the token dims with "
+                        "torch._dynamo.mark_dynamic instead.", ", ".join(new))
 
     def _compile_variants(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
         if sp is None or not self._may_dispatch(example_inputs):

@@ -125,3 +125,33 @@ def test_fusion_is_off_on_cpu_and_says_why(fake_pg, caplog):
     with caplog.at_level(logging.INFO, logger="fxsp"):
         assert fxsp.backend(None).fusion_config() is None
     assert any("CUDA" in r.message or "cuda" in r.message for r in caplog.records), [r.message for r in caplog.records]
+
+
+def test_floats_traced_as_inputs_are_named_with_the_fix(fake_pg, caplog, monkeypatch):
+    """dynamic=True makes each norm's eps a graph input, which no rule can match: the backend
+    says so once, naming the floats and the fix; the fix it names makes the rewrite happen."""
+    from fxsp.testing.tp_llama import Spec, TPLlama
+
+    model = TPLlama(Spec(layers=1))
+
+    def sp_matches(backend) -> int:
+        return sum(v for r in backend.reports for k, v in r.counts.items() if k.startswith("sp."))
+
+    backend = fxsp.backend(None, inner="eager")
+    with caplog.at_level(logging.WARNING, logger="fxsp"), torch.no_grad():
+        compiled = torch.compile(model, backend=backend, dynamic=True)
+        compiled(model.example_input(8))
+        compiled(model.example_input(8))
+    named = [r.message for r in caplog.records if "traced Python floats" in r.message]
+    assert len(named) == 1 and "specialize_float" in named[0], named
+    assert named[0].count(".eps") == 3, named  # two layer norms and the final norm
+    assert sp_matches(backend) == 0
+
+    torch._dynamo.reset()
+    caplog.clear()
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", True)
+    backend = fxsp.backend(None, inner="eager")
+    with caplog.at_level(logging.WARNING, logger="fxsp"), torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=True)(model.example_input(8))
+    assert not [r for r in caplog.records if "traced Python floats" in r.message]
+    assert sp_matches(backend) == 3  # first, middle, last

@@ -127,7 +127,7 @@ def test_fusion_is_off_on_cpu_and_says_why(fake_pg, caplog):
     assert any("CUDA" in r.message or "cuda" in r.message for r in caplog.records), [r.message for r in caplog.records]
 
 
-def test_floats_traced_as_inputs_are_named_with_the_fix(fake_pg, caplog, monkeypatch):
+def test_floats_traced_as_inputs_are_named_with_the_fix(fake_pg, caplog):
     """dynamic=True makes each norm's eps a graph input, which no rule can match: the backend
     says so once, naming the floats and the fix; the fix it names makes the rewrite happen."""
     from fxsp.testing.tp_llama import Spec, TPLlama
@@ -149,9 +149,9 @@ def test_floats_traced_as_inputs_are_named_with_the_fix(fake_pg, caplog, monkeyp
 
     torch._dynamo.reset()
     caplog.clear()
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", True)
     backend = fxsp.backend(None, inner="eager")
-    with caplog.at_level(logging.WARNING, logger="fxsp"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="fxsp"), torch.no_grad(), \
+            torch._dynamo.config.patch(specialize_float=True):
         torch.compile(model, backend=backend, dynamic=True)(model.example_input(8))
     assert not [r for r in caplog.records if "traced Python floats" in r.message]
     assert sp_matches(backend) == 3  # first, middle, last

@@ -77,12 +77,10 @@ def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks) -> Node:
 
 def from_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> Node:
     """[padded, H] → the original [*, H]: drop the padding rows, restore the token dims."""
-    pad = blocks.padding(b)
-    if isinstance(pad, int):
-        if pad:
-            full = b.call(aten.slice.Tensor, full, 0, 0, blocks.rows)
-    else:
+    if not isinstance(blocks.rows, int):
         full = _first_rows(b, full, blocks.rows)
+    elif blocks.padded != blocks.rows:
+        full = b.call(aten.slice.Tensor, full, 0, 0, blocks.rows)
     if len(blocks.shape) == 2:
         return full
     return b.call(aten.view.default, full, list(blocks.shape))

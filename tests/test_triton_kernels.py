@@ -513,7 +513,8 @@ assert constants["PASSES_BLOCKS"] == 1 and constants["BLOCK"] == 4096, constants
 graph = make_fx(dispatch_functionalize(lambda x, w: ops.rms_norm(x, w, 1e-6)),
                 tracing_mode="symbolic")(torch.ones(5, 96), torch.ones(96)).graph
 launch, = graph.find_nodes(op="call_function", target=higher_order.triton_kernel_wrapper_functional)
-assert "s" in str(launch.kwargs["grid"][0][0]), launch.kwargs["grid"]
+rows = launch.kwargs["grid"][0][0]
+assert isinstance(rows, torch.fx.Node) and isinstance(rows.meta["val"], torch.SymInt), rows
 """
 
 

@@ -47,6 +47,7 @@ imported, since Triton builds its own library functions for the interpreter or n
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -255,20 +256,25 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     out_dtype = _norm_dtype(norm_input, weight)
     out = torch.empty(x.shape, dtype=out_dtype if fp8_dtype is None else fp8_dtype,
                       device=x.device)
-    kernel = _kernel_for(x)
+    fake = is_fake(x) or x.is_meta
+    kernel = _kernel_for(x, fake)
     if kernel is None or statically_known_true(x.numel() == 0):
         return out, residual_out
 
-    rows = x.reshape(-1, hidden).contiguous()
-    passes_blocks = 0 if hidden <= MAX_SINGLE_PASS_COLS else triton.cdiv(hidden, MULTI_PASS_BLOCK)
-    block = triton.next_power_of_2(hidden) if passes_blocks == 0 else MULTI_PASS_BLOCK
+    # Every call takes this path, so it calls torch as little as it can: the kernel reads rows
+    # at flat offsets, which any contiguous tensor of x's shape has.
+    x = _dense(x)
+    block, passes_blocks, num_warps = _launch_shape(int(hidden), MAX_SINGLE_PASS_COLS,
+                                                    MULTI_PASS_BLOCK)
     # A dummy stands in for absent tensors; the constexpr flags keep it from being read.
-    dummy = rows
-    with _on_device_of(x):
-        kernel[(rows.shape[0],)](
-            rows, dummy if residual is None else residual.reshape(-1, hidden).contiguous(),
-            dummy if weight is None else weight.contiguous(),
-            dummy if scale is None else scale.to(x.device),
+    dummy = x
+    if scale is not None and scale.device != x.device:
+        scale = scale.to(x.device)
+    with _on_device_of(x, fake):
+        kernel[(x.numel() // hidden,)](
+            x, dummy if residual is None else _dense(residual),
+            dummy if weight is None else _dense(weight),
+            dummy if scale is None else scale,
             out if fp8_dtype is None else out.view(torch.uint8),  # FP8 as its bit patterns
             dummy if residual_out is None else residual_out,
             hidden, eps, 0.0 if fp8_dtype is None else fp8_max(fp8_dtype),
@@ -276,16 +282,31 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
             FP8_EXPONENT_BIAS=0 if fp8_dtype is None else _FP8_EXPONENT_BIAS[fp8_dtype],
             BLOCK=block, PASSES_BLOCKS=passes_blocks,
-            num_warps=min(max(block // 256, 1), 16),
+            num_warps=num_warps,
         )
     return out, residual_out
 
 
-def _kernel_for(x: torch.Tensor):
+@functools.cache
+def _launch_shape(hidden: int, max_single_pass: int, multi_pass_block: int) -> tuple:
+    """(BLOCK, PASSES_BLOCKS, num_warps) for rows of `hidden` (cached: Triton's own helpers
+    cost microseconds a call)."""
+    if hidden <= max_single_pass:
+        block, passes_blocks = 1 << max(hidden - 1, 0).bit_length(), 0  # next power of 2
+    else:
+        block, passes_blocks = multi_pass_block, -(-hidden // multi_pass_block)
+    return block, passes_blocks, min(max(block // 256, 1), 16)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _kernel_for(x: torch.Tensor, fake: bool):
     """The kernel to launch on x's rows, or None where there is nothing to run: fake tensors
     under the interpreter (compiled kernels take fake tensors through `wrap_triton`, whose
     launch records a graph node or does nothing)."""
-    if is_fake(x) or x.is_meta:
+    if fake:
         return None if triton is None or runs_interpreted() else wrap_triton(_rms_norm_kernel)
     if triton is None:
         raise RuntimeError("fxsp_triton ops need Triton, which is not installed")
@@ -297,10 +318,10 @@ def _kernel_for(x: torch.Tensor):
     return wrap_triton(_rms_norm_kernel)
 
 
-def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+def _on_device_of(x: torch.Tensor, fake: bool) -> contextlib.AbstractContextManager:
     # Triton launches on the current CUDA device, which need not be x's (checked first: the
     # switch costs more than the check, and this is every call's path).
-    if x.is_cuda and not is_fake(x) and x.get_device() != torch.cuda.current_device():
+    if x.is_cuda and not fake and x.get_device() != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
 

@@ -203,27 +203,44 @@ def measure_cuda(ops: list, hidden_sizes: list, rows_list: list, dtype: torch.dt
     results = []
     for op in ops:
         for hidden in hidden_sizes:
-            contenders = {"fxsp eager": op.fxsp, "fxsp compiled": compiled(op.fxsp),
-                          "inductor": compiled(op.reference)}
-            for rows in rows_list:
-                x, residual, weight, scale = inputs(rows, hidden, dtype, device)
-                args = (x, residual, weight, scale)
-                expected = op.reference(*args)
-                moved = op.bytes_moved(rows, hidden, x.element_size())
-                source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
-                target = torch.empty_like(source)
-                row = {"op": op.name, "hidden": hidden, "rows": rows, "bytes": moved,
-                       "max_error": {}, "gpu_us": {}, "b2b_us": {}, "host_us": {}}
-                for name, fn in contenders.items():
-                    row["max_error"][name] = check(op, fn(*args), expected)
-                calls = {name: (lambda fn=fn: fn(*args)) for name, fn in contenders.items()}
-                calls["copy"] = lambda: target.copy_(source)
-                for name, call in calls.items():
-                    row["gpu_us"][name] = graph_us(call)
-                    row["b2b_us"][name] = back_to_back_us(call)
-                    row["host_us"][name] = host_us(call)
-                results.append(row)
-                print_row(row)
+            for group in size_groups(rows_list):
+                results += measure_group(op, hidden, group, dtype, device)
+    return results
+
+
+def size_groups(rows_list: list) -> list:
+    """Decode and prefill row counts apart, each largest first: a compile with dynamic rows
+    tunes its kernels for the size it first sees, so each group gets its own."""
+    groups = [sorted((r for r in rows_list if r < 1024), reverse=True),
+              sorted((r for r in rows_list if r >= 1024), reverse=True)]
+    return [g for g in groups if g]
+
+
+def measure_group(op: Op, hidden: int, rows_list: list, dtype: torch.dtype,
+                  device: torch.device) -> list:
+    results = []
+    torch._dynamo.reset()  # a compile of its own: Dynamo would reuse one of another group
+    contenders = {"fxsp eager": op.fxsp, "fxsp compiled": compiled(op.fxsp),
+                  "inductor": compiled(op.reference)}
+    for rows in rows_list:
+        x, residual, weight, scale = inputs(rows, hidden, dtype, device)
+        args = (x, residual, weight, scale)
+        expected = op.reference(*args)
+        moved = op.bytes_moved(rows, hidden, x.element_size())
+        source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+        target = torch.empty_like(source)
+        row = {"op": op.name, "hidden": hidden, "rows": rows, "bytes": moved,
+               "max_error": {}, "gpu_us": {}, "b2b_us": {}, "host_us": {}}
+        for name, fn in contenders.items():
+            row["max_error"][name] = check(op, fn(*args), expected)
+        calls = {name: (lambda fn=fn: fn(*args)) for name, fn in contenders.items()}
+        calls["copy"] = lambda: target.copy_(source)
+        for name, call in calls.items():
+            row["gpu_us"][name] = graph_us(call)
+            row["b2b_us"][name] = back_to_back_us(call)
+            row["host_us"][name] = host_us(call)
+        results.append(row)
+        print_row(row)
     return results
 
 
@@ -232,8 +249,9 @@ def measure_cpu(ops: list, hidden_sizes: list, rows_list: list, dtype: torch.dty
     results = []
     for op in ops:
         for hidden in hidden_sizes:
+            torch._dynamo.reset()
             inductor = compiled(op.reference)
-            for rows in rows_list:
+            for rows in sorted(rows_list, reverse=True):
                 x, residual, weight, scale = inputs(rows, hidden, dtype, device)
                 args = (x, residual, weight, scale)
                 moved = op.bytes_moved(rows, hidden, x.element_size())
@@ -315,7 +333,8 @@ def main(argv: list | None = None) -> int:
         hidden = args.hidden or list(HIDDEN)
         rows = args.rows or [*DECODE_ROWS, *PREFILL_ROWS]
     else:
-        device = f"CPU ({torch.get_num_threads()} threads)"
+        torch.set_num_threads(1)  # steadier on a shared machine; these are smoke figures
+        device = "CPU (1 thread)"
         hidden = args.hidden or [HIDDEN[0]]
         rows = args.rows or list(CPU_ROWS)
         print("norm_bandwidth: no CUDA device. fxsp's Triton kernels, CUDA-graph GPU time, host "

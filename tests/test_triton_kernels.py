@@ -289,16 +289,24 @@ def test_fake_impls_give_the_real_shapes_and_dtypes():
 
 
 @needs_kernels
-def test_inductor_calls_the_kernel_as_an_extern_op():
-    from torch._inductor.utils import run_and_get_code
+def test_inductor_compiles_a_graph_calling_the_op():
+    """Natively the op is a `triton_op`: Inductor traces its body and launches the kernel from
+    its own generated code. Under the interpreter it is a plain custom op (interpreted kernels
+    cannot be traced) that the generated code calls. Either way the result is eager's."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
 
     def block(x, residual, weight):
         return fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
 
     x, residual, weight = _inputs(4, 96, torch.bfloat16)
-    compiled = torch.compile(block, fullgraph=True)
-    (out, residual_out), codes = run_and_get_code(compiled, x, residual, weight)
-    assert "fxsp_triton.fused_add_rms_norm" in "\n".join(codes)
+    with fresh_cache():
+        compiled = torch.compile(block, fullgraph=True)
+        (out, residual_out), codes = run_and_get_code(compiled, x, residual, weight)
+    code = "\n".join(codes)
+    if triton_kernels.runs_interpreted():
+        assert "torch.ops.fxsp_triton.fused_add_rms_norm.default(" in code
+    else:
+        assert "_rms_norm_kernel" in code and "fxsp_triton.fused_add_rms_norm" not in code
     expected_out, expected_residual_out = block(x, residual, weight)
     assert torch.equal(out, expected_out) and torch.equal(residual_out, expected_residual_out)
 
@@ -422,6 +430,94 @@ def test_without_triton_or_flashinfer_nothing_is_registered():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_compiled_kernels_trace_to_the_kernel_launch():
+    """With compiled (not interpreted) kernels, tracing an op under functionalization, as AOT
+    autograd does before Inductor, gives the Triton kernel HOP on the op's own output buffers,
+    with the launch's grid and constexprs: what Inductor turns into a call from its generated
+    code. Runs on CPU with fake tensors (no kernel is launched)."""
+    result = _run_python(TRACE_THE_OPS, TRITON_INTERPRET=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+TRACE_THE_OPS = """
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from fxsp.ir import triton_kernels
+import triton
+from triton.backends.compiler import GPUTarget
+assert not triton_kernels.runs_interpreted()
+ops = torch.ops.fxsp_triton
+
+
+class _Hopper:  # what the mutation analysis asks of the driver: the target to compile for
+    @staticmethod
+    def get_current_target():
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(_Hopper())
+higher_order = torch.ops.higher_order
+
+def launch_arguments(launch):
+    constants = kernel_side_table.get_constant_args(launch.kwargs["constant_args_idx"])
+    return {**launch.kwargs["kwargs"], **constants}
+
+
+def trace(fn, *args):
+    return make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
+
+x = torch.ones(2, 3, 96, dtype=torch.bfloat16)
+residual = torch.ones(2, 3, 96, dtype=torch.float32)
+weight = torch.ones(96, dtype=torch.bfloat16)
+scale = torch.ones(())
+cases = [
+    (lambda x, r, w, s: ops.rms_norm(x, w, 1e-6), [(torch.bfloat16, (2, 3, 96))], 0),
+    (lambda x, r, w, s: ops.fused_add_rms_norm(x, r, w, 1e-6),
+     [(torch.float32, (2, 3, 96))] * 2, 0),
+    (lambda x, r, w, s: ops.rms_norm_static_fp8_quant(x, None, 1e-6, s, torch.float8_e4m3fnuz),
+     [(torch.float8_e4m3fnuz, (2, 3, 96))], 8),
+    (lambda x, r, w, s: ops.fused_add_rms_norm_static_fp8_quant(x, r, w, 1e-6, s,
+                                                                torch.float8_e4m3fn),
+     [(torch.float8_e4m3fn, (2, 3, 96)), (torch.float32, (2, 3, 96))], 7),
+]
+for (fn, outputs, exponent_bias), written in zip(cases, [["out_ptr"]] + [
+        ["out_ptr", "residual_out_ptr"], ["out_ptr"], ["out_ptr", "residual_out_ptr"]]):
+    graph = trace(fn, x, residual, weight, scale).graph
+    launches = graph.find_nodes(op="call_function", target=higher_order.triton_kernel_wrapper_functional)
+    assert len(launches) == 1, graph
+    assert not [n for n in graph.nodes if str(n.target).startswith("fxsp_triton")], graph
+    launch = launches[0]
+    kernel = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"])
+    # The launch's num_warps makes Inductor wrap the kernel in a one-config autotuner.
+    assert getattr(kernel, "fn", kernel) is triton_kernels._rms_norm_kernel, kernel
+    # Only the outputs are written: Inductor clones no input for the kernel.
+    assert sorted(launch.kwargs["tensors_to_clone"]) == written, launch.kwargs["tensors_to_clone"]
+    assert launch.kwargs["grid"] == [(6, 1, 1)], launch.kwargs["grid"]
+    constants = launch_arguments(launch)
+    assert constants["FP8_EXPONENT_BIAS"] == exponent_bias and constants["BLOCK"] == 128
+    assert constants["PASSES_BLOCKS"] == 0, constants
+    results = graph.output_node().args[0]
+    results = results if isinstance(results, (tuple, list)) else [results]
+    assert [(r.meta["val"].dtype, tuple(r.meta["val"].shape)) for r in results] == outputs, results
+
+# Rows longer than one pass: a constant block count, two reads.
+triton_kernels.MAX_SINGLE_PASS_COLS = 64
+graph = trace(lambda x, w: ops.rms_norm(x, w, 1e-6), x, weight).graph
+launch, = graph.find_nodes(op="call_function", target=higher_order.triton_kernel_wrapper_functional)
+constants = launch_arguments(launch)
+assert constants["PASSES_BLOCKS"] == 1 and constants["BLOCK"] == 4096, constants
+
+# Symbolic rows: the grid follows them, nothing is specialised.
+graph = make_fx(dispatch_functionalize(lambda x, w: ops.rms_norm(x, w, 1e-6)),
+                tracing_mode="symbolic")(torch.ones(5, 96), torch.ones(96)).graph
+launch, = graph.find_nodes(op="call_function", target=higher_order.triton_kernel_wrapper_functional)
+rows = launch.kwargs["grid"][0][0]
+assert isinstance(rows, torch.fx.Node) and isinstance(rows.meta["val"], torch.SymInt), rows
+"""
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile the kernels for real")
 def test_kernels_compile_for_gpus():
     """Compile for sm90 (and sm80, and AMD's gfx942 for e4m3fnuz) without a GPU: catches code
@@ -446,15 +542,14 @@ def compile_for(target, dtype, fp8_exponent_bias, single_pass, n_cols_is_one=Fal
     element = getattr(tl, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
     constants = dict(NORM_DTYPE=element, OUT_DTYPE=element, HAS_RESIDUAL=True, HAS_WEIGHT=True,
                      FP8_EXPONENT_BIAS=fp8_exponent_bias, BLOCK=8192 if single_pass else 4096,
-                     SINGLE_PASS=single_pass)
+                     PASSES_BLOCKS=0 if single_pass else 16)
     if n_cols_is_one:
         constants["n_cols"] = 1
     signature.update({name: "constexpr" for name in constants})
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                for name in pointers + ([] if n_cols_is_one else ["n_cols"])}
     source = triton.compiler.ASTSource(kernel, signature, constants, aligned)
-    return triton.compile(source, target=target,
-                          options={"num_warps": 16, "enable_fp_fusion": False})
+    return triton.compile(source, target=target, options={"num_warps": 16})
 
 sm90 = GPUTarget("cuda", 90, 32)
 ptx = compile_for(sm90, "bf16", 0, True).asm["ptx"]

@@ -1,7 +1,7 @@
 """Triton kernels for the norm IR ops, registered as the `"triton"` provider for CUDA.
 
-Importing this module defines four custom ops under `torch.ops.fxsp_triton` and, when Triton
-is importable, registers them in fxsp's provider registry (`providers.py`):
+Importing this module defines four ops under `torch.ops.fxsp_triton` and, when Triton is
+importable, registers them in fxsp's provider registry (`providers.py`):
 
     fxsp_triton::rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor
     fxsp_triton::fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps)
@@ -21,8 +21,13 @@ tuple key, `(RMS_NORM, STATIC_FP8_QUANT)`, so `choose((RMS_NORM, STATIC_FP8_QUAN
 whether a fused kernel exists. The standalone quant op has no kernel here: Inductor's own
 generated code for it is already one elementwise pass.
 
-Every kernel produces the same bits as the references in `ops.py`, up to the order of the fp32
-sum of squares: x + residual is rounded to its dtype, the normalised row is rounded to the
+The ops are `torch.library.triton_op`s: custom ops whose body Inductor can see. In a graph that
+Inductor compiles, the body is traced and the kernel launch becomes Triton's kernel HOP, so
+Inductor calls the kernel from its own generated code with its own lean launcher. Called
+eagerly, the body launches the kernel directly.
+
+Every kernel produces the same bits as the references in `ops.py`, up to the order (and fused
+multiply-adds) of the fp32 sum of squares: x + residual is rounded to its dtype, the normalised row is rounded to the
 norm's input dtype before the weight multiply, the product to promote(input, weight), and the
 quantised value is (value / scale) clamped and rounded to FP8 with round-to-nearest-even.
 Roundings to bf16 and FP8 are done with integer operations rather than casts: the Triton
@@ -31,7 +36,8 @@ on NVIDIA GPUs; the integer form gives the same bits on every backend. Both cost
 operations per element in a kernel bound by memory traffic.
 
 Each program normalises one row. Rows of up to `MAX_SINGLE_PASS_COLS` elements are read once
-and kept in registers; longer rows are read in blocks twice (sum of squares, then normalise).
+and kept in registers; longer rows are read in blocks twice (sum of squares, then normalise),
+the number of blocks a compile-time constant.
 
 On CPU tensors the kernels run only in Triton's interpreter (slowly; the provider is never
 chosen there, this is for tests): `TRITON_INTERPRET=1` must be set before Triton is first
@@ -41,10 +47,15 @@ imported, since Triton builds its own library functions for the interpreter or n
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
-from .ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, fp8_max
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.library import triton_op, wrap_triton
+
+from .ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, _norm_dtype, fp8_max
 from .providers import Provider, register_provider
 
 try:
@@ -159,14 +170,15 @@ def _rms_norm_kernel(
     OUT_DTYPE: tl.constexpr,  # promote(NORM_DTYPE, weight's dtype), before any quantisation
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     FP8_EXPONENT_BIAS: tl.constexpr,  # 0: store OUT_DTYPE; 7 or 8: quantise to E4M3
-    BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PASSES_BLOCKS: tl.constexpr,  # 0: one pass over a row of <= BLOCK; n: two passes of n blocks
 ):
     row_start = tl.program_id(0).to(tl.int64) * n_cols
     cols = tl.arange(0, BLOCK)
     scale = 1.0
     if FP8_EXPONENT_BIAS:
         scale = tl.load(scale_ptr).to(tl.float32)
-    if SINGLE_PASS:
+    if PASSES_BLOCKS == 0:
         mask = cols < n_cols
         h = _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, row_start + cols, mask,
                              NORM_DTYPE, HAS_RESIDUAL, True)
@@ -176,8 +188,11 @@ def _rms_norm_kernel(
         _store_norm_output(h, rstd, weight_ptr, out_ptr, row_start + cols, cols, mask, scale,
                            fp8_max, NORM_DTYPE, OUT_DTYPE, HAS_WEIGHT, FP8_EXPONENT_BIAS)
     else:
+        # The block count is a constexpr: a loop bounded by the runtime n_cols is one that
+        # Triton 3.6's interpreter cannot run (it takes the bound as a 1-element array).
         sum_of_squares = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
+        for block in range(PASSES_BLOCKS):
+            start = block * BLOCK
             mask = start + cols < n_cols
             h = _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, row_start + start + cols,
                                  mask, NORM_DTYPE, HAS_RESIDUAL, True)
@@ -186,7 +201,8 @@ def _rms_norm_kernel(
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
         # The second read recomputes x + residual rather than reading residual_out back: no
         # ordering between this program's stores and loads is needed.
-        for start in range(0, n_cols, BLOCK):
+        for block in range(PASSES_BLOCKS):
+            start = block * BLOCK
             mask = start + cols < n_cols
             h = _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, row_start + start + cols,
                                  mask, NORM_DTYPE, HAS_RESIDUAL, False)
@@ -205,14 +221,6 @@ def runs_interpreted() -> bool:
     return triton is not None and isinstance(_rms_norm_kernel, InterpretedFunction)
 
 
-def _norm_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
-    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-
-
-def _out_dtype(norm_dtype: torch.dtype, weight: torch.Tensor | None) -> torch.dtype:
-    return norm_dtype if weight is None else torch.promote_types(norm_dtype, weight.dtype)
-
-
 def _triton_dtype(dtype: torch.dtype):
     if dtype not in _TRITON_DTYPES:
         raise TypeError(f"fxsp_triton norms compute in fp32, bf16 or fp16, not {dtype}")
@@ -222,116 +230,145 @@ def _triton_dtype(dtype: torch.dtype):
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
             eps: float, scale: torch.Tensor | None = None,
             fp8_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the norm kernel over the rows of x; returns (out, residual_out or None)."""
-    if triton is None:
-        raise RuntimeError("fxsp_triton ops need Triton, which is not installed")
-    if not x.is_cuda and not runs_interpreted():
-        raise RuntimeError("fxsp_triton ops run on CUDA tensors; CPU tensors only where the "
-                           "kernels run in Triton's interpreter (see runs_interpreted())")
+    """Run the norm kernel over the rows of x; returns (out, residual_out or None).
+
+    This is the body of the `triton_op`s below, so it runs three ways: eagerly (the kernel
+    launches directly), under fake tensors (it gives the outputs' shapes and dtypes: the ops'
+    fake implementations), and traced under functionalization (`wrap_triton` records the
+    launch as Triton's kernel HOP, which Inductor compiles into its own generated code). So it
+    calls only torch ops, never reads tensor data and never branches on a symbolic size.
+    """
     hidden = x.shape[-1]
     if weight is not None and weight.shape != (hidden,):
         raise ValueError(f"weight of shape {tuple(weight.shape)} for rows of {hidden}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual of shape {tuple(residual.shape)} for x of {tuple(x.shape)}")
-    norm_dtype = _norm_dtype(x, residual)
-    out_dtype = _out_dtype(norm_dtype, weight)
+    if fp8_dtype is not None and fp8_dtype not in FP8_DTYPES:
+        raise TypeError(f"static FP8 quant to {fp8_dtype}; expected one of {FP8_DTYPES}")
+    if fp8_dtype is not None and scale.numel() != 1:
+        raise ValueError("static FP8 quant takes one per-tensor scale")
 
-    rows = x.reshape(-1, hidden).contiguous()
-    residual_rows = None if residual is None else residual.reshape(-1, hidden).contiguous()
-    residual_out = None if residual is None else torch.empty(x.shape, dtype=norm_dtype,
-                                                             device=x.device)
-    if fp8_dtype is None:
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        out_buffer = out
-        exponent_bias, bound = 0, 0.0
-    else:
-        if fp8_dtype not in FP8_DTYPES:
-            raise TypeError(f"static FP8 quant to {fp8_dtype}; expected one of {FP8_DTYPES}")
-        if scale.numel() != 1:
-            raise ValueError("static FP8 quant takes one per-tensor scale")
-        out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
-        out_buffer = out.view(torch.uint8)  # the kernel writes the FP8 bit patterns
-        exponent_bias, bound = _FP8_EXPONENT_BIAS[fp8_dtype], fp8_max(fp8_dtype)
-
-    n_rows = rows.shape[0]
-    if n_rows == 0 or hidden == 0:
-        if residual_out is not None:
-            residual_out.copy_(x + residual)
+    residual_out = None
+    if residual is not None:
+        residual_out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
+                                   device=x.device)
+    norm_input = x if residual_out is None else residual_out
+    out_dtype = _norm_dtype(norm_input, weight)
+    out = torch.empty(x.shape, dtype=out_dtype if fp8_dtype is None else fp8_dtype,
+                      device=x.device)
+    fake = is_fake(x) or x.is_meta
+    kernel = _kernel_for(x, fake)
+    if kernel is None or statically_known_true(x.numel() == 0):
         return out, residual_out
-    single_pass = hidden <= MAX_SINGLE_PASS_COLS
-    block = triton.next_power_of_2(hidden) if single_pass else MULTI_PASS_BLOCK
+
+    # Every call takes this path, so it calls torch as little as it can: the kernel reads rows
+    # at flat offsets, which any contiguous tensor of x's shape has.
+    x = _dense(x)
+    block, passes_blocks, num_warps = _launch_shape(int(hidden), MAX_SINGLE_PASS_COLS,
+                                                    MULTI_PASS_BLOCK)
     # A dummy stands in for absent tensors; the constexpr flags keep it from being read.
-    dummy = rows
-    with _device_of(x):
-        _rms_norm_kernel[(n_rows,)](
-            rows, dummy if residual_rows is None else residual_rows,
-            dummy if weight is None else weight.contiguous(),
-            dummy if scale is None else scale.reshape(1).to(x.device, torch.float32),
-            out_buffer, dummy if residual_out is None else residual_out,
-            hidden, eps, bound,
-            NORM_DTYPE=_triton_dtype(norm_dtype), OUT_DTYPE=_triton_dtype(out_dtype),
+    dummy = x
+    if scale is not None and scale.device != x.device:
+        scale = scale.to(x.device)
+    with _on_device_of(x, fake):
+        kernel[(x.numel() // hidden,)](
+            x, dummy if residual is None else _dense(residual),
+            dummy if weight is None else _dense(weight),
+            dummy if scale is None else scale,
+            out if fp8_dtype is None else out.view(torch.uint8),  # FP8 as its bit patterns
+            dummy if residual_out is None else residual_out,
+            hidden, eps, 0.0 if fp8_dtype is None else fp8_max(fp8_dtype),
+            NORM_DTYPE=_triton_dtype(norm_input.dtype), OUT_DTYPE=_triton_dtype(out_dtype),
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            FP8_EXPONENT_BIAS=exponent_bias, BLOCK=block, SINGLE_PASS=single_pass,
-            num_warps=min(max(block // 256, 1), 16),
-            enable_fp_fusion=False,  # no mul+add contraction: plain fp32 like the reference
+            FP8_EXPONENT_BIAS=0 if fp8_dtype is None else _FP8_EXPONENT_BIAS[fp8_dtype],
+            BLOCK=block, PASSES_BLOCKS=passes_blocks,
+            num_warps=num_warps,
         )
     return out, residual_out
 
 
-def _device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    # Triton launches on the current CUDA device, which need not be x's.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+@functools.cache
+def _launch_shape(hidden: int, max_single_pass: int, multi_pass_block: int) -> tuple:
+    """(BLOCK, PASSES_BLOCKS, num_warps) for rows of `hidden` (cached: Triton's own helpers
+    cost microseconds a call)."""
+    if hidden <= max_single_pass:
+        block, passes_blocks = 1 << max(hidden - 1, 0).bit_length(), 0  # next power of 2
+    else:
+        block, passes_blocks = multi_pass_block, -(-hidden // multi_pass_block)
+    return block, passes_blocks, min(max(block // 256, 1), 16)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _kernel_for(x: torch.Tensor, fake: bool):
+    """The kernel to launch on x's rows, or None where there is nothing to run: fake tensors
+    under the interpreter (compiled kernels take fake tensors through `wrap_triton`, whose
+    launch records a graph node or does nothing)."""
+    if fake:
+        return None if triton is None or runs_interpreted() else wrap_triton(_rms_norm_kernel)
+    if triton is None:
+        raise RuntimeError("fxsp_triton ops need Triton, which is not installed")
+    if runs_interpreted():  # torch before 2.13 refuses to wrap an interpreted kernel
+        return _rms_norm_kernel
+    if not x.is_cuda:
+        raise RuntimeError("fxsp_triton ops run on CUDA tensors; CPU tensors only where the "
+                           "kernels run in Triton's interpreter (see runs_interpreted())")
+    return wrap_triton(_rms_norm_kernel)
+
+
+def _on_device_of(x: torch.Tensor, fake: bool) -> contextlib.AbstractContextManager:
+    # Triton launches on the current CUDA device, which need not be x's (checked first: the
+    # switch costs more than the check, and this is every call's path).
+    if x.is_cuda and not fake and x.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops: traceable (fake impls), and called by Inductor as extern kernels.
+# The ops. `triton_op` makes each a custom op whose body Inductor can trace: compiled, the
+# kernel is called from Inductor's generated code with its own launcher; eager, the body runs
+# with `wrap_triton` a no-op, so the kernel launches directly. The body run on fake tensors is
+# the fake implementation.
 
 
-@torch.library.custom_op("fxsp_triton::rms_norm", mutates_args=())
+def _op(name: str):
+    """Define the op `name` with the decorated function as body and fake implementation: a
+    `triton_op` where the kernels are compiled. Interpreted kernels cannot be traced (tracing
+    would record no launch at all), so under the interpreter, or without Triton, the op is a
+    plain custom op that a compiled graph calls as it is."""
+    def define(body):
+        if triton is not None and not runs_interpreted():
+            return triton_op(name, mutates_args=())(body)
+        op = torch.library.custom_op(name, mutates_args=())(body)
+        op.register_fake(body)
+        return op
+    return define
+
+
+@_op("fxsp_triton::rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     return _launch(x, None, weight, eps)[0]
 
 
-@torch.library.custom_op("fxsp_triton::fused_add_rms_norm", mutates_args=())
+@_op("fxsp_triton::fused_add_rms_norm")
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, residual, weight, eps)
 
 
-@torch.library.custom_op("fxsp_triton::rms_norm_static_fp8_quant", mutates_args=())
+@_op("fxsp_triton::rms_norm_static_fp8_quant")
 def rms_norm_static_fp8_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
                               scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     return _launch(x, None, weight, eps, scale, fp8_dtype)[0]
 
 
-@torch.library.custom_op("fxsp_triton::fused_add_rms_norm_static_fp8_quant", mutates_args=())
+@_op("fxsp_triton::fused_add_rms_norm_static_fp8_quant")
 def fused_add_rms_norm_static_fp8_quant(
         x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
         scale: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, residual, weight, eps, scale, fp8_dtype)
-
-
-@rms_norm.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=_out_dtype(x.dtype, weight))
-
-
-@fused_add_rms_norm.register_fake
-def _(x, residual, weight, eps):
-    norm_dtype = _norm_dtype(x, residual)
-    return (x.new_empty(x.shape, dtype=_out_dtype(norm_dtype, weight)),
-            x.new_empty(x.shape, dtype=norm_dtype))
-
-
-@rms_norm_static_fp8_quant.register_fake
-def _(x, weight, eps, scale, fp8_dtype):
-    return x.new_empty(x.shape, dtype=fp8_dtype)
-
-
-@fused_add_rms_norm_static_fp8_quant.register_fake
-def _(x, residual, weight, eps, scale, fp8_dtype):
-    return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty(x.shape,
-                                                              dtype=_norm_dtype(x, residual))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,11 +20,8 @@ from torch.fx import Graph
 import fxsp
 from fxsp.cleanup import noop_rules, remove_dead_code
 from fxsp.ir import lower_ir, raise_ir
-from fxsp.ir.fused_ops import (
-    FLASHINFER_ALLREDUCE,
-    FLASHINFER_ALLREDUCE_PROVIDER,
-    FUSED_IR_OPS,
-)
+from fxsp.ir.flashinfer_provider import FLASHINFER_ALLREDUCE, FLASHINFER_ALLREDUCE_PROVIDER
+from fxsp.ir.fused_ops import FUSED_IR_OPS
 from fxsp.ir.providers import choose, providers
 from fxsp.patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from fxsp.patterns.sp import SPConfig, sp_rules
@@ -372,12 +369,12 @@ class FakeFlashInferComm:
 def flashinfer_plumbing(rank: int) -> tuple[list, list, str]:
     """The FlashInfer provider's kernel path against the references, on a TP group that is not
     the world group; with a stand-in for `flashinfer.comm`."""
-    from fxsp.ir import fused_ops
+    from fxsp.ir import flashinfer_provider, fused_ops
 
     tp_group = dist.new_group([0, 1])
     name = tp_group.group_name
     comm = FakeFlashInferComm()
-    fused_ops._flashinfer_comm = lambda: comm
+    flashinfer_provider._flashinfer = lambda part: comm
     g = torch.Generator().manual_seed(rank)
     x, residual = torch.randn(2, 3, 16, generator=g).bfloat16(), torch.randn(2, 3, 16).bfloat16()
     w, scale, fp8 = torch.randn(16).bfloat16(), torch.tensor(0.05), torch.float8_e4m3fn
@@ -390,9 +387,10 @@ def flashinfer_plumbing(rank: int) -> tuple[list, list, str]:
              x, residual, w, 1e-6, scale, fp8, name, "c10d")),
     ]
     same = [all(torch.equal(a.float(), b.float()) for a, b in zip(
-        fused_ops._fused_kernel(*args), want, strict=True)) for args, want in calls]
-    too_many_rows = torch.zeros(fused_ops.DEFAULT_WORKSPACE_TOKENS + 1, 16, dtype=torch.bfloat16)
-    same.append(fused_ops._fused_kernel(too_many_rows, None, None, 1e-6, name) is None)
+        flashinfer_provider._fused_kernel(*args), want, strict=True)) for args, want in calls]
+    too_many_rows = torch.zeros(flashinfer_provider.DEFAULT_WORKSPACE_TOKENS + 1, 16,
+                                dtype=torch.bfloat16)
+    same.append(flashinfer_provider._fused_kernel(too_many_rows, None, None, 1e-6, name) is None)
     return same, comm.workspace_groups, name
 
 

@@ -414,7 +414,7 @@ def test_fused_equals_eager_on_two_ranks():
         assert all(same.values()), (rank, same)
         kernel_same, workspace_groups, tp_group = plumbing
         assert all(kernel_same), (rank, kernel_same)
-        # one workspace, reused, on the TP group (seeds/003: never the world group)
+        # one workspace, reused, on the TP group (never the world group)
         assert workspace_groups == [tp_group] and tp_group != "0", workspace_groups
         for spec, rows, error, reports in results:
             where = f"rank {rank}, rows {rows}, {spec}"

@@ -178,7 +178,7 @@ def flashinfer_workspace(group_name: str, hidden: int, dtype: torch.dtype,
         # (FlashInfer's default when `group` is None). With pipeline stages the world holds
         # several TP groups: peers from another stage would be wired in as if they were TP
         # peers, and the kernel's GPU-side spin-wait would then wait on GPUs that run another
-        # stage's graph. That is the hang of vLLM PR #43616 (seeds/003), which is also why
+        # stage's graph. That is the hang of vLLM PR #43616, which is also why
         # runtime.fusion keeps the fusion off when the pipeline size is above 1.
         handles, pointers = _flashinfer("comm").trtllm_create_ipc_workspace_for_all_reduce_fusion(
             rank, world, max_tokens, hidden, group=group)

@@ -11,7 +11,7 @@ when every condition holds, checked in this order:
 2. Pipeline size == 1: the kernel synchronises TP peers with a GPU-side spin-wait that assumes
    every peer launched it identically; with several pipeline stages, the TP groups of different
    stages warm up concurrently, ranks pick different launch configurations and the job hangs
-   (vLLM PR #43616, seeds/003; gated in #35424, wrongly removed in #41458).
+   (vLLM PR #43616; gated in #35424, wrongly removed in #41458).
 3. CUDA, SM90 or the SM100 family: the only devices the kernel and its size table are measured on
    (ROCm reports capability (9, 0) for gfx90a, which is not SM90).
 4. FlashInfer importable (`flashinfer.comm`).

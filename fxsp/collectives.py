@@ -2,17 +2,15 @@
 
 Two families (flavors): PyTorch's functional collectives, `_c10d_functional.all_reduce(x,
 "sum", group)` + `wait_tensor` (what functional collectives, DTensor and Dynamo's rewrite of
-in-place `dist.all_reduce` produce), and vLLM's `vllm.all_reduce(x, group)`, which returns
-its result directly. Reading: `kind(node)` says what a node does, in either family. Writing:
-reduce-scatter / all-gather along dim 0 of the same family as the all-reduce they replace, so
-micro-pipeline TP (c10d) or vLLM's own passes see collectives they know.
-
-This module sits below the builder and the fake-value helper (both use it), so it imports
-nothing else of fxsp at run time.
+in-place `dist.all_reduce` produce), and vLLM's `vllm.all_reduce(x, group)`. Reading:
+`kind(node)`, for either family. Writing: reduce-scatter / all-gather along dim 0 of the family
+of the all-reduce they replace, so micro-pipeline TP (c10d) or vLLM's own passes see collectives
+they know. Below the builder and the fake values (both use it): imports nothing else of fxsp.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -30,7 +28,7 @@ C10D_REDUCE_SCATTER = c10d.reduce_scatter_tensor.default
 C10D_ALL_GATHER = c10d.all_gather_into_tensor.default
 WAIT = c10d.wait_tensor.default
 
-# By (namespace, op name): vLLM's ops count whether they were loaded before fxsp or after.
+# By (namespace, op name): vLLM's ops count whether loaded before fxsp or after.
 _KINDS = {
     ("_c10d_functional", "all_reduce"): "all_reduce",
     ("_c10d_functional", "reduce_scatter_tensor"): "reduce_scatter",
@@ -40,8 +38,7 @@ _KINDS = {
     ("vllm", "reduce_scatter"): "reduce_scatter",
     ("vllm", "all_gather"): "all_gather",
 }
-COMMUNICATING = frozenset({"all_reduce", "reduce_scatter", "all_gather"})
-"""The kinds that move data (a wait only completes a c10d collective)."""
+COMMUNICATING = frozenset({"all_reduce", "reduce_scatter", "all_gather"})  # not "wait"
 
 
 def kind(node: Node | Any) -> str | None:
@@ -64,8 +61,7 @@ def vllm_op(name: str) -> Any:
 
 
 def check_flavor(flavor: str) -> Flavor:
-    """`flavor` itself when it is one of `FLAVORS`; anything else is a bug upstream, never a
-    family to guess."""
+    """`flavor`, when it is one of `FLAVORS`: another is a bug upstream, not a family to guess."""
     if flavor not in FLAVORS:
         raise ValueError(f"unknown collective flavor {flavor!r}, expected one of {FLAVORS}")
     return flavor
@@ -91,13 +87,6 @@ def all_reduce_sum(b: Builder, x: Any, group: str, flavor: Flavor) -> Any:
     return b.call(WAIT, b.call(C10D_ALL_REDUCE, x, "sum", group))
 
 
-class _Eager:
-    """Stands in for a Builder and runs each op at once: the writers above then compute on
-    tensors, so eager code (the IR ops' references) spells collectives as graphs do."""
-
-    @staticmethod
-    def call(target: Any, *args: Any) -> Any:
-        return target(*args)
-
-
-EAGER = _Eager()
+# In place of a Builder, runs each op at once: the writers above then compute on tensors, so
+# eager code (the IR ops' references) spells collectives as graphs do.
+EAGER = SimpleNamespace(call=lambda target, *args: target(*args))

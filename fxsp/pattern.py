@@ -257,7 +257,8 @@ class Trace:
     def __init__(self) -> None:
         self.best: Miss | None = None
 
-    def fail(self, depth: int, expected: Any, got: Any, node: Node | None, path: Path = None) -> None:
+    def fail(self, depth: int, expected: Any, got: Any, node: Node | None,
+             path: Path = None) -> None:
         if self.best is None or depth > self.best.depth:
             self.best = Miss(depth, expected if isinstance(expected, str) else repr(expected),
                              got if isinstance(got, str) else _text(got), node, path)
@@ -373,7 +374,8 @@ def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> 
         trace.fail(b.depth, pattern, got, node if isinstance(node, Node) else None, path)
         return
     if pattern.name is not None and pattern.name in b.values and b.values[pattern.name] is not node:
-        trace.fail(b.depth, f"{pattern.name} = {b.values[pattern.name]} (bound earlier)", node.name, node, path)
+        earlier = b.values[pattern.name]
+        trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", node.name, node, path)
         return
     try:
         actual = _arguments(node, len(pattern.args), pattern.kwargs)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph
 
 import fxsp
@@ -28,7 +29,7 @@ from fxsp.patterns.sp import SPConfig, sp_rules
 from fxsp.runtime.fusion import FusionGate, allreduce_rms_fusion_gate, decide_allreduce_rms_fusion
 from fxsp.runtime.thresholds import DeviceInfo
 from fxsp.testing.tp_llama import Spec, TPLlama
-from tests.test_ir_raising import capture
+from tests.test_ir_raising import capture, world_of_one  # noqa: F401 (a fixture)
 from tests.test_sp_graphs import Block
 from tests.worlds import run_world
 
@@ -254,6 +255,23 @@ def test_fused_ops_lower_to_the_reference_on_cpu():
     assert FLASHINFER_ALLREDUCE_PROVIDER.devices == {"cuda"}
     registered = FLASHINFER_ALLREDUCE in [p.name for p in providers()]
     assert registered == (importlib.util.find_spec("flashinfer") is not None)
+
+
+def test_flashinfer_wrappers_compute_the_reference_where_the_kernel_cannot_run(world_of_one):
+    x, residual = torch.randn(3, 16).bfloat16(), torch.randn(3, 16).bfloat16()
+    given = {"x": x, "residual": residual, "weight": torch.randn(16).bfloat16(), "eps": 1e-6,
+             "scale": torch.tensor(0.05), "fp8_dtype": torch.float8_e4m3fn,
+             "group_name": world_of_one.group_name, "flavor": "c10d"}
+    for op in FUSED_IR_OPS:
+        args = [given[a.name] for a in op._schema.arguments]
+        wrapper = FLASHINFER_ALLREDUCE_PROVIDER.impls[op]
+        got, want = wrapper(*args), op(*args)  # on CPU: the reference
+        assert all(torch.equal(g.float(), w.float()) and g.dtype == w.dtype
+                   for g, w in zip(got, want, strict=True)), op
+        with FakeTensorMode() as mode:
+            fakes = wrapper(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                              for a in args])
+        assert [(f.shape, f.dtype) for f in fakes] == [(w.shape, w.dtype) for w in want], op
 
 
 # ---------------------------------------------------------------------------------------------

@@ -207,8 +207,8 @@ def test_name_bound_twice_in_a_deep_pattern():
                (4, 8), (4, 8), (8,))
     assert matches(hf_rms_norm_pattern(), gm) == []
     assert near_miss(hf_rms_norm_pattern(), gm) == (
-        "probe at mul_1: arg 1 (mul) → arg 1 (rsqrt) → arg 0 (add) → arg 0 (mean) → arg 0 (pow_1) → "
-        "arg 0 (y_1): expected x = x_1 (bound earlier), got y_1")
+        "probe at mul_1: arg 1 (mul) → arg 1 (rsqrt) → arg 0 (add) → arg 0 (mean) → "
+        "arg 0 (pow_1) → arg 0 (y_1): expected x = x_1 (bound earlier), got y_1")
 
 
 def square_of_negation(x):

@@ -27,7 +27,8 @@ class Layers(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.flavor = flavor
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1))
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden))
+                                  for _ in range(layers + 1))
         self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,8 @@ def test_kind_reads_both_flavours():
     assert [kind(t) for t in (c10d.all_reduce.default, c10d.reduce_scatter_tensor.default,
                               c10d.all_gather_into_tensor.default, c10d.wait_tensor.default)] == [
         "all_reduce", "reduce_scatter", "all_gather", "wait"]
-    assert [kind(t) for t in (vllm.all_reduce.default, vllm.reduce_scatter.default,
-                              vllm.all_gather.default)] == ["all_reduce", "reduce_scatter", "all_gather"]
+    vllm_ops = (vllm.all_reduce.default, vllm.reduce_scatter.default, vllm.all_gather.default)
+    assert [kind(t) for t in vllm_ops] == ["all_reduce", "reduce_scatter", "all_gather"]
     assert kind(c10d.all_to_all_single.default) == "other"
     assert kind(torch.ops.aten.add.Tensor) is None and kind(len) is None
 

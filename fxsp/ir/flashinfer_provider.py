@@ -29,19 +29,7 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from .fused_ops import (
-    ALLREDUCE_FUSED_ADD_RMS_NORM,
-    ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT,
-    ALLREDUCE_RMS_NORM,
-    ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT,
-    FAKES,
-    FUSED_IR_OPS,
-    Tensors,
-    allreduce_fused_add_rms_norm_reference,
-    allreduce_fused_add_rms_norm_static_fp8_quant_reference,
-    allreduce_rms_norm_reference,
-    allreduce_rms_norm_static_fp8_quant_reference,
-)
+from .fused_ops import FUSED_IR_OPS, REFERENCES, Tensors, arguments, fake
 from .ops import (
     FUSED_ADD_RMS_NORM,
     RMS_NORM,
@@ -59,7 +47,7 @@ _DTYPES = frozenset({torch.bfloat16, torch.float16})  # what every FlashInfer ke
 
 @functools.cache
 def _flashinfer(part: str) -> ModuleType | None:
-    """`flashinfer.<part>` ("norm", "comm"), or None where FlashInfer is missing or fails to import."""
+    """`flashinfer.<part>` ("norm", "comm"), or None where FlashInfer is missing or broken."""
     try:
         return importlib.import_module(f"flashinfer.{part}")
     except Exception:  # noqa: BLE001 - a broken install (no CUDA, no cuda-python) counts as absent
@@ -71,14 +59,9 @@ def flashinfer_installed() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
 
 
-def flashinfer_available() -> bool:
-    """FlashInfer's norm module imports and a CUDA device is present."""
-    return torch.cuda.is_available() and _flashinfer("norm") is not None
-
-
-def flashinfer_comm_available() -> bool:
-    """FlashInfer's communication module imports and a CUDA device is present."""
-    return torch.cuda.is_available() and _flashinfer("comm") is not None
+def flashinfer_available(part: str = "norm") -> bool:
+    """`flashinfer.<part>` imports and a CUDA device is present."""
+    return torch.cuda.is_available() and _flashinfer(part) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,75 +220,37 @@ def _fused_kernel(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     return out.reshape(x.shape), residual_out.reshape(x.shape)
 
 
-def _kernel_if_it_takes(x: torch.Tensor, residual: torch.Tensor | None,
-                        weight: torch.Tensor | None, eps: float, group_name: str, flavor: str,
-                        scale: torch.Tensor | None = None,
-                        fp8_dtype: torch.dtype | None = None) -> Tensors | None:
-    if not _kernel_takes(x, residual, weight, flavor, fp8_dtype) or (
-            scale is not None and scale.numel() != 1):
-        return None
-    return _fused_kernel(x, residual, weight, eps, group_name, scale, fp8_dtype)
+def _kernel_or_reference(op: torch._ops.OpOverload, *args) -> Tensors:
+    """`op(*args)` from the kernel where it takes the call, else from the reference."""
+    a = arguments(op, args)
+    x, residual, weight = a["x"], a.get("residual"), a["weight"]
+    scale, fp8_dtype = a.get("scale"), a.get("fp8_dtype")
+    if (_kernel_takes(x, residual, weight, a["flavor"], fp8_dtype)
+            and (scale is None or scale.numel() == 1)):
+        fused = _fused_kernel(x, residual, weight, a["eps"], a["group_name"], scale, fp8_dtype)
+        if fused is not None:
+            return fused
+    return REFERENCES[op](*args)
 
 
-@torch.library.custom_op("fxsp_flashinfer::allreduce_rms_norm", mutates_args=())
-def _fi_allreduce_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                           group_name: str, flavor: str) -> Tensors:
-    return (_kernel_if_it_takes(x, None, weight, eps, group_name, flavor)
-            or allreduce_rms_norm_reference(x, weight, eps, group_name, flavor))
-
-
-@torch.library.custom_op("fxsp_flashinfer::allreduce_fused_add_rms_norm", mutates_args=())
-def _fi_allreduce_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
-                                     weight: torch.Tensor | None, eps: float, group_name: str,
-                                     flavor: str) -> Tensors:
-    return (_kernel_if_it_takes(x, residual, weight, eps, group_name, flavor)
-            or allreduce_fused_add_rms_norm_reference(x, residual, weight, eps, group_name, flavor))
-
-
-@torch.library.custom_op("fxsp_flashinfer::allreduce_rms_norm_static_fp8_quant", mutates_args=())
-def _fi_allreduce_rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                               scale: torch.Tensor, fp8_dtype: torch.dtype, group_name: str,
-                               flavor: str) -> Tensors:
-    return (_kernel_if_it_takes(x, None, weight, eps, group_name, flavor, scale, fp8_dtype)
-            or allreduce_rms_norm_static_fp8_quant_reference(x, weight, eps, scale, fp8_dtype,
-                                                             group_name, flavor))
-
-
-@torch.library.custom_op("fxsp_flashinfer::allreduce_fused_add_rms_norm_static_fp8_quant",
-                         mutates_args=())
-def _fi_allreduce_fused_add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor,
-                                         weight: torch.Tensor | None, eps: float,
-                                         scale: torch.Tensor, fp8_dtype: torch.dtype,
-                                         group_name: str, flavor: str) -> Tensors:
-    return (_kernel_if_it_takes(x, residual, weight, eps, group_name, flavor, scale, fp8_dtype)
-            or allreduce_fused_add_rms_norm_static_fp8_quant_reference(
-                x, residual, weight, eps, scale, fp8_dtype, group_name, flavor))
-
-
-# The IR ops' fake implementations describe the wrappers too.
-for _wrapper, _op in zip((_fi_allreduce_rms_norm, _fi_allreduce_fused_add_rms_norm,
-                          _fi_allreduce_rms_norm_fp8, _fi_allreduce_fused_add_rms_norm_fp8),
-                         FUSED_IR_OPS, strict=True):
-    _wrapper.register_fake(FAKES[_op])
+# A wrapper per fused op, with its schema and its fake implementation.
+for _op in FUSED_IR_OPS:
+    _schema = str(_op._schema)
+    _wrapper = torch.library.custom_op(
+        f"fxsp_flashinfer::{_op._opname}", functools.partial(_kernel_or_reference, _op),
+        mutates_args=(), schema=_schema[_schema.index("("):])
+    _wrapper.register_fake(functools.partial(fake, _op))
 
 FLASHINFER_ALLREDUCE_PROVIDER = Provider(
     name=FLASHINFER_ALLREDUCE,
-    impls={
-        ALLREDUCE_RMS_NORM: _ops.allreduce_rms_norm.default,
-        ALLREDUCE_FUSED_ADD_RMS_NORM: _ops.allreduce_fused_add_rms_norm.default,
-        ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT: _ops.allreduce_rms_norm_static_fp8_quant.default,
-        ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT:
-            _ops.allreduce_fused_add_rms_norm_static_fp8_quant.default,
-    },
+    impls={op: getattr(_ops, op._opname).default for op in FUSED_IR_OPS},
     devices=frozenset({"cuda"}),
     dtypes=_DTYPES,
     priority=5,
-    available=flashinfer_comm_available,
+    available=functools.partial(flashinfer_available, "comm"),
 )
 
-# Registered on import (the fused ops exist only where `runtime.fusion`, which imports this
-# module, allowed them); the norm provider waits for `providers.load_gpu_providers()`. Only the
-# cheap check here: importing FlashInfer can take seconds (it may JIT-compile), so that waits
-# for the first `available()` (at lowering) or call.
+# On import: the fused ops exist only where runtime.fusion, which imports this module, allowed
+# them. Only the cheap check: importing FlashInfer can take seconds (it may JIT-compile).
 if flashinfer_installed():
     register_provider(FLASHINFER_ALLREDUCE_PROVIDER)

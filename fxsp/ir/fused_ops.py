@@ -31,6 +31,8 @@ importable).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.library import Library
 
@@ -92,17 +94,6 @@ def allreduce_fused_add_rms_norm_static_fp8_quant_reference(
     return static_fp8_quant_reference(out, scale, fp8_dtype), residual_out
 
 
-_REFERENCES = {
-    "allreduce_rms_norm": allreduce_rms_norm_reference,
-    "allreduce_fused_add_rms_norm": allreduce_fused_add_rms_norm_reference,
-    "allreduce_rms_norm_static_fp8_quant": allreduce_rms_norm_static_fp8_quant_reference,
-    "allreduce_fused_add_rms_norm_static_fp8_quant":
-        allreduce_fused_add_rms_norm_static_fp8_quant_reference,
-}
-for _name, _reference in _REFERENCES.items():
-    _lib.impl(_name, _reference, "CompositeExplicitAutograd")
-
-
 fxsp = torch.ops.fxsp
 ALLREDUCE_RMS_NORM = fxsp.allreduce_rms_norm.default
 ALLREDUCE_FUSED_ADD_RMS_NORM = fxsp.allreduce_fused_add_rms_norm.default
@@ -111,31 +102,29 @@ ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT = (
     fxsp.allreduce_fused_add_rms_norm_static_fp8_quant.default)
 FUSED_IR_OPS = (ALLREDUCE_RMS_NORM, ALLREDUCE_FUSED_ADD_RMS_NORM,
                 ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT, ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT)
-
-for _op, _reference in zip(FUSED_IR_OPS, _REFERENCES.values(), strict=True):
-    lowering.register_reference(_op, _reference)
-
-
-# --- fake implementations: the norm's, with the quant's dtype ---------------------------------
+REFERENCES = dict(zip(FUSED_IR_OPS, (
+    allreduce_rms_norm_reference, allreduce_fused_add_rms_norm_reference,
+    allreduce_rms_norm_static_fp8_quant_reference,
+    allreduce_fused_add_rms_norm_static_fp8_quant_reference), strict=True))
 
 
-def _fake(x, residual, weight, fp8_dtype=None):
-    if residual is None:
-        out, second = _rms_norm_fake(x, weight, None), torch.empty_like(x)
+def arguments(op: torch._ops.OpOverload, args: tuple) -> dict:
+    """A fused op's arguments by name; the ops without a residual or a quant have none."""
+    return dict(zip((a.name for a in op._schema.arguments), args))
+
+
+def fake(op: torch._ops.OpOverload, *args) -> Tensors:
+    """The shapes and dtypes of `op(*args)` (also of every provider's kernel for it): the
+    norm's, in the quant's dtype where it quantises."""
+    a = arguments(op, args)
+    if a.get("residual") is None:
+        out, second = _rms_norm_fake(a["x"], a["weight"], a["eps"]), torch.empty_like(a["x"])
     else:
-        out, second = _fused_add_rms_norm_fake(x, residual, weight, None)
-    return out if fp8_dtype is None else out.new_empty(out.shape, dtype=fp8_dtype), second
+        out, second = _fused_add_rms_norm_fake(a["x"], a["residual"], a["weight"], a["eps"])
+    return out if "fp8_dtype" not in a else out.new_empty(out.shape, dtype=a["fp8_dtype"]), second
 
 
-FAKES = {  # also the fakes of every provider's kernels for these ops
-    ALLREDUCE_RMS_NORM: lambda x, weight, eps, group_name, flavor: _fake(x, None, weight),
-    ALLREDUCE_FUSED_ADD_RMS_NORM:
-        lambda x, residual, weight, eps, group_name, flavor: _fake(x, residual, weight),
-    ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT:
-        lambda x, weight, eps, scale, fp8_dtype, group_name, flavor: _fake(x, None, weight, fp8_dtype),
-    ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT:
-        lambda x, residual, weight, eps, scale, fp8_dtype, group_name, flavor:
-            _fake(x, residual, weight, fp8_dtype),
-}
-for _op, _fake_impl in FAKES.items():
-    torch.library.register_fake(_op, _fake_impl, lib=_lib)
+for _op, _reference in REFERENCES.items():
+    _lib.impl(_op._opname, _reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(_op, functools.partial(fake, _op), lib=_lib)
+    lowering.register_reference(_op, _reference)

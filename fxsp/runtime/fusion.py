@@ -62,14 +62,14 @@ def decide_allreduce_rms_fusion(tp_size: int, pp_size: int = 1,
                                 device: DeviceLike = None) -> FusionGate:
     """`allreduce_rms_fusion_gate` for this machine (`device`: see `thresholds.device_info`;
     None is the current device). Logs the reason at INFO when the fusion is off."""
-    from ..ir.flashinfer_provider import flashinfer_comm_available
+    from ..ir.flashinfer_provider import flashinfer_available
 
     info = device_info(device)
     # FlashInfer is checked last, and imported only when every other condition holds: importing
     # it can take seconds.
     gate = allreduce_rms_fusion_gate(tp_size, pp_size, info, flashinfer=True)
     if gate.enabled:
-        gate = allreduce_rms_fusion_gate(tp_size, pp_size, info, flashinfer_comm_available())
+        gate = allreduce_rms_fusion_gate(tp_size, pp_size, info, flashinfer_available("comm"))
     if not gate.enabled:
         log.info("fxsp: AllReduce+RMSNorm fusion off: %s", gate.reason)
     return gate

@@ -12,6 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Node
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, WAIT
+
 
 def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
     """What `target(*args, **kwargs)` would return, as fake tensors, from the inputs' `meta["val"]`.
@@ -48,15 +50,13 @@ def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
         return target(*vals[0], **vals[1])
 
 
-c10d = torch.ops._c10d_functional
-
 # Ops that return a fresh dense tensor like their input but for dim 0, which SP inserts a few
 # of per layer: their fake value is built directly, about 10x cheaper than a dispatch through
 # the fake mode (tests/test_fake.py checks the two agree). Each maps (input, *args) to dim 0.
 _FRESH_RESULTS = {
-    c10d.wait_tensor.default: lambda x: x.shape[0],
-    c10d.all_gather_into_tensor.default: lambda x, world, group: x.shape[0] * world,
-    c10d.reduce_scatter_tensor.default: lambda x, reduce_op, world, group: x.shape[0] // world,
+    WAIT: lambda x: x.shape[0],
+    C10D_ALL_GATHER: lambda x, world, group: x.shape[0] * world,
+    C10D_REDUCE_SCATTER: lambda x, reduce_op, world, group: x.shape[0] // world,
 }
 
 
@@ -69,7 +69,7 @@ def _fresh_result(target: Any, x: FakeTensor, *args: Any) -> FakeTensor:
 def _builds_directly(target: Any, x: Any) -> bool:
     """A fake input with rows, and for wait_tensor (an empty_like) a contiguous one."""
     return (isinstance(x, FakeTensor) and x.dim() > 0
-            and (target is not c10d.wait_tensor.default or x.is_contiguous()))
+            and (target is not WAIT or x.is_contiguous()))
 
 
 def _empty_like(v: Any) -> Any:

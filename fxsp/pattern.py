@@ -9,7 +9,9 @@ no op. ::
 
 Matching a pattern at a node yields every consistent set of bindings (backtracking over
 commutative operands and alternatives). Each failed check is reported to a `Trace`, which keeps
-the deepest one: the near-miss that `explain` prints.
+the deepest one: the near-miss that `explain` prints, with the path from the root to where it
+failed, e.g. `arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, got aten.sqrt.default`
+(argument 1 of the root is the node `mul`, whose argument 1 is `sqrt`).
 """
 
 from __future__ import annotations
@@ -228,17 +230,25 @@ def _as_pattern(value: Any) -> Pattern:
 # ---------------------------------------------------------------------------------------------
 
 
+# Where a check happens: None at the root, else (parent path, argument position or name, the
+# graph value found there). Linked, so descending costs one tuple; printed only when asked.
+Path = tuple | None
+
+
 @dataclass
 class Miss:
-    """One failed check: after `depth` pattern steps, `pattern` did not accept `got` at `node`."""
+    """One failed check: after `depth` pattern steps, `pattern` did not accept `got` at `node`,
+    reached from the root through `path` (argument positions and the nodes found there)."""
 
     depth: int
     expected: str
     got: str
     node: Node | None
+    path: Path = None
 
     def text(self) -> str:
-        return f"step {self.depth + 1} expected {self.expected}, got {self.got}"
+        where = _path_text(self.path)
+        return f"{where + ': ' if where else ''}expected {self.expected}, got {self.got}"
 
 
 class Trace:
@@ -247,10 +257,20 @@ class Trace:
     def __init__(self) -> None:
         self.best: Miss | None = None
 
-    def fail(self, depth: int, expected: Any, got: Any, node: Node | None) -> None:
+    def fail(self, depth: int, expected: Any, got: Any, node: Node | None,
+             path: Path = None) -> None:
         if self.best is None or depth > self.best.depth:
             self.best = Miss(depth, expected if isinstance(expected, str) else repr(expected),
-                             got if isinstance(got, str) else _text(got), node)
+                             got if isinstance(got, str) else _text(got), node, path)
+
+
+def _path_text(path: Path) -> str:
+    hops = []
+    while path is not None:
+        path, key, value = path
+        hop = f"arg {key}" if isinstance(key, int) else key
+        hops.append(f"{hop} ({value.name})" if isinstance(value, Node) else hop)
+    return " → ".join(reversed(hops))
 
 
 @dataclass
@@ -273,34 +293,36 @@ class Bindings:
         return Bindings(self.values, nodes, self.depth + 1)
 
 
-def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | None = None) -> Iterator[Bindings]:
+def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | None = None,
+          path: Path = None) -> Iterator[Bindings]:
     """Yield every extension of `b` under which `pattern` matches `value`.
 
-    `rank` is the rank of the tensor that a `Dims` pattern's dims refer to.
+    `rank` is the rank of the tensor that a `Dims` pattern's dims refer to; `path` is where
+    `value` sits, for the failures reported to `trace`.
     """
     kind = type(pattern)
     if kind is Op:
-        yield from _match_op(pattern, value, b, trace)
+        yield from _match_op(pattern, value, b, trace, path)
         return
     if kind is Alt:
         for option in pattern.options:
-            for found in match(option, value, b, trace, rank):
+            for found in match(option, value, b, trace, rank, path):
                 out = found.bind(pattern.name, value)
                 if out is not None:
                     yield out
         return
     if kind is Through:
-        yield from _match_through(pattern, value, b, trace, rank)
+        yield from _match_through(pattern, value, b, trace, rank, path)
         return
     reason = _check_leaf(pattern, value, rank)
     # `_text`, so a string value prints quoted ('max'), unlike a reason.
     if reason is not None:
-        trace.fail(b.depth, reason, _text(value), value if isinstance(value, Node) else None)
+        trace.fail(b.depth, reason, _text(value), value if isinstance(value, Node) else None, path)
         return
     out = b.bind(pattern.name, _normalised(pattern, value, rank))
     if out is None:
         earlier = _text(b.values[pattern.name])
-        trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", _text(value), None)
+        trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", _text(value), None, path)
         return
     yield out.step()
 
@@ -346,44 +368,50 @@ def _normalise_dims(value: Any, rank: int | None) -> list | None:
     return sorted(d % rank if rank else d for d in value)
 
 
-def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace) -> Iterator[Bindings]:
+def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> Iterator[Bindings]:
     if not isinstance(node, Node) or node.op != "call_function" or node.target not in pattern.targets:
         got = _targets_text({node.target}) if isinstance(node, Node) and node.op == "call_function" else node
-        trace.fail(b.depth, pattern, got, node if isinstance(node, Node) else None)
+        trace.fail(b.depth, pattern, got, node if isinstance(node, Node) else None, path)
         return
     if pattern.name is not None and pattern.name in b.values and b.values[pattern.name] is not node:
-        trace.fail(b.depth, f"{pattern.name} = {b.values[pattern.name]} (bound earlier)", node.name, node)
+        earlier = b.values[pattern.name]
+        trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", node.name, node, path)
         return
     try:
         actual = _arguments(node, len(pattern.args), pattern.kwargs)
     except _ArityMismatch as e:
-        trace.fail(b.depth, f"{pattern!r} with {e}", node.name, node)
+        trace.fail(b.depth, f"{pattern!r} with {e}", node.name, node, path)
         return
     rank = _rank(node)
-    orders = [actual]
+    extra = _extra_names(node, len(pattern.args), pattern.kwargs)
+    # Where each value sits in the node, for the path: its position, or its schema name.
+    keys = [*range(len(pattern.args)), *(k for k, _ in extra)]
+    orders = [(actual, keys)]
     if pattern.commutative:
-        orders.append([actual[1], actual[0]] + actual[2:])
+        orders.append(([actual[1], actual[0]] + actual[2:], [keys[1], keys[0], *keys[2:]]))
     start = b.bind(pattern.name, node)
     if start is None:
         return
     start = start.step(node)
-    expected = list(pattern.args) + [pattern.kwargs.get(k, Literal(d)) for k, d in _extra_names(node, len(pattern.args), pattern.kwargs)]
-    for values in orders:
-        yield from _match_args(expected, values, 0, start, trace, rank, node)
+    expected = list(pattern.args) + [pattern.kwargs.get(k, Literal(d)) for k, d in extra]
+    for values, where in orders:
+        yield from _match_args(expected, values, where, 0, start, trace, rank, path)
 
 
-def _match_args(patterns: list, values: list, i: int, b: Bindings, trace: Trace, rank: int | None, node: Node) -> Iterator[Bindings]:
+def _match_args(patterns: list, values: list, where: list, i: int, b: Bindings, trace: Trace,
+                rank: int | None, path: Path) -> Iterator[Bindings]:
     if i == len(patterns):
         yield b
         return
-    for found in match(patterns[i], values[i], b, trace, rank):
-        yield from _match_args(patterns, values, i + 1, found, trace, rank, node)
+    for found in match(patterns[i], values[i], b, trace, rank, (path, where[i], values[i])):
+        yield from _match_args(patterns, values, where, i + 1, found, trace, rank, path)
 
 
-def _match_through(pattern: Through, value: Any, b: Bindings, trace: Trace, rank: int | None) -> Iterator[Bindings]:
+def _match_through(pattern: Through, value: Any, b: Bindings, trace: Trace, rank: int | None,
+                   path: Path) -> Iterator[Bindings]:
     skipped, outer = b, value
     while True:
-        for found in match(pattern.inner, value, skipped, trace, rank):
+        for found in match(pattern.inner, value, skipped, trace, rank, path):
             # The name binds what the consumer sees: the value before any skipped node.
             out = found.bind(pattern.name, outer)
             if out is not None:
@@ -392,7 +420,7 @@ def _match_through(pattern: Through, value: Any, b: Bindings, trace: Trace, rank
                 and _passes_through(value)):
             return
         skipped = skipped.step(value)
-        value = value.args[0]
+        path, value = (path, 0, value.args[0]), value.args[0]
 
 
 def _passes_through(node: Node) -> bool:

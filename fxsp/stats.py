@@ -7,15 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph
 
+from .collectives import COMMUNICATING, kind
 from .ir.fused_ops import FUSED_IR_OPS
 from .ir.ops import ALL_REDUCE, FUSED_ADD_RMS_NORM, RMS_NORM
 
-c10d = torch.ops._c10d_functional
-_KINDS = {
-    ALL_REDUCE: "all_reduce", c10d.all_reduce.default: "all_reduce",
-    **{fused: "all_reduce" for fused in FUSED_IR_OPS},
-    c10d.reduce_scatter_tensor.default: "reduce_scatter", c10d.all_gather_into_tensor.default: "all_gather",
-}
+_IR_ALL_REDUCES = frozenset({ALL_REDUCE, *FUSED_IR_OPS})  # fxsp's own ops that all-reduce
 
 
 @dataclass
@@ -46,12 +42,12 @@ class Traffic:
 def traffic(graph: Graph) -> Traffic:
     out = Traffic()
     for node in graph.nodes:
-        kind = _KINDS.get(node.target)
-        if kind is not None:
-            t = (node if kind == "all_gather" else node.args[0]).meta.get("val")
+        what = "all_reduce" if node.target in _IR_ALL_REDUCES else kind(node)
+        if what in COMMUNICATING:
+            t = (node if what == "all_gather" else node.args[0]).meta.get("val")
             if isinstance(t, torch.Tensor):
-                out.bytes[kind] = out.bytes.get(kind, 0) + _int(t.numel()) * t.element_size()
-            out.sites += kind != "all_gather"
+                out.bytes[what] = out.bytes.get(what, 0) + _int(t.numel()) * t.element_size()
+            out.sites += what != "all_gather"
         if node.target in (RMS_NORM, FUSED_ADD_RMS_NORM):
             t = node.args[0].meta.get("val")
             if isinstance(t, torch.Tensor):
@@ -70,10 +66,10 @@ def collective_signature(graph: Graph) -> list:
     groups: dict = {}
     out = []
     for node in graph.nodes:
-        name = target_name(node.target) if node.op == "call_function" else ""
-        if name.startswith(("_c10d_functional.", "vllm.")) and "wait" not in name:
+        if kind(node) not in (None, "wait"):
             group = next((a for a in node.args if isinstance(a, str) and a not in ("sum", "avg")), "")
-            out.append((name, _value_type(node.meta.get("val")), groups.setdefault(group, len(groups))))
+            out.append((target_name(node.target), _value_type(node.meta.get("val")),
+                        groups.setdefault(group, len(groups))))
     return out
 
 

@@ -15,23 +15,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph
 
 import fxsp
 from fxsp.cleanup import noop_rules, remove_dead_code
 from fxsp.ir import lower_ir, raise_ir
-from fxsp.ir.fused_ops import (
-    FLASHINFER_ALLREDUCE,
-    FLASHINFER_ALLREDUCE_PROVIDER,
-    FUSED_IR_OPS,
-)
+from fxsp.ir.flashinfer_provider import FLASHINFER_ALLREDUCE, FLASHINFER_ALLREDUCE_PROVIDER
+from fxsp.ir.fused_ops import FUSED_IR_OPS
 from fxsp.ir.providers import choose, providers
 from fxsp.patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from fxsp.patterns.sp import SPConfig, sp_rules
 from fxsp.runtime.fusion import FusionGate, allreduce_rms_fusion_gate, decide_allreduce_rms_fusion
 from fxsp.runtime.thresholds import DeviceInfo
 from fxsp.testing.tp_llama import Spec, TPLlama
-from tests.test_ir_raising import capture
+from tests.test_ir_raising import capture, world_of_one  # noqa: F401 (a fixture)
 from tests.test_sp_graphs import Block
 from tests.worlds import run_world
 
@@ -259,6 +257,23 @@ def test_fused_ops_lower_to_the_reference_on_cpu():
     assert registered == (importlib.util.find_spec("flashinfer") is not None)
 
 
+def test_flashinfer_wrappers_compute_the_reference_where_the_kernel_cannot_run(world_of_one):
+    x, residual = torch.randn(3, 16).bfloat16(), torch.randn(3, 16).bfloat16()
+    given = {"x": x, "residual": residual, "weight": torch.randn(16).bfloat16(), "eps": 1e-6,
+             "scale": torch.tensor(0.05), "fp8_dtype": torch.float8_e4m3fn,
+             "group_name": world_of_one.group_name, "flavor": "c10d"}
+    for op in FUSED_IR_OPS:
+        args = [given[a.name] for a in op._schema.arguments]
+        wrapper = FLASHINFER_ALLREDUCE_PROVIDER.impls[op]
+        got, want = wrapper(*args), op(*args)  # on CPU: the reference
+        assert all(torch.equal(g.float(), w.float()) and g.dtype == w.dtype
+                   for g, w in zip(got, want, strict=True)), op
+        with FakeTensorMode() as mode:
+            fakes = wrapper(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                              for a in args])
+        assert [(f.shape, f.dtype) for f in fakes] == [(w.shape, w.dtype) for w in want], op
+
+
 # ---------------------------------------------------------------------------------------------
 # Numerics on a real 2-rank gloo world, reference provider
 # ---------------------------------------------------------------------------------------------
@@ -372,12 +387,12 @@ class FakeFlashInferComm:
 def flashinfer_plumbing(rank: int) -> tuple[list, list, str]:
     """The FlashInfer provider's kernel path against the references, on a TP group that is not
     the world group; with a stand-in for `flashinfer.comm`."""
-    from fxsp.ir import fused_ops
+    from fxsp.ir import flashinfer_provider, fused_ops
 
     tp_group = dist.new_group([0, 1])
     name = tp_group.group_name
     comm = FakeFlashInferComm()
-    fused_ops._flashinfer_comm = lambda: comm
+    flashinfer_provider._flashinfer = lambda part: comm
     g = torch.Generator().manual_seed(rank)
     x, residual = torch.randn(2, 3, 16, generator=g).bfloat16(), torch.randn(2, 3, 16).bfloat16()
     w, scale, fp8 = torch.randn(16).bfloat16(), torch.tensor(0.05), torch.float8_e4m3fn
@@ -390,9 +405,10 @@ def flashinfer_plumbing(rank: int) -> tuple[list, list, str]:
              x, residual, w, 1e-6, scale, fp8, name, "c10d")),
     ]
     same = [all(torch.equal(a.float(), b.float()) for a, b in zip(
-        fused_ops._fused_kernel(*args), want, strict=True)) for args, want in calls]
-    too_many_rows = torch.zeros(fused_ops.DEFAULT_WORKSPACE_TOKENS + 1, 16, dtype=torch.bfloat16)
-    same.append(fused_ops._fused_kernel(too_many_rows, None, None, 1e-6, name) is None)
+        flashinfer_provider._fused_kernel(*args), want, strict=True)) for args, want in calls]
+    too_many_rows = torch.zeros(flashinfer_provider.DEFAULT_WORKSPACE_TOKENS + 1, 16,
+                                dtype=torch.bfloat16)
+    same.append(flashinfer_provider._fused_kernel(too_many_rows, None, None, 1e-6, name) is None)
     return same, comm.workspace_groups, name
 
 
@@ -416,7 +432,7 @@ def test_fused_equals_eager_on_two_ranks():
         assert all(same.values()), (rank, same)
         kernel_same, workspace_groups, tp_group = plumbing
         assert all(kernel_same), (rank, kernel_same)
-        # one workspace, reused, on the TP group (seeds/003: never the world group)
+        # one workspace, reused, on the TP group (never the world group)
         assert workspace_groups == [tp_group] and tp_group != "0", workspace_groups
         for spec, rows, error, reports in results:
             where = f"rank {rank}, rows {rows}, {spec}"

@@ -81,7 +81,7 @@ def test_dead_collectives_go_and_live_ones_stay(fake_pg):
     before = targets(gm)
     assert "_c10d_functional.all_gather_into_tensor.default" in before
     graph = gm.graph
-    graph.eliminate_dead_code()  # torch's own DCE keeps the dead wait (REFERENCE §2 trap 1)
+    graph.eliminate_dead_code()  # torch's own DCE keeps the dead wait (side-effecting)
     assert "_c10d_functional.all_gather_into_tensor.default" in targets(gm)
     assert remove_dead_code(graph)
     assert targets(gm) == ["_c10d_functional.all_reduce.default", "_c10d_functional.wait_tensor.default",

@@ -172,7 +172,8 @@ def test_scalar_predicate_rejects_eps_out_of_range():
     gm = trace(lambda x, w: hf_rms_norm(x, w, eps=0.1), (4, 8), (8,))
     assert matches(hf_rms_norm_pattern(), gm) == []
     assert near_miss(hf_rms_norm_pattern(), gm) == (
-        "probe at mul_1: step 14 expected scalar eps in (0.0, 0.01], got 0.1")
+        "probe at mul_1: arg 1 (mul) → arg 1 (rsqrt) → arg 0 (add) → arg 1: "
+        "expected scalar eps in (0.0, 0.01], got 0.1")
 
 
 def test_scalar_where_predicate_and_doc():
@@ -180,7 +181,7 @@ def test_scalar_where_predicate_and_doc():
     pattern = op(aten.mul.Tensor, tensor("x"), power_of_two)
     assert len(matches(pattern, trace(lambda x: x * 4, (3,)))) == 1
     assert near_miss(pattern, trace(lambda x: x * 3, (3,))) == (
-        "probe at mul: step 3 expected scalar k a power of two, got 3")
+        "probe at mul: arg 1: expected scalar k a power of two, got 3")
 
 
 def test_scalar_does_not_accept_a_tensor_or_a_bool():
@@ -197,7 +198,7 @@ def test_name_bound_twice_must_bind_the_same_node():
     assert matches(pattern, gm) == []
     # Tried in both orders (add is commutative); both fail the same way at the same depth.
     assert near_miss(pattern, gm) == (
-        "probe at add: step 3 expected x = x_1 (bound earlier), got y_1")
+        "probe at add: arg 1 (y_1): expected x = x_1 (bound earlier), got y_1")
 
 
 def test_name_bound_twice_in_a_deep_pattern():
@@ -206,7 +207,8 @@ def test_name_bound_twice_in_a_deep_pattern():
                (4, 8), (4, 8), (8,))
     assert matches(hf_rms_norm_pattern(), gm) == []
     assert near_miss(hf_rms_norm_pattern(), gm) == (
-        "probe at mul_1: step 9 expected x = x_1 (bound earlier), got y_1")
+        "probe at mul_1: arg 1 (mul) → arg 1 (rsqrt) → arg 0 (add) → arg 0 (mean) → "
+        "arg 0 (pow_1) → arg 0 (y_1): expected x = x_1 (bound earlier), got y_1")
 
 
 def square_of_negation(x):
@@ -229,7 +231,7 @@ def test_dtype_capture_with_allowed_set():
     gm = trace(lambda x: x.double(), (3,), dtype=torch.float16)
     assert matches(pattern, gm) == []
     assert near_miss(pattern, gm) == (
-        "probe at _to_copy: step 3 expected dtype in {torch.float32} to, got torch.float64")
+        "probe at _to_copy: dtype: expected dtype in {torch.float32} to, got torch.float64")
 
 
 def test_tensor_dtype_restriction():
@@ -237,7 +239,7 @@ def test_tensor_dtype_restriction():
     assert len(matches(pattern, trace(lambda x: -x, (3,), dtype=torch.bfloat16))) == 1
     assert matches(pattern, trace(lambda x: -x, (3,))) == []
     assert near_miss(pattern, trace(lambda x: -x, (3,))) == (
-        "probe at neg: step 2 expected tensor x of dtype in {torch.bfloat16, torch.float16}, "
+        "probe at neg: arg 0 (x_1): expected tensor x of dtype in {torch.bfloat16, torch.float16}, "
         "got x_1")
 
 
@@ -254,7 +256,8 @@ def test_string_capture_reads_group_names():
         return call(g, c10d.wait_tensor.default, call(g, c10d.all_reduce.default, x, "max", "tp0"))
 
     assert near_miss(pattern, hand_graph(all_reduce_max, (4, 8))) == (
-        "probe at wait_tensor_default: step 4 expected str in {'sum'}, got 'max'")
+        "probe at wait_tensor_default: arg 0 (all_reduce_default) → arg 1: expected str in {'sum'}, "
+        "got 'max'")
 
 
 def test_literals_compare_by_value_and_type():
@@ -291,7 +294,7 @@ def test_dims_differ_on_another_rank():
     gm = trace(lambda x: x.mean(-1, keepdim=True), (2, 4, 8))
     assert matches(op(aten.mean.dim, tensor(), dims([1]), True), gm) == []
     assert near_miss(op(aten.mean.dim, tensor(), dims([1]), True), gm) == (
-        "probe at mean: step 3 expected dims [1], got [-1]")
+        "probe at mean: arg 1: expected dims [1], got [-1]")
 
 
 def test_schema_arguments_left_out_must_be_at_their_defaults():
@@ -300,7 +303,7 @@ def test_schema_arguments_left_out_must_be_at_their_defaults():
     assert len(matches(pattern, trace(lambda x: x.mean(-1, keepdim=True), (4, 8)))) == 1
     assert matches(pattern, with_dtype) == []
     assert near_miss(pattern, with_dtype) == (
-        "probe at mean: step 5 expected None, got torch.float32")
+        "probe at mean: dtype: expected None, got torch.float32")
     # Unless the pattern says what the argument may be.
     [m] = matches(op(aten.mean.dim, tensor("x"), dims([-1]), True, dtype=dtype("acc")), with_dtype)
     assert m["acc"] is torch.float32
@@ -334,7 +337,7 @@ def test_alternative_targets_for_one_node():
     assert matches(pattern, trace(lambda x: x - 1, (3,))) == []
     assert near_miss(op(aten.add.Tensor, tensor("x"), 1),
                      hand_graph(lambda g, x: call(g, aten.sub.Tensor, x, 1), (3,))) == (
-        "probe at -: step 1 expected an anchor node (aten.add.Tensor), got none in graph")
+        "probe at -: expected an anchor node (aten.add.Tensor), got none in graph")
 
 
 def test_whole_subpattern_alternation():
@@ -394,7 +397,7 @@ def test_non_identity_view_does_not_pass_through():
     pattern = op(aten.relu.default, through(op(aten.neg.default, tensor("x"))))
     assert matches(pattern, gm) == []
     assert near_miss(pattern, gm) == (
-        "probe at relu: step 2 expected aten.neg.default, got aten.view.default")
+        "probe at relu: arg 0 (view): expected aten.neg.default, got aten.view.default")
 
 
 def test_through_only_skips_the_listed_targets():
@@ -457,7 +460,7 @@ def test_interior_node_used_outside_blocks_the_match():
     gm = trace(product_used_outside, (3,), (3,), (3,))
     assert matches(PRODUCT_PLUS, gm) == []
     assert near_miss(PRODUCT_PLUS, gm) == (
-        "probe at add: step 7 expected a self-contained match, got mul also used by relu")
+        "probe at add: expected a self-contained match, got mul also used by relu")
 
 
 def test_declared_output_may_be_used_outside_and_rewritten():
@@ -478,7 +481,7 @@ def test_declared_output_whose_user_feeds_the_match_is_a_cycle():
     gm = trace(fn, (3,), (3,))
     assert matches(PRODUCT_PLUS, gm, outputs=("product",)) == []
     assert near_miss(PRODUCT_PLUS, gm, outputs=("product",)) == (
-        "probe at add: step 7 expected a self-contained match, got rewrite would create a cycle")
+        "probe at add: expected a self-contained match, got rewrite would create a cycle")
 
 
 def test_replaced_output_users_move_after_the_replacement():
@@ -510,9 +513,9 @@ def test_where_vetoes_a_match_with_a_reason():
     pattern = op(aten.mul.Tensor, tensor("x"), 2)
     assert len(matches(pattern, trace(lambda x: x * 2, (3,)), where=small_only)) == 1
     assert near_miss(pattern, trace(lambda x: x * 2, (30,)), where=small_only) == (
-        "probe at mul: step 4 expected the rule's condition, got x_1 is too large")
+        "probe at mul: expected the rule's condition, got x_1 is too large")
     assert near_miss(pattern, trace(lambda x: x * 2, (3,)), where=lambda m: False) == (
-        "probe at mul: step 4 expected the rule's condition, got `where` rejected the match")
+        "probe at mul: expected the rule's condition, got `where` rejected the match")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +529,7 @@ def remove_double_negation(b: Builder, m):
 
 DOUBLE_NEG = Rule("--x -> x", op(aten.neg.default, op(aten.neg.default, tensor("x"))),
                   remove_double_negation)
-SPOILED = "step 1 expected an unchanged root, got a root erased by an earlier rewrite"
+SPOILED = "expected an unchanged root, got a root erased by an earlier rewrite"
 
 
 def test_overlapping_matches_first_in_topological_order_wins():
@@ -537,7 +540,7 @@ def test_overlapping_matches_first_in_topological_order_wins():
     assert report.counts == {"--x -> x": 1}
     assert targets(gm) == ["aten.neg.default"]
     assert [str(f) for f in report.failures] == [
-        "--x -> x at neg_2: step 2 expected aten.neg.default, got x_1"]
+        "--x -> x at neg_2: arg 0 (x_1): expected aten.neg.default, got x_1"]
     torch.testing.assert_close(gm(torch.ones(3)), -torch.ones(3))
 
 
@@ -570,7 +573,7 @@ def test_rule_order_breaks_ties_between_matches_beginning_at_the_same_node(first
     if first is DOUBLE_RULE:
         assert targets(gm) == ["aten.add.Tensor", "aten.relu.default"]
         assert str(report.misses[second.name]) == (
-            "relu(x*2) at relu: step 2 expected aten.mul.Tensor, got aten.add.Tensor")
+            "relu(x*2) at relu: arg 0 (add_tensor): expected aten.mul.Tensor, got aten.add.Tensor")
     else:
         assert targets(gm) == ["aten.relu.default", "aten.mul.Tensor"]
 
@@ -691,17 +694,18 @@ def test_only_matched_dead_nodes_are_erased():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_explain_rms_norm_near_miss_names_the_failing_step():
+def test_explain_rms_norm_near_miss_points_into_the_pattern():
     gm = trace(lambda x, w: hf_rms_norm(x, w, rsqrt=lambda v: torch.sqrt(v)), (4, 8), (8,))
     report = RuleSet("norms", [RMS_RULE]).apply(gm)
     assert report.counts == {"hf_rms_norm": 0}
     assert str(report.misses["hf_rms_norm"]) == (
-        "hf_rms_norm at mul_1: step 5 expected aten.rsqrt.default, got aten.sqrt.default")
+        "hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, "
+        "got aten.sqrt.default")
     miss = report.misses["hf_rms_norm"].miss
     assert miss.node.target is aten.sqrt.default
     assert report.explain() == (
         "norms: hf_rms_norm=0\n"
-        "  near-miss hf_rms_norm at mul_1: step 5 expected aten.rsqrt.default, "
+        "  near-miss hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, "
         "got aten.sqrt.default")
 
 
@@ -713,19 +717,20 @@ def test_report_counts_misses_and_explain():
     assert set(report.misses) == {"never"}  # anchors inside a match are no near-misses
     assert report.explain() == (
         "pass: hf_rms_norm=1, x*2 -> x+x=1, never=0\n"
-        "  near-miss never at -: step 1 expected an anchor node (aten.cos.default), "
+        "  near-miss never at -: expected an anchor node (aten.cos.default), "
         "got none in graph")
     assert report.seconds > 0
 
 
 def test_report_keeps_the_deepest_near_miss_per_rule():
     def fn(x, w):
-        shallow = x * x  # fails at step 3 at most
-        return shallow, hf_rms_norm(x, w, eps=0.5)  # fails at step 14
+        shallow = x * x  # fails three checks in at most
+        return shallow, hf_rms_norm(x, w, eps=0.5)  # fails at the eps, fourteen checks in
 
     report = RuleSet("norms", [RMS_RULE]).apply(trace(fn, (4, 8), (8,)))
     assert str(report.misses["hf_rms_norm"]) == (
-        "hf_rms_norm at mul_2: step 14 expected scalar eps in (0.0, 0.01], got 0.5")
+        "hf_rms_norm at mul_2: arg 1 (mul_1) → arg 1 (rsqrt) → arg 0 (add) → arg 1: "
+        "expected scalar eps in (0.0, 0.01], got 0.5")
     assert len(report.failures) == 3  # every MUL anchor that did not match
 
 
@@ -738,9 +743,9 @@ def test_logging_info_per_pass_and_debug_near_misses(caplog):
     assert (level, logger) == ("INFO", "fxsp")
     assert re.fullmatch(r"norms: hf_rms_norm=0, x\*2 -> x\+x=1 \(\d+\.\d ms\)", message)
     assert records[1:] == [
-        ("DEBUG", "fxsp", ("near-miss hf_rms_norm at mul_1: step 5 expected aten.rsqrt.default, "
-                           "got aten.sqrt.default")),
-        ("DEBUG", "fxsp", "near-miss x*2 -> x+x at mul: step 3 expected 2, got sqrt"),
+        ("DEBUG", "fxsp", ("near-miss hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): "
+                           "expected aten.rsqrt.default, got aten.sqrt.default")),
+        ("DEBUG", "fxsp", "near-miss x*2 -> x+x at mul: arg 1 (sqrt): expected 2, got sqrt"),
     ]
 
 

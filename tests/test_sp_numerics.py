@@ -162,7 +162,8 @@ def compare_with_cache(rank: int, world: int) -> tuple:
 
 
 def test_shared_cache_dir_second_run_equals_eager(tmp_path):
-    """REFERENCE §2 trap 2: ranks share one cache dir; rank-specific graphs must not be shared."""
+    """Inductor's FX graph cache key is the same on every rank: ranks sharing one cache dir must
+    not share rank-specific graphs."""
     cache = str(tmp_path / "shared-cache")
     first = run_world(2, compare_with_cache, cache_dir=cache)
     second = run_world(2, compare_with_cache, cache_dir=cache)

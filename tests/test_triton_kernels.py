@@ -361,7 +361,7 @@ class _InPlaceFlashInferNorm(types.SimpleNamespace):
 
 
 def test_flashinfer_wrappers_are_functional(monkeypatch):
-    monkeypatch.setattr(flashinfer_provider, "_flashinfer_norm", _InPlaceFlashInferNorm)
+    monkeypatch.setattr(flashinfer_provider, "_flashinfer", lambda part: _InPlaceFlashInferNorm)
     monkeypatch.setattr(flashinfer_provider, "_takes", lambda x, weight: True)
     x, residual, weight = (t.cpu() for t in _inputs(3, 96, torch.bfloat16))
     x_before, residual_before = x.clone(), residual.clone()
@@ -387,7 +387,7 @@ def test_flashinfer_falls_back_to_the_reference_where_it_cannot_run():
 
 
 def test_flashinfer_is_chosen_below_triton_when_available(monkeypatch):
-    monkeypatch.setattr(flashinfer_provider, "_flashinfer_norm", _InPlaceFlashInferNorm)
+    monkeypatch.setattr(flashinfer_provider, "_flashinfer", lambda part: _InPlaceFlashInferNorm)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(providers._providers, "flashinfer", flashinfer_provider.FLASHINFER_PROVIDER)
     only_flashinfer = ("flashinfer",)

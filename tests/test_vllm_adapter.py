@@ -2,7 +2,7 @@
 
 vLLM is installed without its CUDA dependencies on the CPU torch (see requirements-vllm.txt):
 its kernels (`vllm._C`) cannot load, but its config, its post-grad pass manager and the
-`torch.ops.vllm` collectives over gloo work (REFERENCE §2.9). Tests that need vLLM skip when it
+`torch.ops.vllm` collectives over gloo work. Tests that need vLLM skip when it
 is not installed; `make test` installs it.
 """
 

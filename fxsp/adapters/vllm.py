@@ -16,7 +16,7 @@ How the pass fits vLLM:
   whose smallest token count reaches the SP threshold. Where vLLM compiles with plain Inductor
   (on CPU: DYNAMO_TRACE_ONCE), Inductor calls the pass directly and fxsp's own row threshold
   decides per graph.
-- The rewrite emits collectives of the flavour it replaces (fxsp/ir/collectives.py):
+- The rewrite emits collectives of the flavour it replaces (fxsp/collectives.py):
   `vllm.all_reduce(x, "tp:0")` becomes `vllm.reduce_scatter` / `vllm.all_gather` over the same
   group. vLLM on CPU traces its all-reduce to `_c10d_functional` over the TP device group, and
   that stays c10d.
@@ -43,7 +43,7 @@ import torch
 from torch.fx import Graph
 
 from ..backend import _source_digest
-from ..ir.collectives import C10D_ALL_REDUCE, vllm_op
+from ..collectives import C10D_ALL_REDUCE, vllm_op
 from ..patterns.sp import SPConfig
 from ..pipeline import GraphReport, run_pipeline
 from ..runtime.thresholds import SPThreshold, sp_min_tokens

@@ -9,7 +9,7 @@ on CPU, the op's reference implementation from `ops.py` traced to ATen with the 
 inputs and inlined in its place. Traced with Inductor's decomposition table, the inlined nodes
 are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
 (and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of
-its flavor (`collectives.py`). IR ops defined in other modules (`fused_ops.py`) join through
+its flavor (`fxsp/collectives.py`). IR ops defined in other modules (`fused_ops.py`) join through
 `register_reference` and are lowered the same way.
 """
 
@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 from ..builder import Builder
 from ..fake import tensor_of
 from . import ops
-from .collectives import all_reduce_sum
+from ..collectives import all_reduce_sum
 from .providers import choose
 
 REFERENCES = {

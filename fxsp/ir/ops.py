@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch.library import Library
 
+from ..collectives import EAGER, Flavor, all_reduce_sum
+
 fxsp_lib = Library("fxsp", "DEF")  # noqa: TOR901 - fxsp owns this namespace
 
 fxsp_lib.define("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor")
@@ -51,11 +53,8 @@ def static_fp8_quant_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: 
     return (x.float() / scale.float()).clamp(-bound, bound).to(fp8_dtype)
 
 
-def all_reduce_reference(x: torch.Tensor, group_name: str, flavor: str) -> torch.Tensor:
-    if flavor == "vllm":
-        return torch.ops.vllm.all_reduce.default(x, group_name)
-    reduced = torch.ops._c10d_functional.all_reduce.default(x, "sum", group_name)
-    return torch.ops._c10d_functional.wait_tensor.default(reduced)
+def all_reduce_reference(x: torch.Tensor, group_name: str, flavor: Flavor) -> torch.Tensor:
+    return all_reduce_sum(EAGER, x, group_name, flavor)
 
 
 def _norm_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:

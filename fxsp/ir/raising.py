@@ -58,7 +58,7 @@ from ..pattern import (
     through,
 )
 from ..rules import Match, Report, Rule, RuleSet
-from .collectives import C10D_ALL_REDUCE, WAIT, vllm_op
+from ..collectives import C10D_ALL_REDUCE, WAIT, vllm_op
 from .ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, fp8_max
 
 aten, prims = torch.ops.aten, torch.ops.prims

@@ -27,7 +27,7 @@ from torch.fx import Node
 
 from ..builder import Builder
 from ..fake import same_shape, tensor_of
-from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
+from ..collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
 from ..rules import Match, Rule, RuleSet

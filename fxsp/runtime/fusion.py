@@ -11,7 +11,7 @@ when every condition holds, checked in this order:
 2. Pipeline size == 1: the kernel synchronises TP peers with a GPU-side spin-wait that assumes
    every peer launched it identically; with several pipeline stages, the TP groups of different
    stages warm up concurrently, ranks pick different launch configurations and the job hangs
-   (vLLM PR #43616, seeds/003; gated in #35424, wrongly removed in #41458).
+   (vLLM PR #43616; gated in #35424, wrongly removed in #41458).
 3. CUDA, SM90 or the SM100 family: the only devices the kernel and its size table are measured on
    (ROCm reports capability (9, 0) for gfx90a, which is not SM90).
 4. FlashInfer importable (`flashinfer.comm`).
@@ -62,14 +62,14 @@ def decide_allreduce_rms_fusion(tp_size: int, pp_size: int = 1,
                                 device: DeviceLike = None) -> FusionGate:
     """`allreduce_rms_fusion_gate` for this machine (`device`: see `thresholds.device_info`;
     None is the current device). Logs the reason at INFO when the fusion is off."""
-    from ..ir.fused_ops import flashinfer_comm_available
+    from ..ir.flashinfer_provider import flashinfer_available
 
     info = device_info(device)
     # FlashInfer is checked last, and imported only when every other condition holds: importing
     # it can take seconds.
     gate = allreduce_rms_fusion_gate(tp_size, pp_size, info, flashinfer=True)
     if gate.enabled:
-        gate = allreduce_rms_fusion_gate(tp_size, pp_size, info, flashinfer_comm_available())
+        gate = allreduce_rms_fusion_gate(tp_size, pp_size, info, flashinfer_available("comm"))
     if not gate.enabled:
         log.info("fxsp: AllReduce+RMSNorm fusion off: %s", gate.reason)
     return gate

@@ -1,0 +1,92 @@
+"""The one place that knows how collectives are spelled in graphs, read and written.
+
+Two families (flavors): PyTorch's functional collectives, `_c10d_functional.all_reduce(x,
+"sum", group)` + `wait_tensor` (what functional collectives, DTensor and Dynamo's rewrite of
+in-place `dist.all_reduce` produce), and vLLM's `vllm.all_reduce(x, group)`. Reading:
+`kind(node)`, for either family. Writing: reduce-scatter / all-gather along dim 0 of the family
+of the all-reduce they replace, so micro-pipeline TP (c10d) or vLLM's own passes see collectives
+they know. Below the builder and the fake values (both use it): imports nothing else of fxsp.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import torch
+from torch.fx import Node
+
+if TYPE_CHECKING:
+    from .builder import Builder
+
+Flavor = Literal["c10d", "vllm"]
+FLAVORS: tuple[str, ...] = get_args(Flavor)
+
+c10d = torch.ops._c10d_functional
+C10D_ALL_REDUCE = c10d.all_reduce.default
+C10D_REDUCE_SCATTER = c10d.reduce_scatter_tensor.default
+C10D_ALL_GATHER = c10d.all_gather_into_tensor.default
+WAIT = c10d.wait_tensor.default
+
+# By (namespace, op name): vLLM's ops count whether loaded before fxsp or after.
+_KINDS = {
+    ("_c10d_functional", "all_reduce"): "all_reduce",
+    ("_c10d_functional", "reduce_scatter_tensor"): "reduce_scatter",
+    ("_c10d_functional", "all_gather_into_tensor"): "all_gather",
+    ("_c10d_functional", "wait_tensor"): "wait",
+    ("vllm", "all_reduce"): "all_reduce",
+    ("vllm", "reduce_scatter"): "reduce_scatter",
+    ("vllm", "all_gather"): "all_gather",
+}
+COMMUNICATING = frozenset({"all_reduce", "reduce_scatter", "all_gather"})  # not "wait"
+
+
+def kind(node: Node | Any) -> str | None:
+    """What a node (or an op target) does: "all_reduce", "reduce_scatter", "all_gather" (either
+    family) or "wait" (c10d's `wait_tensor`); "other" for another of c10d's functional
+    collectives (all_to_all_single, broadcast, ...); None for anything else."""
+    target = node.target if isinstance(node, Node) else node
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    found = _KINDS.get((target.namespace, target._opname))
+    return found or ("other" if target.namespace == "_c10d_functional" else None)
+
+
+def vllm_op(name: str) -> Any:
+    """`torch.ops.vllm.<name>.default`, or None when vLLM (or a stand-in) is not loaded."""
+    try:
+        return getattr(torch.ops.vllm, name).default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def check_flavor(flavor: str) -> Flavor:
+    """`flavor`, when it is one of `FLAVORS`: another is a bug upstream, not a family to guess."""
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown collective flavor {flavor!r}, expected one of {FLAVORS}")
+    return flavor
+
+
+def reduce_scatter_rows(b: Builder, x: Node, world: int, group: str, flavor: Flavor) -> Node:
+    """Sum of `x` over the group, keeping this rank's block of rows (dim 0)."""
+    if check_flavor(flavor) == "vllm":
+        return b.call(torch.ops.vllm.reduce_scatter.default, x, 0, world, group)
+    return b.call(WAIT, b.call(C10D_REDUCE_SCATTER, x, "sum", world, group))
+
+
+def all_gather_rows(b: Builder, x: Node, world: int, group: str, flavor: Flavor) -> Node:
+    """Every rank's block of rows, concatenated along dim 0."""
+    if check_flavor(flavor) == "vllm":
+        return b.call(torch.ops.vllm.all_gather.default, x, 0, world, group)
+    return b.call(WAIT, b.call(C10D_ALL_GATHER, x, world, group))
+
+
+def all_reduce_sum(b: Builder, x: Any, group: str, flavor: Flavor) -> Any:
+    if check_flavor(flavor) == "vllm":
+        return b.call(torch.ops.vllm.all_reduce.default, x, group)
+    return b.call(WAIT, b.call(C10D_ALL_REDUCE, x, "sum", group))
+
+
+# In place of a Builder, runs each op at once: the writers above then compute on tensors, so
+# eager code (the IR ops' references) spells collectives as graphs do.
+EAGER = SimpleNamespace(call=lambda target, *args: target(*args))

@@ -171,7 +171,8 @@ def _exact_norm(m: Match) -> bool | str:
     """The matched norm computes what fxsp.rms_norm computes, up to the rounding the module
     docstring allows."""
     x, down_to = tensor_of(m["x"]), m.get("down")
-    if down_to == F32 and x.dtype in LOW and any(_is_fp32_identity_cast(n) for n in (m.root, *m.nodes)):
+    folded = any(_is_fp32_identity_cast(n) for n in (m.root, *m.nodes))
+    if down_to == F32 and x.dtype in LOW and folded:
         # Torch 2.11's joint-graph pass folds `normed.to(fp16).to(fp32)` into an fp32 -> fp32
         # cast, dropping the rounding the model does (2.12+ keeps narrowing round trips): the
         # raise rounds to x's dtype again, one rounding from the folded graph, none from eager.

@@ -1,8 +1,9 @@
 """The realize-on-reuse cost model, and the torch-2.11-only patch that installs it.
 
-This machine runs torch 2.13, where install() must patch nothing. Installing, idempotence and
-revert are exercised by simulating 2.11 (the version check) on a stand-in class; the patched
-decision itself is exercised on stand-in Inductor data objects under a stand-in graph."""
+`make test` runs this file on torch 2.13 and on torch 2.11. On 2.11 the patch goes into the real
+StorageBox and changes what Inductor writes; on 2.12+ install() must patch nothing. Installing,
+idempotence and revert are also exercised on any torch by simulating 2.11 (the version check) on
+stand-in classes, and the patched decision on stand-in Inductor data objects."""
 
 from __future__ import annotations
 
@@ -50,10 +51,45 @@ def test_cost_model(total_read_bytes, output_bytes, users, reads, expected):
     assert decision is expected
 
 
-# ---- on this torch (>= 2.12) nothing is patched ---------------------------------------------
+# ---- on the torch this runs on: the real patch on 2.11, nothing on 2.12+ --------------------
 
-def test_install_on_current_torch_is_a_noop_that_touches_nothing():
-    assert not inductor_reuse._torch_needs_patch(torch.__version__), "expects torch >= 2.12"
+TORCH_2_11 = inductor_reuse._torch_needs_patch(torch.__version__)
+only_on_2_11 = pytest.mark.skipif(not TORCH_2_11, reason=f"torch {torch.__version__} is not 2.11: "
+                                  "no patch to install (`make test` also runs torch 2.11)")
+only_after_2_11 = pytest.mark.skipif(TORCH_2_11, reason="torch 2.11 is patched: see the 2.11 tests")
+
+
+@only_on_2_11
+def test_install_on_torch_2_11_patches_the_real_storage_box_and_changes_what_is_written():
+    assert inductor_reuse._unexpected_shape(ir.StorageBox) is None
+    original = ir.StorageBox.__dict__.get(METHOD)
+    inputs = [torch.randn(64, 64) for _ in range(3)]
+    unpatched = _lowered_buffers(_residual_block, inputs)
+
+    assert install() is True and is_installed()
+    patched_method = ir.StorageBox.__dict__[METHOD]
+    assert patched_method is not original
+    assert install() is True and ir.StorageBox.__dict__[METHOD] is patched_method  # once
+    # x = a + b + c: 2.11's read count (3 <= 4) inlines it into both users, traffic realizes it
+    assert len(_lowered_buffers(_residual_block, inputs)) == len(unpatched) + 1
+
+    assert uninstall() is True
+    assert ir.StorageBox.__dict__.get(METHOD) is original and not is_installed()
+    assert _lowered_buffers(_residual_block, inputs) == unpatched
+
+
+@only_on_2_11
+def test_compiled_code_with_the_real_patch_equals_eager():
+    inputs = [torch.randn(32, 48) for _ in range(3)]
+    assert install() is True
+    torch._dynamo.reset()
+    got = torch.compile(_residual_block, backend="inductor", fullgraph=True)(*inputs)
+    for g, want in zip(got, _residual_block(*inputs), strict=True):
+        torch.testing.assert_close(g, want)
+
+
+@only_after_2_11
+def test_install_on_torch_2_12_and_later_is_a_noop_that_touches_nothing():
     before = {name: ir.StorageBox.__dict__.get(name)
               for name in (METHOD, "mark_reuse", "num_reads", "realize_hint")}
     assert install() is False
@@ -157,9 +193,25 @@ def test_option_disables(torch_2_11):
     assert FakeStorageBox.__dict__[METHOD] is _original_decision
 
 
+class FakeLaterStorageBox:
+    """Shaped like 2.12+'s StorageBox, whose callers pass `graph_reuse=` as well."""
+
+    def should_realize_on_reuse(self, users, *, graph_reuse=True):
+        return "original"
+
+
 def test_refuses_a_method_of_another_shape(torch_2_11):
-    # torch 2.13's real StorageBox takes `graph_reuse=` as well: a 2.11-shaped replacement would
-    # break its callers, so even a (mis)detected 2.11 leaves it alone.
+    # A 2.11-shaped replacement would break the callers of a 2.12+-shaped method, so even a
+    # (mis)detected 2.11 leaves it alone.
+    torch_2_11(FakeLaterStorageBox)
+    original = FakeLaterStorageBox.__dict__[METHOD]
+    assert install() is False
+    assert FakeLaterStorageBox.__dict__[METHOD] is original
+    assert not is_installed()
+
+
+@only_after_2_11
+def test_refuses_the_real_storage_box_of_torch_2_12_and_later(torch_2_11):
     torch_2_11(ir.StorageBox)
     original = ir.StorageBox.__dict__[METHOD]
     assert install() is False

@@ -12,6 +12,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxsp.ir import lower_ir, raise_ir
 from tests.test_ir_raising import (
@@ -136,6 +137,26 @@ class TorchNorms(nn.Module):
 def test_torch_norms(dtype):
     spy = compile_and_compare(TorchNorms(dtype=dtype), torch.randn(5, 16, dtype=dtype))
     assert spy.raised == {"raise.rms_norm": 3, "raise.rms_norm_unweighted": 1, "raise.add_rms_norm": 1}
+
+
+def test_norm_whose_round_trip_torch_2_11_folds():
+    """Torch 2.11's joint-graph pass folds `normed.to(fp16).to(fp32)` (the F.rms_norm above,
+    up-cast by the Gemma norm) into an fp32 -> fp32 cast before the post-grad passes. Spelled with
+    that cast, on any torch, the norm is raised and the raised graph rounds where eager does."""
+
+    def normed(x):
+        xf = x.float()
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def folded(x):
+        return torch.ops.prims.convert_element_type(normed(x), F32) * 3
+
+    x = torch.randn(5, 16, dtype=F16)
+    gm = make_fx(folded)(x)
+    assert counts(raise_ir(gm, check=True)) == {"raise.rms_norm_unweighted": 1}
+    lower_ir(gm.graph)
+    gm.recompile()
+    torch.testing.assert_close(gm(x), normed(x).to(F16).float() * 3, rtol=0, atol=0)
 
 
 class Fp8Model(nn.Module):

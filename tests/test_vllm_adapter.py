@@ -30,8 +30,8 @@ from tests.worlds import run_world
 
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
-    reason="vLLM is not installed (`make test` installs it: requirements-vllm.txt, then vllm "
-           "--no-deps)")
+    reason=f"vLLM is not installed here (torch {torch.__version__}); `make test` installs it in "
+           ".venv only, the torch 2.13 venv: vLLM 0.32 is built against torch 2.13")
 
 HIDDEN = 16
 SP_MIN_TOKENS = 8

@@ -24,10 +24,14 @@ $(VENV)/.vllm-ready: $(VENV)/.ready requirements-vllm.txt
 	$(PY) -m pip install --quiet --no-deps vllm==0.32.0 -c constraints.txt
 	touch $@
 
-$(VENV211)/.ready: pyproject.toml constraints-torch211.txt
+$(VENV211)/.torch-ready: constraints-torch211.txt
 	test -x $(PY211) || $(PYTHON) -m venv $(VENV211)
 	$(PY211) -m pip install --quiet --upgrade pip
 	$(PY211) -m pip install --quiet torch==2.11.0 numpy -c constraints-torch211.txt
+	touch $@
+
+# After .venv's editable install (under `make -j` the two must not build in the checkout at once).
+$(VENV211)/.ready: $(VENV211)/.torch-ready $(VENV)/.ready pyproject.toml
 	$(PY211) -m pip install --quiet -e '.[test]' -c constraints-torch211.txt
 	touch $@
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
 from .pipeline import GraphReport, run_pipeline
 from .runtime.fusion import decide_allreduce_rms_fusion
-from .runtime.guard import RankGuard, fingerprint, graph_structure
+from .runtime.guard import RankGuard, decisions_fingerprint, fingerprint, graph_structure
 
 log = logging.getLogger("fxsp")
 
@@ -48,13 +50,46 @@ class Options:
     allreduce_fusion: bool = True  # fused all-reduce + RMSNorm below the SP threshold, where allowed
     pipeline_size: int = 1  # pipeline stages; the fused all-reduce is off above 1 (it deadlocks)
 
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def check_options(options: Any) -> None:
+    """Raise a TypeError or ValueError saying what is allowed for the first bad value of an
+    options dataclass (the backend's `Options`, the vLLM adapter's): bool fields take True or
+    False, `min_tokens` "auto" or an int >= 0, `inner` "inductor" or "eager", `pipeline_size` an
+    int >= 1."""
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.type in ("bool", bool) and not isinstance(value, bool):
+            raise TypeError(f"fxsp option {f.name} must be True or False, not {value!r}")
+    min_tokens = getattr(options, "min_tokens", "auto")
+    if not (min_tokens == "auto" if isinstance(min_tokens, str) else _is_int(min_tokens, at_least=0)):
+        error = ValueError if isinstance(min_tokens, (int, str)) and not isinstance(min_tokens, bool) else TypeError
+        raise error(f"fxsp option min_tokens must be 'auto' or an int >= 0, not {min_tokens!r}")
+    inner = getattr(options, "inner", "inductor")
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"fxsp option inner must be 'inductor' or 'eager', not {inner!r}")
+    pipeline_size = getattr(options, "pipeline_size", 1)
+    if not _is_int(pipeline_size, at_least=1):
+        raise (ValueError if _is_int(pipeline_size, at_least=-2**63) else TypeError)(f"fxsp option pipeline_size must be an int >= 1, not {pipeline_size!r}")
+
+
+def _is_int(value: Any, at_least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
 
 def backend(tp_group: Any = None, **options: Any) -> Backend:
     """A torch.compile backend applying sequence parallelism over `tp_group`.
 
     `tp_group`: a ProcessGroup, a 1-D DeviceMesh, or None for the default group.
-    Options: see `Options`.
+    Options: see `Options`. A bad group or option raises here, saying what is allowed.
     """
+    allowed = [f.name for f in fields(Options)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"fxsp.backend() got unexpected keyword arguments {unknown}; its options are "
+                        f"{', '.join(allowed)}")
     return Backend(tp_group, Options(**options))
 
 
@@ -72,8 +107,7 @@ def _traced_floats(gm: torch.fx.GraphModule) -> list[str]:
 
 class Backend:
     def __init__(self, tp_group: Any, options: Options) -> None:
-        if options.inner not in ("inductor", "eager"):
-            raise ValueError(f"inner must be 'inductor' or 'eager', not {options.inner!r}")
+        _check_group(tp_group)
         self.tp_group = tp_group
         self.options = options
         self.reports: list[GraphReport] = []
@@ -86,14 +120,12 @@ class Backend:
         if sp is not None:
             self._name_traced_floats(gm)
         seen = len(self.reports)
-        compiled = self._compile_variants(gm, example_inputs, sp)
+        compiled, reports = self._compile_variants(gm, example_inputs, sp)
         if sp is None or not self.options.check_ranks:
             return compiled
         facts = fingerprint(_source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
                             graph_structure(gm), [_input_type(a) for a in example_inputs])
-        new = self.reports[seen:]
-        decisions = fingerprint([(r.counts, r.collectives) for r in new]) if new else 0
-        return RankGuard(compiled, self._group, facts, decisions, what=f"graph {seen}")
+        return RankGuard(compiled, self._group, facts, decisions_fingerprint(reports), what=f"graph {seen}")
 
     def _name_traced_floats(self, gm: torch.fx.GraphModule) -> None:
         """Say once which Python floats Dynamo made graph inputs: a norm whose eps is one has no
@@ -106,33 +138,67 @@ class Backend:
                         "torch._dynamo.config.specialize_float = True, or mark the token dims with "
                         "torch._dynamo.mark_dynamic instead.", ", ".join(new))
 
-    def _compile_variants(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
+    def _compile_variants(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> tuple:
+        """(the compiled callable, the reports of the graphs compiled for it now)."""
         if sp is None or not self._may_dispatch(example_inputs):
             return self._compile(gm, example_inputs, sp)
         # Symbolic rows: the SP variant's graph cannot know whether a batch reaches min_tokens,
         # so a non-SP variant is compiled beside it and each call picks one by its row count.
         plain_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        seen = len(self.reports)
-        with _no_compile_cache():  # the row thresholds are read off the pass: it must run
-            with_sp = self._compile(gm, example_inputs, replace(sp, dispatch=True))
-        thresholds = [t for r in self.reports[seen:] for t in r.row_thresholds]
-        if not thresholds:
-            return with_sp
+        # The row thresholds are symbolic expressions read off the pass, which must run: no
+        # compile cache for the SP variant (the reports cache keeps them only as text).
         with _no_compile_cache():
-            without_sp = self._compile(plain_gm, example_inputs, None)
-        return RowDispatch(with_sp, without_sp, thresholds, example_inputs)
+            with_sp, sp_reports = self._compile(gm, example_inputs, replace(sp, dispatch=True))
+        thresholds = [t for r in sp_reports for t in r.row_thresholds]
+        if not thresholds:
+            return with_sp, sp_reports
+        without_sp, plain_reports = self._compile(plain_gm, example_inputs, None)
+        return RowDispatch(with_sp, without_sp, thresholds, example_inputs), sp_reports + plain_reports
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> tuple:
+        """(the compiled callable, the reports of the graphs compiled for it now), cache hit or not."""
         graph_pass = FxspPass(self, sp, self.fusion_config())
-        if self.options.inner == "eager":
-            return _compile_eager(gm, example_inputs, graph_pass)
+        if self.options.inner == "eager":  # no Inductor, no cache: the pass always runs
+            compiled = _compile_eager(gm, example_inputs, graph_pass)
+            graph_pass.compiled = True
+            return compiled, list(graph_pass.reports["compile"])
         from torch._inductor.compile_fx import compile_fx
 
         from .runtime.inductor_reuse import install as install_reuse_patch
 
         install_reuse_patch(enabled=self.options.inductor_reuse_patch)  # a no-op off torch 2.11
 
-        return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass})
+        def compile_with_pass(graph_module: torch.fx.GraphModule) -> Callable:
+            compiled = compile_fx(graph_module, example_inputs,
+                                  config_patches={"post_grad_custom_pre_pass": graph_pass})
+            graph_pass.compiled = True
+            return compiled
+
+        if not _compile_cache_on():
+            return compile_with_pass(gm), list(graph_pass.reports["compile"])
+        # An Inductor or AOT autograd cache hit skips the pass: its reports are read back from
+        # what the run that filled the cache saved, under a key taken before compile_fx runs
+        # Inductor's pre-grad passes on `gm` in place.
+        graph_pass.key = _report_key(graph_pass, gm, example_inputs)
+        spare = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        compiled = compile_with_pass(gm)
+        if graph_pass.reports["compile"]:
+            graph_pass.save()
+            return compiled, list(graph_pass.reports["compile"])
+        cached = _load_reports(graph_pass.key)
+        if cached is not None:
+            self.reports += cached["compile"] + cached["later"]
+            if self.options.explain:
+                for report in cached["compile"] + cached["later"]:
+                    report.log_near_misses()
+            return compiled, cached["compile"]
+        # A hit without fxsp's reports (their file was removed): compile again, pass included.
+        log.info("fxsp: Inductor reused a compiled graph whose fxsp report is missing; compiling it again")
+        graph_pass.compiled = False
+        with _no_compile_cache():
+            compiled = compile_with_pass(spare)
+        graph_pass.save()
+        return compiled, list(graph_pass.reports["compile"])
 
     def _may_dispatch(self, example_inputs: list) -> bool:
         """Symbolic sizes and a threshold that may be above zero."""
@@ -177,14 +243,28 @@ class Backend:
 class FxspPass(CustomGraphPass):
     """fxsp's pipeline as an Inductor post-grad pass. Its uuid covers fxsp's source, the options
     and the TP group *and rank*: the rewritten graph holds rank-specific slice offsets, while
-    Inductor's cache key is otherwise the same on every rank."""
+    Inductor's cache key is otherwise the same on every rank.
+
+    With a `key`, the reports of the graphs it rewrites are also saved as JSON in Inductor's
+    cache dir, for the processes that will reuse those compiled graphs without running it:
+    those of compile time (the forward) and any of later (a backward AOT autograd compiles lazily)."""
 
     def __init__(self, owner: Backend, sp: SPConfig | None, fusion: AllReduceNormConfig | None = None) -> None:
         self.owner, self.sp, self.fusion = owner, sp, fusion
+        self.key: str | None = None
+        self.compiled = False  # compile_fx has returned: any further graph is a lazy backward
+        self.reports: dict[str, list] = {"compile": [], "later": []}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         report = run_pipeline(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
         self.owner.reports.append(report)
+        self.reports["later" if self.compiled else "compile"].append(report)
+        if self.compiled:
+            self.save()
+
+    def save(self) -> None:
+        if self.key is not None:
+            _save_reports(self.key, self.reports)
 
     def uuid(self) -> str:
         parts = (_source_digest(), asdict(self.owner.options), asdict(self.sp) if self.sp else None,
@@ -239,6 +319,76 @@ def _no_compile_cache():
         yield
 
 
+def _compile_cache_on() -> bool:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.fx_graph_cache or functorch_config.enable_autograd_cache)
+
+
+_REPORTS_FORMAT = 1
+
+
+def _report_key(graph_pass: FxspPass, gm: torch.fx.GraphModule, example_inputs: list) -> str:
+    """What decides the graphs compile_fx hands the pass: the pass itself (fxsp's source, the
+    options, TP group, rank, SP variant), the Dynamo graph with its literals, the inputs, grad
+    mode and the compiler's versions and settings."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    code = [line for line in gm.code.splitlines() if not line.lstrip().startswith("#")]
+    constants = [(n.target, _input_meta(_attribute(gm, n.target))) for n in gm.graph.find_nodes(op="get_attr")]
+    parts = (_REPORTS_FORMAT, graph_pass.uuid(), torch.__version__, code, constants,
+             [_input_meta(a) for a in example_inputs], torch.is_grad_enabled(),
+             inductor_config.get_hash().hex(), functorch_config.get_hash().hex())
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _input_meta(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (str(a.dtype), tuple(map(str, a.shape)), tuple(map(str, a.stride())), a.device.type, a.requires_grad)
+    return str(a) if isinstance(a, (torch.SymInt, torch.SymFloat, int, float, bool)) else type(a).__name__
+
+
+def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _reports_path(key: str) -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "fxsp_reports" / f"{key}.json"
+
+
+def _save_reports(key: str, reports: dict) -> None:
+    """Plain JSON, written whole then renamed: ranks and jobs share the cache dir."""
+    path = _reports_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": _REPORTS_FORMAT, **{when: [r.to_json() for r in rs] for when, rs in reports.items()}}
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(data))
+    os.replace(partial, path)
+
+
+def _load_reports(key: str) -> dict[str, list[GraphReport]] | None:
+    """The reports saved under `key` ("compile" and "later"), marked cached; None when there
+    are none to read."""
+    path = _reports_path(key)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != _REPORTS_FORMAT:
+            return None
+        return {when: [GraphReport.from_json(r) for r in data[when]] for when in ("compile", "later")}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable: as if missing
+        log.debug("fxsp: ignoring the unreadable report file %s: %s", path, e)
+        return None
+
+
 def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:
     """AOT autograd with Inductor's decompositions, the pipeline, and no codegen: for debugging."""
     from functorch.compile import make_boxed_func
@@ -253,18 +403,29 @@ def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: F
     return aot_autograd(fw_compiler=forward, decompositions=select_decomp_table())(gm, example_inputs)
 
 
+def _check_group(tp_group: Any) -> None:
+    """At construction: the default group may not exist yet, but the kind of group must be right."""
+    if tp_group is None or isinstance(tp_group, dist.ProcessGroup):
+        return
+    if _is_device_mesh(tp_group):
+        if tp_group.ndim != 1:
+            raise ValueError(f"tp_group must be a 1-D DeviceMesh, got {tp_group.ndim}-D")
+        return
+    raise TypeError(f"tp_group must be a ProcessGroup, a 1-D DeviceMesh or None (the default group), "
+                    f"not {type(tp_group).__name__}")
+
+
+def _is_device_mesh(value: Any) -> bool:
+    return hasattr(value, "get_group") and hasattr(value, "ndim")
+
+
 def _process_group(tp_group: Any) -> dist.ProcessGroup:
+    _check_group(tp_group)
     if tp_group is None:
         if not dist.is_initialized():
             raise RuntimeError("fxsp.backend(None) uses the default process group, which is not initialised")
         return dist.group.WORLD
-    if isinstance(tp_group, dist.ProcessGroup):
-        return tp_group
-    if hasattr(tp_group, "get_group") and hasattr(tp_group, "ndim"):  # DeviceMesh
-        if tp_group.ndim != 1:
-            raise ValueError(f"tp_group must be a 1-D DeviceMesh, got {tp_group.ndim}-D")
-        return tp_group.get_group()
-    raise TypeError(f"tp_group must be a ProcessGroup, a 1-D DeviceMesh or None, not {type(tp_group).__name__}")
+    return tp_group.get_group() if _is_device_mesh(tp_group) else tp_group
 
 
 _digest: str | None = None

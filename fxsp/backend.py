@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import sympy
 import torch
 import torch.distributed as dist
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -31,6 +30,7 @@ from .patterns.sp import SPConfig
 from .pipeline import GraphReport, run_pipeline
 from .runtime.fusion import decide_allreduce_rms_fusion
 from .runtime.guard import RankGuard, decisions_fingerprint, fingerprint, graph_structure
+from .runtime.row_dispatch import RowDispatch
 
 log = logging.getLogger("fxsp")
 
@@ -110,6 +110,7 @@ class Backend:
         _check_group(tp_group)
         self.tp_group = tp_group
         self.options = options
+        self._group: dist.ProcessGroup | None = None
         self.reports: list[GraphReport] = []
         self._said_off = False
         self._floats_named: set[str] = set()
@@ -125,7 +126,7 @@ class Backend:
             return compiled
         facts = fingerprint(_source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
                             graph_structure(gm), [_input_type(a) for a in example_inputs])
-        return RankGuard(compiled, self._group, facts, decisions_fingerprint(reports), what=f"graph {seen}")
+        return RankGuard(compiled, self.group, facts, decisions_fingerprint(reports), what=f"graph {seen}")
 
     def _name_traced_floats(self, gm: torch.fx.GraphModule) -> None:
         """Say once which Python floats Dynamo made graph inputs: a norm whose eps is one has no
@@ -210,9 +211,17 @@ class Backend:
             return any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in example_inputs)
         return True
 
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The TP process group, resolved on first use (the default group may not exist when
+        the backend is made) and kept."""
+        if self._group is None:
+            self._group = _process_group(self.tp_group)
+        return self._group
+
     def sp_config(self) -> SPConfig | None:
         """The SP settings for this process, or None when TP size is 1 (nothing to rewrite)."""
-        group = self._group = _process_group(self.tp_group)
+        group = self.group
         world = dist.get_world_size(group)
         if world == 1 or self.options.batch_invariant:
             if not self._said_off:
@@ -230,7 +239,7 @@ class Backend:
         """The fused all-reduce + RMSNorm settings, or None where runtime.fusion rules it out
         (it logs why, once per backend)."""
         if self._fusion is None:
-            group = _process_group(self.tp_group)
+            group = self.group
             world = dist.get_world_size(group)
             # batch_invariant: the kernel's summation order depends on the rows.
             wanted = self.options.allreduce_fusion and not self.options.batch_invariant and world > 1
@@ -270,34 +279,6 @@ class FxspPass(CustomGraphPass):
         parts = (_source_digest(), asdict(self.owner.options), asdict(self.sp) if self.sp else None,
                  asdict(self.fusion) if self.fusion else None)
         return hashlib.sha256(repr(parts).encode()).hexdigest()
-
-
-class RowDispatch:
-    """Calls the SP variant when every rewritten site's row count reaches its threshold, the
-    non-SP variant otherwise. Row counts are symbolic expressions over the graph's input sizes;
-    every rank sees the same sizes, so every rank picks the same variant."""
-
-    def __init__(self, with_sp: Callable, without_sp: Callable, thresholds: list, example_inputs: list) -> None:
-        self.with_sp, self.without_sp, self.thresholds = with_sp, without_sp, thresholds
-        self.sources: dict = {}  # sympy symbol -> (input index, dim or None for an int input)
-        for i, a in enumerate(example_inputs):
-            sizes = [(None, a)] if isinstance(a, torch.SymInt) else (
-                list(enumerate(a.shape)) if isinstance(a, torch.Tensor) else [])
-            for dim, size in sizes:
-                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                    self.sources.setdefault(size.node.expr, (i, dim))
-
-    def use_sp(self, args: tuple) -> bool:
-        values = {sym: sympy.Integer(args[i] if dim is None else args[i].shape[dim])
-                  for sym, (i, dim) in self.sources.items()}
-        for rows, need in self.thresholds:
-            value = rows.xreplace(values)
-            if not value.is_number or int(value) < need:  # unknown: the safe, non-SP variant
-                return False
-        return True
-
-    def __call__(self, *args: Any) -> Any:
-        return (self.with_sp if self.use_sp(args) else self.without_sp)(*args)
 
 
 def _input_type(a: Any) -> Any:
@@ -420,7 +401,6 @@ def _is_device_mesh(value: Any) -> bool:
 
 
 def _process_group(tp_group: Any) -> dist.ProcessGroup:
-    _check_group(tp_group)
     if tp_group is None:
         if not dist.is_initialized():
             raise RuntimeError("fxsp.backend(None) uses the default process group, which is not initialised")

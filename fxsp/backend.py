@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from .cache import cache_key, load_reports, report_key, save_reports, source_digest
 from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
 from .pipeline import GraphReport, run_pipeline
@@ -124,7 +121,7 @@ class Backend:
         compiled, reports = self._compile_variants(gm, example_inputs, sp)
         if sp is None or not self.options.check_ranks:
             return compiled
-        facts = fingerprint(_source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
+        facts = fingerprint(source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
                             graph_structure(gm), [_input_type(a) for a in example_inputs])
         return RankGuard(compiled, self.group, facts, decisions_fingerprint(reports), what=f"graph {seen}")
 
@@ -180,13 +177,13 @@ class Backend:
         # An Inductor or AOT autograd cache hit skips the pass: its reports are read back from
         # what the run that filled the cache saved, under a key taken before compile_fx runs
         # Inductor's pre-grad passes on `gm` in place.
-        graph_pass.key = _report_key(graph_pass, gm, example_inputs)
+        graph_pass.key = report_key(graph_pass.uuid(), gm, example_inputs)
         spare = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
         compiled = compile_with_pass(gm)
         if graph_pass.reports["compile"]:
             graph_pass.save()
             return compiled, list(graph_pass.reports["compile"])
-        cached = _load_reports(graph_pass.key)
+        cached = load_reports(graph_pass.key)
         if cached is not None:
             self.reports += cached["compile"] + cached["later"]
             if self.options.explain:
@@ -273,12 +270,11 @@ class FxspPass(CustomGraphPass):
 
     def save(self) -> None:
         if self.key is not None:
-            _save_reports(self.key, self.reports)
+            save_reports(self.key, self.reports)
 
     def uuid(self) -> str:
-        parts = (_source_digest(), asdict(self.owner.options), asdict(self.sp) if self.sp else None,
-                 asdict(self.fusion) if self.fusion else None)
-        return hashlib.sha256(repr(parts).encode()).hexdigest()
+        return cache_key(asdict(self.owner.options), asdict(self.sp) if self.sp else None,
+                         asdict(self.fusion) if self.fusion else None)
 
 
 def _input_type(a: Any) -> Any:
@@ -305,69 +301,6 @@ def _compile_cache_on() -> bool:
     import torch._inductor.config as inductor_config
 
     return bool(inductor_config.fx_graph_cache or functorch_config.enable_autograd_cache)
-
-
-_REPORTS_FORMAT = 1
-
-
-def _report_key(graph_pass: FxspPass, gm: torch.fx.GraphModule, example_inputs: list) -> str:
-    """What decides the graphs compile_fx hands the pass: the pass itself (fxsp's source, the
-    options, TP group, rank, SP variant), the Dynamo graph with its literals, the inputs, grad
-    mode and the compiler's versions and settings."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    code = [line for line in gm.code.splitlines() if not line.lstrip().startswith("#")]
-    constants = [(n.target, _input_meta(_attribute(gm, n.target))) for n in gm.graph.find_nodes(op="get_attr")]
-    parts = (_REPORTS_FORMAT, graph_pass.uuid(), torch.__version__, code, constants,
-             [_input_meta(a) for a in example_inputs], torch.is_grad_enabled(),
-             inductor_config.get_hash().hex(), functorch_config.get_hash().hex())
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
-
-
-def _input_meta(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return (str(a.dtype), tuple(map(str, a.shape)), tuple(map(str, a.stride())), a.device.type, a.requires_grad)
-    return str(a) if isinstance(a, (torch.SymInt, torch.SymFloat, int, float, bool)) else type(a).__name__
-
-
-def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
-
-
-def _reports_path(key: str) -> Path:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir()) / "fxsp_reports" / f"{key}.json"
-
-
-def _save_reports(key: str, reports: dict) -> None:
-    """Plain JSON, written whole then renamed: ranks and jobs share the cache dir."""
-    path = _reports_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": _REPORTS_FORMAT, **{when: [r.to_json() for r in rs] for when, rs in reports.items()}}
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(data))
-    os.replace(partial, path)
-
-
-def _load_reports(key: str) -> dict[str, list[GraphReport]] | None:
-    """The reports saved under `key` ("compile" and "later"), marked cached; None when there
-    are none to read."""
-    path = _reports_path(key)
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != _REPORTS_FORMAT:
-            return None
-        return {when: [GraphReport.from_json(r) for r in data[when]] for when in ("compile", "later")}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable: as if missing
-        log.debug("fxsp: ignoring the unreadable report file %s: %s", path, e)
-        return None
 
 
 def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:
@@ -406,17 +339,3 @@ def _process_group(tp_group: Any) -> dist.ProcessGroup:
             raise RuntimeError("fxsp.backend(None) uses the default process group, which is not initialised")
         return dist.group.WORLD
     return tp_group.get_group() if _is_device_mesh(tp_group) else tp_group
-
-
-_digest: str | None = None
-
-
-def _source_digest() -> str:
-    """Hash of fxsp's own source: a changed rule must never hit a stale cache entry."""
-    global _digest
-    if _digest is None:
-        h = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
-            h.update(path.read_bytes())
-        _digest = h.hexdigest()
-    return _digest

@@ -31,7 +31,6 @@ How the pass fits vLLM:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import logging
 import types
@@ -42,7 +41,8 @@ from typing import Any
 import torch
 from torch.fx import Graph
 
-from ..backend import _source_digest, check_options
+from ..backend import check_options
+from ..cache import cache_key
 from ..ir.collectives import C10D_ALL_REDUCE, vllm_op
 from ..patterns.sp import SPConfig
 from ..pipeline import GraphReport, run_pipeline
@@ -157,12 +157,9 @@ class _FxspVllmPassImpl:
         """Covers fxsp's version and source, the options and the TP group with this rank: the
         rewrite may slice this rank's rows, while Inductor's cache key is the same on every rank.
         (vLLM also hashes its config before the TP group exists; that hash has no TP part.)"""
-        from .. import __version__
-
         tp = vllm_tp_group()
-        parts = (__version__, _source_digest(), asdict(self.options), self.hidden_size,
-                 str(self.dtype), asdict(tp) if tp is not None else None)
-        return hashlib.sha256(repr(parts).encode()).hexdigest()
+        return cache_key(asdict(self.options), self.hidden_size, str(self.dtype),
+                         asdict(tp) if tp is not None else None)
 
     def __deepcopy__(self, memo: dict) -> Any:
         clone = object.__new__(type(self))

@@ -1,10 +1,14 @@
 """`make demo`: a tensor-parallel Llama-style model compiled with fxsp on every rank.
 
-    torchrun --nproc-per-node 2 examples/tp_llama.py [--rows N] [--layers N] [--fp8]
+    torchrun --nproc-per-node 2 examples/tp_llama.py [--rows N] [--layers N] [--fp8] [--min-tokens N]
 
-Runs on CPU over gloo (NCCL on GPUs), compares against the eager model on every rank, and
-prints what fxsp rewrote, the best near-misses, and what SP changes per layer: collective
-bytes, norm rows and residual rows per rank.
+Runs on GPUs over NCCL when there is one per rank, else on CPU over gloo (and says so). Compares
+against the eager model on every rank, and prints what sequence parallelism did: one layer's
+all-reduce → norm before and after the rewrite (reduce-scatter → norm on this rank's rows →
+all-gather), the rules applied, the collective bytes, norm rows and residual rows per rank, and
+the largest difference from eager. Near-misses are printed only when some all-reduce stayed.
+A second run over a warm Inductor cache prints the same, from the report fxsp saved with the
+compiled graph.
 """
 
 from __future__ import annotations
@@ -19,24 +23,48 @@ import fxsp
 from fxsp.testing.tp_llama import Spec, TPLlama
 
 
+def pick_device() -> tuple[str, torch.device, str]:
+    """(process group backend, device, what to say about it): one GPU per rank, or CPU."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= ranks_here:
+        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "CUDA over NCCL"
+    why = f"{gpus} GPU{'s' if gpus != 1 else ''} for {ranks_here} ranks" if gpus else "no GPU"
+    return "gloo", torch.device("cpu"), f"CPU over gloo ({why})"
+
+
+def one_site(golden: str, collective: str, index: int) -> list[str]:
+    """The golden lines of one all-reduce site, from the matmul that feeds the `index`-th line
+    naming `collective` to the next matmul, which reads the normed rows."""
+    lines = golden.splitlines()
+    found = [i for i, line in enumerate(lines) if collective in line]
+    if not found:
+        return []
+    at = found[min(index, len(found) - 1)]
+    start = max((i for i in range(at) if "aten.mm." in lines[i]), default=at)
+    end = next((i for i in range(at + 1, len(lines)) if "aten.mm." in lines[i]), len(lines) - 1)
+    return lines[start:end + 1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=37, help="tokens in the batch (need not divide by TP)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--fp8", action="store_true", help="static FP8 quant after every layer norm")
+    parser.add_argument("--min-tokens", type=int, default=None,
+                        help="SP only from this many rows (default: fxsp's threshold for the device)")
     args = parser.parse_args()
 
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    backend_name, device, where = pick_device()
+    dist.init_process_group(backend_name)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
 
     spec = Spec(layers=args.layers, hidden=96, heads=6, inter=192, vocab=96, fp8=args.fp8)
     model = TPLlama(spec).to(device)
-    backend = fxsp.backend(None)
+    backend = fxsp.backend(None) if args.min_tokens is None else fxsp.backend(None, min_tokens=args.min_tokens)
     compiled = torch.compile(model, backend=backend)
     tokens = model.example_input(args.rows).to(device)
     with torch.no_grad():
@@ -46,15 +74,31 @@ def main() -> None:
 
     if rank == 0:
         report = backend.reports[-1]
-        print(f"fxsp demo: {world} ranks, {args.layers} layers, {args.rows} rows, hidden {spec.hidden}, {device.type}")
+        print(f"fxsp demo: {world} ranks on {where}; {args.layers} layers, {args.rows} rows, hidden {spec.hidden}")
+        if report.cached:
+            print("(Inductor reused the compiled graph from its cache; fxsp's report was read back with it)")
         print("rules applied:", ", ".join(f"{k}={v}" for k, v in report.counts.items() if v) or "none")
-        print("best near-misses (rules with candidates that did not match):")
-        for near in report.misses.values():
-            if near.anchor != "-":
-                print("  ", near)
-        print("per all-reduce site, per rank:")
+        before = one_site(report.before, "all_reduce.default", 1)
+        after = one_site(report.rewritten, "reduce_scatter", 1)
+        if before and after:
+            print("\none layer's all-reduce -> norm, as fxsp got it (post-grad ATen graph):")
+            print("\n".join("    " + line for line in before))
+            print("the same site rewritten (fxsp IR ops, before lowering): reduce-scatter -> norm on "
+                  "this rank's rows -> all-gather:")
+            print("\n".join("    " + line for line in after))
+        else:
+            print("no all-reduce -> norm site was rewritten, so there is no before and after to show")
+        print("\nper all-reduce site, per rank:")
         print(f"  without SP: {report.traffic_before.per_layer(world)}")
         print(f"  with SP:    {report.traffic_after.per_layer(world)}")
+        left = report.traffic_after.bytes.get("all_reduce", 0)
+        if left:
+            print("some all-reduces stayed; the SP rules' best near-misses:")
+            for rule, near in report.misses.items():
+                if rule.startswith("sp.") and near.anchor != "-":
+                    print("  ", near)
+        else:
+            print(f"every all-reduce site was rewritten ({report.traffic_after.sites} sites)")
         print(f"max |fxsp - eager| over all ranks: {error.item():.3g}")
     dist.destroy_process_group()
 

@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import sympy
 import torch
 import torch.distributed as dist
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from .cache import cache_key, load_reports, report_key, save_reports, source_digest
 from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
 from .pipeline import GraphReport, run_pipeline
 from .runtime.fusion import decide_allreduce_rms_fusion
-from .runtime.guard import RankGuard, fingerprint, graph_structure
+from .runtime.guard import RankGuard, decisions_fingerprint, fingerprint, graph_structure
+from .runtime.row_dispatch import RowDispatch
 
 log = logging.getLogger("fxsp")
 
@@ -48,13 +47,46 @@ class Options:
     allreduce_fusion: bool = True  # fused all-reduce + RMSNorm below the SP threshold, where allowed
     pipeline_size: int = 1  # pipeline stages; the fused all-reduce is off above 1 (it deadlocks)
 
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def check_options(options: Any) -> None:
+    """Raise a TypeError or ValueError saying what is allowed for the first bad value of an
+    options dataclass (the backend's `Options`, the vLLM adapter's): bool fields take True or
+    False, `min_tokens` "auto" or an int >= 0, `inner` "inductor" or "eager", `pipeline_size` an
+    int >= 1."""
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.type in ("bool", bool) and not isinstance(value, bool):
+            raise TypeError(f"fxsp option {f.name} must be True or False, not {value!r}")
+    min_tokens = getattr(options, "min_tokens", "auto")
+    if not (min_tokens == "auto" if isinstance(min_tokens, str) else _is_int(min_tokens, at_least=0)):
+        error = ValueError if isinstance(min_tokens, (int, str)) and not isinstance(min_tokens, bool) else TypeError
+        raise error(f"fxsp option min_tokens must be 'auto' or an int >= 0, not {min_tokens!r}")
+    inner = getattr(options, "inner", "inductor")
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"fxsp option inner must be 'inductor' or 'eager', not {inner!r}")
+    pipeline_size = getattr(options, "pipeline_size", 1)
+    if not _is_int(pipeline_size, at_least=1):
+        raise (ValueError if _is_int(pipeline_size, at_least=-2**63) else TypeError)(f"fxsp option pipeline_size must be an int >= 1, not {pipeline_size!r}")
+
+
+def _is_int(value: Any, at_least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
 
 def backend(tp_group: Any = None, **options: Any) -> Backend:
     """A torch.compile backend applying sequence parallelism over `tp_group`.
 
     `tp_group`: a ProcessGroup, a 1-D DeviceMesh, or None for the default group.
-    Options: see `Options`.
+    Options: see `Options`. A bad group or option raises here, saying what is allowed.
     """
+    allowed = [f.name for f in fields(Options)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"fxsp.backend() got unexpected keyword arguments {unknown}; its options are "
+                        f"{', '.join(allowed)}")
     return Backend(tp_group, Options(**options))
 
 
@@ -72,10 +104,10 @@ def _traced_floats(gm: torch.fx.GraphModule) -> list[str]:
 
 class Backend:
     def __init__(self, tp_group: Any, options: Options) -> None:
-        if options.inner not in ("inductor", "eager"):
-            raise ValueError(f"inner must be 'inductor' or 'eager', not {options.inner!r}")
+        _check_group(tp_group)
         self.tp_group = tp_group
         self.options = options
+        self._group: dist.ProcessGroup | None = None
         self.reports: list[GraphReport] = []
         self._said_off = False
         self._floats_named: set[str] = set()
@@ -86,14 +118,12 @@ class Backend:
         if sp is not None:
             self._name_traced_floats(gm)
         seen = len(self.reports)
-        compiled = self._compile_variants(gm, example_inputs, sp)
+        compiled, reports = self._compile_variants(gm, example_inputs, sp)
         if sp is None or not self.options.check_ranks:
             return compiled
-        facts = fingerprint(_source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
+        facts = fingerprint(source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
                             graph_structure(gm), [_input_type(a) for a in example_inputs])
-        new = self.reports[seen:]
-        decisions = fingerprint([(r.counts, r.collectives) for r in new]) if new else 0
-        return RankGuard(compiled, self._group, facts, decisions, what=f"graph {seen}")
+        return RankGuard(compiled, self.group, facts, decisions_fingerprint(reports), what=f"graph {seen}")
 
     def _name_traced_floats(self, gm: torch.fx.GraphModule) -> None:
         """Say once which Python floats Dynamo made graph inputs: a norm whose eps is one has no
@@ -106,33 +136,67 @@ class Backend:
                         "torch._dynamo.config.specialize_float = True, or mark the token dims with "
                         "torch._dynamo.mark_dynamic instead.", ", ".join(new))
 
-    def _compile_variants(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
+    def _compile_variants(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> tuple:
+        """(the compiled callable, the reports of the graphs compiled for it now)."""
         if sp is None or not self._may_dispatch(example_inputs):
             return self._compile(gm, example_inputs, sp)
         # Symbolic rows: the SP variant's graph cannot know whether a batch reaches min_tokens,
         # so a non-SP variant is compiled beside it and each call picks one by its row count.
         plain_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        seen = len(self.reports)
-        with _no_compile_cache():  # the row thresholds are read off the pass: it must run
-            with_sp = self._compile(gm, example_inputs, replace(sp, dispatch=True))
-        thresholds = [t for r in self.reports[seen:] for t in r.row_thresholds]
-        if not thresholds:
-            return with_sp
+        # The row thresholds are symbolic expressions read off the pass, which must run: no
+        # compile cache for the SP variant (the reports cache keeps them only as text).
         with _no_compile_cache():
-            without_sp = self._compile(plain_gm, example_inputs, None)
-        return RowDispatch(with_sp, without_sp, thresholds, example_inputs)
+            with_sp, sp_reports = self._compile(gm, example_inputs, replace(sp, dispatch=True))
+        thresholds = [t for r in sp_reports for t in r.row_thresholds]
+        if not thresholds:
+            return with_sp, sp_reports
+        without_sp, plain_reports = self._compile(plain_gm, example_inputs, None)
+        return RowDispatch(with_sp, without_sp, thresholds, example_inputs), sp_reports + plain_reports
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> tuple:
+        """(the compiled callable, the reports of the graphs compiled for it now), cache hit or not."""
         graph_pass = FxspPass(self, sp, self.fusion_config())
-        if self.options.inner == "eager":
-            return _compile_eager(gm, example_inputs, graph_pass)
+        if self.options.inner == "eager":  # no Inductor, no cache: the pass always runs
+            compiled = _compile_eager(gm, example_inputs, graph_pass)
+            graph_pass.compiled = True
+            return compiled, list(graph_pass.reports["compile"])
         from torch._inductor.compile_fx import compile_fx
 
         from .runtime.inductor_reuse import install as install_reuse_patch
 
         install_reuse_patch(enabled=self.options.inductor_reuse_patch)  # a no-op off torch 2.11
 
-        return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass})
+        def compile_with_pass(graph_module: torch.fx.GraphModule) -> Callable:
+            compiled = compile_fx(graph_module, example_inputs,
+                                  config_patches={"post_grad_custom_pre_pass": graph_pass})
+            graph_pass.compiled = True
+            return compiled
+
+        if not _compile_cache_on():
+            return compile_with_pass(gm), list(graph_pass.reports["compile"])
+        # An Inductor or AOT autograd cache hit skips the pass: its reports are read back from
+        # what the run that filled the cache saved, under a key taken before compile_fx runs
+        # Inductor's pre-grad passes on `gm` in place.
+        graph_pass.key = report_key(graph_pass.uuid(), gm, example_inputs)
+        spare = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        compiled = compile_with_pass(gm)
+        if graph_pass.reports["compile"]:
+            graph_pass.save()
+            return compiled, list(graph_pass.reports["compile"])
+        cached = load_reports(graph_pass.key)
+        if cached is not None:
+            self.reports += cached["compile"] + cached["later"]
+            if self.options.explain:
+                for report in cached["compile"] + cached["later"]:
+                    report.log_near_misses()
+            return compiled, cached["compile"]
+        # A hit without fxsp's reports (their file was removed): compile again, pass included.
+        log.info("fxsp: Inductor reused a compiled graph whose fxsp report is missing; compiling it again")
+        graph_pass.compiled = False
+        with _no_compile_cache():
+            compiled = compile_with_pass(spare)
+        graph_pass.save()
+        return compiled, list(graph_pass.reports["compile"])
 
     def _may_dispatch(self, example_inputs: list) -> bool:
         """Symbolic sizes and a threshold that may be above zero."""
@@ -144,9 +208,17 @@ class Backend:
             return any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in example_inputs)
         return True
 
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The TP process group, resolved on first use (the default group may not exist when
+        the backend is made) and kept."""
+        if self._group is None:
+            self._group = _process_group(self.tp_group)
+        return self._group
+
     def sp_config(self) -> SPConfig | None:
         """The SP settings for this process, or None when TP size is 1 (nothing to rewrite)."""
-        group = self._group = _process_group(self.tp_group)
+        group = self.group
         world = dist.get_world_size(group)
         if world == 1 or self.options.batch_invariant:
             if not self._said_off:
@@ -164,7 +236,7 @@ class Backend:
         """The fused all-reduce + RMSNorm settings, or None where runtime.fusion rules it out
         (it logs why, once per backend)."""
         if self._fusion is None:
-            group = _process_group(self.tp_group)
+            group = self.group
             world = dist.get_world_size(group)
             # batch_invariant: the kernel's summation order depends on the rows.
             wanted = self.options.allreduce_fusion and not self.options.batch_invariant and world > 1
@@ -177,47 +249,32 @@ class Backend:
 class FxspPass(CustomGraphPass):
     """fxsp's pipeline as an Inductor post-grad pass. Its uuid covers fxsp's source, the options
     and the TP group *and rank*: the rewritten graph holds rank-specific slice offsets, while
-    Inductor's cache key is otherwise the same on every rank."""
+    Inductor's cache key is otherwise the same on every rank.
+
+    With a `key`, the reports of the graphs it rewrites are also saved as JSON in Inductor's
+    cache dir, for the processes that will reuse those compiled graphs without running it:
+    those of compile time (the forward) and any of later (a backward AOT autograd compiles lazily)."""
 
     def __init__(self, owner: Backend, sp: SPConfig | None, fusion: AllReduceNormConfig | None = None) -> None:
         self.owner, self.sp, self.fusion = owner, sp, fusion
+        self.key: str | None = None
+        self.compiled = False  # compile_fx has returned: any further graph is a lazy backward
+        self.reports: dict[str, list] = {"compile": [], "later": []}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         report = run_pipeline(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
         self.owner.reports.append(report)
+        self.reports["later" if self.compiled else "compile"].append(report)
+        if self.compiled:
+            self.save()
+
+    def save(self) -> None:
+        if self.key is not None:
+            save_reports(self.key, self.reports)
 
     def uuid(self) -> str:
-        parts = (_source_digest(), asdict(self.owner.options), asdict(self.sp) if self.sp else None,
-                 asdict(self.fusion) if self.fusion else None)
-        return hashlib.sha256(repr(parts).encode()).hexdigest()
-
-
-class RowDispatch:
-    """Calls the SP variant when every rewritten site's row count reaches its threshold, the
-    non-SP variant otherwise. Row counts are symbolic expressions over the graph's input sizes;
-    every rank sees the same sizes, so every rank picks the same variant."""
-
-    def __init__(self, with_sp: Callable, without_sp: Callable, thresholds: list, example_inputs: list) -> None:
-        self.with_sp, self.without_sp, self.thresholds = with_sp, without_sp, thresholds
-        self.sources: dict = {}  # sympy symbol -> (input index, dim or None for an int input)
-        for i, a in enumerate(example_inputs):
-            sizes = [(None, a)] if isinstance(a, torch.SymInt) else (
-                list(enumerate(a.shape)) if isinstance(a, torch.Tensor) else [])
-            for dim, size in sizes:
-                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                    self.sources.setdefault(size.node.expr, (i, dim))
-
-    def use_sp(self, args: tuple) -> bool:
-        values = {sym: sympy.Integer(args[i] if dim is None else args[i].shape[dim])
-                  for sym, (i, dim) in self.sources.items()}
-        for rows, need in self.thresholds:
-            value = rows.xreplace(values)
-            if not value.is_number or int(value) < need:  # unknown: the safe, non-SP variant
-                return False
-        return True
-
-    def __call__(self, *args: Any) -> Any:
-        return (self.with_sp if self.use_sp(args) else self.without_sp)(*args)
+        return cache_key(asdict(self.owner.options), asdict(self.sp) if self.sp else None,
+                         asdict(self.fusion) if self.fusion else None)
 
 
 def _input_type(a: Any) -> Any:
@@ -239,6 +296,13 @@ def _no_compile_cache():
         yield
 
 
+def _compile_cache_on() -> bool:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.fx_graph_cache or functorch_config.enable_autograd_cache)
+
+
 def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:
     """AOT autograd with Inductor's decompositions, the pipeline, and no codegen: for debugging."""
     from functorch.compile import make_boxed_func
@@ -253,29 +317,25 @@ def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: F
     return aot_autograd(fw_compiler=forward, decompositions=select_decomp_table())(gm, example_inputs)
 
 
+def _check_group(tp_group: Any) -> None:
+    """At construction: the default group may not exist yet, but the kind of group must be right."""
+    if tp_group is None or isinstance(tp_group, dist.ProcessGroup):
+        return
+    if _is_device_mesh(tp_group):
+        if tp_group.ndim != 1:
+            raise ValueError(f"tp_group must be a 1-D DeviceMesh, got {tp_group.ndim}-D")
+        return
+    raise TypeError(f"tp_group must be a ProcessGroup, a 1-D DeviceMesh or None (the default group), "
+                    f"not {type(tp_group).__name__}")
+
+
+def _is_device_mesh(value: Any) -> bool:
+    return hasattr(value, "get_group") and hasattr(value, "ndim")
+
+
 def _process_group(tp_group: Any) -> dist.ProcessGroup:
     if tp_group is None:
         if not dist.is_initialized():
             raise RuntimeError("fxsp.backend(None) uses the default process group, which is not initialised")
         return dist.group.WORLD
-    if isinstance(tp_group, dist.ProcessGroup):
-        return tp_group
-    if hasattr(tp_group, "get_group") and hasattr(tp_group, "ndim"):  # DeviceMesh
-        if tp_group.ndim != 1:
-            raise ValueError(f"tp_group must be a 1-D DeviceMesh, got {tp_group.ndim}-D")
-        return tp_group.get_group()
-    raise TypeError(f"tp_group must be a ProcessGroup, a 1-D DeviceMesh or None, not {type(tp_group).__name__}")
-
-
-_digest: str | None = None
-
-
-def _source_digest() -> str:
-    """Hash of fxsp's own source: a changed rule must never hit a stale cache entry."""
-    global _digest
-    if _digest is None:
-        h = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
-            h.update(path.read_bytes())
-        _digest = h.hexdigest()
-    return _digest
+    return tp_group.get_group() if _is_device_mesh(tp_group) else tp_group

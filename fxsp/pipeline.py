@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
-from torch.fx import Graph
+from torch.fx import Graph, Node
 
 from .cleanup import noop_rules, remove_dead_code
 from .golden import golden
@@ -13,7 +14,8 @@ from .ir.lowering import lower_ir
 from .ir.raising import raise_ir
 from .patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from .patterns.sp import SPConfig, shard_graph_outputs, sp_rules
-from .rules import Report
+from .pattern import Miss
+from .rules import NearMiss, Report
 from .stats import Traffic, collective_signature, traffic
 
 log = logging.getLogger("fxsp")
@@ -33,9 +35,47 @@ class GraphReport:
     traffic_after: Traffic | None = None  # ... after the rewrite
     row_thresholds: list = field(default_factory=list)  # (symbolic rows, min rows) of SP sites
     collectives: list = field(default_factory=list)  # (op, value type, group index) in order
+    cached: bool = False  # read back from fxsp's report cache: Inductor reused the compiled graph
 
     def explain(self) -> str:
         return "\n".join(p.explain() for p in self.passes)
+
+    def log_near_misses(self) -> None:
+        for near in self.misses.values():
+            log.info("near-miss %s", near)
+
+    def to_json(self) -> dict:
+        """The report as plain JSON data (no pickle: cache dirs are shared, and loading a
+        pickle runs code). Symbolic row thresholds become text. `cached` is not part of it."""
+        return {
+            "counts": dict(self.counts),
+            "misses": {rule: _near_miss_json(near) for rule, near in self.misses.items()},
+            "before": self.before, "rewritten": self.rewritten, "after": self.after,
+            "passes": [{"name": r.name, "counts": dict(r.counts), "seconds": r.seconds,
+                        "misses": {rule: _near_miss_json(near) for rule, near in r.misses.items()},
+                        "failures": [_near_miss_json(near) for near in r.failures]} for r in self.passes],
+            "traffic_before": asdict(self.traffic_before) if self.traffic_before else None,
+            "traffic_after": asdict(self.traffic_after) if self.traffic_after else None,
+            "row_thresholds": [[str(rows), need] for rows, need in self.row_thresholds],
+            "collectives": [list(c) for c in self.collectives],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, cached: bool = True) -> GraphReport:
+        """The inverse of `to_json` (near-misses lose only their graph node)."""
+        passes = [Report(r["name"], dict(r["counts"]),
+                         {rule: _near_miss(near) for rule, near in r["misses"].items()},
+                         [_near_miss(near) for near in r["failures"]], r["seconds"]) for r in data["passes"]]
+        return cls(
+            counts=dict(data["counts"]),
+            misses={rule: _near_miss(near) for rule, near in data["misses"].items()},
+            before=data["before"], rewritten=data["rewritten"], after=data["after"], passes=passes,
+            traffic_before=Traffic(**data["traffic_before"]) if data["traffic_before"] else None,
+            traffic_after=Traffic(**data["traffic_after"]) if data["traffic_after"] else None,
+            row_thresholds=[(rows, need) for rows, need in data["row_thresholds"]],
+            collectives=[tuple(c) for c in data["collectives"]],
+            cached=cached,
+        )
 
     def _add(self, report: Report) -> None:
         self.passes.append(report)
@@ -67,6 +107,18 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
     report.after = golden(graph)
     report.collectives = collective_signature(graph)
     if explain:
-        for near in report.misses.values():
-            log.info("near-miss %s", near)
+        report.log_near_misses()
     return report
+
+
+def _near_miss_json(near: NearMiss) -> dict:
+    values = {f.name: getattr(near.miss, f.name) for f in fields(near.miss)}
+    miss = {name: v for name, v in values.items() if v is not None and not isinstance(v, Node)}
+    return {"rule": near.rule, "anchor": near.anchor, "miss": miss}
+
+
+def _near_miss(data: dict) -> NearMiss:
+    known = {f.name for f in fields(Miss)}
+    miss: dict[str, Any] = {name: None for name in known}  # a graph node, and None, are left out
+    miss.update((k, v) for k, v in data["miss"].items() if k in known)
+    return NearMiss(data["rule"], data["anchor"], Miss(**miss))

@@ -3,6 +3,7 @@ reports, cache keys and the run-time dispatch between SP and non-SP variants."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 import fxsp
-from fxsp.backend import FxspPass, RowDispatch
+from fxsp.backend import FxspPass
+from fxsp.pipeline import GraphReport
 from fxsp.runtime.guard import RankGuard
+from fxsp.runtime.row_dispatch import RowDispatch
 from tests.test_sp_graphs import Block
 
 
@@ -22,13 +25,57 @@ def compile_block(x: torch.Tensor, **options) -> tuple:
     return backend, out
 
 
-def test_bad_options_and_groups_are_clear_errors(fake_pg):
-    with pytest.raises(ValueError, match="inner must be"):
+def test_bad_options_and_groups_are_clear_errors_at_construction():
+    """No process group needed: a bad group or option fails in fxsp.backend(...), saying what is
+    allowed, not later inside Dynamo's BackendCompilerFailed."""
+    for group in (3, object(), "tp"):
+        with pytest.raises(TypeError, match="tp_group must be a ProcessGroup, a 1-D DeviceMesh or None"):
+            fxsp.backend(group)
+    with pytest.raises(ValueError, match="min_tokens must be 'auto' or an int >= 0, not -5"):
+        fxsp.backend(None, min_tokens=-5)
+    with pytest.raises(ValueError, match="min_tokens must be 'auto' or an int >= 0, not 'many'"):
+        fxsp.backend(None, min_tokens="many")
+    for bad in (1.5, True, None):
+        with pytest.raises(TypeError, match="min_tokens must be 'auto' or an int >= 0"):
+            fxsp.backend(None, min_tokens=bad)
+    with pytest.raises(TypeError, match="fp8 must be True or False, not 'yes'"):
+        fxsp.backend(None, fp8="yes")
+    with pytest.raises(TypeError, match="check_ranks must be True or False, not 1"):
+        fxsp.backend(None, check_ranks=1)
+    with pytest.raises(ValueError, match="inner must be 'inductor' or 'eager', not 'tvm'"):
         fxsp.backend(None, inner="tvm")
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="pipeline_size must be an int >= 1, not 0"):
+        fxsp.backend(None, pipeline_size=0)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['min_token'\]; its options are min_tokens, fp8"):
         fxsp.backend(None, min_token=3)
-    with pytest.raises(TypeError, match="ProcessGroup, a 1-D DeviceMesh or None"):
-        fxsp.backend("tp").sp_config()
+    with pytest.raises(TypeError, match="min_tokens must be"):
+        fxsp.Options(min_tokens=2.0)  # the dataclass checks itself too
+    assert fxsp.backend(None, min_tokens=0, fp8=False).options.min_tokens == 0
+
+
+def test_vllm_pass_checks_its_options_at_construction():
+    from fxsp.adapters.vllm import PassOptions, _FxspVllmPassImpl  # FxspVllmPass's constructor, without vLLM
+
+    with pytest.raises(ValueError, match="min_tokens must be 'auto' or an int >= 0, not -5"):
+        _FxspVllmPassImpl(min_tokens=-5)
+    with pytest.raises(TypeError, match="explain must be True or False, not 'no'"):
+        _FxspVllmPassImpl(explain="no")
+    with pytest.raises(ValueError, match="hidden_size must be None or an int > 0, not 0"):
+        _FxspVllmPassImpl(hidden_size=0)
+    with pytest.raises(TypeError, match="dtype must be None or a torch.dtype, not 'bf16'"):
+        _FxspVllmPassImpl(dtype="bf16")
+    with pytest.raises(TypeError, match="fp8 must be True or False"):
+        PassOptions(fp8=None)
+    assert _FxspVllmPassImpl(min_tokens=8, hidden_size=64, dtype=torch.bfloat16).options.min_tokens == 8
+
+
+def test_two_dimensional_mesh_is_refused(fake_pg):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, fake_pg), mesh_dim_names=("dp", "tp"))
+    with pytest.raises(ValueError, match="1-D DeviceMesh, got 2-D"):
+        fxsp.backend(mesh)
+    assert fxsp.backend(mesh["tp"]).sp_config().world == fake_pg
 
 
 def test_device_mesh_and_process_group_name_the_same_group(fake_pg):
@@ -59,6 +106,31 @@ def test_report_surface(fake_pg):
     assert "sp: sp.first_fp8=0" in report.explain()
     assert report.traffic_before.bytes == {"all_reduce": 2 * 4 * 8 * 4}
     assert report.traffic_after.norm_rows == [2, 2]  # 4 rows over 2 ranks, both norms
+
+
+def test_report_round_trips_through_json(fake_pg):
+    """What the reports cache saves is plain JSON and reads back as the same report."""
+    x = torch.randn(6, 8)
+    torch._dynamo.mark_dynamic(x, 0)
+    backend, _ = compile_block(x, min_tokens=0)
+    (report,) = backend.reports
+    text = json.dumps(report.to_json())
+    back = GraphReport.from_json(json.loads(text))
+    assert back.cached and not report.cached
+    assert back.to_json() == report.to_json()
+    assert back.counts == report.counts and back.collectives == report.collectives
+    assert back.explain() == report.explain() and back.after == report.after
+    assert {k: str(v) for k, v in back.misses.items()} == {k: str(v) for k, v in report.misses.items()}
+    assert back.traffic_after == report.traffic_after
+    assert back.traffic_after.per_layer(fake_pg) == report.traffic_after.per_layer(fake_pg)
+
+    backend = fxsp.backend(None, inner="eager", min_tokens=8)  # symbolic row thresholds: as text
+    with torch.no_grad():
+        torch.compile(Block(layers=1), backend=backend)(x)
+    with_sp = backend.reports[0]
+    assert with_sp.row_thresholds
+    back = GraphReport.from_json(json.loads(json.dumps(with_sp.to_json())))
+    assert back.row_thresholds == [(str(rows), need) for rows, need in with_sp.row_thresholds]
 
 
 def test_explain_option_logs_near_misses(fake_pg, caplog):

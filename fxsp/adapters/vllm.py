@@ -31,7 +31,6 @@ How the pass fits vLLM:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import logging
 import types
@@ -42,7 +41,8 @@ from typing import Any
 import torch
 from torch.fx import Graph
 
-from ..backend import _source_digest
+from ..backend import check_options
+from ..cache import cache_key
 from ..collectives import C10D_ALL_REDUCE, vllm_op
 from ..patterns.sp import SPConfig
 from ..pipeline import GraphReport, run_pipeline
@@ -66,6 +66,9 @@ class PassOptions:
     min_tokens: int | str = "auto"  # SP from this many tokens; "auto": fxsp.runtime.sp_min_tokens
     fp8: bool = True  # the FP8 SP rules (all-gather FP8 bytes)
     explain: bool = False  # log every rule's best near-miss at INFO
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,12 @@ class _FxspVllmPassImpl:
 
     def __init__(self, *, min_tokens: int | str = "auto", fp8: bool = True, explain: bool = False,
                  hidden_size: int | None = None, dtype: torch.dtype | None = None) -> None:
-        if min_tokens != "auto" and not (isinstance(min_tokens, int) and min_tokens >= 0):
-            raise ValueError(f"min_tokens must be 'auto' or an int >= 0, not {min_tokens!r}")
-        self.options = PassOptions(min_tokens, fp8, explain)
+        self.options = PassOptions(min_tokens, fp8, explain)  # checks them
+        if hidden_size is not None and not (isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
+                                            and hidden_size > 0):
+            raise ValueError(f"hidden_size must be None or an int > 0, not {hidden_size!r}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be None or a torch.dtype, not {dtype!r}")
         self.hidden_size, self.dtype = hidden_size, dtype
         self.reports: list[GraphReport] = []
 
@@ -151,12 +157,9 @@ class _FxspVllmPassImpl:
         """Covers fxsp's version and source, the options and the TP group with this rank: the
         rewrite may slice this rank's rows, while Inductor's cache key is the same on every rank.
         (vLLM also hashes its config before the TP group exists; that hash has no TP part.)"""
-        from .. import __version__
-
         tp = vllm_tp_group()
-        parts = (__version__, _source_digest(), asdict(self.options), self.hidden_size,
-                 str(self.dtype), asdict(tp) if tp is not None else None)
-        return hashlib.sha256(repr(parts).encode()).hexdigest()
+        return cache_key(asdict(self.options), self.hidden_size, str(self.dtype),
+                         asdict(tp) if tp is not None else None)
 
     def __deepcopy__(self, memo: dict) -> Any:
         clone = object.__new__(type(self))

@@ -1,5 +1,6 @@
-"""What is decided or patched at run time: token thresholds, the rank-consistency guard,
-pipeline-stage boundaries and Inductor's reuse heuristic."""
+"""What is decided or patched at run time: token thresholds, the rank-consistency guard, the
+choice between SP and non-SP variants per batch (row_dispatch), pipeline-stage boundaries and
+Inductor's reuse heuristic."""
 
 from .guard import RankMismatchError
 from .inductor_reuse import install as install_inductor_reuse_patch

@@ -68,7 +68,7 @@ class TPLlama(nn.Module):
         self.tp, self.rank = dist.get_world_size(group), dist.get_rank(group)
         torch.manual_seed(0)  # same full weights on every rank; each keeps its shard
         h, tp = spec.hidden, self.tp
-        assert spec.heads % tp == 0 and spec.inter % tp == 0 and spec.vocab % tp == 0
+        assert spec.heads % tp == 0 and spec.inter % tp == 0
         self.head_dim = h // spec.heads
         self.local_heads = spec.heads // tp
 
@@ -80,7 +80,11 @@ class TPLlama(nn.Module):
             full = torch.randn(out_features, in_features) / in_features**0.5
             return nn.Parameter(full.chunk(tp, 1)[self.rank].clone())
 
-        self.embed = nn.Parameter(torch.randn(spec.vocab, h).chunk(tp, 0)[self.rank].clone())
+        # Uneven vocab shards where TP does not divide the vocab (128 at TP 3: 43, 43, 42 rows),
+        # as HF and DTensor shard it.
+        vocab_shards = torch.randn(spec.vocab, h).tensor_split(tp, 0)
+        self.vocab_start = sum(len(shard) for shard in vocab_shards[:self.rank])
+        self.embed = nn.Parameter(vocab_shards[self.rank].clone())
         self.layers = nn.ModuleList()
         for _ in range(spec.layers):
             layer = nn.Module()
@@ -103,10 +107,10 @@ class TPLlama(nn.Module):
         return funcol.all_reduce(x, "sum", group)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        per_rank = self.spec.vocab // self.tp
-        local = tokens - self.rank * per_rank
-        mine = (local >= 0) & (local < per_rank)
-        out = F.embedding(local.clamp(0, per_rank - 1), self.embed) * mine.unsqueeze(-1).to(self.embed.dtype)
+        rows = self.embed.shape[0]
+        local = tokens - self.vocab_start
+        mine = (local >= 0) & (local < rows)
+        out = F.embedding(local.clamp(0, rows - 1), self.embed) * mine.unsqueeze(-1).to(self.embed.dtype)
         return self.all_reduce(out)
 
     def norm(self, module: RMSNorm, x: torch.Tensor) -> torch.Tensor:

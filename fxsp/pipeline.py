@@ -14,7 +14,7 @@ from .ir.raising import raise_ir
 from .patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from .patterns.sp import SPConfig, shard_graph_outputs, sp_rules
 from .rules import Report
-from .stats import Traffic, collective_signature, traffic
+from .stats import AsyncTPSites, Traffic, collective_signature, traffic
 
 log = logging.getLogger("fxsp")
 
@@ -33,9 +33,13 @@ class GraphReport:
     traffic_after: Traffic | None = None  # ... after the rewrite
     row_thresholds: list = field(default_factory=list)  # (symbolic rows, min rows) of SP sites
     collectives: list = field(default_factory=list)  # (op, value type, group index) in order
+    async_tp: AsyncTPSites | None = None  # micro-pipeline TP coverage, where it ran (async_tp)
 
     def explain(self) -> str:
-        return "\n".join(p.explain() for p in self.passes)
+        lines = [p.explain() for p in self.passes]
+        if self.async_tp is not None:
+            lines += [str(self.async_tp), *(f"  not fused: {why}" for why in self.async_tp.blocked)]
+        return "\n".join(lines)
 
     def _add(self, report: Report) -> None:
         self.passes.append(report)

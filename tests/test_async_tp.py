@@ -44,6 +44,22 @@ class MLPBlock(nn.Module):
         return self.norms[-1](residual)
 
 
+class OneMatmulBlock(nn.Module):
+    """all_reduce → norm → one row-parallel matmul → all_reduce: SP makes the chain
+    all_gather → mm → reduce_scatter, on which Inductor's own micro-pipeline TP fails."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden)) for _ in range(2))
+        self.norms = nn.ModuleList(RMSNorm(Spec(hidden=hidden)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = funcol.all_reduce(x @ self.w[0], "sum", dist.group.WORLD)
+        h = funcol.all_reduce(self.norms[0](h) @ self.w[1], "sum", dist.group.WORLD) + h
+        return self.norms[1](h)
+
+
 @pytest.fixture(autouse=True)
 def world(fake_pg):
     return fake_pg
@@ -105,6 +121,9 @@ TABLE = [
     ("graph break", lambda rows: _llama(rows, graph_break=True), 37, False, 6),
     ("MoE", _moe, 37, False, 4),
     ("DTensor parallelize_module", _dtensor_mlp, 37, False, 3),
+    # x @ w0 → reduce-scatter, all-gather → @ w1; the reduce-scatter after w1 then follows a
+    # fused all-gather + matmul: one matmul fuses with one collective.
+    ("all_gather → mm → reduce_scatter", lambda rows: (OneMatmulBlock(), torch.randn(rows, 16)), 5, False, 2),
 ]
 
 

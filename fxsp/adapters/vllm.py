@@ -24,6 +24,9 @@ How the pass fits vLLM:
   rewritten norms, and pads token counts the TP size does not divide inside the graph. So vLLM's
   runtime needs no padding to a multiple of the TP size, and must not expect a residual
   scattered between pipeline stages (what vLLM's own SP needed); `configure` refuses that.
+- Async TP (`async_tp=True`): vLLM runs this pass after Inductor's micro-pipeline TP, so the
+  pass runs that fusion itself right after SP, with the collectives spelled as c10d ones over
+  the TP device group (micro-pipeline TP knows no `vllm.*` collectives).
 - The pass must see the whole model: with vLLM's FX-level piecewise splitting every residual
   would leave its piece, all-gathered, and SP would cost more than it saves.
 """

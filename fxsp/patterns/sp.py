@@ -15,6 +15,10 @@ value takes the twin directly; any other residual is replicated, and the rewrite
 rank's rows. All-gathers left without users are removed by fxsp/cleanup, so a sharded
 residual flows from norm to norm, and every other consumer (graph outputs, ops no rule covers)
 still sees full-size values.
+
+Row layout (fxsp/patterns/rows.py): the region lives in padded rows, and the pad, trim and
+flattening views go where they do not stand between a collective and its matmul, so Inductor's
+micro-pipeline TP can fuse `mm → reduce_scatter` and `all_gather → mm` at every site.
 """
 
 from __future__ import annotations

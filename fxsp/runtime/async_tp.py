@@ -8,8 +8,7 @@ a column-parallel one overlap with those matmuls. Micro-pipeline TP
 memory on the TP group; fxsp's SP layout (fxsp/patterns/rows.py) keeps every site fusable.
 
     why_not = enable_async_tp(group_name)   # None: fuse; else a one-line reason
-    with async_tp_config(post_pass):        # for fxsp's own compiles only
-        compile_fx(...)
+    compile_fx(..., config_patches={**async_tp_patches(pre_pass), ...})   # fxsp's compiles only
 """
 
 from __future__ import annotations
@@ -47,40 +46,64 @@ def enable_async_tp(group_name: str) -> str | None:
     return None
 
 
-def fuse_now(graph: Graph) -> Any:
-    """Run micro-pipeline TP on `graph` and return the coverage (for hosts that run fxsp after
-    Inductor's own micro-pipeline TP, like vLLM)."""
-    from torch._inductor.fx_passes.micro_pipeline_tp import micro_pipeline_tp_pass
+def micro_pipeline_tp(graph: Graph) -> None:
+    """Inductor's micro-pipeline TP, with the reduce-scatters looked up after the all-gathers
+    are fused. Inductor's own pass finds both up front, so where one matmul sits between an
+    all-gather and a reduce-scatter (`all_gather → mm → reduce_scatter`, what SP makes of a
+    norm feeding one row-parallel matmul) it fuses the all-gather with the matmul, then tries
+    the reduce-scatter's stale match on the erased matmul and fails (AttributeError)."""
+    from torch._inductor import config
+    from torch._inductor.fx_passes import micro_pipeline_tp as mptp
 
-    micro_pipeline_tp_pass(graph)
+    def exposed(collectives: list, node_of) -> list:
+        if not config.reorder_for_compute_comm_overlap:  # Inductor's own filter, when it applies
+            return collectives
+        hidden = mptp._get_unexposed_collectives(graph)
+        return [c for c in collectives if node_of(c) not in hidden]
+
+    for all_gather in exposed(mptp.find_all_gather_patterns(graph), lambda c: c.ag_node):
+        mptp.fuse_all_gather_matmul(all_gather)
+    for reduce_scatter in exposed(mptp.find_reduce_scatter_patterns(graph), lambda c: c.reduce_scatter_node):
+        # The output of a fused all-gather + matmul carries no meta["val"], which the fusion
+        # reads first; it is no matmul's output anyway.
+        if "val" in reduce_scatter.input_node.meta:
+            mptp.fuse_matmul_reduce_scatter(reduce_scatter)
+
+
+def fuse_now(graph: Graph) -> Any:
+    """Run micro-pipeline TP on `graph` and return the coverage."""
+    micro_pipeline_tp(graph)
     return async_tp_sites(graph)
 
 
-class AsyncTPCoverage(CustomGraphPass):
-    """Inductor post-grad post pass: reads, after micro-pipeline TP ran, how many SP sites it
-    fused, into the report the pre pass just made; then runs the post pass it displaced."""
+class AsyncTPFusion(CustomGraphPass):
+    """Inductor post-grad post pass: micro-pipeline TP (`micro_pipeline_tp`, in the place
+    Inductor's own would run), then its coverage into the report the pre pass just made; then
+    the post pass it displaced."""
 
     def __init__(self, pre_pass: Any, then: Any = None) -> None:
         self.pre_pass, self.then = pre_pass, then
 
     def __call__(self, graph: Graph) -> None:
+        sites = fuse_now(graph)
         report = getattr(self.pre_pass, "report", None)
         if report is not None:
-            report.async_tp = async_tp_sites(graph)
+            report.async_tp = sites
         if self.then is not None:
             self.then(graph)
 
     def uuid(self) -> Any:
         then = self.then.uuid() if hasattr(self.then, "uuid") else repr(self.then)
-        return ("fxsp.async_tp_coverage", then)
+        return ("fxsp.async_tp_fusion", then)
 
 
 def async_tp_patches(pre_pass: Any) -> dict:
-    """Inductor config patches turning micro-pipeline TP on for one compile."""
+    """Inductor config patches for one compile: fxsp's micro-pipeline TP in the post pass, and
+    Inductor's own off (it would fail first on `all_gather → mm → reduce_scatter`)."""
     import torch._inductor.config as inductor_config
 
     existing = inductor_config.post_grad_custom_post_pass
-    return {"_micro_pipeline_tp": True, "post_grad_custom_post_pass": AsyncTPCoverage(pre_pass, existing)}
+    return {"_micro_pipeline_tp": False, "post_grad_custom_post_pass": AsyncTPFusion(pre_pass, existing)}
 
 
-__all__ = ["AsyncTPCoverage", "async_tp_patches", "enable_async_tp", "fuse_now"]
+__all__ = ["AsyncTPFusion", "async_tp_patches", "enable_async_tp", "fuse_now", "micro_pipeline_tp"]

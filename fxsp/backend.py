@@ -46,6 +46,9 @@ class Options:
     inductor_reuse_patch: bool = True  # torch 2.11 only: runtime.inductor_reuse's cost model
     allreduce_fusion: bool = True  # fused all-reduce + RMSNorm below the SP threshold, where allowed
     pipeline_size: int = 1  # pipeline stages; the fused all-reduce is off above 1 (it deadlocks)
+    # Inductor's micro-pipeline TP for fxsp's compiles, symmetric memory on the TP group: see
+    # runtime.async_tp. Without NCCL or symmetric memory it says so once and compiles without.
+    async_tp: bool = False
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -112,6 +115,7 @@ class Backend:
         self._said_off = False
         self._floats_named: set[str] = set()
         self._fusion: tuple | None = None  # (config or None,) once decided
+        self._async_tp: bool | None = None  # once decided
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         sp = self.sp_config()
@@ -166,9 +170,14 @@ class Backend:
 
         install_reuse_patch(enabled=self.options.inductor_reuse_patch)  # a no-op off torch 2.11
 
+        patches = {"post_grad_custom_pre_pass": graph_pass}
+        if sp is not None and sp.async_tp:
+            from .runtime.async_tp import async_tp_patches
+
+            patches.update(async_tp_patches(graph_pass))
+
         def compile_with_pass(graph_module: torch.fx.GraphModule) -> Callable:
-            compiled = compile_fx(graph_module, example_inputs,
-                                  config_patches={"post_grad_custom_pre_pass": graph_pass})
+            compiled = compile_fx(graph_module, example_inputs, config_patches=patches)
             graph_pass.compiled = True
             return compiled
 
@@ -197,6 +206,17 @@ class Backend:
             compiled = compile_with_pass(spare)
         graph_pass.save()
         return compiled, list(graph_pass.reports["compile"])
+
+    def use_async_tp(self, group_name: str) -> bool:
+        """async_tp asked for and possible on the TP group (says once why not)."""
+        if self._async_tp is None:
+            from .runtime.async_tp import enable_async_tp
+
+            why_not = enable_async_tp(group_name) if self.options.async_tp else None
+            if why_not is not None:
+                log.warning("fxsp: async_tp off, compiling without micro-pipeline TP: %s", why_not)
+            self._async_tp = self.options.async_tp and why_not is None
+        return self._async_tp
 
     def _may_dispatch(self, example_inputs: list) -> bool:
         """Symbolic sizes and a threshold that may be above zero."""
@@ -229,7 +249,8 @@ class Backend:
             return None
         return SPConfig(group=group.group_name, world=world, rank=dist.get_rank(group),
                         min_tokens=self.options.min_tokens, fp8=self.options.fp8,
-                        shard_outputs=self.options.shard_outputs)
+                        shard_outputs=self.options.shard_outputs,
+                        async_tp=self.use_async_tp(group.group_name))
 
 
     def fusion_config(self) -> AllReduceNormConfig | None:
@@ -264,6 +285,7 @@ class FxspPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         report = run_pipeline(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
         self.owner.reports.append(report)
+        self.report = report  # runtime.async_tp's post pass adds the fusion coverage to it
         self.reports["later" if self.compiled else "compile"].append(report)
         if self.compiled:
             self.save()

@@ -16,7 +16,7 @@ from .patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from .patterns.sp import SPConfig, shard_graph_outputs, sp_rules
 from .pattern import Miss
 from .rules import NearMiss, Report
-from .stats import Traffic, collective_signature, traffic
+from .stats import AsyncTPSites, Traffic, collective_signature, traffic
 
 log = logging.getLogger("fxsp")
 
@@ -36,9 +36,13 @@ class GraphReport:
     row_thresholds: list = field(default_factory=list)  # (symbolic rows, min rows) of SP sites
     collectives: list = field(default_factory=list)  # (op, value type, group index) in order
     cached: bool = False  # read back from fxsp's report cache: Inductor reused the compiled graph
+    async_tp: AsyncTPSites | None = None  # micro-pipeline TP coverage, where it ran (async_tp)
 
     def explain(self) -> str:
-        return "\n".join(p.explain() for p in self.passes)
+        lines = [p.explain() for p in self.passes]
+        if self.async_tp is not None:
+            lines += [str(self.async_tp), *(f"  not fused: {why}" for why in self.async_tp.blocked)]
+        return "\n".join(lines)
 
     def log_near_misses(self) -> None:
         for near in self.misses.values():
@@ -58,6 +62,7 @@ class GraphReport:
             "traffic_after": asdict(self.traffic_after) if self.traffic_after else None,
             "row_thresholds": [[str(rows), need] for rows, need in self.row_thresholds],
             "collectives": [list(c) for c in self.collectives],
+            "async_tp": asdict(self.async_tp) if self.async_tp else None,
         }
 
     @classmethod
@@ -74,6 +79,7 @@ class GraphReport:
             traffic_after=Traffic(**data["traffic_after"]) if data["traffic_after"] else None,
             row_thresholds=[(rows, need) for rows, need in data["row_thresholds"]],
             collectives=[tuple(c) for c in data["collectives"]],
+            async_tp=AsyncTPSites(**data["async_tp"]) if data.get("async_tp") else None,
             cached=cached,
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.fx import Graph
+from torch.fx import Graph, Node
 
 from .collectives import COMMUNICATING, kind
 from .ir.fused_ops import FUSED_IR_OPS
@@ -83,3 +83,97 @@ def _int(n) -> int:
         return n
     hint = getattr(n.node, "hint", None)
     return int(hint) if hint is not None else 0
+
+
+# --- async TP coverage ----------------------------------------------------------------------------
+# Inductor's micro-pipeline TP fuses `all_gather → mm` and `mm → reduce_scatter` only when
+# nothing stands between the collective and its matmul. A site is *fusable* when the two are
+# joined through row-layout plumbing alone (what a vLLM-style padded graph would not have), and
+# *fused* when micro-pipeline TP turned it into a symm_mem op.
+
+aten = torch.ops.aten
+_MATMULS = {aten.mm.default, aten._scaled_mm.default}
+_PLUMBING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
+             aten.as_strided.default, aten.constant_pad_nd.default, aten.view.dtype}
+_FUSED_ALL_GATHER = ("fused_all_gather_matmul", "fused_all_gather_scaled_matmul")
+_FUSED_REDUCE_SCATTER = ("fused_matmul_reduce_scatter", "fused_scaled_matmul_reduce_scatter")
+
+
+@dataclass
+class AsyncTPSites:
+    """Micro-pipeline TP coverage of one graph, read after the fusion ran."""
+
+    fusable: int = 0
+    fused: int = 0
+    blocked: list = field(default_factory=list)  # why each fusable, unfused site was not fused
+
+    def __str__(self) -> str:
+        return f"async TP: {self.fused} of {self.fusable} fusable sites fused"
+
+
+def async_tp_sites(graph: Graph) -> AsyncTPSites:
+    """Count fused and fusable-but-unfused collective sites of a graph after micro-pipeline TP."""
+    out = AsyncTPSites()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", "")
+        if _is_symm_mem(node.target) and name.startswith(_FUSED_ALL_GATHER + _FUSED_REDUCE_SCATTER):
+            out.fused += 1
+        elif node.target is c10d.all_gather_into_tensor.default:
+            why = _all_gather_blocker(node)
+            if why is not None:
+                out.blocked.append(why)
+        elif node.target is c10d.reduce_scatter_tensor.default:
+            why = _reduce_scatter_blocker(node)
+            if why is not None:
+                out.blocked.append(why)
+    out.fusable = out.fused + len(out.blocked)
+    return out
+
+
+def _is_symm_mem(target) -> bool:
+    return getattr(target, "namespace", None) == "symm_mem"
+
+
+def _all_gather_blocker(gather) -> str | None:
+    """Why an all-gather that reaches a matmul's lhs through plumbing is not fused; None when
+    no matmul consumes it (nothing to fuse)."""
+    waits = [u for u in gather.users if u.target is c10d.wait_tensor.default]
+    for wait in waits:
+        # (value, first node between the gather and a matmul, or None while directly after)
+        stack = [(wait, None)]
+        while stack:
+            value, between = stack.pop()
+            for user in value.users:
+                if user.target in _MATMULS and user.args[0] is value:
+                    return (f"all_gather {gather.name} → {user.name}: " +
+                            (f"{_op_name(between)} {between.name} sits between" if between is not None
+                             else "direct, but not fused (symmetric memory off for the group?)"))
+                if user.target in _PLUMBING:
+                    first = between if between is not None or user.target is aten.view.dtype else user
+                    stack.append((user, first))
+    return None
+
+
+def _reduce_scatter_blocker(scatter) -> str | None:
+    """Why a reduce-scatter whose input comes from a matmul through plumbing is not fused; None
+    when its input is no matmul's output."""
+    value, between = scatter.args[0], None
+    while isinstance(value, Node) and value.target in _PLUMBING:
+        between = value if between is None else between
+        value = value.args[0]
+    if not (isinstance(value, Node) and value.target in _MATMULS):
+        return None
+    where = f"{value.name} → reduce_scatter {scatter.name}: "
+    if between is not None:
+        return where + f"{_op_name(between)} {between.name} sits between"
+    if len(value.users) > 1:
+        return where + f"the matmul's result has {len(value.users)} users"
+    return where + "direct, but not fused (symmetric memory off for the group?)"
+
+
+def _op_name(node) -> str:
+    from .pattern import target_name
+
+    return target_name(node.target)

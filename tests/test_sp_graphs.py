@@ -104,24 +104,22 @@ return (%27,)""")
 %2 = input('arg2_1')  : f32[8]
 %3 = input('arg3_1')  : f32[8, 8]
 %4 = input('arg4_1')  : f32[8]
-%5 = aten.mm.default(%1, %0)  : f32[5, 8]
-%6 = aten.constant_pad_nd.default(%5, [0, 0, 0, 1], 0.0)  : f32[6, 8]
+%5 = aten.constant_pad_nd.default(%1, [0, 0, 0, 1], 0.0)  : f32[6, 8]
+%6 = aten.mm.default(%5, %0)  : f32[6, 8]
 %7 = _c10d_functional.reduce_scatter_tensor.default(%6, 'sum', 2, G0)  : f32[3, 8]
 %8 = _c10d_functional.wait_tensor.default(%7)  : f32[3, 8]
 %9 = fxsp.rms_norm.default(%8, %2, 1e-06)  : f32[3, 8]
 %10 = _c10d_functional.all_gather_into_tensor.default(%9, 2, G0)  : f32[6, 8]
 %11 = _c10d_functional.wait_tensor.default(%10)  : f32[6, 8]
-%12 = aten.slice.Tensor(%11, 0, 0, 5)  : f32[5, 8]
-%13 = aten.mm.default(%12, %3)  : f32[5, 8]
-%14 = aten.constant_pad_nd.default(%13, [0, 0, 0, 1], 0.0)  : f32[6, 8]
-%15 = _c10d_functional.reduce_scatter_tensor.default(%14, 'sum', 2, G0)  : f32[3, 8]
-%16 = _c10d_functional.wait_tensor.default(%15)  : f32[3, 8]
-%17 = fxsp.fused_add_rms_norm.default(%16, %8, %4, 1e-06)  : (f32[3, 8], f32[3, 8])
-%18 = operator.getitem(%17, 0)  : f32[3, 8]
-%19 = _c10d_functional.all_gather_into_tensor.default(%18, 2, G0)  : f32[6, 8]
-%20 = _c10d_functional.wait_tensor.default(%19)  : f32[6, 8]
-%21 = aten.slice.Tensor(%20, 0, 0, 5)  : f32[5, 8]
-return (%21,)""")
+%12 = aten.mm.default(%11, %3)  : f32[6, 8]
+%13 = _c10d_functional.reduce_scatter_tensor.default(%12, 'sum', 2, G0)  : f32[3, 8]
+%14 = _c10d_functional.wait_tensor.default(%13)  : f32[3, 8]
+%15 = fxsp.fused_add_rms_norm.default(%14, %8, %4, 1e-06)  : (f32[3, 8], f32[3, 8])
+%16 = operator.getitem(%15, 0)  : f32[3, 8]
+%17 = _c10d_functional.all_gather_into_tensor.default(%16, 2, G0)  : f32[6, 8]
+%18 = _c10d_functional.wait_tensor.default(%17)  : f32[6, 8]
+%19 = aten.slice.Tensor(%18, 0, 0, 5)  : f32[5, 8]
+return (%19,)""")
 
     def test_batch_seq_hidden(self):
         (report,) = rewrite(Block(layers=1), torch.randn(2, 3, 8))
@@ -207,34 +205,27 @@ return (%24,)""")
 %3 = input('arg3_1')  : f32[8]
 %4 = input('arg4_1')  : f32[8, 8]
 %5 = input('arg5_1')  : f32[8]
-%6 = aten.mm.default(%2, %0)  : f32[s77, 8]
-%7 = aten.sym_size.int(%6, 0)  : SymInt
-%8 = operator.add(%7, 1)  : SymInt
-%9 = operator.floordiv(%8, 2)  : SymInt
-%10 = operator.mul(%9, 2)  : SymInt
-%11 = operator.sub(%10, %7)  : SymInt
-%12 = aten.constant_pad_nd.default(%6, [0, 0, 0, %11], 0.0)  : f32[2*(((s77 + 1)//2)), 8]
+%6 = aten.sym_size.int(%2, 0)  : SymInt
+%7 = operator.add(%6, 1)  : SymInt
+%8 = operator.floordiv(%7, 2)  : SymInt
+%9 = operator.mul(%8, 2)  : SymInt
+%10 = operator.sub(%9, %6)  : SymInt
+%11 = aten.constant_pad_nd.default(%2, [0, 0, 0, %10], 0.0)  : f32[2*(((s77 + 1)//2)), 8]
+%12 = aten.mm.default(%11, %0)  : f32[2*(((s77 + 1)//2)), 8]
 %13 = _c10d_functional.reduce_scatter_tensor.default(%12, 'sum', 2, G0)  : f32[((s77 + 1)//2), 8]
 %14 = _c10d_functional.wait_tensor.default(%13)  : f32[((s77 + 1)//2), 8]
 %15 = fxsp.rms_norm.default(%14, %3, 1e-06)  : f32[((s77 + 1)//2), 8]
 %16 = _c10d_functional.all_gather_into_tensor.default(%15, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
 %17 = _c10d_functional.wait_tensor.default(%16)  : f32[2*(((s77 + 1)//2)), 8]
-%18 = aten.as_strided.default(%17, [%7, 8], [8, 1], 0)  : f32[s77, 8]
-%19 = aten.mm.default(%18, %4)  : f32[s77, 8]
-%20 = aten.sym_size.int(%19, 0)  : SymInt
-%21 = operator.add(%20, 1)  : SymInt
-%22 = operator.floordiv(%21, 2)  : SymInt
-%23 = operator.mul(%22, 2)  : SymInt
-%24 = operator.sub(%23, %20)  : SymInt
-%25 = aten.constant_pad_nd.default(%19, [0, 0, 0, %24], 0.0)  : f32[2*(((s77 + 1)//2)), 8]
-%26 = _c10d_functional.reduce_scatter_tensor.default(%25, 'sum', 2, G0)  : f32[((s77 + 1)//2), 8]
-%27 = _c10d_functional.wait_tensor.default(%26)  : f32[((s77 + 1)//2), 8]
-%28 = fxsp.fused_add_rms_norm.default(%27, %14, %5, 1e-06)  : (f32[((s77 + 1)//2), 8], f32[((s77 + 1)//2), 8])
-%29 = operator.getitem(%28, 0)  : f32[((s77 + 1)//2), 8]
-%30 = _c10d_functional.all_gather_into_tensor.default(%29, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
-%31 = _c10d_functional.wait_tensor.default(%30)  : f32[2*(((s77 + 1)//2)), 8]
-%32 = aten.as_strided.default(%31, [%20, 8], [8, 1], 0)  : f32[s77, 8]
-return (%32,)""")
+%18 = aten.mm.default(%17, %4)  : f32[2*(((s77 + 1)//2)), 8]
+%19 = _c10d_functional.reduce_scatter_tensor.default(%18, 'sum', 2, G0)  : f32[((s77 + 1)//2), 8]
+%20 = _c10d_functional.wait_tensor.default(%19)  : f32[((s77 + 1)//2), 8]
+%21 = fxsp.fused_add_rms_norm.default(%20, %14, %5, 1e-06)  : (f32[((s77 + 1)//2), 8], f32[((s77 + 1)//2), 8])
+%22 = operator.getitem(%21, 0)  : f32[((s77 + 1)//2), 8]
+%23 = _c10d_functional.all_gather_into_tensor.default(%22, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
+%24 = _c10d_functional.wait_tensor.default(%23)  : f32[2*(((s77 + 1)//2)), 8]
+%25 = aten.as_strided.default(%24, [%6, 8], [8, 1], 0)  : f32[s77, 8]
+return (%25,)""")
 
     def test_graph_break_keeps_outputs_full_size(self):
         first, second = rewrite(Block(layers=2, graph_break=True), torch.randn(4, 8))

@@ -399,3 +399,73 @@ def test_sp_inside_vllm_on_two_ranks(tmp_path):
         assert len(set(result["uuids"])) == 1
         assert result["uuids"][0] != result["uuid_before_tp"]
     assert ranks[0]["uuids"][0] != ranks[1]["uuids"][0]
+
+
+def _async_tp_on_rank(rank: int, world: int) -> dict:
+    """Both paths of _on_rank with async_tp=True and symmetric memory mocked (the fused ops run
+    torch's reference kernels over gloo): errors against eager and the coverage of each graph."""
+    from torch._inductor.compile_fx import compile_fx
+    from vllm.compilation.backends import VllmBackend
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config import CompilationMode, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import destroy_model_parallel, get_tp_group
+
+    from fxsp.testing.async_tp import mocked_symmetric_memory
+
+    _define_missing_c_ops()
+    result: dict = {}
+    config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world))
+    config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+    configure(config, min_tokens=SP_MIN_TOKENS, async_tp=True)
+    graph_pass = config.compilation_config.inductor_compile_config[PASS_KEY]
+    sp_range = config.compilation_config.get_compile_ranges()[-1]
+    with set_current_vllm_config(config):
+        init_distributed_environment(world, rank, local_rank=rank, backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=world, backend="gloo")
+        tp_group = get_tp_group()
+        backend = VllmBackend(config)
+        backend.configure_post_pass()
+        inductor_config = backend.inductor_config
+
+        def inductor(gm: torch.fx.GraphModule, inputs: list):
+            return compile_fx(gm, inputs, config_patches=inductor_config)
+
+        model, errors = _vllm_model(tp_group.unique_name), {}
+        with mocked_symmetric_memory(), _out_of_place_all_reduce(tp_group), pass_context(sp_range):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend=inductor)
+            for tokens in (9, 16):
+                x = _inputs(tokens, rank)
+                torch._dynamo.mark_dynamic(x, 0)
+                errors[tokens] = (compiled(x) - model(x)).abs().max().item()
+        result["errors"] = errors
+        result["sites"] = [(r.async_tp.fusable, r.async_tp.fused, r.after) for r in graph_pass.reports]
+
+        cpu_config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world))
+        configure(cpu_config, min_tokens=SP_MIN_TOKENS, async_tp=True)
+        options = cpu_config.compilation_config.inductor_compile_config
+        cpu_pass = options[PASS_KEY]
+        model = _cpu_model(tp_group)
+        with mocked_symmetric_memory():
+            torch._dynamo.reset()
+            x = _inputs(9, rank)
+            result["cpu_error"] = (torch.compile(model, fullgraph=True, options=options)(x) - model(x)).abs().max().item()
+        result["cpu_sites"] = [(r.async_tp.fusable, r.async_tp.fused) for r in cpu_pass.reports]
+    destroy_model_parallel()
+    return result
+
+
+@needs_vllm
+def test_async_tp_inside_vllm_fuses_every_site(tmp_path):
+    """vLLM runs fxsp after Inductor's micro-pipeline TP, so the adapter runs it right after SP,
+    over c10d collectives on the TP device group (vLLM's own are unknown to it)."""
+    for rank, result in enumerate(run_world(2, _async_tp_on_rank, cache_dir=str(tmp_path / "inductor"))):
+        assert max(result["errors"].values()) < 1e-5, (rank, result["errors"])
+        ((fusable, fused, after),) = result["sites"]
+        # x @ w0 → reduce-scatter, all-gather → @ w1, all-gather → @ w2; the reduce-scatters
+        # after w1 and w2 follow an all-gather fused with their matmul, so stay as they are.
+        assert fusable == fused == 3, (rank, result["sites"])
+        assert "_c10d_functional.reduce_scatter_tensor" in after and "vllm.reduce_scatter" not in after
+        assert result["cpu_error"] < 1e-5, rank
+        assert result["cpu_sites"] == [(2, 2)], (rank, result["cpu_sites"])

@@ -24,6 +24,9 @@ How the pass fits vLLM:
   rewritten norms, and pads token counts the TP size does not divide inside the graph. So vLLM's
   runtime needs no padding to a multiple of the TP size, and must not expect a residual
   scattered between pipeline stages (what vLLM's own SP needed); `configure` refuses that.
+- Async TP (`async_tp=True`): vLLM runs this pass after Inductor's micro-pipeline TP, so the
+  pass runs that fusion itself right after SP, with the collectives spelled as c10d ones over
+  the TP device group (micro-pipeline TP knows no `vllm.*` collectives).
 - The pass must see the whole model: with vLLM's FX-level piecewise splitting every residual
   would leave its piece, all-gathered, and SP would cost more than it saves.
 """
@@ -66,6 +69,9 @@ class PassOptions:
     min_tokens: int | str = "auto"  # SP from this many tokens; "auto": fxsp.runtime.sp_min_tokens
     fp8: bool = True  # the FP8 SP rules (all-gather FP8 bytes)
     explain: bool = False  # log every rule's best near-miss at INFO
+    # Micro-pipeline TP right after SP (vLLM runs this pass after Inductor's own micro-pipeline
+    # TP), over c10d collectives on the TP device group: see fxsp.runtime.async_tp.
+    async_tp: bool = False
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -93,22 +99,26 @@ def vllm_tp_group() -> TPGroup | None:
 class _FxspVllmPassImpl:
     """fxsp's pipeline (raise → SP rules → clean up → lower) as a vLLM InductorPass.
 
-        FxspVllmPass(min_tokens="auto", fp8=True, explain=False, hidden_size=None, dtype=None)
+        FxspVllmPass(min_tokens="auto", fp8=True, explain=False, hidden_size=None, dtype=None,
+                     async_tp=False)
 
     `min_tokens="auto"` takes the threshold from `fxsp.runtime.sp_min_tokens` for the model's
     hidden size and dtype (given here, by `configure`, or read from vLLM's current config).
     `.reports` holds one `GraphReport` per graph the pass rewrote. A deepcopy shares `.reports`
     with its original (vLLM deep-copies its Inductor config); a pickled copy starts empty.
+    With `async_tp`, each report's `.async_tp` says how many SP sites were fusable and fused.
     """
 
     def __init__(self, *, min_tokens: int | str = "auto", fp8: bool = True, explain: bool = False,
-                 hidden_size: int | None = None, dtype: torch.dtype | None = None) -> None:
-        self.options = PassOptions(min_tokens, fp8, explain)  # checks them
+                 hidden_size: int | None = None, dtype: torch.dtype | None = None,
+                 async_tp: bool = False) -> None:
+        self.options = PassOptions(min_tokens, fp8, explain, async_tp)  # checks them
         if hidden_size is not None and not (isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
                                             and hidden_size > 0):
             raise ValueError(f"hidden_size must be None or an int > 0, not {hidden_size!r}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be None or a torch.dtype, not {dtype!r}")
+        self._async_tp_off: str | None = None  # why async TP is off, once said
         self.hidden_size, self.dtype = hidden_size, dtype
         self.reports: list[GraphReport] = []
 
@@ -149,9 +159,28 @@ class _FxspVllmPassImpl:
             min_tokens = 0  # every token count of the range reaches the threshold
         else:
             return
+        async_tp = self._use_async_tp(tp)
         sp = SPConfig(group=_tp_group_name_in(graph, tp), world=tp.world, rank=tp.rank,
-                      min_tokens=min_tokens, fp8=self.options.fp8)
-        self.reports.append(run_pipeline(graph, sp, explain=self.options.explain))
+                      min_tokens=min_tokens, fp8=self.options.fp8, async_tp=async_tp,
+                      c10d_group=tp.c10d_name if async_tp else None)
+        report = run_pipeline(graph, sp, explain=self.options.explain)
+        if async_tp:
+            from ..runtime.async_tp import fuse_now
+
+            report.async_tp = fuse_now(graph)
+        self.reports.append(report)
+
+    def _use_async_tp(self, tp: TPGroup) -> bool:
+        """async_tp asked for and possible on vLLM's TP device group (says once why not)."""
+        if not self.options.async_tp:
+            return False
+        from ..runtime.async_tp import enable_async_tp
+
+        why_not = enable_async_tp(tp.c10d_name)
+        if why_not is not None and why_not != self._async_tp_off:
+            log.warning("fxsp: async_tp off, SP without micro-pipeline TP: %s", why_not)
+            self._async_tp_off = why_not
+        return why_not is None
 
     def uuid(self) -> str:
         """Covers fxsp's version and source, the options and the TP group with this rank: the
@@ -171,7 +200,8 @@ class _FxspVllmPassImpl:
 
     def __repr__(self) -> str:
         o = self.options
-        return f"FxspVllmPass(min_tokens={o.min_tokens!r}, fp8={o.fp8}, explain={o.explain})"
+        return (f"FxspVllmPass(min_tokens={o.min_tokens!r}, fp8={o.fp8}, explain={o.explain}, "
+                f"async_tp={o.async_tp})")
 
 
 def __getattr__(name: str) -> Any:
@@ -194,7 +224,7 @@ def _pass_class() -> type:
 
 
 def configure(vllm_config: Any, *, min_tokens: int | str = "auto", fp8: bool = True,
-              explain: bool = False) -> Any:
+              explain: bool = False, async_tp: bool = False) -> Any:
     """Set `vllm_config` (a `VllmConfig`) up for fxsp's SP and return it.
 
     Installs a `FxspVllmPass` (hidden size and dtype from the model config) as the post-grad
@@ -220,7 +250,7 @@ def configure(vllm_config: Any, *, min_tokens: int | str = "auto", fp8: bool = T
     if min_tokens == "auto" and model is None:
         raise ValueError("min_tokens='auto' needs the model's hidden size and dtype, and this "
                          "VllmConfig has no model_config: pass min_tokens=")
-    graph_pass = _pass_class()(min_tokens=min_tokens, fp8=fp8, explain=explain,
+    graph_pass = _pass_class()(min_tokens=min_tokens, fp8=fp8, explain=explain, async_tp=async_tp,
                                hidden_size=model.get_hidden_size() if model is not None else None,
                                dtype=model.dtype if model is not None else None)
     compilation.inductor_compile_config[PASS_KEY] = graph_pass

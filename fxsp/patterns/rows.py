@@ -4,6 +4,15 @@ The token dims (all but the last) are flattened to rows, padded up to a multiple
 size, split into one block per rank, and restored after the all-gather. Sizes may be Python
 ints or symbolic: symbolic ones become `sym_size` / `operator` nodes, so the same code serves
 static and dynamic shapes.
+
+The SP region lives in padded rows. Inductor's micro-pipeline TP fuses `all_gather → mm` and
+`mm → reduce_scatter` only when nothing stands between the collective and its matmul, so the
+pad, trim and flattening views go where they do not: a matmul feeding a reduce-scatter runs on
+padded rows (the pad moves to its input, or vanishes where the input is itself a trimmed padded
+value), and a matmul consuming an all-gathered value runs on the gathered padded rows, the trim
+and the restored token dims moving to its output. Rows are independent in a matmul, so the real
+rows are computed exactly as before; padding rows hold whatever their rows compute and are
+dropped wherever a value leaves the region.
 """
 
 from __future__ import annotations
@@ -14,13 +23,20 @@ from typing import Any
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
 from ..fake import tensor_of
+from ..ir.ops import FP8_DTYPES
 
 aten = torch.ops.aten
 
 Size = Any  # int or an FX node producing a SymInt
+
+# Meta key on a value fxsp trimmed from padded rows: (the padded value, TP size).
+UNTRIMMED = "fxsp_untrimmed"
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_MATMULS = (aten.mm.default, aten._scaled_mm.default)
 
 
 def row_count(t: torch.Tensor) -> Any:
@@ -32,8 +48,19 @@ def row_count(t: torch.Tensor) -> Any:
 
 
 def _size(b: Builder, x: Node, dim: int) -> Size:
+    """Size `dim` of `x`. A symbolic one is taken, where the graph has it, from the size
+    arguments of the view or the operands of the matmul computing `x`: a `sym_size` of `x`
+    would keep `x` alive after SP recomputed it on padded rows."""
     d = tensor_of(x).shape[dim]
-    return d if isinstance(d, int) else b.call(aten.sym_size.int, x, dim)
+    if isinstance(d, int):
+        return d
+    if x.target in (*_VIEWS, aten.as_strided.default) and isinstance(x.args[1][dim], Node):
+        return x.args[1][dim]
+    if x.target is aten.slice.Tensor and x.args[1:3] == (0, 0) and dim == 0 and isinstance(x.args[3], Node):
+        return x.args[3]
+    if x.target in _MATMULS and tensor_of(x).dim() == 2:
+        return _size(b, x.args[0], 0) if dim == 0 else _size(b, x.args[1], 1)
+    return b.call(aten.sym_size.int, x, dim)
 
 
 def _arith(b: Builder, fn: Any, *args: Size) -> Size:
@@ -52,9 +79,15 @@ class RowBlocks:
     padded: Size
     per_rank: Size
     shape: list  # the original shape, sizes as ints or nodes
+    tp: int
 
     def padding(self, b: Builder) -> Size:
         return _arith(b, operator.sub, self.padded, self.rows)
+
+    @property
+    def exact(self) -> bool:
+        """The TP size divides the rows (known now): no padding rows."""
+        return isinstance(self.rows, int) and self.padded == self.rows
 
 
 def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
@@ -63,27 +96,49 @@ def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
     for d in shape[1:-1]:
         rows = _arith(b, operator.mul, rows, d)
     per_rank = _arith(b, operator.floordiv, _arith(b, operator.add, rows, tp - 1), tp)
-    return RowBlocks(rows, _arith(b, operator.mul, per_rank, tp), per_rank, shape)
+    return RowBlocks(rows, _arith(b, operator.mul, per_rank, tp), per_rank, shape, tp)
 
 
-def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks) -> Node:
-    """[*, H] → [padded, H], zero rows appended where the TP size does not divide the rows."""
+def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks, through_matmul: bool = False) -> Node:
+    """[*, H] → [padded, H]. A value fxsp trimmed gives back its padded twin; with
+    `through_matmul`, a matmul's result used only on the way here is recomputed on padded rows,
+    so nothing stands between it and the collective; anything else gets zero rows appended."""
+    source = _untrimmed(x, blocks.tp)
+    if source is not None:
+        return source
+    if through_matmul:
+        mm = _matmul_behind(x)
+        if mm is not None:
+            return _on_padded_rows(b, mm, blocks)
     flat = x if tensor_of(x).dim() == 2 else b.call(aten.view.default, x, [blocks.rows, blocks.shape[-1]])
     pad = blocks.padding(b)
     if isinstance(pad, int) and pad == 0:
         return flat
+    if tensor_of(flat).dtype in FP8_DTYPES:  # zero bytes are FP8 zeros; pad the bytes
+        as_bytes = b.call(aten.view.dtype, flat, torch.uint8)
+        padded = b.call(aten.constant_pad_nd.default, as_bytes, [0, 0, 0, pad], 0.0)
+        return b.call(aten.view.dtype, padded, tensor_of(flat).dtype)
     return b.call(aten.constant_pad_nd.default, flat, [0, 0, 0, pad], 0.0)
 
 
 def from_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> Node:
     """[padded, H] → the original [*, H]: drop the padding rows, restore the token dims."""
-    if not isinstance(blocks.rows, int):
-        full = _first_rows(b, full, blocks.rows)
-    elif blocks.padded != blocks.rows:
-        full = b.call(aten.slice.Tensor, full, 0, 0, blocks.rows)
+    trimmed = trim_rows(b, full, blocks)
     if len(blocks.shape) == 2:
+        return trimmed
+    return b.call(aten.view.default, trimmed, list(blocks.shape))
+
+
+def trim_rows(b: Builder, full: Node, blocks: RowBlocks) -> Node:
+    """full[:rows], remembering `full` as the trimmed value's padded twin."""
+    if blocks.exact:
         return full
-    return b.call(aten.view.default, full, list(blocks.shape))
+    if not isinstance(blocks.rows, int):
+        trimmed = _first_rows(b, full, blocks.rows)
+    else:
+        trimmed = b.call(aten.slice.Tensor, full, 0, 0, blocks.rows)
+    trimmed.meta[UNTRIMMED] = (full, blocks.tp)
+    return trimmed
 
 
 def _first_rows(b: Builder, full: Node, rows: Size) -> Node:
@@ -102,3 +157,88 @@ def this_rank_rows(b: Builder, padded: Node, blocks: RowBlocks, rank: int) -> No
     start = _arith(b, operator.mul, blocks.per_rank, rank)
     end = _arith(b, operator.add, start, blocks.per_rank)
     return b.call(aten.slice.Tensor, padded, 0, start, end)
+
+
+def matmuls_on_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> int:
+    """Point every matmul whose lhs is `full` (or `full` flattened to [rows, H]) at the padded
+    rows `full` was trimmed from; the trim moves to the matmul's result. Returns how many."""
+    padded = _padded_source(full, blocks)
+    if padded is None:
+        return 0
+    moved = 0
+    for lhs in [full, *(u for u in full.users if u.target in _VIEWS and _is_rows_of(u, full))]:
+        if tensor_of(lhs).dim() != 2:
+            continue
+        for mm in [u for u in lhs.users if _is_matmul_on_rows(u) and u.args[0] is lhs]:
+            new = b.call(mm.target, padded, *mm.args[1:], **mm.kwargs)
+            b.replace(mm, trim_rows(b, new, blocks))
+            mm.graph.erase_node(mm)
+            moved += 1
+        if lhs is not full and not lhs.users:
+            lhs.graph.erase_node(lhs)
+    return moved
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _untrimmed(x: Node, tp: int) -> Node | None:
+    """The padded value `x` (or the view of it that `x` is) was trimmed from by fxsp."""
+    while True:
+        twin = x.meta.get(UNTRIMMED)
+        if twin is not None and not twin[0]._erased and twin[1] == tp:
+            return twin[0]
+        if x.target not in _VIEWS or not _is_rows_of(x, x.args[0]):
+            return None
+        x = x.args[0]
+
+
+def _padded_source(full: Node, blocks: RowBlocks) -> Node | None:
+    """The [padded, H] value `full` restores: its trimmed twin, or itself through views."""
+    x = full
+    while x.target in _VIEWS and _is_rows_of(x, x.args[0]):
+        x = x.args[0]
+    twin = _untrimmed(x, blocks.tp)
+    if twin is not None:
+        return twin
+    return x if blocks.exact and tensor_of(x).dim() == 2 and x is not full else None
+
+
+def _matmul_behind(x: Node) -> Node | None:
+    """The matmul computing `x` through row-keeping views, when nothing else uses it on the way."""
+    node = x
+    while node.target in _VIEWS and _is_rows_of(node, node.args[0]):
+        if len(node.users) != 1:
+            return None
+        node = node.args[0]
+    if _is_matmul_on_rows(node) and len(node.users) == 1 and _is_rows_of(x, node):
+        return node
+    return None
+
+
+def _on_padded_rows(b: Builder, mm: Node, blocks: RowBlocks) -> Node:
+    """`mm` recomputed with its lhs on padded rows (`mm` itself where nothing is padded)."""
+    lhs = mm.args[0]
+    padded_lhs = to_padded_rows(b, lhs, blocks)
+    if padded_lhs is lhs:
+        return mm
+    return b.call(mm.target, padded_lhs, *mm.args[1:], **mm.kwargs)
+
+
+def _is_matmul_on_rows(node: Node) -> bool:
+    """mm, or a scaled mm whose lhs scale is one per tensor (a row-wise scale has rows too)."""
+    if node.target is aten.mm.default:
+        return True
+    if node.target is aten._scaled_mm.default:
+        scale = tensor_of(node.args[2])
+        return scale is not None and statically_known_true(scale.numel() == 1)
+    return False
+
+
+def _is_rows_of(view: Node, source: Any) -> bool:
+    """`view` holds the same rows as `source`: both [*, H] with the same H and row count."""
+    a, b = tensor_of(view), tensor_of(source)
+    if a is None or b is None or a.dim() == 0 or b.dim() == 0:
+        return False
+    return (statically_known_true(a.shape[-1] == b.shape[-1])
+            and statically_known_true(row_count(a) == row_count(b)))

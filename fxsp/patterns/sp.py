@@ -15,6 +15,10 @@ value takes the twin directly; any other residual is replicated, and the rewrite
 rank's rows. All-gathers left without users are removed by fxsp/cleanup, so a sharded
 residual flows from norm to norm, and every other consumer (graph outputs, ops no rule covers)
 still sees full-size values.
+
+Row layout (fxsp/patterns/rows.py): the region lives in padded rows, and the pad, trim and
+flattening views go where they do not stand between a collective and its matmul, so Inductor's
+micro-pipeline TP can fuse `mm → reduce_scatter` and `all_gather → mm` at every site.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..runtime.thresholds import sp_min_tokens
 from .rows import (
     RowBlocks,
     from_padded_rows,
+    matmuls_on_padded_rows,
     row_blocks,
     row_count,
     this_rank_rows,
@@ -61,6 +66,12 @@ class SPConfig:
     # Return values fxsp gathered from a shard stay sharded (pipeline stage boundaries: the next
     # stage gathers them with runtime.gather_rows, or takes them as they are).
     shard_outputs: bool = False
+    # Micro-pipeline TP will fuse the collectives (runtime.async_tp): FP8 is all-gathered as FP8,
+    # the shard its fused scaled matmul takes (NCCL carries FP8 bytes as they are).
+    async_tp: bool = False
+    # Emit c10d collectives over this group for vLLM's all-reduces: micro-pipeline TP knows only
+    # c10d's (vLLM's TP device group; see adapters/vllm.py).
+    c10d_group: str | None = None
 
 
 # --- patterns ----------------------------------------------------------------------------------
@@ -116,7 +127,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         ok = applicable(m)
         return ok if ok is not True else (not residual_alive(m) or "residual output is used: the middle rule")
 
-    def first(b: Builder, m: Match) -> Node:
+    def first(b: Builder, m: Match) -> None:
         blocks, scattered = _scatter(b, m, cfg)
         normed = b.call(RMS_NORM, scattered, m["weight"], m["eps"])
         out = _gather(b, m, cfg, blocks, _quantised(b, m, normed))
@@ -126,7 +137,9 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         if others:
             full = _gather(b, m, cfg, blocks, scattered)
             m["reduced"].replace_all_uses_with(full, delete_user_cb=lambda u: u in others)
-        return out
+            matmuls_on_padded_rows(b, full, blocks)
+        b.replace(m.root, out)
+        matmuls_on_padded_rows(b, out, blocks)
 
     def middle(b: Builder, m: Match) -> None:
         blocks, scattered = _scatter(b, m, cfg)
@@ -138,8 +151,11 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             b.replace(m.root, out)
         else:
             b.replace_items(m["norm"], {0: out})
+        matmuls_on_padded_rows(b, out, blocks)
         if residual_alive(m):
-            b.replace_items(m["norm"], {1: _gather(b, m, cfg, blocks, residual_out)})
+            full = _gather(b, m, cfg, blocks, residual_out)
+            b.replace_items(m["norm"], {1: full})
+            matmuls_on_padded_rows(b, full, blocks)
 
     rules = [
         Rule("sp.first_fp8", first_fp8, first, outputs=("reduced",), where=applicable),
@@ -180,8 +196,15 @@ def shard_graph_outputs(graph: torch.fx.Graph) -> int:
 
 def _scatter(b: Builder, m: Match, cfg: SPConfig) -> tuple[RowBlocks, Node]:
     blocks = row_blocks(b, m["x"], cfg.world)
-    padded = to_padded_rows(b, m["x"], blocks)
-    return blocks, reduce_scatter_rows(b, padded, cfg.world, m["group"], m["flavor"])
+    padded = to_padded_rows(b, m["x"], blocks, through_matmul=True)
+    return blocks, reduce_scatter_rows(b, padded, cfg.world, *_spelling(m, cfg))
+
+
+def _spelling(m: Match, cfg: SPConfig) -> tuple[str, str]:
+    """(group name, collective flavour) of the collectives replacing the matched all-reduce."""
+    if m["flavor"] == "vllm" and cfg.c10d_group is not None:
+        return cfg.c10d_group, "c10d"
+    return m["group"], m["flavor"]
 
 
 def _quantised(b: Builder, m: Match, normed: Node) -> Node:
@@ -193,13 +216,14 @@ def _quantised(b: Builder, m: Match, normed: Node) -> Node:
 def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node) -> Node:
     """The full-size value of `shard`, remembered as its twin for later rewrites.
 
-    FP8 travels as uint8: the same bytes, and every backend (gloo, NCCL) can carry them."""
+    FP8 travels as uint8: the same bytes, and every backend (gloo, NCCL) can carry them; except
+    for async TP, whose fused all-gather + scaled matmul needs the FP8 shard itself."""
     dt = tensor_of(shard).dtype
-    if dt in FP8_DTYPES:
+    if dt in FP8_DTYPES and not cfg.async_tp:
         as_bytes = b.call(aten.view.dtype, shard, torch.uint8)
-        gathered = b.call(aten.view.dtype, all_gather_rows(b, as_bytes, cfg.world, m["group"], m["flavor"]), dt)
+        gathered = b.call(aten.view.dtype, all_gather_rows(b, as_bytes, cfg.world, *_spelling(m, cfg)), dt)
     else:
-        gathered = all_gather_rows(b, shard, cfg.world, m["group"], m["flavor"])
+        gathered = all_gather_rows(b, shard, cfg.world, *_spelling(m, cfg))
     full = from_padded_rows(b, gathered, blocks)
     full.meta[SHARD] = (shard, m["group"], cfg.world)
     return full

@@ -32,6 +32,7 @@ class Spec:
     batched: bool = False  # activations [B, S, H] instead of [T, H]
     prompt_embeds: bool = False  # the model takes embeddings: no first all-reduce in the graph
     fp8: bool = False  # static FP8 quant after every norm (dequantised before the matmul)
+    scaled_mm: bool = False  # with fp8: the FP8 activation feeds torch._scaled_mm instead
     graph_break: bool = False  # a graph break between layers
     collective: str = "funcol"  # "funcol" or "inplace" (dist.all_reduce)
     final_norm: bool = True
@@ -55,10 +56,10 @@ class RMSNorm(nn.Module):
         return self.weight.to(dtype) * xf.to(dtype)
 
 
-def static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Quantise and dequantise: the graph carries the FP8 quant the SP FP8 rules look for."""
+def static_fp8(x: torch.Tensor, scale: torch.Tensor, dequantise: bool = True) -> torch.Tensor:
+    """Quantise (and dequantise): the graph carries the FP8 quant the SP FP8 rules look for."""
     q = (x.float() / scale).clamp(-448.0, 448.0).to(FP8)
-    return q.float().to(x.dtype) * scale.to(x.dtype)
+    return q.float().to(x.dtype) * scale.to(x.dtype) if dequantise else q
 
 
 class TPLlama(nn.Module):
@@ -115,10 +116,19 @@ class TPLlama(nn.Module):
 
     def norm(self, module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         out = module(x)
-        return static_fp8(out, self.scale) if self.spec.fp8 else out
+        return static_fp8(out, self.scale, not self.spec.scaled_mm) if self.spec.fp8 else out
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w.T; an FP8 x goes through a scaled matmul with w quantised per tensor."""
+        if x.dtype != FP8:
+            return F.linear(x, w)
+        w_scale = w.abs().max().float() / 448.0
+        w8 = (w.float() / w_scale).to(FP8)
+        out = torch._scaled_mm(x.reshape(-1, x.shape[-1]), w8.t(), self.scale, w_scale, out_dtype=self.spec.dtype)
+        return out.reshape(*x.shape[:-1], -1)
 
     def attention(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (F.linear(x, w) for w in layer.qkv)
+        q, k, v = (self.linear(x, w) for w in layer.qkv)
         lead = x.shape[:-1]
         seq = x if x.dim() == 3 else x.unsqueeze(0)
 
@@ -131,7 +141,7 @@ class TPLlama(nn.Module):
         return self.all_reduce(F.linear(att, layer.o))
 
     def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce(F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down))
+        return self.all_reduce(F.linear(F.silu(self.linear(x, layer.gate)) * self.linear(x, layer.up), layer.down))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = inputs if self.spec.prompt_embeds else self.embed_tokens(inputs)

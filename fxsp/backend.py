@@ -326,17 +326,34 @@ def _compile_cache_on() -> bool:
 
 
 def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:
-    """AOT autograd with Inductor's decompositions, the pipeline, and no codegen: for debugging."""
+    """AOT autograd with Inductor's decompositions, the pipeline, and no codegen: for debugging.
+
+    The pipeline sees the graph it sees under Inductor: Inductor's joint-graph passes (its no-op
+    removal drops the clone an eval-mode dropout leaves, its peepholes the pointless views and
+    casts) run on the joint graph when it is partitioned, or on the inference graph, then dead
+    code goes, as in Inductor's post-grad passes. Their random-op replacement stays off, so
+    random ops draw as in eager."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import _recursive_joint_graph_passes, partition_fn
     from torch._inductor.decomposition import select_decomp_table
 
-    def forward(fw: torch.fx.GraphModule, inputs: list) -> Callable:
-        graph_pass(fw.graph)
-        fw.recompile()
-        return make_boxed_func(fw.forward)
+    def compile_graph(graph_module: torch.fx.GraphModule, inputs: list, joint_passes: bool = False) -> Callable:
+        if joint_passes:  # an inference graph: no partitioner ran them
+            graph_module = _recursive_joint_graph_passes(graph_module)
+        graph_module.graph.eliminate_dead_code()
+        graph_pass(graph_module.graph)
+        graph_module.recompile()
+        return make_boxed_func(graph_module.forward)
 
-    return aot_autograd(fw_compiler=forward, decompositions=select_decomp_table())(gm, example_inputs)
+    def inference_graph(graph_module: torch.fx.GraphModule, inputs: list) -> Callable:
+        return compile_graph(graph_module, inputs, joint_passes=True)
+
+    compiler = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph, inference_compiler=inference_graph,
+                            partition_fn=partition_fn, decompositions=select_decomp_table())
+    with inductor_config.patch(fallback_random=True):
+        return compiler(gm, example_inputs)
 
 
 def _check_group(tp_group: Any) -> None:

@@ -946,12 +946,32 @@ def _hand_layer_norm(x, w):
     return w * (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5))
 
 
+def _cohere_layer_norm(x, w):
+    """HF's CohereLayerNorm: fp32, x - mean computed twice (once for the variance, once for the
+    result), no bias."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    variance = (xf - mean).pow(2).mean(-1, keepdim=True)
+    out = (xf - mean) * torch.rsqrt(variance + 1e-5)
+    return (w.float() * out).to(x.dtype)
+
+
+def _var_layer_norm(x, w):
+    centred = x - x.mean(-1, keepdim=True)
+    return w * (centred * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5))
+
+
+CENTRED = "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"
+
 LOOK_ALIKES = {
     # name: (fn, inputs, dtype, text the explanation must contain)
-    "layer_norm": (lambda x, w: F.layer_norm(x, (H,), w, None, 1e-5), "xw", F32,
-                   "expected aten.mean.dim, got operator.getitem"),
-    "hand_written_layer_norm": (_hand_layer_norm, "xw", F32,
-                                "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"),
+    # LayerNorms, refused by their mean-centring however they spell it
+    "layer_norm": (lambda x, w: F.layer_norm(x, (H,), w, None, 1e-5), "xw", F32, CENTRED),
+    "layer_norm_bf16": (lambda x, w: F.layer_norm(x, (H,), w, None, 1e-5), "xw", BF16, CENTRED),
+    "hand_written_layer_norm": (_hand_layer_norm, "xw", F32, CENTRED),
+    "cohere_layer_norm": (_cohere_layer_norm, "xw", F32, CENTRED),
+    "cohere_layer_norm_bf16": (_cohere_layer_norm, "xw", BF16, CENTRED),
+    "var_layer_norm": (_var_layer_norm, "xw", F32, CENTRED),
     "eps_after_rsqrt": (lambda x, w: w * (x * (torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)), "xw", F32,
                         "expected aten.rsqrt.default, got aten.add.Tensor"),
     "norm_over_rows": (lambda x: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-6), "x", F32,

@@ -142,10 +142,27 @@ def _all_reduce(flavor: str):
 
 xf = fp32_of()
 eps = scalar("eps", lo=0.0, where=math.isfinite, doc="eps > 0")
-mean_square = op(aten.mean.dim, alt(op(aten.pow.Tensor_Scalar, xf, 2), op(aten.mul.Tensor, xf, xf)),
-                 dims([-1]), True)
+
+
+def _mean_of_square(v: Any) -> Any:
+    return op(aten.mean.dim, alt(op(aten.pow.Tensor_Scalar, v, 2), op(aten.mul.Tensor, v, v)), dims([-1]), True)
+
+
+mean_square = _mean_of_square(xf)
+# A LayerNorm's pieces: x - mean(x) and the variance of the last dim, however spelled (HF's
+# Cohere norm computes x - mean twice; torch's decomposition uses var_mean). Matched only so that
+# `_exact_norm` refuses the norm by its mean-centring; a match with any of them binds `centred`.
+_centred = tensor("centred")
+_row_mean = op(aten.mean.dim, _centred, dims([-1]), True, name="row_mean")
+_var_mean = op(aten.var_mean.correction, _centred, dims([-1]), correction=anything(), keepdim=True, name="var_mean")
+centred_x = alt(op(aten.sub.Tensor, _centred, _row_mean), op(aten.sub.Tensor, _centred, getitem(_var_mean, 1)))
+variance = alt(
+    _mean_of_square(centred_x),
+    getitem(_var_mean, 0),
+    op(aten.var.correction, _centred, dims([-1]), correction=anything(), keepdim=True),
+)
 # x / sqrt(mean(x²) + eps), in fp32
-normed = op(aten.mul.Tensor, xf, op(aten.rsqrt.default, op(ADD, mean_square, eps)))
+normed = op(aten.mul.Tensor, alt(xf, centred_x), op(aten.rsqrt.default, op(ADD, alt(mean_square, variance), eps)))
 
 weight = tensor("weight")
 down = dtype("down", FLOATS)
@@ -170,6 +187,8 @@ aten_rms_norm = alt(
 def _exact_norm(m: Match) -> bool | str:
     """The matched norm computes what fxsp.rms_norm computes, up to the rounding the module
     docstring allows."""
+    if m.get("centred") is not None or _is_centred(m["x"]):
+        return "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"
     x, down_to = tensor_of(m["x"]), m.get("down")
     folded = any(_is_fp32_identity_cast(n) for n in (m.root, *m.nodes))
     if down_to == F32 and x.dtype in LOW and folded:
@@ -184,8 +203,6 @@ def _exact_norm(m: Match) -> bool | str:
         return f"the result is cast to {_short(down_to)}, not to the input's {_short(x.dtype)}"
     if _is_upcast(m["x"]):
         return "x is an up-cast: the norm's input is the value before it"
-    if _is_centred(m["x"]):
-        return "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"
     return _per_feature_weight(m["x"], m.get("weight"))
 
 

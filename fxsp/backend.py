@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import sympy
 import torch
 import torch.distributed as dist
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
@@ -123,6 +121,7 @@ class Backend:
         return RowDispatch(with_sp, without_sp, thresholds, example_inputs)
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> Callable:
+        _register_pass()
         graph_pass = FxspPass(self, sp, self.fusion_config())
         if self.options.inner == "eager":
             return _compile_eager(gm, example_inputs, graph_pass)
@@ -174,10 +173,18 @@ class Backend:
         return self._fusion[0]
 
 
-class FxspPass(CustomGraphPass):
-    """fxsp's pipeline as an Inductor post-grad pass. Its uuid covers fxsp's source, the options
-    and the TP group *and rank*: the rewritten graph holds rank-specific slice offsets, while
-    Inductor's cache key is otherwise the same on every rank."""
+def _register_pass() -> None:
+    """Make FxspPass an Inductor CustomGraphPass (what Inductor's cache key asks for), here
+    rather than at import: importing Inductor takes a second that `import fxsp` should not."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    CustomGraphPass.register(FxspPass)
+
+
+class FxspPass:
+    """fxsp's pipeline as an Inductor post-grad pass (a CustomGraphPass: `_register_pass`). Its
+    uuid covers fxsp's source, the options and the TP group *and rank*: the rewritten graph holds
+    rank-specific slice offsets, while Inductor's cache key is otherwise the same on every rank."""
 
     def __init__(self, owner: Backend, sp: SPConfig | None, fusion: AllReduceNormConfig | None = None) -> None:
         self.owner, self.sp, self.fusion = owner, sp, fusion
@@ -208,6 +215,8 @@ class RowDispatch:
                     self.sources.setdefault(size.node.expr, (i, dim))
 
     def use_sp(self, args: tuple) -> bool:
+        import sympy  # here: `import fxsp` should not import it
+
         values = {sym: sympy.Integer(args[i] if dim is None else args[i].shape[dim])
                   for sym, (i, dim) in self.sources.items()}
         for rows, need in self.thresholds:

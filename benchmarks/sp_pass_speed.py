@@ -22,7 +22,8 @@
 
 Times are CPU seconds of this process (`time.process_time`; the machine is shared, and CPU time
 moves less with load than wall time), median of 5 runs, each on a fresh deep copy of the graph
-(the copy is not timed); the engines take turns run by run, so drifting load hits both. "Same
+(the copy, and a garbage collection after it, are not timed); the engines take turns run by
+run, so drifting load hits both. "Same
 result": equal match counts and the same collectives left (reduce-scatters, all-gathers, no
 all-reduce). A fake process group of 2 ranks; small tensors, since the graph is measured, not
 the math. `--profile` prints where the pipeline's time goes at the largest layer count.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import gc
 import importlib.util
 import json
 import pstats
@@ -151,6 +153,9 @@ def timed_apply(original: GraphModule, engines: dict) -> dict:
     for _ in range(RUNS):
         for name, apply in engines.items():
             gm = copy.deepcopy(original)
+            # Collect now, untimed: otherwise a collection the copy (or the other engine) made
+            # due lands in this engine's time. Each still pays the collections it causes.
+            gc.collect()
             start = time.process_time()
             matches = apply(gm)
             times[name].append(time.process_time() - start)

@@ -94,7 +94,6 @@ def _inline_reference(graph: Graph, node: Node, reference: Callable, templates: 
     _replace(node, template.stamp(graph, node, tensors))
 
 
-
 class _Template:
     """`reference` traced with Inductor's decompositions on fake inputs like the node's."""
 

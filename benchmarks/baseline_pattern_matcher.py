@@ -42,6 +42,7 @@ batch in its model runner, this baseline has no padding.
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -171,6 +172,98 @@ def _settle_residual_slices(graph: Graph, rank: int) -> None:
         source, length = rows.args[0], rows.args[3]
         source_rows = source.meta["val"].shape[0]
         if source_rows == length:
+            rows.replace_all_uses_with(source)
+            graph.erase_node(rows)
+        else:
+            rows.args = (source, 0, rank * length, (rank + 1) * length)
+
+
+# ---------------------------------------------------------------------------------------------
+# On raw post-grad graphs: the decomposed norms and the functional all-reduce
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF/Llama's RMSNorm (fxsp.testing.tp_llama's "hf" spelling)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(dtype) * xf.to(dtype)
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.rms_norm` (fxsp.testing.tp_llama's "torch" spelling) as its decomposition spells it
+    in a post-grad graph: traced as it is, `fwd_only` records an in-place `add_` (it does not
+    functionalize) and the pattern would never match. eps is rounded to fp32 and added as a
+    Scalar, as there."""
+    xf = x.float()
+    eps32 = struct.unpack("f", struct.pack("f", eps))[0]
+    normed = xf * torch.rsqrt(aten.add.Scalar(xf.pow(2).mean(x.dim() - 1, keepdim=True), eps32))
+    return (normed * weight).to(x.dtype)
+
+
+NORMS = {"hf": hf_rms_norm, "torch": torch_rms_norm}
+
+
+class RawPatternMatcherSP(PatternMatcherSP):
+    """The same SP rewrite on the raw post-grad graph, where a norm is the decomposed spelling
+    the model wrote and an all-reduce is `wait_tensor(_c10d_functional.all_reduce(x, "sum", g))`:
+    what vLLM's pass would need without an IR, one registration per norm spelling, epsilon and
+    dtype for first / middle / last (12 per spelling, `norm` one of NORMS). No FP8 variants."""
+
+    def __init__(self, group: str, world: int, rank: int, norm: str = "hf", epsilons: tuple = EPSILONS,
+                 dtypes: tuple = DTYPES) -> None:
+        self.norm = NORMS[norm]
+        super().__init__(group, world, rank, epsilons, dtypes)
+
+    def apply(self, gm: GraphModule) -> int:
+        matches = self.patterns.apply(gm)
+        _settle_raw_residual_slices(gm.graph, self.rank)
+        return matches
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return c10d.wait_tensor(c10d.all_reduce(x, "sum", self.group))
+
+    def _register_all(self, eps: float, dtype: torch.dtype) -> None:
+        norm = self.norm
+        x, residual, weight = (torch.empty(8, 4, dtype=dtype), torch.empty(8, 4, dtype=dtype),
+                               torch.empty(4, dtype=dtype))
+
+        def first(x, weight):
+            reduced = self._all_reduce(x)
+            return norm(reduced, weight, eps), reduced
+
+        def first_sp(x, weight):
+            scattered = self._reduce_scatter(x)
+            return self._all_gather(norm(scattered, weight, eps)), scattered
+
+        def middle(residual, x, weight):
+            summed = self._all_reduce(x) + residual
+            return norm(summed, weight, eps), summed
+
+        def middle_sp(residual, x, weight):
+            scattered = self._reduce_scatter(x)
+            # Full size until the norm before this one is replaced too (see the docstring).
+            summed = scattered + residual[0:scattered.size(0)]
+            return self._all_gather(norm(summed, weight, eps)), summed
+
+        self._register(first, first_sp, [x, weight])
+        self._register(middle, middle_sp, [residual, x, weight])
+        self._register(_first_output(middle), _first_output(middle_sp), [residual, x, weight])
+
+
+def _settle_raw_residual_slices(graph: Graph, rank: int) -> None:
+    """`_settle_residual_slices` for the raw graph: the slice is the second operand of the add
+    of a reduce-scatter's result and the residual."""
+    for add in graph.find_nodes(op="call_function", target=aten.add.Tensor):
+        scattered, rows = add.args[:2]
+        if not (isinstance(scattered, torch.fx.Node) and scattered.target is c10d.wait_tensor.default
+                and scattered.args[0].target is c10d.reduce_scatter_tensor.default
+                and isinstance(rows, torch.fx.Node) and rows.target is aten.slice.Tensor
+                and rows.args[1:3] == (0, 0)):
+            continue
+        source, length = rows.args[0], rows.args[3]
+        if source.meta["val"].shape[0] == length:
             rows.replace_all_uses_with(source)
             graph.erase_node(rows)
         else:

@@ -1,30 +1,32 @@
-"""SP pass speed: fxsp's SP rules against the same rewrite on Inductor's pattern matcher.
+"""SP pass speed: fxsp against the same rewrite on Inductor's pattern matcher (vLLM-style).
 
-    .venv/bin/python benchmarks/sp_pass_speed.py [--profile]
+    .venv/bin/python benchmarks/sp_pass_speed.py [--profile] [--layers 4 16 32 80]
 
-The baseline (benchmarks/baseline_pattern_matcher.py) is the SP rewrite as vLLM writes it:
-`register_replacement(..., fwd_only, ...)` per variant, epsilon and dtype. Both engines get the
-same graphs, synthetic Llama-style post-grad graphs on fxsp's IR (benchmarks/ir_llama.py) of 4,
-16, 32, 80 and 128 layers: the level vLLM's patterns and fxsp's SP rules each match on (see the
-baseline's docstring for why that is the fair comparison). A fake process group of 2 ranks;
-small tensors, since the graph is measured, not the math.
+1. What the user pays: fxsp's whole pipeline (`fxsp.pipeline.run_pipeline`: raise, SP rules,
+   clean-up, lowering) on raw post-grad graphs, the ones Inductor hands its post-grad passes
+   (benchmarks/post_grad_llama.py: fxsp.testing.tp_llama's TPLlama, bf16, functional
+   all-reduce), once with the HF norm spelling and once with `F.rms_norm`. The baseline is
+   `RawPatternMatcherSP` (benchmarks/baseline_pattern_matcher.py): SP as vLLM writes it,
+   `register_replacement(..., fwd_only, ...)` for first / middle / last norm per epsilon and
+   dtype, 12 registrations per spelling, matching the decomposed norm and the functional
+   all-reduce, plus its residual-slice clean-up. Goal (issue 13): >= 20x at 80 layers, fxsp's
+   time linear in layers.
+2. Registration, in a fresh process each time (median of 5 processes per engine): the rule
+   module's body (bytecode compiled beforehand, as Python's cache has it; dependencies imported)
+   plus building the rule set. fxsp: fxsp/patterns/sp.py and `sp_rules(config)`. Baseline: its
+   module and `PatternMatcherSP(...)`, which traces and registers 24 patterns; one throw-away
+   trace runs first, so Inductor's lazy imports are not counted against it.
+3. The SP rules alone, on graphs already raised to fxsp's IR (benchmarks/ir_llama.py), against
+   `PatternMatcherSP` on the same IR graphs: the matching engines alone, without raising or
+   lowering (issue 7's figure).
 
-Measured, in one process unless said otherwise:
-- registration: in a fresh process each time (median of 5 processes per engine), the rule
-  module's body (bytecode compiled beforehand, as Python's cache has it; dependencies imported)
-  plus building the rule set. fxsp: fxsp/patterns/sp.py, whose patterns are module-level data,
-  and `sp_rules(config)`. Baseline: its module and `PatternMatcherSP(...)`, which traces and
-  registers 24 patterns; one throw-away trace runs first, so Inductor's lazy imports are not
-  counted against it.
-- apply: median of 5 runs, each on a fresh deep copy of the graph (the copy is not timed); the
-  two engines take turns run by run, so drifting machine load hits both.
-  fxsp: `sp_rules(config).apply(graph)` plus its dead-code removal (the gathers its rewrites
-  leave unused); baseline: `PatternMatcherPass.apply` plus its residual-slice clean-up.
-- matches, and whether both leave the same collectives (reduce-scatters, all-gathers, no
-  all-reduce): a check that they did the same rewrite.
-
-Goals (issue 7): registration >= 100x faster, apply >= 5x faster at 80 layers, fxsp's apply time
-linear in layers. `--profile` prints where fxsp's apply time goes at 80 layers.
+Times are CPU seconds of this process (`time.process_time`; the machine is shared, and CPU time
+moves less with load than wall time), median of 5 runs, each on a fresh deep copy of the graph
+(the copy, and a garbage collection after it, are not timed); the engines take turns run by
+run, so drifting load hits both. "Same
+result": equal match counts and the same collectives left (reduce-scatters, all-gathers, no
+all-reduce). A fake process group of 2 ranks; small tensors, since the graph is measured, not
+the math. `--profile` prints where the pipeline's time goes at the largest layer count.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import gc
 import importlib.util
 import json
 import pstats
@@ -41,7 +44,6 @@ import sys
 import time
 import types
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -53,10 +55,14 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` from a script
 
 from benchmarks.ir_llama import GROUP, trace_ir_llama
 from benchmarks.plotting import save_plot
+from benchmarks.post_grad_llama import post_grad_graph
 from fxsp.cleanup import remove_dead_code
 from fxsp.patterns.sp import SPConfig, sp_rules
+from fxsp.pipeline import run_pipeline
 
 LAYER_COUNTS = (4, 16, 32, 80, 128)
+RAW_LAYER_COUNTS = (4, 16, 32, 80)
+SPELLINGS = ("hf", "torch")
 RUNS = 5
 REGISTRATION_PROCESSES = 5
 WORLD, RANK = 2, 0
@@ -65,7 +71,8 @@ CONFIG = SPConfig(group=GROUP, world=WORLD, rank=RANK, min_tokens=0)
 c10d = torch.ops._c10d_functional
 COLLECTIVES = {"reduce_scatter": c10d.reduce_scatter_tensor.default,
                "all_gather": c10d.all_gather_into_tensor.default,
-               "all_reduce": torch.ops.fxsp.all_reduce.default}
+               "all_reduce": torch.ops.fxsp.all_reduce.default,
+               "c10d_all_reduce": c10d.all_reduce.default}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,79 +139,91 @@ def apply_fxsp(gm: GraphModule) -> int:
     return sum(report.counts.values())
 
 
+def run_fxsp_pipeline(gm: GraphModule) -> int:
+    """The whole pipeline, as fxsp's backend runs it; returns the SP matches."""
+    report = run_pipeline(gm.graph, CONFIG)
+    return sum(report.counts.get(f"sp.{r}", 0) for r in ("first", "middle", "last"))
+
+
 def timed_apply(original: GraphModule, engines: dict) -> dict:
-    """Per engine: (matches, median seconds, collectives left) of applying it to fresh copies
-    of `original`. The engines take turns run by run, so a change in machine load hits all."""
+    """Per engine: (matches, median CPU seconds, collectives left) of applying it to fresh
+    copies of `original`. The engines take turns run by run, so a change in load hits all."""
     times: dict = {name: [] for name in engines}
     found: dict = {}
     for _ in range(RUNS):
         for name, apply in engines.items():
             gm = copy.deepcopy(original)
-            start = time.perf_counter()
+            # Collect now, untimed: otherwise a collection the copy (or the other engine) made
+            # due lands in this engine's time. Each still pays the collections it causes.
+            gc.collect()
+            start = time.process_time()
             matches = apply(gm)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
             collectives = {kind: len(gm.graph.find_nodes(op="call_function", target=t))
                            for kind, t in COLLECTIVES.items()}
             found[name] = (matches, collectives)
     return {name: (found[name][0], statistics.median(times[name]), found[name][1]) for name in engines}
 
 
-def profile_fxsp(layers: int = 80, top: int = 12) -> None:
-    """Where fxsp's apply time goes: the share spent computing fake values for new nodes
-    (fxsp/builder.py → fxsp/fake.py), per op, then cProfile's top entries."""
-    import fxsp.builder
-
-    original = trace_ir_llama(layers)
-    fake_value = fxsp.builder.fake_value
-    per_target: dict = defaultdict(lambda: [0, 0.0])
-
-    def timed_fake_value(target, args, kwargs):
-        start = time.perf_counter()
-        try:
-            return fake_value(target, args, kwargs)
-        finally:
-            per_target[getattr(target, "__name__", str(target))][0] += 1
-            per_target[getattr(target, "__name__", str(target))][1] += time.perf_counter() - start
-
-    fxsp.builder.fake_value = timed_fake_value  # instruments this process only
-    try:
-        start = time.perf_counter()
-        apply_fxsp(copy.deepcopy(original))
-        total = time.perf_counter() - start
-    finally:
-        fxsp.builder.fake_value = fake_value
-    fake_total = sum(seconds for _, seconds in per_target.values())
-    print(f"\nfxsp apply at {layers} layers: {total * 1e3:.0f} ms, of which fake-value propagation for "
-          f"new nodes {fake_total * 1e3:.0f} ms ({fake_total / total:.0%}):")
-    for name, (calls, seconds) in sorted(per_target.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {name:<40} {calls:>5} nodes {seconds * 1e3:>8.1f} ms  {seconds / calls * 1e3:.2f} ms each")
-
+def profile_fxsp(original: GraphModule, top: int = 25) -> None:
+    """Where the whole pipeline's time goes on `original`: cProfile's top entries."""
     profiler = cProfile.Profile()
     gm = copy.deepcopy(original)
     profiler.enable()
-    apply_fxsp(gm)
+    run_fxsp_pipeline(gm)
     profiler.disable()
-    print(f"\ncProfile of the same, top {top} by cumulative time:")
+    print(f"\ncProfile of the whole pipeline, top {top} by cumulative time:")
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
+
+
+def raw_pipeline_table(layer_counts: tuple) -> dict:
+    """Section 1: the whole pipeline against RawPatternMatcherSP, per spelling and layer count."""
+    from benchmarks.baseline_pattern_matcher import RawPatternMatcherSP
+
+    print("1. whole pipeline (raise, SP, clean-up, lower) on raw post-grad graphs, CPU ms, median of "
+          f"{RUNS}")
+    header = ("norm", "layers", "nodes", "matches", "fxsp ms", "matcher ms", "speed-up", "fxsp ms/layer",
+              "same result")
+    print("{:>5} {:>6} {:>6} {:>11} {:>8} {:>10} {:>8} {:>13} {:>11}".format(*header))
+    results: dict = {}
+    for norm in SPELLINGS:
+        baseline = RawPatternMatcherSP(GROUP, WORLD, RANK, norm=norm)
+        for layers in layer_counts:
+            graph = post_grad_graph(layers, norm)
+            timed = timed_apply(graph, {"fxsp": run_fxsp_pipeline, "baseline": baseline.apply})
+            (fxsp_matches, fxsp_s, fxsp_left), (baseline_matches, baseline_s, baseline_left) = \
+                timed["fxsp"], timed["baseline"]
+            expected = 2 * layers + 1  # first + (2 * layers - 1) middle + last
+            same = fxsp_matches == baseline_matches == expected and fxsp_left == baseline_left \
+                and fxsp_left["c10d_all_reduce"] == 0
+            results[norm, layers] = {"fxsp": fxsp_s, "baseline": baseline_s, "graph": graph}
+            print(f"{norm:>5} {layers:>6} {len(graph.graph.nodes):>6} {fxsp_matches:>5}/{baseline_matches:<5} "
+                  f"{fxsp_s * 1e3:>8.1f} {baseline_s * 1e3:>10.1f} {baseline_s / fxsp_s:>7.1f}x "
+                  f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}", flush=True)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def plot(results: dict, fxsp_registration: float, baseline_registration: float) -> None:
-    layers = list(results)
-
+def plot(raw: dict, ir: dict, fxsp_registration: float, baseline_registration: float) -> None:
     def draw(axes) -> None:
         apply_ax, registration_ax = axes
-        apply_ax.plot(layers, [results[n]["fxsp"] * 1e3 for n in layers], "o-", label="fxsp rules")
-        apply_ax.plot(layers, [results[n]["baseline"] * 1e3 for n in layers], "s-",
-                      label="Inductor pattern matcher (vLLM-style)")
+        for i, norm in enumerate(SPELLINGS):
+            layers = sorted(n for (spelling, n) in raw if spelling == norm)
+            apply_ax.plot(layers, [raw[norm, n]["fxsp"] * 1e3 for n in layers], "o-", color=f"C{2 * i}",
+                          label=f"fxsp whole pipeline ({norm} norms)")
+            apply_ax.plot(layers, [raw[norm, n]["baseline"] * 1e3 for n in layers], "s--", color=f"C{2 * i + 1}",
+                          label=f"pattern matcher ({norm} norms)")
+        layers = sorted(ir)
+        apply_ax.plot(layers, [ir[n]["fxsp"] * 1e3 for n in layers], "^:", color="gray",
+                      label="fxsp SP rules alone (IR graph)")
         # log-log: a linear-time pass is a line of slope 1
-        apply_ax.set(xlabel="Llama layers", ylabel="apply time, ms (median of 5)", xscale="log",
-                     yscale="log", title="SP pass: apply")
+        apply_ax.set(xlabel="Llama layers", ylabel=f"CPU ms (median of {RUNS})", xscale="log",
+                     yscale="log", title="SP on raw post-grad graphs")
         apply_ax.set_xticks(layers, [str(n) for n in layers])
         apply_ax.grid(True, which="both", alpha=0.3)
-        apply_ax.legend()
+        apply_ax.legend(fontsize="small")
         bars = registration_ax.bar(["fxsp", "pattern matcher"],
                                    [fxsp_registration * 1e3, baseline_registration * 1e3],
                                    color=["C0", "C1"])
@@ -215,31 +234,12 @@ def plot(results: dict, fxsp_registration: float, baseline_registration: float) 
     save_plot("sp_pass_speed", draw, panels=2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--registration", choices=("fxsp", "baseline"), help=argparse.SUPPRESS)
-    parser.add_argument("--profile", action="store_true", help="profile fxsp's apply at 80 layers")
-    args = parser.parse_args()
-    if args.registration:  # the child process of `registration`
-        print(json.dumps(register_fxsp() if args.registration == "fxsp" else register_baseline()))
-        return
-
-    # deepcopy of a GraphModule warns about a pytree deprecation inside torch: noise here.
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=RANK, world_size=WORLD)
+def ir_rules_table() -> dict:
+    """Section 3: the SP rules alone on IR graphs against PatternMatcherSP on the same graphs."""
     from benchmarks.baseline_pattern_matcher import PatternMatcherSP
 
-    fxsp_reg, baseline_reg = registration("fxsp"), registration("baseline")
-    print(f"registration (fresh process, median of {REGISTRATION_PROCESSES}): "
-          f"fxsp {fxsp_reg['seconds'] * 1e3:.2f} ms for {fxsp_reg['rules']} rules "
-          f"(module body, then sp_rules() {fxsp_reg['build_seconds'] * 1e3:.3f} ms); "
-          f"pattern matcher {baseline_reg['seconds'] * 1e3:.0f} ms for {baseline_reg['rules']} "
-          f"register_replacement calls ({baseline_reg['distinct']} distinct patterns); "
-          f"{baseline_reg['seconds'] / fxsp_reg['seconds']:.0f}x\n")
-
     baseline = PatternMatcherSP(GROUP, WORLD, RANK)
+    print(f"3. SP rules alone (no raising, no lowering) on IR graphs, CPU ms, median of {RUNS}")
     header = ("layers", "nodes", "matches", "fxsp ms", "matcher ms", "speed-up", "fxsp ms/layer",
               "same result")
     print("{:>6} {:>6} {:>11} {:>8} {:>10} {:>8} {:>13} {:>11}".format(*header))
@@ -254,23 +254,51 @@ def main() -> None:
         results[layers] = {"fxsp": fxsp_s, "baseline": baseline_s}
         print(f"{layers:>6} {len(graph.graph.nodes):>6} {fxsp_matches:>5}/{baseline_matches:<5} "
               f"{fxsp_s * 1e3:>8.1f} {baseline_s * 1e3:>10.1f} {baseline_s / fxsp_s:>7.1f}x "
-              f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}")
+              f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}", flush=True)
+    return results
 
-    first, last = LAYER_COUNTS[0], LAYER_COUNTS[-1]
-    growth = results[last]["fxsp"] / results[first]["fxsp"]
-    per_layer = [results[n]["fxsp"] / n * 1e3 for n in LAYER_COUNTS]
-    print(f"\nfxsp linearity: t({last})/t({first}) = {growth:.1f} (linear: {last / first:.0f}); "
-          f"t(128)/t(16) = {results[128]['fxsp'] / results[16]['fxsp']:.2f} (linear: 8); "
-          f"ms/layer {min(per_layer):.2f} to {max(per_layer):.2f}")
-    registration_speedup = baseline_reg["seconds"] / fxsp_reg["seconds"]
-    apply_speedup = results[80]["baseline"] / results[80]["fxsp"]
-    plot(results, fxsp_reg["seconds"], baseline_reg["seconds"])
-    print(f"\nsummary: registration {registration_speedup:.0f}x faster (goal >= 100x: "
-          f"{'met' if registration_speedup >= 100 else 'MISSED'}); apply at 80 layers "
-          f"{apply_speedup:.1f}x faster (goal >= 5x: {'met' if apply_speedup >= 5 else 'MISSED'}); "
-          f"fxsp t(128)/t(16) = {results[128]['fxsp'] / results[16]['fxsp']:.2f} (linear: 8)")
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--registration", choices=("fxsp", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the whole pipeline at the largest layer count")
+    parser.add_argument("--layers", type=int, nargs="+", default=list(RAW_LAYER_COUNTS),
+                        help="layer counts of the raw post-grad graphs")
+    args = parser.parse_args()
+    if args.registration:  # the child process of `registration`
+        print(json.dumps(register_fxsp() if args.registration == "fxsp" else register_baseline()))
+        return
+
+    # deepcopy of a GraphModule warns about a pytree deprecation inside torch: noise here.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=RANK, world_size=WORLD)
+    raw = raw_pipeline_table(tuple(args.layers))
+    few, most = min(args.layers), max(args.layers)
+    print()
+    for norm in SPELLINGS:
+        per_layer = [raw[norm, n]["fxsp"] / n * 1e3 for n in args.layers]
+        print(f"{norm}: fxsp t({most})/t({few}) = {raw[norm, most]['fxsp'] / raw[norm, few]['fxsp']:.1f} "
+              f"(linear: {most / few:.0f}); ms/layer {min(per_layer):.2f} to {max(per_layer):.2f}; "
+              f"speed-up at {most} layers {raw[norm, most]['baseline'] / raw[norm, most]['fxsp']:.1f}x "
+              "(goal >= 20x)")
+
+    fxsp_reg, baseline_reg = registration("fxsp"), registration("baseline")
+    print(f"\n2. registration (fresh process, median of {REGISTRATION_PROCESSES}): "
+          f"fxsp {fxsp_reg['seconds'] * 1e3:.2f} ms for {fxsp_reg['rules']} rules "
+          f"(module body, then sp_rules() {fxsp_reg['build_seconds'] * 1e3:.3f} ms); "
+          f"pattern matcher {baseline_reg['seconds'] * 1e3:.0f} ms for {baseline_reg['rules']} "
+          f"register_replacement calls ({baseline_reg['distinct']} distinct patterns); "
+          f"{baseline_reg['seconds'] / fxsp_reg['seconds']:.0f}x\n")
+
+    ir = ir_rules_table()
+    print(f"SP rules alone: t(128)/t(16) = {ir[128]['fxsp'] / ir[16]['fxsp']:.2f} (linear: 8); "
+          f"speed-up at 80 layers {ir[80]['baseline'] / ir[80]['fxsp']:.1f}x")
+    plot(raw, ir, fxsp_reg["seconds"], baseline_reg["seconds"])
     if args.profile:
-        profile_fxsp()
+        profile_fxsp(raw["hf", most]["graph"])
     dist.destroy_process_group()
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .cache import cache_key, load_reports, report_key, save_reports, source_digest
 from .patterns.allreduce_norm import AllReduceNormConfig
@@ -159,6 +158,7 @@ class Backend:
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> tuple:
         """(the compiled callable, the reports of the graphs compiled for it now), cache hit or not."""
+        _register_pass()
         graph_pass = FxspPass(self, sp, self.fusion_config())
         if self.options.inner == "eager":  # no Inductor, no cache: the pass always runs
             compiled = _compile_eager(gm, example_inputs, graph_pass)
@@ -267,10 +267,18 @@ class Backend:
         return self._fusion[0]
 
 
-class FxspPass(CustomGraphPass):
-    """fxsp's pipeline as an Inductor post-grad pass. Its uuid covers fxsp's source, the options
-    and the TP group *and rank*: the rewritten graph holds rank-specific slice offsets, while
-    Inductor's cache key is otherwise the same on every rank.
+def _register_pass() -> None:
+    """Make FxspPass an Inductor CustomGraphPass (what Inductor's cache key asks for), here
+    rather than at import: importing Inductor takes a second that `import fxsp` should not."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    CustomGraphPass.register(FxspPass)
+
+
+class FxspPass:
+    """fxsp's pipeline as an Inductor post-grad pass (a CustomGraphPass: `_register_pass`). Its
+    uuid covers fxsp's source, the options and the TP group *and rank*: the rewritten graph holds
+    rank-specific slice offsets, while Inductor's cache key is otherwise the same on every rank.
 
     With a `key`, the reports of the graphs it rewrites are also saved as JSON in Inductor's
     cache dir, for the processes that will reuse those compiled graphs without running it:

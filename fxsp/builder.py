@@ -6,9 +6,8 @@ import operator
 from typing import Any
 
 from torch.fx import Graph, Node
-from torch.utils._pytree import tree_flatten
 
-from .fake import fake_value
+from .fake import fake_value, map_nested
 
 
 class Builder:
@@ -20,7 +19,8 @@ class Builder:
         self.created: set[Node] = set()
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> Node:
-        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Node)]
+        inputs: list[Node] = []
+        map_nested((args, kwargs), Node, inputs.append)
         anchor = max(inputs) if inputs else None
         # Never before a placeholder: FX and Inductor expect every graph input first. An input
         # that is not a placeholder already comes after all of them.

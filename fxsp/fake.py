@@ -10,7 +10,6 @@ from torch._guards import detect_fake_mode
 from torch._prims_common import make_contiguous_strides_for
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Node
-from torch.utils._pytree import tree_flatten, tree_map
 
 from .collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, WAIT
 
@@ -20,24 +19,36 @@ def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
 
     Returns None when an input has no value to go on (the graph was built without metadata).
     """
-    missing = False
+    missing = []
 
     def val(a: Any) -> Any:
-        nonlocal missing
-        if isinstance(a, Node):
-            if "val" not in a.meta:
-                missing = True
-            return a.meta.get("val")
-        return a
+        if "val" not in a.meta:
+            missing.append(a)
+        return a.meta.get("val")
 
-    vals = tree_map(val, (args, kwargs), is_leaf=lambda a: isinstance(a, Node))
+    vals = (map_nested(args, Node, val), map_nested(kwargs, Node, val))
     if missing:
         return None
     if target is operator.getitem:  # an element of a tuple value: nothing to run
         return operator.getitem(*vals[0])
     if target in _FRESH_RESULTS and _builds_directly(target, vals[0][0]):
         return _fresh_result(target, *vals[0], **vals[1])
-    tensors = [v for v in tree_flatten(vals)[0] if isinstance(v, torch.Tensor)]
+    tensors: list = []
+    map_nested(vals, torch.Tensor, tensors.append)
+    results = _results_seen(target, tensors)
+    key = _key(target, vals) if results is not None else None
+    if key is not None:
+        seen = results.get(key)
+        if seen is not None and seen is not _ALIASES:
+            return map_nested(seen, FakeTensor, fresh_like)
+        if seen is None:
+            value = _dispatch(target, vals, tensors)
+            results[key] = value if _owns_storage(value, tensors) else _ALIASES
+            return value
+    return _dispatch(target, vals, tensors)
+
+
+def _dispatch(target: Any, vals: tuple, tensors: list) -> Any:
     try:
         mode = detect_fake_mode(tensors)
     except AssertionError:
@@ -45,7 +56,7 @@ def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
         # them in one fresh mode. Graphs with symbolic shapes always share a single mode.
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
-            vals = tree_map(_empty_like, vals)
+            vals = map_nested(vals, torch.Tensor, _empty_like)
     with mode or FakeTensorMode(allow_non_fake_inputs=True):
         return target(*vals[0], **vals[1])
 
@@ -63,7 +74,97 @@ _FRESH_RESULTS = {
 def _fresh_result(target: Any, x: FakeTensor, *args: Any) -> FakeTensor:
     shape = (_FRESH_RESULTS[target](x, *args), *x.shape[1:])
     meta = torch.empty_strided(shape, make_contiguous_strides_for(shape), dtype=x.dtype, device="meta")
-    return x.fake_mode.fake_tensor_converter.from_meta_and_device(x.fake_mode, meta, x.device)
+    return FakeTensor(x.fake_mode, meta, x.device)
+
+
+# Results already computed, per fake mode: (target, inputs' metadata) -> a result whose
+# metadata a new node with the same target and inputs' metadata shares. A node gets a fresh fake
+# tensor built from it (about 5x cheaper than a dispatch), never the same object: two nodes must
+# not look like views of one storage to Inductor's alias analysis. Results that alias an input
+# (views) are dispatched every time, and so are ops that mutate or whose result has a size that
+# depends on data (unbacked symbols).
+# The cache lives on the mode (an attribute), so it goes when the mode does.
+_ALIASES = object()  # the key's result is a view of an input: always dispatched
+
+
+def _results_seen(target: Any, tensors: list) -> dict | None:
+    """The result cache of the inputs' fake mode, or None when `target`'s results are not cached."""
+    if not (isinstance(target, torch._ops.OpOverload) and tensors
+            and isinstance(tensors[0], FakeTensor)) or target._schema.is_mutable:
+        return None
+    mode = tensors[0].fake_mode
+    if any(not isinstance(t, FakeTensor) or t.fake_mode is not mode for t in tensors):
+        return None
+    results = getattr(mode, "_fxsp_results", None)
+    if results is None:
+        results = mode._fxsp_results = {}
+    return results
+
+
+def _key(target: Any, vals: Any) -> tuple | None:
+    """What a result's metadata can depend on: the target, every tensor's metadata, every other
+    argument's value and type (1, 1.0 and True differ). None when an argument has no such key."""
+    try:
+        return (target, _describe(vals))
+    except TypeError:  # an unhashable argument: no key
+        return None
+
+
+def _describe(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (_sizes(a.shape), _sizes(a.stride()), _sizes((a.storage_offset(),)), a.dtype,
+                a.device, a.requires_grad)
+    if isinstance(a, (tuple, list)):
+        return (type(a), *map(_describe, a))
+    if isinstance(a, dict):
+        return (dict, *((k, _describe(v)) for k, v in a.items()))
+    if isinstance(a, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return (type(a), a.node.expr)
+    hash(a)
+    return (type(a), a)
+
+
+def _sizes(sizes: Any) -> tuple:
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in sizes)
+
+
+def _owns_storage(value: Any, inputs: list) -> bool:
+    """`value` is a tensor or a tuple of tensors, each with storage of its own (no view of an
+    input or of another output), and no size that depends on data."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    outputs = list(value) if isinstance(value, (tuple, list)) else [value]
+    if not outputs or not all(isinstance(o, FakeTensor) for o in outputs):
+        return False
+    storages = [t.untyped_storage()._cdata for t in inputs]
+    for o in outputs:
+        storage = o.untyped_storage()._cdata
+        if storage in storages or free_unbacked_symbols(o) or o.storage_offset() != 0:
+            return False
+        storages.append(storage)
+    return True
+
+
+def fresh_like(val: Any) -> Any:
+    """A new fake tensor with `val`'s shape, strides, dtype and device, and a storage of its own
+    (anything but a fake tensor comes back as it is)."""
+    if not isinstance(val, FakeTensor):
+        return val
+    meta = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
+    return FakeTensor(val.fake_mode, meta, val.device)  # a fresh meta tensor: no memo to consult
+
+
+def map_nested(value: Any, kind: type, fn: Any) -> Any:
+    """`value` with `fn(x)` in place of each `x` of type `kind` inside tuples, lists and dicts
+    (what node arguments nest in): a small, fast `tree_map` for node arguments."""
+    if isinstance(value, kind):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        items = [map_nested(v, kind, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuple
+    if isinstance(value, dict):
+        return {k: map_nested(v, kind, fn) for k, v in value.items()}
+    return value
 
 
 def _builds_directly(target: Any, x: Any) -> bool:

@@ -27,6 +27,7 @@ def golden(target: Graph | GraphModule, shapes: bool = True) -> str:
     graph = target.graph if isinstance(target, GraphModule) else target
     ids: dict[Node, str] = {}
     groups: dict[str, str] = {}
+    heads: dict = {}  # (op, target) -> (printed name, schema argument names): once per target
     lines = []
     for node in graph.nodes:
         if node.op == "output":
@@ -38,7 +39,7 @@ def golden(target: Graph | GraphModule, shapes: bool = True) -> str:
         elif node.op == "get_attr":
             call = f"attr({node.target!r})"
         else:
-            call = _call(node, ids, groups)
+            call = _call(node, ids, groups, heads)
         line = f"{ids[node]} = {call}"
         if shapes and "val" in node.meta:
             line += f"  : {_value_type(node.meta['val'])}"
@@ -46,14 +47,22 @@ def golden(target: Graph | GraphModule, shapes: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _call(node: Node, ids: dict, groups: dict) -> str:
-    schema = getattr(node.target, "_schema", None)
-    names = [a.name for a in schema.arguments] if schema is not None else []
+def _call(node: Node, ids: dict, groups: dict, heads: dict) -> str:
+    head = heads.get((node.op, node.target))
+    if head is None:
+        head = heads[node.op, node.target] = _head(node)
+    name, names = head
     args = [_arg(a, ids, groups, names[i] if i < len(names) else "") for i, a in enumerate(node.args)]
     args += [f"{k}={_arg(v, ids, groups, k)}" for k, v in sorted(node.kwargs.items())
              if k not in _HIDDEN_KWARGS]
-    name = target_name(node.target) if node.op == "call_function" else f"{node.op}.{node.target}"
     return f"{name}({', '.join(args)})"
+
+
+def _head(node: Node) -> tuple[str, list[str]]:
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    name = target_name(node.target) if node.op == "call_function" else f"{node.op}.{node.target}"
+    return name, names
 
 
 def _arg(value: Any, ids: dict, groups: dict, arg_name: str) -> str:

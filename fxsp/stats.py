@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
-from .collectives import COMMUNICATING, kind
+from .collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, COMMUNICATING, WAIT, kind
 from .ir.fused_ops import FUSED_IR_OPS
 from .ir.ops import ALL_REDUCE, FUSED_ADD_RMS_NORM, RMS_NORM
 
@@ -120,11 +120,11 @@ def async_tp_sites(graph: Graph) -> AsyncTPSites:
         name = getattr(node.target, "__name__", "")
         if _is_symm_mem(node.target) and name.startswith(_FUSED_ALL_GATHER + _FUSED_REDUCE_SCATTER):
             out.fused += 1
-        elif node.target is c10d.all_gather_into_tensor.default:
+        elif node.target is C10D_ALL_GATHER:
             why = _all_gather_blocker(node)
             if why is not None:
                 out.blocked.append(why)
-        elif node.target is c10d.reduce_scatter_tensor.default:
+        elif node.target is C10D_REDUCE_SCATTER:
             why = _reduce_scatter_blocker(node)
             if why is not None:
                 out.blocked.append(why)
@@ -139,7 +139,7 @@ def _is_symm_mem(target) -> bool:
 def _all_gather_blocker(gather) -> str | None:
     """Why an all-gather that reaches a matmul's lhs through plumbing is not fused; None when
     no matmul consumes it (nothing to fuse)."""
-    waits = [u for u in gather.users if u.target is c10d.wait_tensor.default]
+    waits = [u for u in gather.users if u.target is WAIT]
     for wait in waits:
         # (value, first node between the gather and a matmul, or None while directly after)
         stack = [(wait, None)]

@@ -8,6 +8,7 @@ slice got wrong on rank 1).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.baseline_pattern_matcher import PatternMatcherSP
@@ -46,3 +47,32 @@ def test_baseline_equals_eager_on_gloo():
             assert matches == 2 * LAYERS + (0 if prompt_embeds else 1), where
             assert scatters == matches, where
             assert error < 1e-5, f"{where}: max error {error}"
+
+
+@pytest.mark.parametrize("norm", ["hf", "torch"])
+def test_raw_baseline_rewrites_every_norm_like_fxsp(fake_pg, norm):
+    """On raw post-grad graphs (the baseline of the whole-pipeline figure) the pattern matcher
+    finds every norm of either spelling and leaves the collectives fxsp's pipeline leaves."""
+    import copy
+
+    import torch.distributed as dist
+
+    from benchmarks.baseline_pattern_matcher import RawPatternMatcherSP
+    from benchmarks.post_grad_llama import post_grad_graph
+    from fxsp.patterns.sp import SPConfig
+    from fxsp.pipeline import run_pipeline
+
+    c10d = torch.ops._c10d_functional
+    group = dist.group.WORLD.group_name
+    gm = post_grad_graph(LAYERS, norm)
+    baseline, ours = copy.deepcopy(gm), copy.deepcopy(gm)
+    matches = RawPatternMatcherSP(group, fake_pg, 0, norm=norm).apply(baseline)
+    baseline.graph.lint()
+    run_pipeline(ours.graph, SPConfig(group=group, world=fake_pg, rank=0, min_tokens=0))
+
+    def collectives(g) -> list:
+        return [len(g.graph.find_nodes(op="call_function", target=t)) for t in
+                (c10d.reduce_scatter_tensor.default, c10d.all_gather_into_tensor.default, c10d.all_reduce.default)]
+
+    assert matches == 2 * LAYERS + 1
+    assert collectives(baseline) == collectives(ours) == [matches, matches, 0]

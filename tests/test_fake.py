@@ -1,4 +1,5 @@
-"""fake_value's direct construction of collective results agrees with a fake-mode dispatch."""
+"""fake_value's direct constructions (collective results, results repeated from an earlier node)
+agree with a fake-mode dispatch."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx import Graph
+from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+import fxsp.ir.ops  # noqa: F401 - defines torch.ops.fxsp
 from fxsp.fake import _FRESH_RESULTS, fake_value
 
 c10d = torch.ops._c10d_functional
@@ -55,3 +57,75 @@ def test_direct_results_match_the_dispatch(fake_pg, symbolic):
             assert isinstance(direct, FakeTensor) and direct.fake_mode is mode, where
             assert (direct.shape, direct.stride(), direct.dtype, direct.device) == (
                 dispatched.shape, dispatched.stride(), dispatched.dtype, dispatched.device), where
+
+
+def _placeholder(graph: Graph, name: str, val: torch.Tensor):
+    node = graph.placeholder(name)
+    node.meta["val"] = val
+    return node
+
+
+def _same_metadata(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
+
+
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_repeated_results_are_fresh_tensors_like_the_dispatch(symbolic):
+    """The second node with the same target and inputs' metadata gets a result built from the
+    first one's: equal to a dispatch, but a tensor (and storage) of its own."""
+    mode, inputs = _inputs(symbolic)
+    with mode:
+        weight = torch.empty(16, dtype=torch.bfloat16)
+    graph = Graph()
+    x, wide = _placeholder(graph, "x", inputs["contiguous"]), _placeholder(graph, "wide", inputs["bf16"])
+    w = _placeholder(graph, "w", weight)
+    cases = [(torch.ops.aten.mul.Tensor, (x, x)),
+             (torch.ops.aten.sum.dim_IntList, (x, [1], True)),
+             (torch.ops.prims.convert_element_type.default, (wide, torch.float32)),
+             (torch.ops.fxsp.fused_add_rms_norm.default, (wide, wide, w, 1e-6))]  # a tuple
+    for target, args in cases:
+        first, second = fake_value(target, args, {}), fake_value(target, args, {})
+        with mode:
+            dispatched = target(*[a.meta["val"] if isinstance(a, Node) else a for a in args])
+        results = [r if isinstance(r, tuple) else (r,) for r in (first, second, dispatched)]
+        for one, two, want in zip(*results, strict=True):
+            assert isinstance(two, FakeTensor) and two.fake_mode is mode, target
+            assert _same_metadata(two, want) and _same_metadata(one, want), target
+            assert two is not one and two.untyped_storage()._cdata != one.untyped_storage()._cdata, target
+
+
+def test_views_are_dispatched_every_time():
+    """A view shares its input's storage: never built from an earlier result."""
+    mode, inputs = _inputs(False)
+    graph = Graph()
+    x = _placeholder(graph, "x", inputs["contiguous"])
+    for _ in range(2):
+        view = fake_value(torch.ops.aten.view.default, (x, [8, 12]), {})
+        assert view.untyped_storage()._cdata == inputs["contiguous"].untyped_storage()._cdata
+        assert tuple(view.shape) == (8, 12)
+
+
+def test_lowering_stamps_one_trace_with_values_of_their_own():
+    """Norms alike in metadata are lowered from one traced template; every inlined node still
+    has a fake tensor of its own, like the template's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxsp.ir.lowering import lower_ir
+
+    ir = torch.ops.fxsp
+
+    def two_norms(x, y, w):
+        return ir.rms_norm(x, w, 1e-6) + ir.rms_norm(y, w, 1e-6)
+
+    gm = make_fx(two_norms, tracing_mode="fake")(torch.randn(4, 8), torch.randn(4, 8), torch.randn(8))
+    lower_ir(gm)
+    inlined = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not torch.ops.aten.add.Tensor]
+    assert len(inlined) % 2 == 0 and inlined, gm.graph
+    half = len(inlined) // 2
+    for one, two in zip(inlined[:half], inlined[half:], strict=True):
+        assert one.target is two.target
+        a, b = one.meta["val"], two.meta["val"]
+        assert _same_metadata(a, b) and a is not b
+        assert a.untyped_storage()._cdata != b.untyped_storage()._cdata
+    x, y, w = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8)
+    torch.testing.assert_close(gm(x, y, w), two_norms(x, y, w))

@@ -6,7 +6,9 @@
 Each norm / quant node becomes either a registered provider's kernel (`providers.choose`; the
 provider's op has the IR op's signature, so only the target changes) or, by default and always
 on CPU, the op's reference implementation from `ops.py` traced to ATen with the node's own fake
-inputs and inlined in its place. Traced with Inductor's decomposition table, the inlined nodes
+inputs and inlined in its place. A reference is traced once per (reference, inputs' metadata,
+other arguments) and graph, and that template stamped at every node that shares the key: an
+80-layer model traces its norms twice, not 161 times. Traced with Inductor's decomposition table, the inlined nodes
 are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
 (and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of
 its flavor (`fxsp/collectives.py`). IR ops defined in other modules (`fused_ops.py`) join through
@@ -21,13 +23,13 @@ from typing import Any
 
 import torch
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
 from ..builder import Builder
-from ..fake import tensor_of
+from ..fake import _key, fake_value, fresh_like, tensor_of
 from . import ops
 from ..collectives import all_reduce_sum
 from .providers import choose
@@ -55,15 +57,16 @@ def lower_ir(target: Graph | GraphModule,
     graph = target.graph if isinstance(target, GraphModule) else target
     counts: dict[str, int] = {}
     lowered = {*ops.IR_OPS, *REFERENCES}
+    templates: dict = {}
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in lowered]:
-        how = _lower(graph, node, providers)
+        how = _lower(graph, node, providers, templates)
         counts[how] = counts.get(how, 0) + 1
     if isinstance(target, GraphModule):
         target.recompile()
     return counts
 
 
-def _lower(graph: Graph, node: Node, providers: tuple[str, ...] | None) -> str:
+def _lower(graph: Graph, node: Node, providers: tuple[str, ...] | None, templates: dict) -> str:
     if node.target is ops.ALL_REDUCE:
         x, group, flavor = node.args
         _replace(node, all_reduce_sum(Builder(graph), x, group, flavor))
@@ -73,33 +76,80 @@ def _lower(graph: Graph, node: Node, providers: tuple[str, ...] | None) -> str:
     if provider is not None:
         node.target = provider.impls[node.target]
         return provider.name
-    _inline_reference(graph, node)
+    _inline_reference(graph, node, REFERENCES[node.target], templates)
     return "aten"
 
 
-def _inline_reference(graph: Graph, node: Node) -> None:
-    """Trace the op's reference on the node's fake inputs and splice the ATen nodes in."""
-    reference = REFERENCES[node.target]
+def _inline_reference(graph: Graph, node: Node, reference: Callable, templates: dict) -> None:
+    """Replace `node` by `reference(*node.args)` traced to ATen: the template of the same
+    reference, inputs' metadata and other arguments in `templates` (a dict kept for one graph),
+    else a new trace that becomes that template."""
     tensors = [a for a in node.args if isinstance(a, Node)]
+    key = _template_key(reference, node.args)
+    template = templates.get(key) if key is not None else None
+    if template is None:
+        template = _Template(reference, node.args, tensors)
+        if key is not None:
+            templates[key] = template
+    _replace(node, template.stamp(graph, node, tensors))
 
-    def call(*values: torch.Tensor) -> Any:
-        it = iter(values)
-        return reference(*[next(it) if isinstance(a, Node) else a for a in node.args])
 
-    from torch._inductor.decomposition import select_decomp_table  # heavy import, only here
+class _Template:
+    """`reference` traced with Inductor's decompositions on fake inputs like the node's."""
 
-    traced = make_fx(call, decomposition_table=select_decomp_table())(*_fake_inputs(tensors))
-    env = dict(zip(traced.graph.find_nodes(op="placeholder"), tensors, strict=True))
-    with graph.inserting_before(node):
-        for inner in traced.graph.nodes:
+    def __init__(self, reference: Callable, args: tuple, tensors: list[Node]) -> None:
+        def call(*values: torch.Tensor) -> Any:
+            it = iter(values)
+            return reference(*[next(it) if isinstance(a, Node) else a for a in args])
+
+        from torch._inductor.decomposition import select_decomp_table  # heavy import, only here
+
+        self.graph = make_fx(call, decomposition_table=select_decomp_table())(*_fake_inputs(tensors)).graph
+        self.inputs = self.graph.find_nodes(op="placeholder")
+        for inner in self.graph.nodes:
             assert inner.op in ("placeholder", "call_function", "output"), inner.format_node()
-            if inner.op == "call_function":
-                # The copy keeps the traced meta: "val", and the rounding barriers Inductor's
-                # emulate_precision_casts relies on.
-                env[inner] = graph.node_copy(inner, env.__getitem__)
-    result = tree_map(lambda n: env[n] if isinstance(n, torch.fx.Node) else n,
-                      traced.graph.output_node().args[0])
-    _replace(node, result)
+        # A node whose value has a storage of its own gets a fresh fake tensor like the
+        # template's at each stamp; a view (of an input, say) has its value computed again.
+        storages: set = set()
+        self.owns_storage: dict[Node, bool] = {}
+        for inner in self.graph.nodes:
+            val = inner.meta.get("val")
+            storage = val.untyped_storage()._cdata if isinstance(val, FakeTensor) else None
+            self.owns_storage[inner] = storage is not None and storage not in storages \
+                and val.storage_offset() == 0
+            storages.add(storage)
+
+    def stamp(self, graph: Graph, node: Node, tensors: list[Node]) -> Any:
+        """Copy the template's nodes in before `node`, its inputs bound to `tensors`; returns
+        what stands for the template's output (a node, or a tuple of them)."""
+        env = dict(zip(self.inputs, tensors, strict=True))
+        with graph.inserting_before(node):
+            for inner in self.graph.nodes:
+                if inner.op != "call_function":
+                    continue
+                # The copy keeps the traced meta (the rounding barriers Inductor's
+                # emulate_precision_casts relies on), with a value of its own.
+                stamped = env[inner] = graph.node_copy(inner, env.__getitem__)
+                if self.owns_storage[inner]:
+                    stamped.meta["val"] = fresh_like(inner.meta["val"])
+                elif "val" in inner.meta:
+                    stamped.meta["val"] = fake_value(stamped.target, stamped.args, stamped.kwargs)
+        return tree_map(lambda n: env[n] if isinstance(n, torch.fx.Node) else n,
+                        self.graph.output_node().args[0])
+
+
+def _template_key(reference: Callable, args: tuple) -> tuple | None:
+    """What a trace of `reference(*args)` depends on; None when an argument has no such key."""
+    described = []
+    for a in args:
+        if isinstance(a, Node):
+            val = a.meta.get("val")
+            if not isinstance(val, FakeTensor):
+                return None
+            described.append(val)
+        else:
+            described.append(a)
+    return _key(reference, tuple(described))
 
 
 def _fake_inputs(nodes: list[Node]) -> list[torch.Tensor]:

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
 from ..fake import same_shape, tensor_of
@@ -501,6 +500,8 @@ def _short(dt: torch.dtype) -> str:
 
 
 def _same_size(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true  # imports sympy: not at import
+
     return statically_known_true(a == b)
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
 from ..fake import same_shape, tensor_of
@@ -89,6 +88,8 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         rows = row_count(t)
         if isinstance(rows, int) and rows > limit:
             return f"{rows} rows > fusion limit {limit}"
+        from torch.fx.experimental.symbolic_shapes import statically_known_true  # sympy: not at import
+
         if not isinstance(rows, int) and not statically_known_true(rows <= limit):
             return f"symbolic rows may exceed the fusion limit {limit}"
         if "residual" in m.bindings and not same_shape(t, tensor_of(m["residual"])):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import sympy
 import torch
 
 
@@ -25,6 +24,8 @@ class RowDispatch:
                     self.sources.setdefault(size.node.expr, (i, dim))
 
     def use_sp(self, args: tuple) -> bool:
+        import sympy  # here: `import fxsp` should not import it
+
         values = {sym: sympy.Integer(args[i] if dim is None else args[i].shape[dim])
                   for sym, (i, dim) in self.sources.items()}
         for rows, need in self.thresholds:

@@ -80,8 +80,11 @@ def _ir_rms_norm(x: Tensor, weight: Tensor | None, epsilon: float,
 
 def _ir_fused_add_rms_norm(x: Tensor, x_residual: Tensor, weight: Tensor | None, epsilon: float,
                            variance_size: int | None = None) -> tuple[Tensor, Tensor]:
-    residual = x + x_residual
-    return _ir_rms_norm(residual, weight, epsilon, variance_size), residual
+    # vLLM's reference normalises the fp32 sum and returns the sum rounded to x's dtype.
+    total = x.float() + x_residual.float()
+    var = (total if variance_size is None else total[..., :variance_size]).pow(2).mean(-1, keepdim=True)
+    normed = (total * torch.rsqrt(var + epsilon)).to(x.dtype)
+    return normed if weight is None else normed * weight, total.to(x.dtype)
 
 
 def _all_reduce(tensor: Tensor, group_name: str) -> Tensor:

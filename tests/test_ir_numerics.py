@@ -276,3 +276,38 @@ def test_provider_serves_only_its_dtypes(test_provider):
     gm = capture(NORMS["hf"].build(1e-6), *make_inputs("xw", F32))
     raise_ir(gm)
     assert lower_ir(gm) == {"aten": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM's fused norm + FP8 quant (what its fuse_norm_quant pass leaves for fxsp)
+# ---------------------------------------------------------------------------------------------
+
+
+def vllm_c_norm_quant(x, w, scale):
+    out = torch.empty(x.shape, dtype=E4M3)
+    torch.ops._C.rms_norm_static_fp8_quant(out, x * 1, w, scale, 1e-6)
+    return out
+
+
+def vllm_c_fused_add_norm_quant(x, residual, w, scale):
+    x, residual = x * 1, residual * 1  # intermediates, as in a model
+    out = torch.empty(x.shape, dtype=E4M3)
+    torch.ops._C.fused_add_rms_norm_static_fp8_quant(out, x, residual, w, scale, 1e-6)
+    return out, residual
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fn", [vllm_c_norm_quant, vllm_c_fused_add_norm_quant], ids=lambda f: f.__name__)
+def test_vllm_fused_norm_quant_is_raised_and_keeps_its_values(fn, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, residual = (10 * torch.randn(8, 16, generator=g)).to(dtype), torch.randn(8, 16, generator=g).to(dtype)
+    w, scale = (1 + 0.1 * torch.randn(16, generator=g)).to(dtype), torch.tensor([0.004])
+    args = (x, residual, w, scale) if fn is vllm_c_fused_add_norm_quant else (x, w, scale)
+    original = capture(fn, *args)
+    lowered, fired = raise_and_lower(original)
+    rule = "raise.vllm_c_" + ("fused_add_" if len(args) == 4 else "") + "rms_norm_static_fp8_quant"
+    assert fired == {rule: 1}
+    for want, got in zip(original(*args), lowered(*args), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got.float(), want.float())
+    assert original(*args)[0].float().abs().max() == 448  # some values were clamped

@@ -6,6 +6,10 @@ numerics, so graphs traced here are spelled like graphs traced with vLLM:
 - `_C.rms_norm(Tensor! result, Tensor input, Tensor weight, float epsilon) -> ()`
 - `_C.fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()`
 - `_C.static_scaled_fp8_quant(Tensor! result, Tensor input, Tensor scale) -> ()`
+- `_C.rms_norm_static_fp8_quant(Tensor! result, Tensor input, Tensor weight, Tensor scale,
+  float epsilon)`, `_C.fused_add_rms_norm_static_fp8_quant(Tensor! result, Tensor input,
+  Tensor! residual, Tensor weight, Tensor scale, float epsilon)`: what vLLM's norm + quant
+  fusion produces
 - `vllm_ir.rms_norm(x, weight?, epsilon, variance_size=None)`,
   `vllm_ir.fused_add_rms_norm(x, x_residual, weight?, epsilon, variance_size=None)`
 - `vllm.all_reduce(tensor, group_name)`, `vllm.reduce_scatter(tensor, dim, world_size,
@@ -70,6 +74,20 @@ def _c_static_scaled_fp8_quant(result: Tensor, input: Tensor, scale: Tensor) -> 
     result.copy_((input.float() / scale.float()).clamp(-bound, bound).to(result.dtype))
 
 
+def _c_rms_norm_static_fp8_quant(result: Tensor, input: Tensor, weight: Tensor, scale: Tensor,
+                                 epsilon: float) -> None:
+    # vLLM's kernel: the norm as above, then x * (1 / scale), clamped to the fp8 range.
+    bound = torch.finfo(result.dtype).max
+    inverse = 1.0 / scale.float()
+    result.copy_((_norm(input, weight, epsilon).float() * inverse).clamp(-bound, bound).to(result.dtype))
+
+
+def _c_fused_add_rms_norm_static_fp8_quant(result: Tensor, input: Tensor, residual: Tensor,
+                                           weight: Tensor, scale: Tensor, epsilon: float) -> None:
+    residual.copy_(input + residual)
+    _c_rms_norm_static_fp8_quant(result, residual, weight, scale, epsilon)
+
+
 def _ir_rms_norm(x: Tensor, weight: Tensor | None, epsilon: float,
                  variance_size: int | None = None) -> Tensor:
     xf = x.float()
@@ -123,6 +141,11 @@ def register_vllm_standins() -> None:
             _c_fused_add_rms_norm, lambda input, residual, weight, epsilon: None)
     _define("_C", "static_scaled_fp8_quant(Tensor! result, Tensor input, Tensor scale) -> ()",
             _c_static_scaled_fp8_quant, lambda result, input, scale: None)
+    _define("_C", "rms_norm_static_fp8_quant(Tensor! result, Tensor input, Tensor weight, Tensor scale, "
+            "float epsilon) -> ()", _c_rms_norm_static_fp8_quant, lambda *args: None)
+    _define("_C", "fused_add_rms_norm_static_fp8_quant(Tensor! result, Tensor input, Tensor! residual, "
+            "Tensor weight, Tensor scale, float epsilon) -> ()", _c_fused_add_rms_norm_static_fp8_quant,
+            lambda *args: None)
     _define("vllm_ir", "rms_norm(Tensor x, Tensor? weight, float epsilon, SymInt? variance_size=None) -> Tensor",
             _ir_rms_norm)
     _define("vllm_ir", "fused_add_rms_norm(Tensor x, Tensor x_residual, Tensor? weight, float epsilon, "

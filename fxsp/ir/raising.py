@@ -15,8 +15,11 @@ concept whatever the model wrote.
                 → `fxsp.rms_norm` / `fxsp.fused_add_rms_norm`.
 3. add + norm   `rms_norm(x + residual)` → `fused_add_rms_norm(x, residual)`; the sum's other
                 users read the op's second output.
-4. fp8          `(x / scale).clamp(-M, M).to(fp8)` (or `x * scale.reciprocal()`), M the fp8
-                dtype's max, and vLLM's `_C.static_scaled_fp8_quant` → `fxsp.static_fp8_quant`.
+4. fp8          `(x / scale).clamp(-M, M).to(fp8)` (or `x * scale.reciprocal()`; x in fp32, or
+                bf16/fp16 promoted by an fp32 scale), M the fp8 dtype's max, and vLLM's
+                `_C.static_scaled_fp8_quant` → `fxsp.static_fp8_quant`. vLLM's fused
+                `_C.rms_norm_static_fp8_quant` / `_C.fused_add_rms_norm_static_fp8_quant` (its
+                `fuse_norm_quant` pass) are raised in pass 2, to a norm and a quant.
 
 Numerics. A raise never changes what a graph computes: each raised node records the spelling
 it came from (`ops.SPELLING`: the weight multiplied before or after the down-cast, x / scale or
@@ -280,6 +283,18 @@ def _vllm_rules(ops: dict) -> list[Rule]:
         rules.append(_rule("raise.vllm_ir_fused_add_rms_norm",
                            op(target, tensor("x", FLOATS), residual, anything("weight"), eps),
                            _vllm_ir_fused, where=_vllm_ir_ok))
+    # vLLM's RMSNorm + quant fusion (`fuse_norm_quant`) runs before fxsp's pass: its fused ops
+    # are raised back to a norm and a quant, which the FP8 SP rules match.
+    if (target := ops.get("_C.rms_norm_static_fp8_quant")) is not None:
+        rules.append(_rule("raise.vllm_c_rms_norm_static_fp8_quant",
+                           functionalized(target, {"result": "out"}, input=x, weight=w, scale=scale,
+                                          epsilon=eps),
+                           _c_norm_quant, where=_c_norm_quant_ok))
+    if (target := ops.get("_C.fused_add_rms_norm_static_fp8_quant")) is not None:
+        written = {"result": "out", "residual": "residual"}
+        rules.append(_rule("raise.vllm_c_fused_add_rms_norm_static_fp8_quant",
+                           functionalized(target, written, input=x, weight=w, scale=scale, epsilon=eps),
+                           _c_norm_quant, where=_c_norm_quant_ok))
     if (target := ops.get("_C.static_scaled_fp8_quant")) is not None:
         rules.append(_rule("raise.vllm_c_static_fp8_quant",
                            functionalized(target, {"result": "out"}, input=x, scale=scale),
@@ -337,6 +352,47 @@ def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
     fused = spelled(b.call(FUSED_ADD_RMS_NORM, x, residual, m["weight"], float(m["eps"])), HF)
     out = _as_dtype(b, b.call(operator.getitem, fused, 0), tensor_of(x).dtype)
     b.replace_items(m.root, {1: out, 2: b.call(operator.getitem, fused, 1)})
+
+
+def _c_norm_quant_ok(m: Match) -> bool | str:
+    """vLLM's fused (add +) RMSNorm + static FP8 quant: distinct whole buffers, e4m3fn (its fnuz
+    kernels clamp at 224), one scale, a per-feature weight."""
+    fused = _adds_residual(m)
+    written = _mutated(m, "out", "residual") if fused else _mutated(m, "out")
+    if written is None:
+        return "the written buffers are not distinct whole tensors"
+    x, out = tensor_of(m["x"]), tensor_of(written[0])
+    if out.dtype != torch.float8_e4m3fn:
+        return f"result buffer of dtype {out.dtype}: vLLM's fnuz kernels clamp at 224"
+    if x.dtype not in LOW + (F32,) or not same_shape(out, x):
+        return "result buffer and input differ in shape, or the input is not fp32/bf16/fp16"
+    if fused:
+        r = tensor_of(written[1])
+        if not same_shape(r, x) or r.dtype != x.dtype:
+            return "input and residual differ in shape or dtype"
+    if not _same_size(tensor_of(m["scale"]).numel(), 1):
+        return "the scale is not per-tensor"
+    return _all(lambda: _per_feature_weight(m["x"], m["weight"]),
+                lambda: _outputs_only(m, {1, 2} if fused else {1}))
+
+
+def _adds_residual(m: Match) -> bool:
+    return "fused_add" in m.rule.name
+
+
+def _c_norm_quant(b: Builder, m: Match) -> None:
+    """vLLM's kernels: HF's norm (the residual sum rounded and stored first), then x * (1/scale)."""
+    weight, eps_value = m["weight"], float(m["eps"])
+    if _adds_residual(m):
+        residual = _mutated(m, "out", "residual")[1]
+        fused = spelled(b.call(FUSED_ADD_RMS_NORM, m["x"], residual, weight, eps_value), HF)
+        normed = b.call(operator.getitem, fused, 0)
+        new = {2: b.call(operator.getitem, fused, 1)}
+    else:
+        normed, new = spelled(b.call(RMS_NORM, m["x"], weight, eps_value), HF), {}
+    normed = _as_dtype(b, normed, tensor_of(m["x"]).dtype)
+    quant = spelled(b.call(STATIC_FP8_QUANT, normed, m["scale"], torch.float8_e4m3fn), RECIPROCAL)
+    b.replace_items(m.root, {1: quant, **new})
 
 
 def _vllm_ir_ok(m: Match) -> bool | str:
@@ -462,7 +518,7 @@ def _passes(vllm_ops: tuple) -> list[RuleSet]:
         RuleSet("raise.norms", [
             _rule("raise.rms_norm", rms_norm_weighted, _rms_norm, ("xf",), _exact_norm),
             _rule("raise.aten_rms_norm", aten_rms_norm, _rms_norm, where=_aten_norm_ok),
-            *[r for r in vllm if "norm" in r.name],
+            *[r for r in vllm if "norm" in r.name],  # the fused norm + quant ops among them
         ]),
         # Every weighted norm contains an unweighted one: a pass of its own, after them.
         RuleSet("raise.norms_unweighted", [
@@ -481,6 +537,7 @@ def _passes(vllm_ops: tuple) -> list[RuleSet]:
 
 
 _VLLM_OPS = ("_C.rms_norm", "_C.fused_add_rms_norm", "_C.static_scaled_fp8_quant",
+             "_C.rms_norm_static_fp8_quant", "_C.fused_add_rms_norm_static_fp8_quant",
              "vllm_ir.rms_norm", "vllm_ir.fused_add_rms_norm")
 
 

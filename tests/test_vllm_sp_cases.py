@@ -1,0 +1,129 @@
+"""vLLM's own sequence-parallelism test cases, written again for fxsp on the plain-torch path
+(`fxsp.backend`), single process on the fake process group: the same models and the same
+assertions as vLLM's tests/compile/passes/distributed/test_sequence_parallelism.py and
+test_sequence_parallelism_moe.py. The vLLM-package path of the same cases is in
+tests/test_vllm_adapter.py.
+
+vLLM's assertions: every all-reduce → norm site is rewritten (4 of 4), the rewritten graph has 4
+reduce-scatters and 4 all-gathers and no all-reduce; in the FP8 model the quant stays after the
+local norm, so the all-gathers carry FP8.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+
+import fxsp
+from tests.vllm_standins import register_vllm_standins
+
+register_vllm_standins()
+
+E4M3 = torch.float8_e4m3fn
+HIDDEN = 16
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """HF/Llama's RMSNorm."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor FP8 quant as models spell it: x in bf16/fp16, an fp32 [1] scale, the
+    division promoting to fp32 by itself."""
+    return (x / scale).clamp(-448.0, 448.0).to(E4M3)
+
+
+class AllReduceRMSNormModel(nn.Module):
+    """vLLM's TestAllReduceRMSNormModel: relu, all-reduce, norm; then three times mm,
+    all-reduce, add + norm. The last residual is unused."""
+
+    def __init__(self, dtype: torch.dtype, fp8: bool = False, fused_norm_quant: bool = False):
+        super().__init__()
+        self.w = nn.ParameterList(nn.Parameter(torch.rand(HIDDEN, HIDDEN, dtype=dtype) / 4) for _ in range(3))
+        self.norm_w = nn.ParameterList(nn.Parameter(1 + 0.1 * torch.randn(HIDDEN, dtype=dtype)) for _ in range(4))
+        self.register_buffer("scale", torch.tensor([0.05]))
+        self.fp8, self.fused_norm_quant, self.dtype = fp8, fused_norm_quant, dtype
+
+    def linear(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        if self.fp8:  # vLLM's TestFP8Layer: dequantise, then the matmul
+            y = y.to(self.dtype) * self.scale.to(self.dtype)
+        return y @ self.w[i]
+
+    def norm(self, i: int, x: torch.Tensor, residual: torch.Tensor | None) -> tuple:
+        """Norm i, quantised when the model is FP8 and a linear layer follows."""
+        quantised = self.fp8 and i < 3
+        if quantised and self.fused_norm_quant:  # what vLLM's fuse_norm_quant pass leaves
+            out = torch.empty(x.shape, dtype=E4M3)
+            if residual is None:
+                torch.ops._C.rms_norm_static_fp8_quant(out, x, self.norm_w[i], self.scale, 1e-6)
+                return out, x
+            torch.ops._C.fused_add_rms_norm_static_fp8_quant(out, x, residual, self.norm_w[i], self.scale, 1e-6)
+            return out, residual
+        h = x if residual is None else x + residual
+        y = rms_norm(h, self.norm_w[i])
+        return (quant_fp8(y, self.scale) if quantised else y), h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = all_reduce(torch.relu(x))
+        y, residual = self.norm(0, h, None)
+        for i in range(3):
+            y, residual = self.norm(i + 1, all_reduce(self.linear(i, y)), residual)
+        return y
+
+
+def rewrite(model: nn.Module, *args: torch.Tensor, dynamic: bool = False) -> fxsp.pipeline.GraphReport:
+    backend = fxsp.backend(None, inner="eager", min_tokens=0)
+    if dynamic:
+        torch._dynamo.mark_dynamic(args[0], 0)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*args)
+    (report,) = backend.reports
+    return report
+
+
+def ops_after(report, name: str) -> int:
+    return report.after.count(name + ".default(")
+
+
+@pytest.fixture(autouse=True)
+def world(fake_pg):
+    return fake_pg
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sequence_parallelism_pass(dtype, dynamic):
+    torch.manual_seed(0)
+    report = rewrite(AllReduceRMSNormModel(dtype), torch.randn(8 * 16, HIDDEN, dtype=dtype), dynamic=dynamic)
+    counts = report.counts
+    assert (counts["sp.first"], counts["sp.middle"], counts["sp.last"]) == (1, 2, 1)
+    assert ops_after(report, "_c10d_functional.reduce_scatter_tensor") == 4
+    assert ops_after(report, "_c10d_functional.all_gather_into_tensor") == 4
+    assert ops_after(report, "_c10d_functional.all_reduce") == 0
+
+
+@pytest.mark.parametrize("fused_norm_quant", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sequence_parallelism_pass_fp8(dtype, dynamic, fused_norm_quant):
+    """The static FP8 model, its quant spelled as models do or already fused into vLLM's
+    norm + quant ops (vLLM's default fusion runs before fxsp): either way the FP8 rules fire and
+    three of the four all-gathers carry FP8 bytes."""
+    torch.manual_seed(0)
+    model = AllReduceRMSNormModel(dtype, fp8=True, fused_norm_quant=fused_norm_quant)
+    report = rewrite(model, torch.randn(8 * 16, HIDDEN, dtype=dtype), dynamic=dynamic)
+    counts = report.counts
+    assert (counts["sp.first_fp8"], counts["sp.middle_fp8"], counts["sp.last"]) == (1, 2, 1), report.explain()
+    assert ops_after(report, "_c10d_functional.reduce_scatter_tensor") == 4
+    assert ops_after(report, "_c10d_functional.all_gather_into_tensor") == 4
+    assert ops_after(report, "_c10d_functional.all_reduce") == 0
+    assert report.rewritten.count("aten.view.dtype(") == 6  # FP8 → bytes → FP8, three times

@@ -183,6 +183,27 @@ def test_configure_refuses_fx_level_piecewise_splitting(vllm_config):
 
 
 @needs_vllm
+def test_a_pass_installed_by_hand_refuses_fx_level_piecewise_splitting(vllm_config):
+    """The `LLM(...)` route of docs/vllm.md skips configure(): the pass itself refuses, with
+    configure's message, both when vLLM asks whether it applies and when it is called."""
+    from vllm.config import set_current_vllm_config
+    from vllm.config.utils import Range
+
+    from fxsp.adapters.vllm import FxspVllmPass
+
+    graph_pass = FxspVllmPass(min_tokens=SP_MIN_TOKENS)
+    piecewise = _as_on_gpu(vllm_config, ATTENTION)
+    piecewise.compilation_config.inductor_compile_config[PASS_KEY] = graph_pass
+    with set_current_vllm_config(piecewise):
+        with pytest.raises(ValueError, match="splits the model's graph.*use_inductor_graph_partition"):
+            graph_pass.is_applicable_for_range(Range(start=8, end=8))
+        with pytest.raises(ValueError, match="splits the model's graph.*use_inductor_graph_partition"):
+            graph_pass(torch.fx.Graph())
+    with set_current_vllm_config(_as_on_gpu(copy.deepcopy(vllm_config), ATTENTION, graph_partition=True)):
+        assert not graph_pass.is_applicable_for_range(Range(start=8, end=8))  # no TP group here
+
+
+@needs_vllm
 def test_configure_refuses_to_replace_another_post_pass(vllm_config):
     from vllm.compilation.passes.inductor_pass import CallableInductorPass
 

@@ -46,6 +46,9 @@ class GraphReport:
 
 def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
                  fusion: AllReduceNormConfig | None = None) -> GraphReport:
+    if sp is not None and _compiled_for_autograd():
+        _say_sp_off_for_autograd()
+        sp = None
     report = GraphReport(before=golden(graph))
     for r in raise_ir(graph):
         report._add(r)
@@ -70,3 +73,27 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
         for near in report.misses.values():
             log.info("near-miss %s", near)
     return report
+
+
+def _compiled_for_autograd() -> bool:
+    """Whether AOT autograd is compiling this graph with a backward (gradients enabled and an
+    input or parameter requiring grad): its forward graph returns what backward saves."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    return bool(metadata is not None and metadata.traced_tangents)
+
+
+_said_autograd = False
+
+
+def _say_sp_off_for_autograd() -> None:
+    global _said_autograd
+    if not _said_autograd:
+        _said_autograd = True
+        log.warning("fxsp: sequence parallelism is off for graphs compiled with autograd (gradients "
+                    "enabled and an input or parameter requires grad): the values saved for backward, "
+                    "such as each norm's rsqrt, are full-size and keep most sites from being rewritten. "
+                    "Compile inference under torch.no_grad() or torch.inference_mode(), or call "
+                    "requires_grad_(False) on the parameters.")

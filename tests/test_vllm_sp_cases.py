@@ -127,3 +127,23 @@ def test_sequence_parallelism_pass_fp8(dtype, dynamic, fused_norm_quant):
     assert ops_after(report, "_c10d_functional.all_gather_into_tensor") == 4
     assert ops_after(report, "_c10d_functional.all_reduce") == 0
     assert report.rewritten.count("aten.view.dtype(") == 6  # FP8 → bytes → FP8, three times
+
+
+def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog, monkeypatch):
+    """vLLM's pass test runs with gradients enabled. A model whose parameters require grad,
+    called outside no_grad, compiles a training graph: SP is off, said once at WARNING."""
+    monkeypatch.setattr(fxsp.pipeline, "_said_autograd", False)  # once per process
+    torch.manual_seed(0)
+    model = AllReduceRMSNormModel(torch.bfloat16)
+    backend = fxsp.backend(None, inner="eager", min_tokens=0)
+    x = torch.randn(32, HIDDEN, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="fxsp"):
+        for _ in range(2):
+            torch._dynamo.reset()
+            torch.compile(model, backend=backend, fullgraph=True)(x)
+    said = [r for r in caplog.records if "sequence parallelism is off for graphs compiled with autograd" in r.message]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert backend.reports and not any(n for r in backend.reports for k, n in r.counts.items() if k.startswith("sp."))
+    assert all("reduce_scatter" not in r.after for r in backend.reports)
+    # The same model under no_grad: every site.
+    assert rewrite(model, x).counts["sp.middle"] == 2

@@ -12,6 +12,7 @@ from .golden import golden
 from .ir.lowering import lower_ir
 from .ir.raising import raise_ir
 from .patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
+from .patterns.chunk import chunk_rules
 from .patterns.sp import SPConfig, shard_graph_outputs, sp_rules
 from .rules import Report
 from .stats import Traffic, collective_signature, traffic
@@ -56,6 +57,7 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
     report.traffic_before = traffic(graph)
     if sp is not None:
         report._add(sp_rules(sp, report.row_thresholds).apply(graph))
+        report._add(chunk_rules(sp).apply(graph))  # MoE's chunk of a sharded value: the shard
         if sp.shard_outputs:
             report.counts["sp.sharded_outputs"] = shard_graph_outputs(graph)
     if fusion is not None:  # after SP: SP takes the large batches, the fusion what is left

@@ -82,8 +82,8 @@ class AllReduceRMSNormModel(nn.Module):
 
 def rewrite(model: nn.Module, *args: torch.Tensor, dynamic: bool = False) -> fxsp.pipeline.GraphReport:
     backend = fxsp.backend(None, inner="eager", min_tokens=0)
-    if dynamic:
-        torch._dynamo.mark_dynamic(args[0], 0)
+    for arg in args if dynamic else ():
+        torch._dynamo.mark_dynamic(arg, 0)
     with torch.no_grad():
         torch.compile(model, backend=backend, fullgraph=True)(*args)
     (report,) = backend.reports
@@ -147,3 +147,59 @@ def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog, monkeypatch):
     assert all("reduce_scatter" not in r.after for r in backend.reports)
     # The same model under no_grad: every site.
     assert rewrite(model, x).counts["sp.middle"] == 2
+
+
+# --- vLLM's MoE SP test (test_sequence_parallelism_moe.py) ---------------------------------------
+
+
+def sequence_parallel_chunk(x: torch.Tensor, spelling: str) -> torch.Tensor:
+    """This rank's block of x's rows, padded to a multiple of the TP size: vLLM's op, or plain
+    torch (F.pad + narrow)."""
+    if spelling == "vllm":
+        return torch.ops.vllm.sequence_parallel_chunk_impl(x)
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    padded = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % tp))
+    per_rank = padded.shape[0] // tp
+    return torch.narrow(padded, 0, rank * per_rank, per_rank)
+
+
+class AllReduceRMSNormChunkModel(nn.Module):
+    """vLLM's TestAllReduceRMSNormChunkModel / TestAllReduceFusedAddRMSNormChunkModel: relu,
+    all-reduce, (add +) norm, then this rank's chunk of the normed rows (the residual, if any,
+    is returned whole)."""
+
+    def __init__(self, dtype: torch.dtype, spelling: str, with_residual: bool, hidden: int = 32):
+        super().__init__()
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=dtype))
+        self.spelling, self.with_residual = spelling, with_residual
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | tuple:
+        y = all_reduce(torch.relu(x))
+        if self.with_residual:
+            y = residual = y + torch.sigmoid(residual)
+        y = sequence_parallel_chunk(rms_norm(y, self.w, 1e-5), self.spelling)
+        return (y, residual) if self.with_residual else y
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("spelling", ["vllm", "torch"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("seq_len", [15, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sequence_parallelism_moe_pass(dtype, seq_len, with_residual, spelling, dynamic):
+    """vLLM: 1 match, a (padded) reduce-scatter, no all-reduce, no all-gather without a residual
+    and 1 with one (the residual leaves the graph whole). fxsp: the same, and the chunk is gone
+    in both (vLLM keeps one with a residual)."""
+    if dynamic and spelling == "torch":
+        pytest.skip("symbolic rows: sympy cannot prove the slice is this rank's block (see chunk.py)")
+    torch.manual_seed(0)
+    model = AllReduceRMSNormChunkModel(dtype, spelling, with_residual)
+    x, residual = torch.randn(seq_len, 32, dtype=dtype), torch.randn(seq_len, 32, dtype=dtype)
+    report = rewrite(model, x, residual, dynamic=dynamic)
+    counts = report.counts
+    assert sum(n for name, n in counts.items() if name.startswith("sp.")) == 1
+    assert counts["chunk.vllm" if spelling == "vllm" else "chunk.slice"] == 1, report.explain()
+    assert ops_after(report, "_c10d_functional.reduce_scatter_tensor") == 1
+    assert ops_after(report, "_c10d_functional.all_reduce") == 0
+    assert ops_after(report, "_c10d_functional.all_gather_into_tensor") == int(with_residual)
+    assert "sequence_parallel_chunk_impl" not in report.after

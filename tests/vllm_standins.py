@@ -16,6 +16,8 @@ numerics, so graphs traced here are spelled like graphs traced with vLLM:
   group_name)`, `vllm.all_gather(tensor, dim, world_size, group_name)`: the group name is a
   c10d group name here (vLLM's own names such as "tp:0" are not resolvable without vLLM), and
   they really communicate, so they work in a gloo world too.
+- `vllm.sequence_parallel_chunk_impl(x)`: this rank's block of x's rows padded to a multiple of
+  the TP size (the default group's size here).
 
 When real vLLM ops are already loaded, nothing is registered.
 """
@@ -121,6 +123,19 @@ def _all_gather(tensor: Tensor, dim: int, world_size: int, group_name: str) -> T
     return fc.wait_tensor(out).movedim(0, dim).contiguous()
 
 
+def _sequence_parallel_chunk(x: Tensor) -> Tensor:
+    # vLLM's: pad the rows to a multiple of the TP size (the default group here), keep this rank's block.
+    tp, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    padded = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % tp))
+    per_rank = padded.shape[0] // tp
+    return padded[rank * per_rank:(rank + 1) * per_rank].clone()
+
+
+def _sequence_parallel_chunk_fake(x: Tensor) -> Tensor:
+    tp = torch.distributed.get_world_size()
+    return x.new_empty([-(-x.shape[0] // tp), *x.shape[1:]])
+
+
 def _scattered_fake(tensor, dim, world_size, group_name):
     shape = list(tensor.shape)
     shape[dim] //= world_size
@@ -152,6 +167,8 @@ def register_vllm_standins() -> None:
             "SymInt? variance_size=None) -> (Tensor, Tensor)", _ir_fused_add_rms_norm)
     _define("vllm", "all_reduce(Tensor tensor, str group_name) -> Tensor",
             _all_reduce, lambda tensor, group_name: torch.empty_like(tensor))
+    _define("vllm", "sequence_parallel_chunk_impl(Tensor x) -> Tensor", _sequence_parallel_chunk,
+            _sequence_parallel_chunk_fake)
     _define("vllm", "reduce_scatter(Tensor tensor, SymInt dim, SymInt world_size, str group_name) -> Tensor",
             _reduce_scatter, _scattered_fake)
     _define("vllm", "all_gather(Tensor tensor, SymInt dim, SymInt world_size, str group_name) -> Tensor",

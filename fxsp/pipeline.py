@@ -13,6 +13,7 @@ from .golden import golden
 from .ir.lowering import lower_ir
 from .ir.raising import raise_ir
 from .patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
+from .patterns.chunk import chunk_rules
 from .patterns.sp import SPConfig, shard_graph_outputs, sp_rules
 from .pattern import Miss
 from .rules import NearMiss, Report
@@ -92,6 +93,9 @@ class GraphReport:
 
 def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
                  fusion: AllReduceNormConfig | None = None) -> GraphReport:
+    if sp is not None and _compiled_for_autograd():
+        _say_sp_off_for_autograd()
+        sp = None
     report = GraphReport(before=golden(graph))
     for r in raise_ir(graph):
         report._add(r)
@@ -99,6 +103,7 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
     report.traffic_before = traffic(graph)
     if sp is not None:
         report._add(sp_rules(sp, report.row_thresholds).apply(graph))
+        report._add(chunk_rules(sp).apply(graph))  # MoE's chunk of a sharded value: the shard
         if sp.shard_outputs:
             report.counts["sp.sharded_outputs"] = shard_graph_outputs(graph)
     if fusion is not None:  # after SP: SP takes the large batches, the fusion what is left
@@ -128,3 +133,27 @@ def _near_miss(data: dict) -> NearMiss:
     miss: dict[str, Any] = {name: None for name in known}  # a graph node, and None, are left out
     miss.update((k, v) for k, v in data["miss"].items() if k in known)
     return NearMiss(data["rule"], data["anchor"], Miss(**miss))
+
+
+def _compiled_for_autograd() -> bool:
+    """Whether AOT autograd is compiling this graph with a backward (gradients enabled and an
+    input or parameter requiring grad): its forward graph returns what backward saves."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    return bool(metadata is not None and metadata.traced_tangents)
+
+
+_said_autograd = False
+
+
+def _say_sp_off_for_autograd() -> None:
+    global _said_autograd
+    if not _said_autograd:
+        _said_autograd = True
+        log.warning("fxsp: sequence parallelism is off for graphs compiled with autograd (gradients "
+                    "enabled and an input or parameter requires grad): the values saved for backward, "
+                    "such as each norm's rsqrt, are full-size and keep most sites from being rewritten. "
+                    "Compile inference under torch.no_grad() or torch.inference_mode(), or call "
+                    "requires_grad_(False) on the parameters.")

@@ -27,6 +27,10 @@ from .pattern import Alt, Bindings, Miss, Op, Pattern, Through, Trace, match, ta
 
 log = logging.getLogger("fxsp")
 
+# Meta keys a rewrite carries over: a new node takes the value of the matched node with the same
+# target (when they agree), so a rewritten op keeps e.g. its spelling (fxsp/ir/ops.py adds it).
+CARRIED_META: set = set()
+
 
 @dataclass
 class Match:
@@ -201,13 +205,27 @@ class RuleSet:
             report._missed(m.rule, m.root, trace.best)
             return
         builder = Builder(graph)
+        carried = _meta_by_target(fresh.nodes)
         replacement = m.rule.rewrite(builder, fresh)
         if replacement is not None and replacement is not fresh.root:
             builder.replace(fresh.root, replacement)
+        for node in builder.created:
+            for key, value in carried.get(node.target, {}).items():
+                node.meta.setdefault(key, value)
         _erase_unused(fresh.nodes)
         report.counts[m.rule.name] += 1
         if check:
             graph.lint()
+
+
+def _meta_by_target(nodes: tuple) -> dict:
+    """target -> {key: value} of the CARRIED_META keys on which the nodes of that target agree."""
+    found: dict = {}
+    for key in CARRIED_META:
+        for n in nodes:
+            if key in n.meta:
+                found.setdefault(n.target, {}).setdefault(key, set()).add(n.meta[key])
+    return {t: {k: next(iter(v)) for k, v in keys.items() if len(v) == 1} for t, keys in found.items()}
 
 
 def _erase_unused(nodes: tuple) -> None:

@@ -207,7 +207,7 @@ def test_vllm_ops():
         "raise.vllm_c_rms_norm": 1, "raise.vllm_c_fused_add_rms_norm": 1, "raise.vllm_ir_rms_norm": 1,
         "raise.vllm_ir_fused_add_rms_norm": 1, "raise.vllm_c_static_fp8_quant": 1,
     }
-    assert spy.lowered == {"aten": 5}
+    assert spy.lowered == {"aten": 3, "vllm_ir": 2}  # vLLM's IR ops stay vLLM's
 
 
 class TPBlock(nn.Module):
@@ -238,3 +238,47 @@ def test_collectives():
     assert spy.raised == {"raise.c10d_all_reduce": 2, "raise.vllm_all_reduce": 1, "raise.rms_norm": 3,
                           "raise.add_rms_norm": 3}
     assert spy.lowered == {"all_reduce": 3, "aten": 3}
+
+
+class EverySpelling(nn.Module):
+    """One of each norm and quant spelling, in fp16 or bf16: HF, `F.rms_norm` (weight first),
+    Gemma, add + norm, vLLM's IR ops, an FP8 quant of a bf16/fp16 value by an fp32 [1] scale."""
+
+    def __init__(self, dtype: torch.dtype, hidden: int = 16):
+        super().__init__()
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=dtype))
+        self.register_buffer("scale", torch.tensor([0.05]))
+
+    def forward(self, x, residual):
+        a = hf(1e-6)(x, self.w)
+        b = F.rms_norm(a * 2, (a.shape[-1],), self.w, 1e-5)
+        c = gemma(1e-6)(b + residual, self.w)
+        d, residual = torch.ops.vllm_ir.fused_add_rms_norm(c, residual, self.w, 1e-6)
+        e = torch.ops.vllm_ir.rms_norm(d * 3, self.w, 1e-5)
+        q = (e / self.scale).clamp(-448.0, 448.0).to(E4M3)
+        return e, residual, q
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_raise_and_lower_stay_within_plain_inductors_error(dtype):
+    """fxsp changes no numerics: compiled with raise + lower, every output is as far from eager
+    as plain Inductor's, for random inputs and weights."""
+    seeds, errors = range(3), {"plain": [], "fxsp": []}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = EverySpelling(dtype)
+        args = (torch.randn(7, 16, dtype=dtype), torch.randn(7, 16, dtype=dtype))
+        with torch.no_grad():
+            want = model(*args)
+            for name in errors:
+                spy = RaiseAndLower()
+                torch._dynamo.reset()
+                with inductor_config.patch(post_grad_custom_pre_pass=spy if name == "fxsp" else None,
+                                           fx_graph_cache=False):  # the pass must run every time
+                    got = torch.compile(model, backend="inductor", fullgraph=True)(*args)
+                errors[name].append([(g.float() - w.float()).abs().max().item() for g, w in zip(got, want)])
+        assert spy.raised == {"raise.rms_norm": 3, "raise.add_rms_norm": 1, "raise.vllm_ir_rms_norm": 1,
+                              "raise.vllm_ir_fused_add_rms_norm": 1, "raise.static_fp8_quant": 1}
+    for output in range(3):
+        bar = max(e[output] for e in errors["plain"])
+        assert max(e[output] for e in errors["fxsp"]) <= bar, errors

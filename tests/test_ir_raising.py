@@ -124,6 +124,13 @@ def fp8_div(fp8):
     return lambda x, scale: (x.float() / scale).clamp(min=-bound, max=bound).to(fp8)
 
 
+def fp8_promoted(fp8):
+    """x in bf16/fp16 and an fp32 scale of shape [1] (a 0-d one would not promote): the
+    division computes in fp32 without an explicit up-cast."""
+    bound = torch.finfo(fp8).max
+    return lambda x, scale: (x / scale.reshape(1)).clamp(-bound, bound).to(fp8)
+
+
 def fp8_reciprocal(fp8):
     bound = torch.finfo(fp8).max
     return lambda x, scale: (x.float() * scale.reciprocal()).clamp(-bound, bound).to(fp8)
@@ -185,6 +192,7 @@ NORMS = {
 }
 QUANTS = {
     "fp8_div": Spelling(fp8_div, "raise.static_fp8_quant", "xs"),
+    "fp8_promoted": Spelling(fp8_promoted, "raise.static_fp8_quant", "xs"),
     "fp8_reciprocal": Spelling(fp8_reciprocal, "raise.static_fp8_quant", "xs"),
     "fp8_one_over": Spelling(fp8_one_over, "raise.static_fp8_quant", "xs"),
     "vllm_c_fp8": Spelling(vllm_c_fp8, "raise.vllm_c_static_fp8_quant", "xs"),

@@ -109,3 +109,54 @@ def test_expected_counts():
         "sp.first": 1, "sp.middle": 2}
     assert expected_counts(BASE.with_(attention=False, shared_expert=True,
                                       shared_all_reduce=True)) == {"sp.first": 1}
+
+
+# --- vLLM's MoE SP case: the chunk after the norm folds into the shard --------------------------
+
+
+def chunk_models_equal_eager(rank: int, world: int, cases: list) -> list:
+    """vLLM's chunk models (tests/test_vllm_sp_cases.py) against eager, compiled with plain
+    Inductor and with fxsp: (case, max error of each, chunk folds, all-gathers left)."""
+    from tests.test_vllm_sp_cases import AllReduceRMSNormChunkModel
+
+    out = []
+    for dtype, seq_len, with_residual, spelling, dynamic in cases:
+        torch.manual_seed(0)
+        model = AllReduceRMSNormChunkModel(dtype, spelling, with_residual)
+        x = torch.randn(seq_len, 32, generator=torch.Generator().manual_seed(rank)).to(dtype)
+        residual = torch.randn(seq_len, 32, generator=torch.Generator().manual_seed(99)).to(dtype)
+        errors = {}
+        for name, backend in (("plain", "inductor"), ("fxsp", fxsp.backend(None, min_tokens=0))):
+            torch._dynamo.reset()
+            for arg in (x, residual) if dynamic else ():
+                torch._dynamo.mark_dynamic(arg, 0)
+            with torch.no_grad():
+                want, got = model(x, residual), torch.compile(model, backend=backend, fullgraph=True)(x, residual)
+            pairs = zip(got, want, strict=True) if with_residual else [(got, want)]
+            errors[name] = max((g.float() - w.float()).abs().max().item() for g, w in pairs)
+        folds = sum(n for r in backend.reports for name, n in r.counts.items() if name.startswith("chunk."))
+        gathers = sum(r.after.count("all_gather_into_tensor.default(") for r in backend.reports)
+        out.append((dtype, seq_len, with_residual, spelling, dynamic, errors, folds, gathers))
+    return out
+
+
+def test_moe_chunk_folds_into_the_shard_and_equals_eager(tmp_path):
+    """Replicated inputs (the residual) are the same on every rank, as in a TP model; each
+    rank's x differs (it is all-reduced)."""
+    f16, bf16 = torch.float16, torch.bfloat16
+    cases_by_world = {  # (dtype, rows, with_residual, spelling, symbolic rows); 2 cores: few
+        2: [(f16, 15, False, "vllm", False), (bf16, 16, True, "torch", False),
+            (f16, 15, True, "torch", False), (bf16, 15, True, "vllm", True)],
+        3: [(bf16, 16, True, "vllm", False), (f16, 16, False, "torch", False)],
+    }
+    for world, cases in cases_by_world.items():
+        # A cache per world: plain Inductor's cache key does not know the world size.
+        by_rank = run_world(world, chunk_models_equal_eager, cases, cache_dir=str(tmp_path / str(world)))
+        results = [r for rank_results in by_rank for r in rank_results]
+        for dtype in (torch.float16, torch.bfloat16):
+            mine = [r for r in results if r[0] == dtype]
+            bar = max(r[5]["plain"] for r in mine)  # what plain Inductor meets on these cases
+            assert all(r[5]["fxsp"] <= bar for r in mine), (world, [r[:6] for r in mine])
+        for *case, errors, folds, gathers in results:
+            assert folds == 1, (world, case)
+            assert gathers == int(case[2]), (world, case)  # only the residual leaves whole

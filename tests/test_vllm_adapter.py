@@ -183,6 +183,27 @@ def test_configure_refuses_fx_level_piecewise_splitting(vllm_config):
 
 
 @needs_vllm
+def test_a_pass_installed_by_hand_refuses_fx_level_piecewise_splitting(vllm_config):
+    """The `LLM(...)` route of docs/vllm.md skips configure(): the pass itself refuses, with
+    configure's message, both when vLLM asks whether it applies and when it is called."""
+    from vllm.config import set_current_vllm_config
+    from vllm.config.utils import Range
+
+    from fxsp.adapters.vllm import FxspVllmPass
+
+    graph_pass = FxspVllmPass(min_tokens=SP_MIN_TOKENS)
+    piecewise = _as_on_gpu(vllm_config, ATTENTION)
+    piecewise.compilation_config.inductor_compile_config[PASS_KEY] = graph_pass
+    with set_current_vllm_config(piecewise):
+        with pytest.raises(ValueError, match="splits the model's graph.*use_inductor_graph_partition"):
+            graph_pass.is_applicable_for_range(Range(start=8, end=8))
+        with pytest.raises(ValueError, match="splits the model's graph.*use_inductor_graph_partition"):
+            graph_pass(torch.fx.Graph())
+    with set_current_vllm_config(_as_on_gpu(copy.deepcopy(vllm_config), ATTENTION, graph_partition=True)):
+        assert not graph_pass.is_applicable_for_range(Range(start=8, end=8))  # no TP group here
+
+
+@needs_vllm
 def test_configure_refuses_to_replace_another_post_pass(vllm_config):
     from vllm.compilation.passes.inductor_pass import CallableInductorPass
 
@@ -399,6 +420,115 @@ def test_sp_inside_vllm_on_two_ranks(tmp_path):
         assert len(set(result["uuids"])) == 1
         assert result["uuids"][0] != result["uuid_before_tp"]
     assert ranks[0]["uuids"][0] != ranks[1]["uuids"][0]
+
+
+# --- vLLM's own SP test cases, on two ranks ------------------------------------------------------
+
+
+def _sp_test_model(group_name: str):
+    """vLLM's SP pass test model (tests/compile/passes/distributed/test_sequence_parallelism.py,
+    TestAllReduceRMSNormModel) as vLLM 0.32 traces it: relu, then four all-reduce → RMSNorm
+    layers; the first norm has no residual, the last one's residual output is unused. Weights
+    are inputs so that one compile serves several seeds."""
+
+    def model(x, w0, w1, w2, n0, n1, n2, n3):
+        h = residual = torch.ops.vllm.all_reduce(torch.relu(x), group_name)
+        y = torch.ops.vllm_ir.rms_norm(h, n0, 1e-6)
+        for w, n in ((w0, n1), (w1, n2), (w2, n3)):
+            h = torch.ops.vllm.all_reduce(y @ w, group_name)
+            y, residual = torch.ops.vllm_ir.fused_add_rms_norm(h, residual, n, 1e-6)
+        return y
+
+    return model
+
+
+def _sp_test_inputs(tokens: int, dtype: torch.dtype, seed: int, rank: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.rand(HIDDEN, HIDDEN, generator=g) / 4 for _ in range(3)]
+    norms = [1 + 0.1 * torch.randn(HIDDEN, generator=g) for _ in range(4)]
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(1000 * seed + rank))
+    return [t.to(dtype) for t in (x, *weights, *norms)]
+
+
+def _vllm_sp_numerics_on_rank(rank: int, world: int, dtypes: list, seeds: list) -> dict:
+    """Eager, vLLM's pass manager without fxsp ("plain") and with it ("fxsp"), per dtype and
+    seed: the largest difference of each compiled result from eager."""
+    from torch._inductor.compile_fx import compile_fx
+    from vllm.compilation.backends import VllmBackend
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config import CompilationMode, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.config.utils import Range
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import destroy_model_parallel, get_tp_group
+
+    _define_missing_c_ops()
+    configs = {}
+    for name in ("plain", "fxsp"):
+        config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world))
+        config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+        if name == "fxsp":
+            configure(config, min_tokens=SP_MIN_TOKENS)
+        configs[name] = config
+    result: dict = {"error": {}, "vs_plain": {}, "reports": []}
+    outputs = {}
+    with set_current_vllm_config(configs["fxsp"]):
+        init_distributed_environment(world, rank, local_rank=rank, backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=world, backend="gloo")
+        tp_group = get_tp_group()
+        model = _sp_test_model(tp_group.unique_name)
+        with _out_of_place_all_reduce(tp_group):
+            for name, config in configs.items():
+                with set_current_vllm_config(config):
+                    backend = VllmBackend(config)
+                    backend.configure_post_pass()
+                    options = backend.inductor_config
+
+                    def inductor(gm, inputs, options=options):
+                        return compile_fx(gm, inputs, config_patches=options)
+
+                    for dtype in dtypes:
+                        torch._dynamo.reset()
+                        compiled = torch.compile(model, fullgraph=True, backend=inductor)
+                        with pass_context(Range(SP_MIN_TOKENS, 2048)):
+                            for seed in seeds:
+                                inputs = _sp_test_inputs(15 + seed, dtype, seed, rank)
+                                torch._dynamo.mark_dynamic(inputs[0], 0)
+                                want, got = model(*inputs), compiled(*inputs)
+                                error = (got.float() - want.float()).abs().max().item()
+                                result["error"][(name, str(dtype), seed)] = error
+                                outputs[(name, str(dtype), seed)] = got
+                                if name == "fxsp":
+                                    plain = outputs[("plain", str(dtype), seed)]
+                                    result["vs_plain"][(str(dtype), seed)] = \
+                                        (got.float() - plain.float()).abs().max().item()
+                    if name == "fxsp":
+                        graph_pass = config.compilation_config.inductor_compile_config[PASS_KEY]
+                        result["reports"] = [(r.counts, r.after) for r in graph_pass.reports]
+    destroy_model_parallel()
+    return result
+
+
+@needs_vllm
+def test_vllms_sp_model_keeps_vllms_ops_and_numerics(tmp_path):
+    """vLLM's own SP test asserts 4 matches, 4 reduce-scatters and 4 all-gathers, no all-reduce,
+    and vLLM's norm ops still in the graph. fxsp must also compute what the unrewritten model
+    computes, within the tolerance vLLM's pass manager without fxsp meets (fp16, bf16, seeds)."""
+    dtypes, seeds = [torch.float16, torch.bfloat16], [0, 1, 2]
+    ranks = run_world(2, _vllm_sp_numerics_on_rank, dtypes, seeds, cache_dir=str(tmp_path / "inductor"))
+    for rank, result in enumerate(ranks):
+        errors = result["error"]
+        for dtype in map(str, dtypes):
+            # The bar: the largest error of vLLM's own compile without fxsp, over the seeds.
+            bar = max(errors[("plain", dtype, seed)] for seed in seeds)
+            assert all(errors[("fxsp", dtype, seed)] <= bar for seed in seeds), (rank, errors)
+            assert all(result["vs_plain"][(dtype, seed)] <= bar for seed in seeds), rank
+        assert len(result["reports"]) == len(dtypes), rank
+        for counts, after in result["reports"]:
+            assert (counts["sp.first"], counts["sp.middle"], counts["sp.last"]) == (1, 2, 1)
+            assert after.count("vllm.reduce_scatter") == 4 and after.count("vllm.all_gather") == 4
+            assert "vllm.all_reduce" not in after
+            # vLLM's own ops, on the shards: vLLM still picks their kernels and fuses them.
+            assert "vllm_ir.rms_norm" in after and "vllm_ir.fused_add_rms_norm" in after
 
 
 def _async_tp_on_rank(rank: int, world: int) -> dict:

@@ -135,15 +135,14 @@ class _FxspVllmPassImpl:
     def is_applicable_for_range(self, compile_range: Any) -> bool:
         """SP for a vLLM compile range (`.start`, `.end`, inclusive) when every token count in it
         reaches the threshold. Rank-independent: every rank must decide alike."""
+        _check_current_config()
         tp = vllm_tp_group()
         if tp is None or tp.world < 2:
             return False
         return self.threshold(tp.world).use_sp(compile_range.start)
 
     def __call__(self, graph: Graph) -> None:
-        current = _current_vllm_config()
-        if current is not None:
-            refuse_conflicts(current)
+        _check_current_config()
         tp = vllm_tp_group()
         if tp is None:
             raise RuntimeError("fxsp's vLLM pass ran before vLLM's tensor-parallel group exists "
@@ -276,6 +275,15 @@ def refuse_conflicts(vllm_config: Any) -> None:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _check_current_config() -> None:
+    """The checks `configure` makes, again on vLLM's current config where one is set: a pass put
+    into the compilation config by hand (`LLM(...)`) never went through `configure`."""
+    current = _current_vllm_config()
+    if current is not None:
+        refuse_conflicts(current)
+        _require_whole_graph(current.compilation_config)
 
 
 def _import_vllm(module: str) -> Any:

@@ -3,12 +3,15 @@
     lower_ir(graph)                       # every IR node, provider kernel or reference
     lower_ir(graph, providers=())         # reference decompositions only
 
-Each norm / quant node becomes either a registered provider's kernel (`providers.choose`; the
-provider's op has the IR op's signature, so only the target changes) or, by default and always
-on CPU, the op's reference implementation from `ops.py` traced to ATen with the node's own fake
-inputs and inlined in its place. A reference is traced once per (reference, inputs' metadata,
-other arguments) and graph, and that template stamped at every node that shares the key: an
-80-layer model traces its norms twice, not 161 times. Traced with Inductor's decomposition table, the inlined nodes
+Each norm / quant node is lowered to the spelling it was raised from (`ops.SPELLING`): vLLM's
+`vllm_ir` ops stay `vllm_ir` ops (vLLM lowers them to its chosen kernels after fxsp), and the
+others become either a registered provider's kernel (`providers.choose`, only for the op's own
+numerics; the provider's op has the IR op's signature, so only the target changes) or, by
+default and always on CPU, the reference implementation of that spelling from `ops.py` traced to
+ATen with the node's own fake inputs and inlined in its place. A reference is traced once per
+(reference, inputs' metadata, other arguments) and graph, and that template stamped at every
+node that shares the key: an 80-layer model traces its norms twice, not 161 times. Traced with
+Inductor's decomposition table, the inlined nodes
 are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
 (and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of
 its flavor (`fxsp/collectives.py`). IR ops defined in other modules (`fused_ops.py`) join through
@@ -39,6 +42,14 @@ REFERENCES = {
     ops.FUSED_ADD_RMS_NORM: ops.fused_add_rms_norm_reference,
     ops.STATIC_FP8_QUANT: ops.static_fp8_quant_reference,
 }
+# Spellings whose numerics differ from the op's own: (op, spelling) -> their reference.
+SPELLED_REFERENCES = {
+    (ops.RMS_NORM, ops.WEIGHT_FIRST): ops.rms_norm_weight_first,
+    (ops.FUSED_ADD_RMS_NORM, ops.WEIGHT_FIRST): ops.fused_add_rms_norm_weight_first,
+    (ops.STATIC_FP8_QUANT, ops.RECIPROCAL): ops.static_fp8_quant_reciprocal,
+}
+# Spellings that are the op's own numerics: providers' kernels may replace them.
+OWN_NUMERICS = (None, ops.HF, ops.DIVIDE)
 
 
 def register_reference(op: Any, reference: Callable) -> None:
@@ -71,13 +82,49 @@ def _lower(graph: Graph, node: Node, providers: tuple[str, ...] | None, template
         x, group, flavor = node.args
         _replace(node, all_reduce_sum(Builder(graph), x, group, flavor))
         return "all_reduce"
-    first = _val(node.args[0])
-    provider = choose(node.target, first.device.type, first.dtype, allowed=providers)
-    if provider is not None:
-        node.target = provider.impls[node.target]
-        return provider.name
-    _inline_reference(graph, node, REFERENCES[node.target], templates)
+    spelling = ops.spelling_of(node)
+    if spelling in (ops.VLLM_IR, ops.VLLM_IR_FUSED):
+        _emit_vllm_ir(graph, node, spelling)
+        return "vllm_ir"
+    if spelling in OWN_NUMERICS:
+        first = _val(node.args[0])
+        provider = choose(node.target, first.device.type, first.dtype, allowed=providers)
+        if provider is not None:
+            node.target = provider.impls[node.target]
+            return provider.name
+    _inline_reference(graph, node, reference_of(node.target, spelling), templates)
     return "aten"
+
+
+def reference_of(target: Any, spelling: str | None) -> Callable:
+    """The plain-torch reference of IR op `target` as `spelling` computes it."""
+    return SPELLED_REFERENCES.get((target, spelling)) or REFERENCES[target]
+
+
+def _emit_vllm_ir(graph: Graph, node: Node, spelling: str) -> None:
+    """vLLM's own op again, on the node's (possibly sharded) inputs. A fused add raised from a
+    plain add + `vllm_ir.rms_norm` keeps its add: it rounds the sum before the norm."""
+    b = Builder(graph)
+    vllm_ir = torch.ops.vllm_ir
+    if node.target is ops.RMS_NORM:
+        _replace(node, _same_dtype(b, b.call(vllm_ir.rms_norm.default, *node.args), node))
+        return
+    x, residual, weight, eps = node.args
+    if spelling == ops.VLLM_IR_FUSED:
+        fused = b.call(vllm_ir.fused_add_rms_norm.default, x, residual, weight, eps)
+        out, residual_out = (b.call(operator.getitem, fused, i) for i in (0, 1))
+    else:
+        residual_out = b.call(torch.ops.aten.add.Tensor, x, residual)
+        out = b.call(vllm_ir.rms_norm.default, residual_out, weight, eps)
+    _replace(node, (_same_dtype(b, out, node, 0), residual_out))
+
+
+def _same_dtype(b: Builder, value: Node, node: Node, index: int | None = None) -> Node:
+    """`value` cast to the dtype the IR node promised (vLLM's ops return x's dtype)."""
+    want = node.meta["val"] if index is None else node.meta["val"][index]
+    if tensor_of(value).dtype == want.dtype:
+        return value
+    return b.call(torch.ops.prims.convert_element_type.default, value, want.dtype)
 
 
 def _inline_reference(graph: Graph, node: Node, reference: Callable, templates: dict) -> None:

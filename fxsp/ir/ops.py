@@ -8,6 +8,13 @@ device and is also what `lowering.py` decomposes it into by default.
 Numerics: norms compute in fp32; the normalised activations are cast back to the input dtype
 before the weight multiply, and the result has dtype promote(x, weight), which is what HF-style
 models compute.
+
+Spellings. Models compute the same concept with different roundings: the weight multiplied in
+fp32 before one down-cast (`F.rms_norm`), the residual sum normalised before it is rounded
+(vLLM's `vllm_ir.fused_add_rms_norm`). Raising records the spelling it came from in
+`node.meta[SPELLING]` and lowering emits that spelling again, so fxsp never changes what a
+graph computes; a rewrite's new IR nodes take the spelling of the node they replace (see
+`fxsp.rules.CARRIED_META`). Without the key a node has the op's own numerics above.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 from torch.library import Library
 
 from ..collectives import EAGER, Flavor, all_reduce_sum
+from ..rules import CARRIED_META
 
 fxsp_lib = Library("fxsp", "DEF")  # noqa: TOR901 - fxsp owns this namespace
 
@@ -30,11 +38,46 @@ fxsp_lib.define("all_reduce(Tensor x, str group_name, str flavor) -> Tensor")
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
+SPELLING = "fxsp_spelling"  # node meta: how the model spelled this IR op (one of the below)
+# Norms (and fused add + norm: the sum rounded to its dtype, then the norm spelled so):
+HF = "hf"  # normalise in fp32, round to x's dtype, multiply by the weight: the ops' own numerics
+WEIGHT_FIRST = "weight_first"  # multiply by the weight in fp32, round once (F.rms_norm, Gemma)
+VLLM_IR = "vllm_ir"  # vLLM's `vllm_ir.rms_norm` (vLLM then picks its kernel)
+VLLM_IR_FUSED = "vllm_ir_fused"  # `vllm_ir.fused_add_rms_norm`: normalises the fp32 sum
+# Static FP8 quant:
+DIVIDE = "divide"  # x / scale in fp32: the op's own numerics
+RECIPROCAL = "reciprocal"  # x * (1 / scale) in fp32
+
+
+CARRIED_META.add(SPELLING)
+
+
+def spelled(node, spelling: str):
+    """Mark an IR node with the spelling it was raised from; returns the node."""
+    node.meta[SPELLING] = spelling
+    return node
+
+
+def spelling_of(node) -> str | None:
+    return node.meta.get(SPELLING)
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return normed if weight is None else normed * weight
+
+
+def rms_norm_weight_first(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed if weight is None else normed * weight).to(_norm_dtype(x, weight))
+
+
+def fused_add_rms_norm_weight_first(x: torch.Tensor, residual: torch.Tensor,
+                                    weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    residual_out = x + residual
+    return rms_norm_weight_first(residual_out, weight, eps), residual_out
 
 
 def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor,
@@ -51,6 +94,11 @@ def fp8_max(dtype: torch.dtype) -> float:
 def static_fp8_quant_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     bound = fp8_max(fp8_dtype)
     return (x.float() / scale.float()).clamp(-bound, bound).to(fp8_dtype)
+
+
+def static_fp8_quant_reciprocal(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    bound = fp8_max(fp8_dtype)
+    return (x.float() * scale.float().reciprocal()).clamp(-bound, bound).to(fp8_dtype)
 
 
 def all_reduce_reference(x: torch.Tensor, group_name: str, flavor: Flavor) -> torch.Tensor:

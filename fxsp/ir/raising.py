@@ -15,18 +15,18 @@ concept whatever the model wrote.
                 → `fxsp.rms_norm` / `fxsp.fused_add_rms_norm`.
 3. add + norm   `rms_norm(x + residual)` → `fused_add_rms_norm(x, residual)`; the sum's other
                 users read the op's second output.
-4. fp8          `(x / scale).clamp(-M, M).to(fp8)` (or `x * scale.reciprocal()`), M the fp8
-                dtype's max, and vLLM's `_C.static_scaled_fp8_quant` → `fxsp.static_fp8_quant`.
+4. fp8          `(x / scale).clamp(-M, M).to(fp8)` (or `x * scale.reciprocal()`; x in fp32, or
+                bf16/fp16 promoted by an fp32 scale), M the fp8 dtype's max, and vLLM's
+                `_C.static_scaled_fp8_quant` → `fxsp.static_fp8_quant`. vLLM's fused
+                `_C.rms_norm_static_fp8_quant` / `_C.fused_add_rms_norm_static_fp8_quant` (its
+                `fuse_norm_quant` pass) are raised in pass 2, to a norm and a quant.
 
-Numerics. A raise never changes what a graph computes beyond the rounding of one step:
-`fxsp.rms_norm` normalises in fp32 and rounds the normalised value to x's dtype before the
-weight multiply (HF/Llama and vLLM's kernels). Spellings that multiply by the weight first and
-round once after (`F.rms_norm` in bf16/fp16, Gemma-style) are raised too; the two differ by at
-most one rounding in x's dtype, the dtype the result is delivered in. Likewise
-`x * scale.reciprocal()` differs from `x / scale` by one fp32 rounding before the fp8 cast, and
-`vllm_ir.fused_add_rms_norm` normalises the unrounded sum. Everything else is exact, and any
-spelling that would change more (a norm computed in bf16, a result left in fp32, a clamp that is
-not the fp8 range) is left alone with the reason in the report.
+Numerics. A raise never changes what a graph computes: each raised node records the spelling
+it came from (`ops.SPELLING`: the weight multiplied before or after the down-cast, x / scale or
+x * (1 / scale), vLLM's `vllm_ir` ops, whose fused add normalises the unrounded sum), and
+lowering emits that spelling again. Any spelling that no recorded one covers (a norm computed in
+bf16, a result left in fp32, a clamp that is not the fp8 range) is left alone with the reason in
+the report.
 """
 
 from __future__ import annotations
@@ -58,7 +58,22 @@ from ..pattern import (
 )
 from ..rules import Match, Report, Rule, RuleSet
 from ..collectives import C10D_ALL_REDUCE, WAIT, vllm_op
-from .ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, fp8_max
+from .ops import (
+    ALL_REDUCE,
+    DIVIDE,
+    FP8_DTYPES,
+    FUSED_ADD_RMS_NORM,
+    HF,
+    RECIPROCAL,
+    RMS_NORM,
+    STATIC_FP8_QUANT,
+    VLLM_IR,
+    VLLM_IR_FUSED,
+    WEIGHT_FIRST,
+    fp8_max,
+    spelled,
+    spelling_of,
+)
 
 aten, prims = torch.ops.aten, torch.ops.prims
 hop = torch.ops.higher_order
@@ -228,10 +243,19 @@ def _aten_norm_ok(m: Match) -> bool | str:
     return _per_feature_weight(m["x"], m["weight"])
 
 
-def _rms_norm(b: Builder, m: Match) -> Node:
+def _rms_norm(b: Builder, m: Match, spelling: str | None = None) -> Node:
+    """`spelling` None: HF's when the weight multiplies the rounded normalised value (the
+    pattern's root is that multiply), else the weight first (`F.rms_norm`, `aten.rms_norm`)."""
     eps_value = m["eps"] if m["eps"] is not None else torch.finfo(F32).eps
-    out = b.call(RMS_NORM, m["x"], m.get("weight"), float(eps_value))
+    if spelling is None:
+        weight_last = m.get("weight") is None or m.root.target is aten.mul.Tensor
+        spelling = HF if weight_last else WEIGHT_FIRST
+    out = spelled(b.call(RMS_NORM, m["x"], m.get("weight"), float(eps_value)), spelling)
     return _as_dtype_of(b, out, m.root)
+
+
+def _vllm_ir_rms_norm(b: Builder, m: Match) -> Node:
+    return _rms_norm(b, m, VLLM_IR)
 
 
 # vLLM spellings. `_C` ops write into their arguments, so post-grad graphs carry them under
@@ -276,11 +300,23 @@ def _vllm_rules(ops: dict) -> list[Rule]:
     if (target := ops.get("vllm_ir.rms_norm")) is not None:
         rules.append(_rule("raise.vllm_ir_rms_norm",
                            op(target, tensor("x", FLOATS), anything("weight"), eps),
-                           _rms_norm, where=_vllm_ir_ok))
+                           _vllm_ir_rms_norm, where=_vllm_ir_ok))
     if (target := ops.get("vllm_ir.fused_add_rms_norm")) is not None:
         rules.append(_rule("raise.vllm_ir_fused_add_rms_norm",
                            op(target, tensor("x", FLOATS), residual, anything("weight"), eps),
                            _vllm_ir_fused, where=_vllm_ir_ok))
+    # vLLM's RMSNorm + quant fusion (`fuse_norm_quant`) runs before fxsp's pass: its fused ops
+    # are raised back to a norm and a quant, which the FP8 SP rules match.
+    if (target := ops.get("_C.rms_norm_static_fp8_quant")) is not None:
+        rules.append(_rule("raise.vllm_c_rms_norm_static_fp8_quant",
+                           functionalized(target, {"result": "out"}, input=x, weight=w, scale=scale,
+                                          epsilon=eps),
+                           _c_norm_quant, where=_c_norm_quant_ok))
+    if (target := ops.get("_C.fused_add_rms_norm_static_fp8_quant")) is not None:
+        written = {"result": "out", "residual": "residual"}
+        rules.append(_rule("raise.vllm_c_fused_add_rms_norm_static_fp8_quant",
+                           functionalized(target, written, input=x, weight=w, scale=scale, epsilon=eps),
+                           _c_norm_quant, where=_c_norm_quant_ok))
     if (target := ops.get("_C.static_scaled_fp8_quant")) is not None:
         rules.append(_rule("raise.vllm_c_static_fp8_quant",
                            functionalized(target, {"result": "out"}, input=x, scale=scale),
@@ -316,7 +352,8 @@ def _c_rms_norm_ok(m: Match) -> bool | str:
 
 
 def _c_rms_norm(b: Builder, m: Match) -> None:
-    out = b.call(RMS_NORM, m["x"], m["weight"], float(m["eps"]))
+    # vLLM's kernel rounds the normalised value before the weight multiply: HF's numerics.
+    out = spelled(b.call(RMS_NORM, m["x"], m["weight"], float(m["eps"])), HF)
     b.replace_items(m.root, {1: _as_dtype(b, out, tensor_of(_mutated(m, "out")[0]).dtype)})
 
 
@@ -333,9 +370,51 @@ def _c_fused_ok(m: Match) -> bool | str:
 
 def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
     x, residual = _mutated(m, "x", "residual")
-    fused = b.call(FUSED_ADD_RMS_NORM, x, residual, m["weight"], float(m["eps"]))
+    # vLLM's kernel rounds the sum into `residual` and normalises what it stored: HF's numerics.
+    fused = spelled(b.call(FUSED_ADD_RMS_NORM, x, residual, m["weight"], float(m["eps"])), HF)
     out = _as_dtype(b, b.call(operator.getitem, fused, 0), tensor_of(x).dtype)
     b.replace_items(m.root, {1: out, 2: b.call(operator.getitem, fused, 1)})
+
+
+def _c_norm_quant_ok(m: Match) -> bool | str:
+    """vLLM's fused (add +) RMSNorm + static FP8 quant: distinct whole buffers, e4m3fn (its fnuz
+    kernels clamp at 224), one scale, a per-feature weight."""
+    fused = _adds_residual(m)
+    written = _mutated(m, "out", "residual") if fused else _mutated(m, "out")
+    if written is None:
+        return "the written buffers are not distinct whole tensors"
+    x, out = tensor_of(m["x"]), tensor_of(written[0])
+    if out.dtype != torch.float8_e4m3fn:
+        return f"result buffer of dtype {out.dtype}: vLLM's fnuz kernels clamp at 224"
+    if x.dtype not in LOW + (F32,) or not same_shape(out, x):
+        return "result buffer and input differ in shape, or the input is not fp32/bf16/fp16"
+    if fused:
+        r = tensor_of(written[1])
+        if not same_shape(r, x) or r.dtype != x.dtype:
+            return "input and residual differ in shape or dtype"
+    if not _same_size(tensor_of(m["scale"]).numel(), 1):
+        return "the scale is not per-tensor"
+    return _all(lambda: _per_feature_weight(m["x"], m["weight"]),
+                lambda: _outputs_only(m, {1, 2} if fused else {1}))
+
+
+def _adds_residual(m: Match) -> bool:
+    return "fused_add" in m.rule.name
+
+
+def _c_norm_quant(b: Builder, m: Match) -> None:
+    """vLLM's kernels: HF's norm (the residual sum rounded and stored first), then x * (1/scale)."""
+    weight, eps_value = m["weight"], float(m["eps"])
+    if _adds_residual(m):
+        residual = _mutated(m, "out", "residual")[1]
+        fused = spelled(b.call(FUSED_ADD_RMS_NORM, m["x"], residual, weight, eps_value), HF)
+        normed = b.call(operator.getitem, fused, 0)
+        new = {2: b.call(operator.getitem, fused, 1)}
+    else:
+        normed, new = spelled(b.call(RMS_NORM, m["x"], weight, eps_value), HF), {}
+    normed = _as_dtype(b, normed, tensor_of(m["x"]).dtype)
+    quant = spelled(b.call(STATIC_FP8_QUANT, normed, m["scale"], torch.float8_e4m3fn), RECIPROCAL)
+    b.replace_items(m.root, {1: quant, **new})
 
 
 def _vllm_ir_ok(m: Match) -> bool | str:
@@ -354,7 +433,8 @@ def _vllm_ir_ok(m: Match) -> bool | str:
 
 
 def _vllm_ir_fused(b: Builder, m: Match) -> None:
-    fused = b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], float(m["eps"]))
+    fused = spelled(b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], float(m["eps"])),
+                    VLLM_IR_FUSED)
     old = m.root.meta["val"]
     b.replace_items(m.root, {0: _as_dtype(b, b.call(operator.getitem, fused, 0), old[0].dtype),
                                1: b.call(operator.getitem, fused, 1)})
@@ -376,7 +456,9 @@ def _plain_sum(m: Match) -> bool | str:
 
 
 def _fuse_add(b: Builder, m: Match) -> Node:
-    fused = b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], m["eps"])
+    # The sum is rounded to its dtype, then normalised as the norm was spelled.
+    fused = spelled(b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], m["eps"]),
+                    spelling_of(m.root) or HF)
     out = b.call(operator.getitem, fused, 0)
     b.replace(m["residual_out"], b.call(operator.getitem, fused, 1))
     return out
@@ -389,7 +471,9 @@ def _fuse_add(b: Builder, m: Match) -> Node:
 scale = tensor("scale")
 reciprocal = op(aten.reciprocal.default, scale, name="reciprocal")
 inverse_scale = alt(reciprocal, op(aten.mul.Tensor, reciprocal, 1.0), name="inverse_scale")
-quotient = alt(op(aten.div.Tensor, fp32_of(), scale), op(aten.mul.Tensor, fp32_of(), inverse_scale),
+# A bf16/fp16 x divided by an fp32 scale promotes to fp32 by itself: the same as x.float() / scale.
+x_in_fp32 = alt(fp32_of(), tensor("x", LOW))
+quotient = alt(op(aten.div.Tensor, x_in_fp32, scale), op(aten.mul.Tensor, x_in_fp32, inverse_scale),
                name="quotient")
 low, high = scalar("low"), scalar("high")
 clamped = alt(op(aten.clamp_max.default, op(aten.clamp_min.default, quotient, low), high),
@@ -413,7 +497,8 @@ def _fp8_range(m: Match) -> bool | str:
 
 
 def _fp8_quant(b: Builder, m: Match) -> Node:
-    return b.call(STATIC_FP8_QUANT, m["x"], m["scale"], m["fp8_dtype"])
+    spelling = RECIPROCAL if "reciprocal" in m.bindings else DIVIDE
+    return spelled(b.call(STATIC_FP8_QUANT, m["x"], m["scale"], m["fp8_dtype"]), spelling)
 
 
 def _c_quant_ok(m: Match) -> bool | str:
@@ -430,7 +515,7 @@ def _c_quant_ok(m: Match) -> bool | str:
 
 
 def _c_quant(b: Builder, m: Match) -> None:
-    out = b.call(STATIC_FP8_QUANT, m["x"], m["scale"], torch.float8_e4m3fn)
+    out = spelled(b.call(STATIC_FP8_QUANT, m["x"], m["scale"], torch.float8_e4m3fn), DIVIDE)
     b.replace_items(m.root, {1: out})
 
 
@@ -455,7 +540,7 @@ def _passes(vllm_ops: tuple) -> list[RuleSet]:
         RuleSet("raise.norms", [
             _rule("raise.rms_norm", rms_norm_weighted, _rms_norm, ("xf",), _exact_norm),
             _rule("raise.aten_rms_norm", aten_rms_norm, _rms_norm, where=_aten_norm_ok),
-            *[r for r in vllm if "norm" in r.name],
+            *[r for r in vllm if "norm" in r.name],  # the fused norm + quant ops among them
         ]),
         # Every weighted norm contains an unweighted one: a pass of its own, after them.
         RuleSet("raise.norms_unweighted", [
@@ -474,6 +559,7 @@ def _passes(vllm_ops: tuple) -> list[RuleSet]:
 
 
 _VLLM_OPS = ("_C.rms_norm", "_C.fused_add_rms_norm", "_C.static_scaled_fp8_quant",
+             "_C.rms_norm_static_fp8_quant", "_C.fused_add_rms_norm_static_fp8_quant",
              "vllm_ir.rms_norm", "vllm_ir.fused_add_rms_norm")
 
 

@@ -269,7 +269,8 @@ def _path_text(path: Path) -> str:
     while path is not None:
         path, key, value = path
         hop = f"arg {key}" if isinstance(key, int) else key
-        hops.append(f"{hop} ({value.name})" if isinstance(value, Node) else hop)
+        name = getattr(value, "name", None)  # a Node, or its name read back from a report's JSON
+        hops.append(f"{hop} ({name})" if isinstance(name, str) else hop)
     return " → ".join(reversed(hops))
 
 

@@ -125,13 +125,30 @@ def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
 def _near_miss_json(near: NearMiss) -> dict:
     values = {f.name: getattr(near.miss, f.name) for f in fields(near.miss)}
     miss = {name: v for name, v in values.items() if v is not None and not isinstance(v, Node)}
+    if near.miss.path is not None:  # linked (parent, key, value) hops, root first, by node name
+        hops, path = [], near.miss.path
+        while path is not None:
+            path, key, value = path
+            hops.append([key, getattr(value, "name", None)])
+        miss["path"] = hops[::-1]
     return {"rule": near.rule, "anchor": near.anchor, "miss": miss}
+
+
+@dataclass(frozen=True)
+class _Named:
+    """A graph node read back from JSON: only its name, which is what near-misses print."""
+
+    name: str
 
 
 def _near_miss(data: dict) -> NearMiss:
     known = {f.name for f in fields(Miss)}
     miss: dict[str, Any] = {name: None for name in known}  # a graph node, and None, are left out
     miss.update((k, v) for k, v in data["miss"].items() if k in known)
+    path = None
+    for key, name in miss["path"] or ():
+        path = (path, key, _Named(name) if name is not None else None)
+    miss["path"] = path
     return NearMiss(data["rule"], data["anchor"], Miss(**miss))
 
 

@@ -178,23 +178,22 @@ return (%12,)""")
 %6 = _c10d_functional.reduce_scatter_tensor.default(%5, 'sum', 2, G0)  : f32[2, 8]
 %7 = _c10d_functional.wait_tensor.default(%6)  : f32[2, 8]
 %8 = fxsp.rms_norm.default(%7, %2, 1e-06)  : f32[2, 8]
-%9 = attr('_tensor_constant0')  : f32[]
-%10 = aten.lift_fresh_copy.default(%9)  : f32[]
-%11 = fxsp.static_fp8_quant.default(%8, %10, torch.float8_e4m3fn)  : f8e4m3fn[2, 8]
-%12 = aten.view.dtype(%11, torch.uint8)  : u8[2, 8]
-%13 = _c10d_functional.all_gather_into_tensor.default(%12, 2, G0)  : u8[4, 8]
-%14 = _c10d_functional.wait_tensor.default(%13)  : u8[4, 8]
-%15 = aten.view.dtype(%14, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-%16 = prims.convert_element_type.default(%15, torch.float32)  : f32[4, 8]
-%17 = aten.mul.Tensor(%16, %10)  : f32[4, 8]
-%18 = aten.mm.default(%17, %3)  : f32[4, 8]
-%19 = _c10d_functional.reduce_scatter_tensor.default(%18, 'sum', 2, G0)  : f32[2, 8]
-%20 = _c10d_functional.wait_tensor.default(%19)  : f32[2, 8]
-%21 = fxsp.fused_add_rms_norm.default(%20, %7, %4, 1e-06)  : (f32[2, 8], f32[2, 8])
-%22 = operator.getitem(%21, 0)  : f32[2, 8]
-%23 = _c10d_functional.all_gather_into_tensor.default(%22, 2, G0)  : f32[4, 8]
-%24 = _c10d_functional.wait_tensor.default(%23)  : f32[4, 8]
-return (%24,)""")
+%9 = aten.full.default([], 0.5, dtype=torch.float32)  : f32[]
+%10 = fxsp.static_fp8_quant.default(%8, %9, torch.float8_e4m3fn)  : f8e4m3fn[2, 8]
+%11 = aten.view.dtype(%10, torch.uint8)  : u8[2, 8]
+%12 = _c10d_functional.all_gather_into_tensor.default(%11, 2, G0)  : u8[4, 8]
+%13 = _c10d_functional.wait_tensor.default(%12)  : u8[4, 8]
+%14 = aten.view.dtype(%13, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
+%15 = prims.convert_element_type.default(%14, torch.float32)  : f32[4, 8]
+%16 = aten.mul.Tensor(%15, %9)  : f32[4, 8]
+%17 = aten.mm.default(%16, %3)  : f32[4, 8]
+%18 = _c10d_functional.reduce_scatter_tensor.default(%17, 'sum', 2, G0)  : f32[2, 8]
+%19 = _c10d_functional.wait_tensor.default(%18)  : f32[2, 8]
+%20 = fxsp.fused_add_rms_norm.default(%19, %7, %4, 1e-06)  : (f32[2, 8], f32[2, 8])
+%21 = operator.getitem(%20, 0)  : f32[2, 8]
+%22 = _c10d_functional.all_gather_into_tensor.default(%21, 2, G0)  : f32[4, 8]
+%23 = _c10d_functional.wait_tensor.default(%22)  : f32[4, 8]
+return (%23,)""")
 
     def test_dynamic_rows(self):
         (report,) = rewrite(Block(layers=1), torch.randn(6, 8), dynamic=True)

@@ -25,8 +25,9 @@ ORDER_KEEPING_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._
                                  aten.squeeze.default})
 CASTS = frozenset({prims.convert_element_type.default, aten._to_copy.default})
 # Ops working along the dims given as their argument 1 (an int or a list of ints).
-ALONG_DIMS = frozenset({aten.sum.default, aten.mean.default, aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
-                        aten.prod.dim_int, aten.var.correction, aten.var_mean.correction,
+ALONG_DIMS = frozenset({aten.sum.default, aten.mean.default, aten.sum.dim_IntList, aten.mean.dim,
+                        aten.amax.default, aten.amin.default, aten.prod.dim_int,
+                        aten.var.correction, aten.var_mean.correction,
                         aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
                         aten.cumprod.default, aten.argmax.default, aten.argmin.default})
 MATMULS = frozenset({aten.mm.default, aten.bmm.default, aten.addmm.default, aten.matmul.default})

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsp
-from fxsp.backend import _no_compile_cache
 from fxsp.testing.tp_llama import Spec, TPLlama
 
 
@@ -51,9 +50,7 @@ class DropoutBlock(nn.Module):
 def sp_counts(model: nn.Module, x: torch.Tensor, inner: str) -> dict:
     torch._dynamo.reset()
     backend = fxsp.backend(None, inner=inner)
-    # No compile cache: main's reports cache cannot yet save a near-miss whose path holds graph
-    # nodes (pipeline._near_miss_json), which these graphs have.
-    with torch.no_grad(), _no_compile_cache():
+    with torch.no_grad():  # the compile cache on, as users have it (the conftest's dir is fresh)
         torch.compile(model, backend=backend)(x)
     counts: dict = {}
     for report in backend.reports:

@@ -6,11 +6,14 @@
 Each norm / quant node is lowered to the spelling it was raised from (`ops.SPELLING`): vLLM's
 `vllm_ir` ops stay `vllm_ir` ops (vLLM lowers them to its chosen kernels after fxsp), and the
 others become either a registered provider's kernel (`providers.choose`, only for the op's own
-numerics; the provider's op has the IR op's signature, so only the target changes) or, by
+numerics; the provider's op has the IR op's signature, so a plain custom op just becomes the
+node's target, while a `torch.library.triton_op` is spliced in as AOT autograd would have traced
+it, its kernel launch as Triton's kernel HOP that Inductor calls from its own code) or, by
 default and always on CPU, the reference implementation of that spelling from `ops.py` traced to
 ATen with the node's own fake inputs and inlined in its place. A reference is traced once per
 (reference, inputs' metadata, other arguments) and graph, and that template stamped at every
-node that shares the key: an 80-layer model traces its norms twice, not 161 times. Traced with
+node that shares the key: an 80-layer model traces its norms twice, not 161 times (a provider's
+traced op is kept and stamped the same way). Traced with
 Inductor's decomposition table, the inlined nodes
 are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
 (and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of

@@ -580,6 +580,7 @@ assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function"), 
 x, residual, weight = gm.graph.find_nodes(op="placeholder")
 first, norm, last = launches = calls(gm.graph, higher_order.triton_kernel_wrapper_functional)
 for launch in launches:
+    assert launch.meta["val"].keys() == set(launch.kwargs["tensors_to_clone"]), launch.meta
     kernel = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"])
     assert getattr(kernel, "fn", kernel) is triton_kernels._rms_norm_kernel, kernel
     assert launch.kwargs["grid"] == [(6, 1, 1)], launch.kwargs["grid"]

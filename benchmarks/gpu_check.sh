@@ -6,7 +6,8 @@
 #
 # Run from the repository root with the Python that has torch (CUDA) and Triton, e.g.
 # PYTHON=.venv/bin/python. Steps, each writing its figures under OUTPUT_DIR:
-#   1. tests/test_triton_kernels.py natively (the kernels against the references, on the GPU);
+#   1. tests/test_triton_kernels.py natively (the kernels against the references, on the GPU,
+#      called as ops and as the launches fxsp's lowering splices in);
 #   2. demo: the TP Llama compiled with fxsp, the Triton provider loaded, on a world of one
 #      (NCCL), against eager, in fp32 and bf16: max |compiled - eager|, and that the norms were
 #      lowered to the kernel's launch (Triton's kernel HOP, spliced in by fxsp's lowering) which

@@ -535,6 +535,8 @@ def test_lowering_splices_the_kernel_launch_in():
 
 
 LOWER_TO_THE_KERNEL = STAND_IN_SM90 + """
+import dataclasses
+import inspect
 import operator
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._inductor.fx_utils import FakeTensorUpdater
@@ -544,9 +546,8 @@ from fxsp.ir import flashinfer_provider, lower_ir, lowering  # noqa: F401 - defi
 from fxsp.ir.ops import RMS_NORM
 from fxsp.ir.providers import Provider, register_provider
 
-# Stand-ins for an H100: the provider needs CUDA, the mutation analysis asks for its capability.
-torch.cuda.is_available = lambda: True
-torch.cuda.get_device_capability = lambda device=None: (9, 0)
+# The Triton provider as it is where CUDA is (fake CUDA tensors need no device).
+register_provider(dataclasses.replace(triton_kernels.TRITON_PROVIDER, available=lambda: True))
 ir = torch.ops.fxsp
 
 def block(x, residual, weight):
@@ -605,8 +606,10 @@ assert (out.args, residual_out.args) == ((last, "out_ptr"), (last, "residual_out
 assert [out.meta["val"].dtype, residual_out.meta["val"].dtype] == [torch.bfloat16] * 2
 
 # What Inductor does next (post_grad.py, after fxsp's pre pass): launches into the buffers.
+# (The updater takes the graph in torch 2.11, the graph module in 2.13.)
+takes_graph = "graph" in inspect.signature(FakeTensorUpdater).parameters
 with torch._guards.detect_fake_mode([x.meta["val"]]):
-    reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+    reinplace_inplaceable_ops(FakeTensorUpdater(gm.graph if takes_graph else gm), gm.graph)
     decompose_triton_kernel_wrapper_functional(gm.graph)
 gm.graph.lint()
 assert not calls(gm.graph, higher_order.triton_kernel_wrapper_functional), gm.graph

@@ -8,6 +8,7 @@ file in a new process and the in-process kernel tests skip. With CUDA everything
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -439,7 +440,9 @@ def test_compiled_kernels_trace_to_the_kernel_launch():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-TRACE_THE_OPS = """
+# With compiled kernels and no GPU: Triton's driver stands in for an sm90 one, so the kernels'
+# mutation analysis compiles them for it.
+STAND_IN_SM90 = """
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -463,7 +466,9 @@ higher_order = torch.ops.higher_order
 def launch_arguments(launch):
     constants = kernel_side_table.get_constant_args(launch.kwargs["constant_args_idx"])
     return {**launch.kwargs["kwargs"], **constants}
+"""
 
+TRACE_THE_OPS = STAND_IN_SM90 + """
 
 def trace(fn, *args):
     return make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
@@ -516,6 +521,167 @@ launch, = graph.find_nodes(op="call_function", target=higher_order.triton_kernel
 rows = launch.kwargs["grid"][0][0]
 assert isinstance(rows, torch.fx.Node) and isinstance(rows.meta["val"], torch.SymInt), rows
 """
+
+
+def test_lowering_splices_the_kernel_launch_in():
+    """fxsp lowers after AOT autograd has traced the model, so a provider op it puts in the
+    graph is never traced again: lowering splices in the op's trace instead. An IR norm on a
+    (stand-in) CUDA device lowered with the Triton provider becomes the kernel HOP with the
+    launch's grid and arguments, not the opaque op, and Inductor's reinplacing and HOP
+    decomposition (which run after fxsp's pass) turn it into one launch writing into fresh
+    buffers, with no copies. A plain custom op provider keeps the target swap."""
+    result = _run_python(LOWER_TO_THE_KERNEL, TRITON_INTERPRET=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+LOWER_TO_THE_KERNEL = STAND_IN_SM90 + """
+import dataclasses
+import inspect
+import operator
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._inductor.fx_utils import FakeTensorUpdater
+from torch._inductor.fx_passes.post_grad import decompose_triton_kernel_wrapper_functional
+from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+from fxsp.ir import flashinfer_provider, lower_ir, lowering  # noqa: F401 - defines its ops
+from fxsp.ir.ops import RMS_NORM
+from fxsp.ir.providers import Provider, register_provider
+
+# The Triton provider as it is where CUDA is (fake CUDA tensors need no device).
+register_provider(dataclasses.replace(triton_kernels.TRITON_PROVIDER, available=lambda: True))
+ir = torch.ops.fxsp
+
+def block(x, residual, weight):
+    h, residual = ir.fused_add_rms_norm(x, residual, weight, 1e-6)
+    h = ir.rms_norm(h * 2, None, 1e-5)
+    return ir.fused_add_rms_norm(h, residual, weight, 1e-6)  # the first's template again
+
+def graph_of(fn, *shapes, dtype=torch.bfloat16):
+    with FakeTensorMode():
+        args = [torch.empty(shape, dtype=dtype, device="cuda") for shape in shapes]
+        return make_fx(fn)(*args)
+
+def calls(graph, target):
+    return graph.find_nodes(op="call_function", target=target)
+
+traces = []
+class CountedTemplate(lowering._Template):
+    def __init__(self, *args):
+        traces.append(args[0])
+        super().__init__(*args)
+lowering._Template = CountedTemplate
+
+gm = graph_of(block, (2, 3, 96), (2, 3, 96), (96,))
+assert lower_ir(gm, providers=("triton",)) == {"triton": 3}
+gm.graph.lint()
+assert traces == [ops.fused_add_rms_norm.default, ops.rms_norm.default], traces
+# Neither the IR ops nor the Triton ops, nor a reference decomposition (x + residual, mean).
+assert not [n for n in gm.graph.nodes
+            if str(n.target).startswith(("fxsp", "aten.add", "aten.mean"))], gm.graph
+assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function"), gm.graph
+x, residual, weight = gm.graph.find_nodes(op="placeholder")
+first, norm, last = launches = calls(gm.graph, higher_order.triton_kernel_wrapper_functional)
+for launch in launches:
+    assert launch.meta["val"].keys() == set(launch.kwargs["tensors_to_clone"]), launch.meta
+    kernel = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"])
+    assert getattr(kernel, "fn", kernel) is triton_kernels._rms_norm_kernel, kernel
+    assert launch.kwargs["grid"] == [(6, 1, 1)], launch.kwargs["grid"]
+    assert launch_arguments(launch)["BLOCK"] == 128
+    for name in launch.kwargs["tensors_to_clone"]:  # only the buffers the launch made
+        assert launch.kwargs["kwargs"][name].target is torch.ops.aten.empty.memory_format
+arguments = [launch_arguments(launch) for launch in launches]
+assert (arguments[0]["x_ptr"], arguments[0]["residual_ptr"], arguments[0]["weight_ptr"]) == (
+    x, residual, weight)
+assert arguments[0]["HAS_RESIDUAL"] and arguments[0]["HAS_WEIGHT"] and arguments[0]["eps"] == 1e-6
+assert sorted(first.kwargs["tensors_to_clone"]) == ["out_ptr", "residual_out_ptr"]
+assert arguments[1]["x_ptr"].target is torch.ops.aten.mul.Tensor
+assert not arguments[1]["HAS_RESIDUAL"] and not arguments[1]["HAS_WEIGHT"]
+assert arguments[1]["eps"] == 1e-5 and norm.kwargs["tensors_to_clone"] == ["out_ptr"]
+# The last norm reads the second's output and the first's residual_out.
+read = {name: (arguments[2][name].target, arguments[2][name].args)
+        for name in ("x_ptr", "residual_ptr")}
+assert read == {"x_ptr": (operator.getitem, (norm, "out_ptr")),
+                "residual_ptr": (operator.getitem, (first, "residual_out_ptr"))}, read
+out, residual_out = gm.graph.output_node().args[0]
+assert (out.args, residual_out.args) == ((last, "out_ptr"), (last, "residual_out_ptr"))
+assert [out.meta["val"].dtype, residual_out.meta["val"].dtype] == [torch.bfloat16] * 2
+
+# What Inductor does next (post_grad.py, after fxsp's pre pass): launches into the buffers.
+# (The updater takes the graph in torch 2.11, the graph module in 2.13.)
+takes_graph = "graph" in inspect.signature(FakeTensorUpdater).parameters
+with torch._guards.detect_fake_mode([x.meta["val"]]):
+    reinplace_inplaceable_ops(FakeTensorUpdater(gm.graph if takes_graph else gm), gm.graph)
+    decompose_triton_kernel_wrapper_functional(gm.graph)
+gm.graph.lint()
+assert not calls(gm.graph, higher_order.triton_kernel_wrapper_functional), gm.graph
+assert len(calls(gm.graph, higher_order.triton_kernel_wrapper_mutation)) == 3, gm.graph
+assert not calls(gm.graph, torch.ops.aten.clone.default), gm.graph
+last = calls(gm.graph, higher_order.triton_kernel_wrapper_mutation)[-1].kwargs["kwargs"]
+assert list(gm.graph.output_node().args[0]) == [last["out_ptr"], last["residual_out_ptr"]]
+assert last["out_ptr"].target is torch.ops.aten.empty.memory_format, gm.graph
+
+# Symbolic rows (a CPU stand-in of the provider: the trace is the same on any device).
+register_provider(Provider("triton_on_cpu", dict(triton_kernels.TRITON_PROVIDER.impls),
+                           frozenset({"cpu"})))
+gm = make_fx(lambda x, w: ir.rms_norm(x, w, 1e-6), tracing_mode="symbolic")(
+    torch.ones(5, 96), torch.ones(96))
+assert lower_ir(gm, providers=("triton_on_cpu",)) == {"triton_on_cpu": 1}
+gm.graph.lint()
+launch, = calls(gm.graph, higher_order.triton_kernel_wrapper_functional)
+rows = launch.kwargs["grid"][0][0]
+assert isinstance(rows, torch.fx.Node) and isinstance(rows.meta["val"], torch.SymInt), rows
+ancestors, stack = set(), [rows]
+while stack:
+    for n in stack.pop().all_input_nodes:
+        ancestors.add(n)
+        stack.append(n)
+assert gm.graph.find_nodes(op="placeholder")[0] in ancestors, ancestors  # the graph's own x
+
+# A provider whose op is a plain custom op (FlashInfer's) is called as it is.
+register_provider(Provider("opaque", {RMS_NORM: torch.ops.fxsp_flashinfer.rms_norm.default},
+                           frozenset({"cuda"}), priority=20))
+gm = graph_of(lambda x, w: ir.rms_norm(x, w, 1e-6), (6, 96), (96,))
+assert lower_ir(gm, providers=("opaque",)) == {"opaque": 1}
+assert len(calls(gm.graph, torch.ops.fxsp_flashinfer.rms_norm.default)) == 1, gm.graph
+"""
+
+
+@needs_kernels
+def test_lowered_provider_numerics():
+    """IR norms lowered to the Triton ops compute the references' values, the kernels run: on
+    the GPU as the spliced kernel launches; in Triton's interpreter on CPU, where the ops are
+    plain custom ops (an interpreted launch cannot be traced), as the ops themselves."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxsp.ir import lower_ir
+
+    def block(x, residual, weight):
+        h, residual = torch.ops.fxsp.fused_add_rms_norm(x, residual, weight, 1e-6)
+        return torch.ops.fxsp.rms_norm(h, None, 1e-5), residual
+
+    stand_in = providers.Provider(f"triton_on_{DEVICE}", dict(triton_kernels.TRITON_PROVIDER.impls),
+                                  frozenset({DEVICE}))
+    providers.register_provider(stand_in)
+    try:
+        for dtype, shape in ((torch.bfloat16, (2, 3, 96)), (torch.float32, (5, 1000))):
+            x, residual, weight = _inputs(math.prod(shape[:-1]), shape[-1], dtype)
+            x, residual = x.reshape(shape), residual.reshape(shape)
+            gm = make_fx(block, tracing_mode="fake")(x, residual, weight)
+            assert lower_ir(gm, providers=(stand_in.name,)) == {stand_in.name: 2}
+            gm.graph.lint()
+            gm.recompile()
+            if triton_kernels.runs_interpreted():
+                assert len([n for n in gm.graph.nodes
+                            if str(n.target).startswith("fxsp_triton.")]) == 2, gm.graph
+            else:
+                assert len(gm.graph.find_nodes(
+                    op="call_function",
+                    target=torch.ops.higher_order.triton_kernel_wrapper_functional)) == 2, gm.graph
+            (out, residual_out), (expected_out, expected_residual_out) = (
+                gm(x, residual, weight), block(x, residual, weight))
+            assert torch.equal(residual_out, expected_residual_out)
+            _assert_close_to_reference(out, expected_out)
+    finally:
+        providers.unregister_provider(stand_in.name)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile the kernels for real")

@@ -6,11 +6,14 @@
 Each norm / quant node is lowered to the spelling it was raised from (`ops.SPELLING`): vLLM's
 `vllm_ir` ops stay `vllm_ir` ops (vLLM lowers them to its chosen kernels after fxsp), and the
 others become either a registered provider's kernel (`providers.choose`, only for the op's own
-numerics; the provider's op has the IR op's signature, so only the target changes) or, by
+numerics; the provider's op has the IR op's signature, so a plain custom op just becomes the
+node's target, while a `torch.library.triton_op` is spliced in as AOT autograd would have traced
+it, its kernel launch as Triton's kernel HOP that Inductor calls from its own code) or, by
 default and always on CPU, the reference implementation of that spelling from `ops.py` traced to
 ATen with the node's own fake inputs and inlined in its place. A reference is traced once per
 (reference, inputs' metadata, other arguments) and graph, and that template stamped at every
-node that shares the key: an 80-layer model traces its norms twice, not 161 times. Traced with
+node that shares the key: an 80-layer model traces its norms twice, not 161 times (a provider's
+traced op is kept and stamped the same way). Traced with
 Inductor's decomposition table, the inlined nodes
 are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
 (and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of
@@ -20,6 +23,7 @@ its flavor (`fxsp/collectives.py`). IR ops defined in other modules (`fused_ops.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -90,7 +94,7 @@ def _lower(graph: Graph, node: Node, providers: tuple[str, ...] | None, template
         first = _val(node.args[0])
         provider = choose(node.target, first.device.type, first.dtype, allowed=providers)
         if provider is not None:
-            node.target = provider.impls[node.target]
+            _call_provider(graph, node, provider.impls[node.target], templates)
             return provider.name
     _inline_reference(graph, node, reference_of(node.target, spelling), templates)
     return "aten"
@@ -128,30 +132,59 @@ def _same_dtype(b: Builder, value: Node, node: Node, index: int | None = None) -
 
 
 def _inline_reference(graph: Graph, node: Node, reference: Callable, templates: dict) -> None:
-    """Replace `node` by `reference(*node.args)` traced to ATen: the template of the same
-    reference, inputs' metadata and other arguments in `templates` (a dict kept for one graph),
-    else a new trace that becomes that template."""
+    """Replace `node` by `reference(*node.args)` traced to ATen (`_template`)."""
     tensors = [a for a in node.args if isinstance(a, Node)]
-    key = _template_key(reference, node.args)
-    template = templates.get(key) if key is not None else None
-    if template is None:
-        template = _Template(reference, node.args, tensors)
-        if key is not None:
-            templates[key] = template
+    template = _template(reference, node.args, tensors, templates, provider=False)
     _replace(node, template.stamp(graph, node, tensors))
 
 
-class _Template:
-    """`reference` traced with Inductor's decompositions on fake inputs like the node's."""
+def _call_provider(graph: Graph, node: Node, impl: Any, templates: dict) -> None:
+    """Make `node` call the provider's op `impl` (same signature as the IR op). An op that
+    decomposes when traced under functionalization, as AOT autograd traces a model (a
+    `torch.library.triton_op`: its kernel launch becomes Triton's kernel HOP), is spliced in as
+    that trace, since fxsp runs after AOT autograd and Inductor would otherwise see only the
+    opaque op; any other op (FlashInfer's) just becomes the node's target."""
+    tensors = [a for a in node.args if isinstance(a, Node)]
+    template = _template(impl, node.args, tensors, templates, provider=True)
+    if template.opaque_call_of(impl):
+        node.target = impl
+    else:
+        _replace(node, template.stamp(graph, node, tensors))
 
-    def __init__(self, reference: Callable, args: tuple, tensors: list[Node]) -> None:
+
+def _template(fn: Callable, args: tuple, tensors: list[Node], templates: dict,
+              provider: bool) -> _Template:
+    """The template of `fn` on the same inputs' metadata and other arguments in `templates` (a
+    dict kept for one graph), else a new trace that becomes that template."""
+    key = _template_key(fn, args)
+    template = templates.get(key) if key is not None else None
+    if template is None:
+        template = _Template(fn, args, tensors, provider)
+        if key is not None:
+            templates[key] = template
+    return template
+
+
+class _Template:
+    """`fn` traced on fake inputs like the node's: a reference with Inductor's decompositions,
+    a provider's op (`provider`) under functionalization and in the inputs' fake mode, as AOT
+    autograd traces it (its body may make tensors, which must be fake on any device)."""
+
+    def __init__(self, fn: Callable, args: tuple, tensors: list[Node], provider: bool) -> None:
         def call(*values: torch.Tensor) -> Any:
             it = iter(values)
-            return reference(*[next(it) if isinstance(a, Node) else a for a in args])
+            return fn(*[next(it) if isinstance(a, Node) else a for a in args])
 
-        from torch._inductor.decomposition import select_decomp_table  # heavy import, only here
+        inputs = _fake_inputs(tensors)
+        if provider:
+            from torch._subclasses.functional_tensor import dispatch_functionalize
 
-        self.graph = make_fx(call, decomposition_table=select_decomp_table())(*_fake_inputs(tensors)).graph
+            with detect_fake_mode(inputs) or contextlib.nullcontext():
+                self.graph = make_fx(dispatch_functionalize(call))(*inputs).graph
+        else:
+            from torch._inductor.decomposition import select_decomp_table  # heavy import
+
+            self.graph = make_fx(call, decomposition_table=select_decomp_table())(*inputs).graph
         self.inputs = self.graph.find_nodes(op="placeholder")
         for inner in self.graph.nodes:
             assert inner.op in ("placeholder", "call_function", "output"), inner.format_node()
@@ -165,6 +198,12 @@ class _Template:
             self.owns_storage[inner] = storage is not None and storage not in storages \
                 and val.storage_offset() == 0
             storages.add(storage)
+
+    def opaque_call_of(self, op: Any) -> bool:
+        """Whether the trace is `op` called as it is (its items aside): nothing to splice."""
+        calls = [n for n in self.graph.nodes
+                 if n.op == "call_function" and n.target is not operator.getitem]
+        return len(calls) == 1 and calls[0].target is op
 
     def stamp(self, graph: Graph, node: Node, tensors: list[Node]) -> Any:
         """Copy the template's nodes in before `node`, its inputs bound to `tensors`; returns

@@ -7,8 +7,9 @@ register themselves with a priority; the highest-priority provider that implemen
 on the device, accepts the dtype and is available wins.
 
 A provider's implementation of an op must itself be a registered torch op (a `torch.library`
-custom op) with the IR op's signature, so that the lowered graph stays traceable and Inductor
-calls it as an extern kernel.
+custom op) with the IR op's signature, so that the lowered graph stays traceable. Inductor calls
+a plain custom op as an extern kernel; a `torch.library.triton_op` is spliced in by lowering as
+its traced body, so Inductor launches its Triton kernels from its own generated code.
 
 A provider may also list a fused kernel for a chain of IR ops under a tuple key, e.g.
 `(RMS_NORM, STATIC_FP8_QUANT)`: its op takes the producer's arguments followed by the consumer's,

@@ -23,8 +23,9 @@ generated code for it is already one elementwise pass.
 
 The ops are `torch.library.triton_op`s: custom ops whose body Inductor can see. In a graph that
 Inductor compiles, the body is traced and the kernel launch becomes Triton's kernel HOP, so
-Inductor calls the kernel from its own generated code with its own lean launcher. Called
-eagerly, the body launches the kernel directly.
+Inductor calls the kernel from its own generated code with its own lean launcher. fxsp's lowering
+puts the ops in after AOT autograd has traced the model, so it splices in that trace itself
+(`lowering._call_provider`). Called eagerly, the body launches the kernel directly.
 
 Every kernel produces the same bits as the references in `ops.py`, up to the order (and fused
 multiply-adds) of the fp32 sum of squares: x + residual is rounded to its dtype, the normalised row is rounded to the

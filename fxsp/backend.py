@@ -2,8 +2,8 @@
 
     torch.compile(model, backend=fxsp.backend(tp_group))
 
-Dynamo graph → AOT autograd → post-grad ATen graph → fxsp's pipeline (raise → SP rules →
-clean up → lower) → Inductor codegen. The pipeline runs as Inductor's post-grad *pre* pass:
+Dynamo graph → AOT autograd → post-grad ATen graph → fxsp's passes (raise → SP rules →
+clean up → lower) → Inductor codegen. They run as Inductor's post-grad *pre* pass:
 Inductor's own passes, micro-pipeline TP among them, run after it and so see the new
 reduce-scatter / all-gather and can fuse them with the neighbouring matmuls.
 """
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .cache import cache_key, load_reports, report_key, save_reports, source_digest
 from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
-from .pipeline import GraphReport, run_pipeline
+from .passes import GraphReport, run_passes
 from .runtime.fusion import decide_allreduce_rms_fusion
 from .runtime.guard import RankGuard, decisions_fingerprint, fingerprint, graph_structure
 from .runtime.row_dispatch import RowDispatch
@@ -276,7 +276,7 @@ def _register_pass() -> None:
 
 
 class FxspPass:
-    """fxsp's pipeline as an Inductor post-grad pass (a CustomGraphPass: `_register_pass`). Its
+    """fxsp's passes as an Inductor post-grad pass (a CustomGraphPass: `_register_pass`). Its
     uuid covers fxsp's source, the options and the TP group *and rank*: the rewritten graph holds
     rank-specific slice offsets, while Inductor's cache key is otherwise the same on every rank.
 
@@ -291,7 +291,7 @@ class FxspPass:
         self.reports: dict[str, list] = {"compile": [], "later": []}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        report = run_pipeline(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
+        report = run_passes(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
         self.owner.reports.append(report)
         self.report = report  # runtime.async_tp's post pass adds the fusion coverage to it
         self.reports["later" if self.compiled else "compile"].append(report)
@@ -334,9 +334,9 @@ def _compile_cache_on() -> bool:
 
 
 def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:
-    """AOT autograd with Inductor's decompositions, the pipeline, and no codegen: for debugging.
+    """AOT autograd with Inductor's decompositions, fxsp's passes, and no codegen: for debugging.
 
-    The pipeline sees the graph it sees under Inductor: Inductor's joint-graph passes (its no-op
+    fxsp's passes see the graph they see under Inductor: Inductor's joint-graph passes (its no-op
     removal drops the clone an eval-mode dropout leaves, its peepholes the pointless views and
     casts) run on the joint graph when it is partitioned, or on the inference graph, then dead
     code goes, as in Inductor's post-grad passes. Their random-op replacement stays off, so

@@ -48,7 +48,7 @@ from ..backend import check_options
 from ..cache import cache_key
 from ..collectives import C10D_ALL_REDUCE, vllm_op
 from ..patterns.sp import SPConfig
-from ..pipeline import GraphReport, run_pipeline
+from ..passes import GraphReport, run_passes
 from ..runtime.thresholds import SPThreshold, sp_min_tokens
 
 log = logging.getLogger("fxsp")
@@ -97,7 +97,7 @@ def vllm_tp_group() -> TPGroup | None:
 
 
 class _FxspVllmPassImpl:
-    """fxsp's pipeline (raise → SP rules → clean up → lower) as a vLLM InductorPass.
+    """fxsp's passes (raise → SP rules → clean up → lower) as a vLLM InductorPass.
 
         FxspVllmPass(min_tokens="auto", fp8=True, explain=False, hidden_size=None, dtype=None,
                      async_tp=False)
@@ -162,7 +162,7 @@ class _FxspVllmPassImpl:
         sp = SPConfig(group=_tp_group_name_in(graph, tp), world=tp.world, rank=tp.rank,
                       min_tokens=min_tokens, fp8=self.options.fp8, async_tp=async_tp,
                       c10d_group=tp.c10d_name if async_tp else None)
-        report = run_pipeline(graph, sp, explain=self.options.explain)
+        report = run_passes(graph, sp, explain=self.options.explain)
         if async_tp:
             from ..runtime.async_tp import fuse_now
 

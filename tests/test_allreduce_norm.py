@@ -29,8 +29,7 @@ from fxsp.patterns.sp import SPConfig, sp_rules
 from fxsp.runtime.fusion import FusionGate, allreduce_rms_fusion_gate, decide_allreduce_rms_fusion
 from fxsp.runtime.thresholds import DeviceInfo
 from fxsp.testing.tp_llama import Spec, TPLlama
-from tests.test_ir_raising import capture, world_of_one  # noqa: F401 (a fixture)
-from tests.test_sp_graphs import Block
+from tests.support import Block, capture
 from tests.worlds import run_world
 
 H100 = DeviceInfo("cuda", (9, 0), "NVIDIA H100")

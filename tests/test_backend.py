@@ -15,7 +15,7 @@ from fxsp.backend import FxspPass
 from fxsp.passes import GraphReport
 from fxsp.runtime.guard import RankGuard
 from fxsp.runtime.row_dispatch import RowDispatch
-from tests.test_sp_graphs import Block
+from tests.support import Block
 
 
 def compile_block(x: torch.Tensor, **options) -> tuple:

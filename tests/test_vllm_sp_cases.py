@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fxsp
+from tests.support import AllReduceRMSNormChunkModel, all_reduce, rms_norm
 from tests.vllm_standins import register_vllm_standins
 
 register_vllm_standins()
 
 E4M3 = torch.float8_e4m3fn
 HIDDEN = 16
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    return funcol.all_reduce(x, "sum", dist.group.WORLD)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """HF/Llama's RMSNorm."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -150,35 +139,6 @@ def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog, monkeypatch):
 
 
 # --- vLLM's MoE SP test (test_sequence_parallelism_moe.py) ---------------------------------------
-
-
-def sequence_parallel_chunk(x: torch.Tensor, spelling: str) -> torch.Tensor:
-    """This rank's block of x's rows, padded to a multiple of the TP size: vLLM's op, or plain
-    torch (F.pad + narrow)."""
-    if spelling == "vllm":
-        return torch.ops.vllm.sequence_parallel_chunk_impl(x)
-    tp, rank = dist.get_world_size(), dist.get_rank()
-    padded = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % tp))
-    per_rank = padded.shape[0] // tp
-    return torch.narrow(padded, 0, rank * per_rank, per_rank)
-
-
-class AllReduceRMSNormChunkModel(nn.Module):
-    """vLLM's TestAllReduceRMSNormChunkModel / TestAllReduceFusedAddRMSNormChunkModel: relu,
-    all-reduce, (add +) norm, then this rank's chunk of the normed rows (the residual, if any,
-    is returned whole)."""
-
-    def __init__(self, dtype: torch.dtype, spelling: str, with_residual: bool, hidden: int = 32):
-        super().__init__()
-        self.w = nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=dtype))
-        self.spelling, self.with_residual = spelling, with_residual
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | tuple:
-        y = all_reduce(torch.relu(x))
-        if self.with_residual:
-            y = residual = y + torch.sigmoid(residual)
-        y = sequence_parallel_chunk(rms_norm(y, self.w, 1e-5), self.spelling)
-        return (y, residual) if self.with_residual else y
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -7,20 +7,20 @@ gloo rank 0's (checked on torch 2.13), compile time needs no working collectives
 the two compilers side by side under the same machine load. The model is
 fxsp.testing.tp_llama.TPLlama (4 layers, hidden 96, 64 rows, fp32), as in the demo, and the
 same model with `--layers` layers (80 by default, `--big-runs` runs): there the question is
-fxsp's share of the compile (its pipeline's seconds over the whole compile's).
+fxsp's share of the compile (its passes' seconds over the whole compile's).
 
 Each timed compile starts from nothing: `torch._dynamo.reset()`, a fresh TORCHINDUCTOR_CACHE_DIR
 and Inductor's in-memory caches cleared (`torch._inductor.utils.fresh_cache`), then the first
-call is timed: Dynamo, AOT autograd, post-grad passes (fxsp's pipeline among them), Inductor
+call is timed: Dynamo, AOT autograd, post-grad passes (fxsp's among them), Inductor
 codegen, the C++ compile and one run. One untimed compile of each comes first (one-time imports),
 then fxsp and Inductor alternate, so drifting machine load hits both alike. Median of `--runs`.
 
 Two clocks. Wall time is what a user waits, but on a shared 2-core machine it swings by tens of
 per cent from one compile to the next. CPU time (this process plus the C++ compiler processes it
 waited for) is the work done, and barely moves with load; Inductor compiles in this process
-(`compile_threads = 1`) so that no work hides in a worker pool. fxsp's own pipeline is timed too.
+(`compile_threads = 1`) so that no work hides in a worker pool. fxsp's own passes are timed too.
 
-Goals: fxsp / Inductor <= 1.05 (issue 7); fxsp's pipeline <= 1 % of an 80-layer compile
+Goals: fxsp / Inductor <= 1.05 (issue 7); fxsp's passes <= 1 % of an 80-layer compile
 (issue 13).
 """
 
@@ -49,21 +49,21 @@ SPEC = Spec(layers=4, hidden=96, heads=6, inter=192, vocab=96)
 ROWS = 64
 GOAL = 1.05
 
-# fxsp's own share of the compile: its pipeline, timed where the backend calls it.
-pipeline_seconds: list[tuple[float, float]] = []  # (wall, CPU) per call
+# fxsp's own share of the compile: its passes, timed where the backend calls it.
+passes_seconds: list[tuple[float, float]] = []  # (wall, CPU) per call
 backend_module = importlib.import_module("fxsp.backend")  # `fxsp.backend` is the function
-_run_pipeline = backend_module.run_pipeline
+_run_passes = backend_module.run_passes
 
 
-def _timed_pipeline(*args, **kwargs):
+def _timed_passes(*args, **kwargs):
     start, start_cpu = time.perf_counter(), time.process_time()
     try:
-        return _run_pipeline(*args, **kwargs)
+        return _run_passes(*args, **kwargs)
     finally:
-        pipeline_seconds.append((time.perf_counter() - start, time.process_time() - start_cpu))
+        passes_seconds.append((time.perf_counter() - start, time.process_time() - start_cpu))
 
 
-backend_module.run_pipeline = _timed_pipeline
+backend_module.run_passes = _timed_passes
 
 
 def cpu_seconds() -> float:
@@ -73,13 +73,13 @@ def cpu_seconds() -> float:
 
 
 def compile_once(use_fxsp: bool, spec: Spec = SPEC) -> dict:
-    """Wall and CPU seconds to compile and run once from nothing, and fxsp's pipeline seconds
+    """Wall and CPU seconds to compile and run once from nothing, and fxsp's passes' seconds
     (wall and CPU)."""
     torch._dynamo.reset()
     model = TPLlama(spec)
     tokens = model.example_input(ROWS)
     backend = fxsp.backend(None, min_tokens=0) if use_fxsp else "inductor"
-    pipeline_seconds.clear()
+    passes_seconds.clear()
     with fresh_cache(), torch.no_grad():
         wall, cpu = time.perf_counter(), cpu_seconds()
         torch.compile(model, backend=backend)(tokens)
@@ -87,8 +87,8 @@ def compile_once(use_fxsp: bool, spec: Spec = SPEC) -> dict:
     if use_fxsp:
         counts = backend.reports[-1].counts
         assert sum(counts.get(f"sp.{r}", 0) for r in ("first", "middle", "last")) == 2 * spec.layers + 1, counts
-    return {"wall": wall, "cpu": cpu, "pipeline": sum(w for w, _ in pipeline_seconds),
-            "pipeline_cpu": sum(c for _, c in pipeline_seconds)}
+    return {"wall": wall, "cpu": cpu, "passes": sum(w for w, _ in passes_seconds),
+            "passes_cpu": sum(c for _, c in passes_seconds)}
 
 
 def plot(runs: list) -> None:
@@ -124,7 +124,7 @@ def main() -> None:
     compile_once(True), compile_once(False)  # warm-up: one-time imports and initialisation
 
     print(f"{'run':>3} {'fxsp wall s':>11} {'inductor wall s':>15} {'ratio':>6} "
-          f"{'fxsp cpu s':>10} {'inductor cpu s':>14} {'ratio':>6} {'fxsp pipeline s':>15}")
+          f"{'fxsp cpu s':>10} {'inductor cpu s':>14} {'ratio':>6} {'fxsp passes s':>15}")
     runs = []
     for run in range(args.runs):
         # Alternate which goes first, so neither always follows the other.
@@ -133,7 +133,7 @@ def main() -> None:
         runs.append({"fxsp": results[True], "inductor": results[False]})
         f, i = results[True], results[False]
         print(f"{run + 1:>3} {f['wall']:>11.2f} {i['wall']:>15.2f} {f['wall'] / i['wall']:>6.3f} "
-              f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['pipeline']:>15.3f}")
+              f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['passes']:>15.3f}")
 
     def median(engine: str, key: str) -> float:
         return statistics.median(r[engine][key] for r in runs)
@@ -142,7 +142,7 @@ def main() -> None:
     cpu_ratio = median("fxsp", "cpu") / median("inductor", "cpu")
     print(f"{'med':>3} {median('fxsp', 'wall'):>11.2f} {median('inductor', 'wall'):>15.2f} {wall_ratio:>6.3f} "
           f"{median('fxsp', 'cpu'):>10.2f} {median('inductor', 'cpu'):>14.2f} {cpu_ratio:>6.3f} "
-          f"{median('fxsp', 'pipeline'):>15.3f}")
+          f"{median('fxsp', 'passes'):>15.3f}")
     plot(runs)
 
     def verdict(ratio: float) -> str:
@@ -150,7 +150,7 @@ def main() -> None:
 
     print(f"\nsummary: whole compile of a {SPEC.layers}-layer TP Llama, median of {args.runs}: "
           f"CPU time fxsp/Inductor {cpu_ratio:.3f}x (goal <= {GOAL}x: {verdict(cpu_ratio)}), wall time "
-          f"{wall_ratio:.3f}x ({verdict(wall_ratio)}); fxsp's own pipeline {median('fxsp', 'pipeline'):.2f} s "
+          f"{wall_ratio:.3f}x ({verdict(wall_ratio)}); fxsp's own passes {median('fxsp', 'passes'):.2f} s "
           f"of {median('fxsp', 'wall'):.1f} s")
     if args.big_runs:
         big_model(SPEC.with_(layers=args.layers), args.big_runs)
@@ -162,19 +162,19 @@ def big_model(spec: Spec, runs: int) -> None:
     print(f"\n{spec.layers}-layer TP Llama (hidden {spec.hidden}, {ROWS} rows), {runs} run(s), fxsp and "
           "Inductor alternating:")
     print(f"{'run':>3} {'fxsp wall s':>11} {'inductor wall s':>15} {'ratio':>6} {'fxsp cpu s':>10} "
-          f"{'inductor cpu s':>14} {'ratio':>6} {'pipeline wall s':>15} {'pipeline cpu s':>14} {'share':>6}")
+          f"{'inductor cpu s':>14} {'ratio':>6} {'passes wall s':>15} {'passes cpu s':>14} {'share':>6}")
     shares, ratios = [], []
     for run in range(runs):
         order = (True, False) if run % 2 == 0 else (False, True)
         results = {use_fxsp: compile_once(use_fxsp, spec) for use_fxsp in order}
         f, i = results[True], results[False]
-        shares.append(f["pipeline_cpu"] / f["cpu"])
+        shares.append(f["passes_cpu"] / f["cpu"])
         ratios.append(f["cpu"] / i["cpu"])
         print(f"{run + 1:>3} {f['wall']:>11.2f} {i['wall']:>15.2f} {f['wall'] / i['wall']:>6.3f} "
-              f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['pipeline']:>15.3f} "
-              f"{f['pipeline_cpu']:>14.3f} {f['pipeline_cpu'] / f['cpu']:>6.2%}", flush=True)
+              f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['passes']:>15.3f} "
+              f"{f['passes_cpu']:>14.3f} {f['passes_cpu'] / f['cpu']:>6.2%}", flush=True)
     share = statistics.median(shares)
-    print(f"summary, median of {runs}: fxsp's pipeline is {share:.2%} of the {spec.layers}-layer compile's CPU "
+    print(f"summary, median of {runs}: fxsp's passes are {share:.2%} of the {spec.layers}-layer compile's CPU "
           f"time (goal <= 1 %: {'met' if share <= 0.01 else 'MISSED'}); whole compile fxsp / Inductor "
           f"{statistics.median(ratios):.3f}x CPU time")
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sp_pass_speed.py [--profile] [--layers 4 16 32 80]
 
-1. What the user pays: fxsp's whole pipeline (`fxsp.pipeline.run_pipeline`: raise, SP rules,
+1. What the user pays: fxsp's passes, all of them (`fxsp.passes.run_passes`: raise, SP rules,
    clean-up, lowering) on raw post-grad graphs, the ones Inductor hands its post-grad passes
    (benchmarks/post_grad_llama.py: fxsp.testing.tp_llama's TPLlama, bf16, functional
    all-reduce), once with the HF norm spelling and once with `F.rms_norm`. The baseline is
@@ -26,7 +26,7 @@ moves less with load than wall time), median of 5 runs, each on a fresh deep cop
 run, so drifting load hits both. "Same
 result": equal match counts and the same collectives left (reduce-scatters, all-gathers, no
 all-reduce). A fake process group of 2 ranks; small tensors, since the graph is measured, not
-the math. `--profile` prints where the pipeline's time goes at the largest layer count.
+the math. `--profile` prints where the passes' time goes at the largest layer count.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from benchmarks.plotting import save_plot
 from benchmarks.post_grad_llama import post_grad_graph
 from fxsp.cleanup import remove_dead_code
 from fxsp.patterns.sp import SPConfig, sp_rules
-from fxsp.pipeline import run_pipeline
+from fxsp.passes import run_passes
 
 LAYER_COUNTS = (4, 16, 32, 80, 128)
 RAW_LAYER_COUNTS = (4, 16, 32, 80)
@@ -139,9 +139,9 @@ def apply_fxsp(gm: GraphModule) -> int:
     return sum(report.counts.values())
 
 
-def run_fxsp_pipeline(gm: GraphModule) -> int:
-    """The whole pipeline, as fxsp's backend runs it; returns the SP matches."""
-    report = run_pipeline(gm.graph, CONFIG)
+def run_fxsp_passes(gm: GraphModule) -> int:
+    """All of fxsp's passes, as its backend runs them; returns the SP matches."""
+    report = run_passes(gm.graph, CONFIG)
     return sum(report.counts.get(f"sp.{r}", 0) for r in ("first", "middle", "last"))
 
 
@@ -166,21 +166,21 @@ def timed_apply(original: GraphModule, engines: dict) -> dict:
 
 
 def profile_fxsp(original: GraphModule, top: int = 25) -> None:
-    """Where the whole pipeline's time goes on `original`: cProfile's top entries."""
+    """Where the time of all passes goes on `original`: cProfile's top entries."""
     profiler = cProfile.Profile()
     gm = copy.deepcopy(original)
     profiler.enable()
-    run_fxsp_pipeline(gm)
+    run_fxsp_passes(gm)
     profiler.disable()
-    print(f"\ncProfile of the whole pipeline, top {top} by cumulative time:")
+    print(f"\ncProfile of all passes, top {top} by cumulative time:")
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
 
 
-def raw_pipeline_table(layer_counts: tuple) -> dict:
-    """Section 1: the whole pipeline against RawPatternMatcherSP, per spelling and layer count."""
+def raw_passes_table(layer_counts: tuple) -> dict:
+    """Section 1: all passes against RawPatternMatcherSP, per spelling and layer count."""
     from benchmarks.baseline_pattern_matcher import RawPatternMatcherSP
 
-    print("1. whole pipeline (raise, SP, clean-up, lower) on raw post-grad graphs, CPU ms, median of "
+    print("1. all passes (raise, SP, clean-up, lower) on raw post-grad graphs, CPU ms, median of "
           f"{RUNS}")
     header = ("norm", "layers", "nodes", "matches", "fxsp ms", "matcher ms", "speed-up", "fxsp ms/layer",
               "same result")
@@ -190,7 +190,7 @@ def raw_pipeline_table(layer_counts: tuple) -> dict:
         baseline = RawPatternMatcherSP(GROUP, WORLD, RANK, norm=norm)
         for layers in layer_counts:
             graph = post_grad_graph(layers, norm)
-            timed = timed_apply(graph, {"fxsp": run_fxsp_pipeline, "baseline": baseline.apply})
+            timed = timed_apply(graph, {"fxsp": run_fxsp_passes, "baseline": baseline.apply})
             (fxsp_matches, fxsp_s, fxsp_left), (baseline_matches, baseline_s, baseline_left) = \
                 timed["fxsp"], timed["baseline"]
             expected = 2 * layers + 1  # first + (2 * layers - 1) middle + last
@@ -212,7 +212,7 @@ def plot(raw: dict, ir: dict, fxsp_registration: float, baseline_registration: f
         for i, norm in enumerate(SPELLINGS):
             layers = sorted(n for (spelling, n) in raw if spelling == norm)
             apply_ax.plot(layers, [raw[norm, n]["fxsp"] * 1e3 for n in layers], "o-", color=f"C{2 * i}",
-                          label=f"fxsp whole pipeline ({norm} norms)")
+                          label=f"fxsp all passes ({norm} norms)")
             apply_ax.plot(layers, [raw[norm, n]["baseline"] * 1e3 for n in layers], "s--", color=f"C{2 * i + 1}",
                           label=f"pattern matcher ({norm} norms)")
         layers = sorted(ir)
@@ -262,7 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--registration", choices=("fxsp", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true",
-                        help="profile the whole pipeline at the largest layer count")
+                        help="profile all passes at the largest layer count")
     parser.add_argument("--layers", type=int, nargs="+", default=list(RAW_LAYER_COUNTS),
                         help="layer counts of the raw post-grad graphs")
     args = parser.parse_args()
@@ -275,7 +275,7 @@ def main() -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=RANK, world_size=WORLD)
-    raw = raw_pipeline_table(tuple(args.layers))
+    raw = raw_passes_table(tuple(args.layers))
     few, most = min(args.layers), max(args.layers)
     print()
     for norm in SPELLINGS:

@@ -2,8 +2,8 @@
 
     torch.compile(model, backend=fxsp.backend(tp_group))
 
-Dynamo graph → AOT autograd → post-grad ATen graph → fxsp's pipeline (raise → SP rules →
-clean up → lower) → Inductor codegen. The pipeline runs as Inductor's post-grad *pre* pass:
+Dynamo graph → AOT autograd → post-grad ATen graph → fxsp's passes (raise → SP rules →
+clean up → lower) → Inductor codegen. They run as Inductor's post-grad *pre* pass:
 Inductor's own passes, micro-pipeline TP among them, run after it and so see the new
 reduce-scatter / all-gather and can fuse them with the neighbouring matmuls.
 """
@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from .cache import cache_key, load_reports, report_key, save_reports, source_digest
+from .configs import Configs, TPGroup
+from .passes import GraphReport, run_passes
 from .patterns.allreduce_norm import AllReduceNormConfig
 from .patterns.sp import SPConfig
-from .pipeline import GraphReport, run_pipeline
-from .runtime.fusion import decide_allreduce_rms_fusion
 from .runtime.guard import RankGuard, decisions_fingerprint, fingerprint, graph_structure
 from .runtime.row_dispatch import RowDispatch
 
@@ -111,10 +111,8 @@ class Backend:
         self.options = options
         self._group: dist.ProcessGroup | None = None
         self.reports: list[GraphReport] = []
-        self._said_off = False
+        self.configs = Configs(options)
         self._floats_named: set[str] = set()
-        self._fusion: tuple | None = None  # (config or None,) once decided
-        self._async_tp: bool | None = None  # once decided
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         sp = self.sp_config()
@@ -207,17 +205,6 @@ class Backend:
         graph_pass.save()
         return compiled, list(graph_pass.reports["compile"])
 
-    def use_async_tp(self, group_name: str) -> bool:
-        """async_tp asked for and possible on the TP group (says once why not)."""
-        if self._async_tp is None:
-            from .runtime.async_tp import enable_async_tp
-
-            why_not = enable_async_tp(group_name) if self.options.async_tp else None
-            if why_not is not None:
-                log.warning("fxsp: async_tp off, compiling without micro-pipeline TP: %s", why_not)
-            self._async_tp = self.options.async_tp and why_not is None
-        return self._async_tp
-
     def _may_dispatch(self, example_inputs: list) -> bool:
         """Symbolic sizes and a threshold that may be above zero."""
         symbolic = any(isinstance(a, torch.SymInt) or (isinstance(a, torch.Tensor) and _has_symbolic_size(a))
@@ -238,33 +225,12 @@ class Backend:
 
     def sp_config(self) -> SPConfig | None:
         """The SP settings for this process, or None when TP size is 1 (nothing to rewrite)."""
-        group = self.group
-        world = dist.get_world_size(group)
-        if world == 1 or self.options.batch_invariant:
-            if not self._said_off:
-                log.info("fxsp: %s", "TP size 1, sequence parallelism has nothing to do" if world == 1 else
-                         "batch_invariant: sequence parallelism is off (a reduce-scatter sums in another "
-                         "order than an all-reduce, so results would depend on the batch)")
-                self._said_off = True
-            return None
-        return SPConfig(group=group.group_name, world=world, rank=dist.get_rank(group),
-                        min_tokens=self.options.min_tokens, fp8=self.options.fp8,
-                        shard_outputs=self.options.shard_outputs,
-                        async_tp=self.use_async_tp(group.group_name))
-
+        return self.configs.sp(TPGroup.of(self.group))
 
     def fusion_config(self) -> AllReduceNormConfig | None:
         """The fused all-reduce + RMSNorm settings, or None where runtime.fusion rules it out
         (it logs why, once per backend)."""
-        if self._fusion is None:
-            group = self.group
-            world = dist.get_world_size(group)
-            # batch_invariant: the kernel's summation order depends on the rows.
-            wanted = self.options.allreduce_fusion and not self.options.batch_invariant and world > 1
-            allowed = wanted and decide_allreduce_rms_fusion(world, self.options.pipeline_size).enabled
-            config = AllReduceNormConfig(group=group.group_name, world=world, fp8=self.options.fp8)
-            self._fusion = (config if allowed else None,)
-        return self._fusion[0]
+        return self.configs.fusion(TPGroup.of(self.group))
 
 
 def _register_pass() -> None:
@@ -276,7 +242,7 @@ def _register_pass() -> None:
 
 
 class FxspPass:
-    """fxsp's pipeline as an Inductor post-grad pass (a CustomGraphPass: `_register_pass`). Its
+    """fxsp's passes as an Inductor post-grad pass (a CustomGraphPass: `_register_pass`). Its
     uuid covers fxsp's source, the options and the TP group *and rank*: the rewritten graph holds
     rank-specific slice offsets, while Inductor's cache key is otherwise the same on every rank.
 
@@ -291,7 +257,7 @@ class FxspPass:
         self.reports: dict[str, list] = {"compile": [], "later": []}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        report = run_pipeline(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
+        report = run_passes(graph, self.sp, explain=self.owner.options.explain, fusion=self.fusion)
         self.owner.reports.append(report)
         self.report = report  # runtime.async_tp's post pass adds the fusion coverage to it
         self.reports["later" if self.compiled else "compile"].append(report)
@@ -334,9 +300,9 @@ def _compile_cache_on() -> bool:
 
 
 def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:
-    """AOT autograd with Inductor's decompositions, the pipeline, and no codegen: for debugging.
+    """AOT autograd with Inductor's decompositions, fxsp's passes, and no codegen: for debugging.
 
-    The pipeline sees the graph it sees under Inductor: Inductor's joint-graph passes (its no-op
+    fxsp's passes see the graph they see under Inductor: Inductor's joint-graph passes (its no-op
     removal drops the clone an eval-mode dropout leaves, its peepholes the pointless views and
     casts) run on the joint graph when it is partitioned, or on the inference graph, then dead
     code goes, as in Inductor's post-grad passes. Their random-op replacement stays off, so

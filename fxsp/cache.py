@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .pipeline import GraphReport
+from .passes import GraphReport
 
 log = logging.getLogger("fxsp")
 

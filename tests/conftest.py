@@ -1,5 +1,5 @@
-"""Shared fixtures: a fresh Inductor cache per test, and the fake process group; the vLLM
-tests in a process of their own when collected with the others."""
+"""Shared fixtures: a fresh Inductor cache per test, the fake process group, a real one-rank gloo
+group; the vLLM tests in a process of their own when collected with the others."""
 
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def fake_pg(request):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         yield world
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def world_of_one():
+    """A real one-rank gloo group: collectives compile and run (and sum over one rank)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
     finally:
         dist.destroy_process_group()
 

@@ -29,8 +29,7 @@ from fxsp.patterns.sp import SPConfig, sp_rules
 from fxsp.runtime.fusion import FusionGate, allreduce_rms_fusion_gate, decide_allreduce_rms_fusion
 from fxsp.runtime.thresholds import DeviceInfo
 from fxsp.testing.tp_llama import Spec, TPLlama
-from tests.test_ir_raising import capture, world_of_one  # noqa: F401 (a fixture)
-from tests.test_sp_graphs import Block
+from tests.support import Block, capture
 from tests.worlds import run_world
 
 H100 = DeviceInfo("cuda", (9, 0), "NVIDIA H100")
@@ -240,7 +239,7 @@ def test_symbolic_rows_only_when_provably_small(world):
 
 @pytest.mark.parametrize("rows, rule_set", [(4, "allreduce_norm"), (8, "sp")])
 def test_sp_takes_large_batches_fusion_the_rest(world, rows, rule_set):
-    """In the pipeline's order: SP from 8 rows on, then the fusion below."""
+    """In fxsp's order of passes: SP from 8 rows on, then the fusion below."""
     gm = raised(Block(layers=1), torch.randn(rows, 8))
     sp = sp_rules(SPConfig(group=dist.group.WORLD.group_name, world=2, rank=0, min_tokens=8))
     counts = {**nonzero(sp.apply(gm)), **nonzero(fused(gm, max_tokens=7))}
@@ -279,8 +278,8 @@ def test_flashinfer_wrappers_compute_the_reference_where_the_kernel_cannot_run(w
 # ---------------------------------------------------------------------------------------------
 
 
-def fusion_pipeline(graph: Graph, fusion: AllReduceNormConfig, sp: SPConfig | None) -> dict:
-    """fxsp's pipeline with the fusion after SP, as the backend is to run it."""
+def passes_with_fusion(graph: Graph, fusion: AllReduceNormConfig, sp: SPConfig | None) -> dict:
+    """fxsp's passes with the fusion after SP, as the backend is to run it."""
     raise_ir(graph)
     counts = nonzero(sp_rules(sp).apply(graph)) if sp is not None else {}
     counts.update(nonzero(allreduce_norm_rules(fusion).apply(graph)))
@@ -295,7 +294,7 @@ def fusion_pipeline(graph: Graph, fusion: AllReduceNormConfig, sp: SPConfig | No
 
 def compile_with(passes: Callable[[Graph], dict], reports: list) -> Callable:
     """A torch.compile backend like `fxsp.backend(inner="eager")` running `passes` instead of
-    the pipeline: AOT autograd with Inductor's decompositions, no codegen."""
+    fxsp's passes: AOT autograd with Inductor's decompositions, no codegen."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
@@ -318,7 +317,7 @@ def fuse_and_compare(rank: int, world: int, cases: list) -> tuple[list, dict]:
         model, reports = TPLlama(spec), []
         fusion = AllReduceNormConfig(group, world, max_tokens=max_tokens)
         sp = None if sp_min is None else SPConfig(group, world, rank, min_tokens=sp_min)
-        passes = functools.partial(fusion_pipeline, fusion=fusion, sp=sp)
+        passes = functools.partial(passes_with_fusion, fusion=fusion, sp=sp)
         compiled = torch.compile(model, backend=compile_with(passes, reports))
         inputs = model.example_input(rows)
         with torch.no_grad():
@@ -423,7 +422,7 @@ def test_fused_equals_eager_on_two_ranks():
     cases = [
         (BASE.with_(fp8=True), 5, 64, None),
         (BASE.with_(dtype=torch.bfloat16, norm="torch", eps=1e-5, batched=True), 6, 64, None),
-        # the pipeline's order: SP from 8 rows on, the fusion below
+        # fxsp's order of passes: SP from 8 rows on, the fusion below
         (BASE, 5, 7, 8),
         (BASE, 9, 7, 8),
     ]

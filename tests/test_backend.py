@@ -12,10 +12,10 @@ import torch.distributed as dist
 
 import fxsp
 from fxsp.backend import FxspPass
-from fxsp.pipeline import GraphReport
+from fxsp.passes import GraphReport
 from fxsp.runtime.guard import RankGuard
 from fxsp.runtime.row_dispatch import RowDispatch
-from tests.test_sp_graphs import Block
+from tests.support import Block
 
 
 def compile_block(x: torch.Tensor, **options) -> tuple:

@@ -51,8 +51,8 @@ def test_baseline_equals_eager_on_gloo():
 
 @pytest.mark.parametrize("norm", ["hf", "torch"])
 def test_raw_baseline_rewrites_every_norm_like_fxsp(fake_pg, norm):
-    """On raw post-grad graphs (the baseline of the whole-pipeline figure) the pattern matcher
-    finds every norm of either spelling and leaves the collectives fxsp's pipeline leaves."""
+    """On raw post-grad graphs (the baseline of the all-passes figure) the pattern matcher
+    finds every norm of either spelling and leaves the collectives fxsp's passes leave."""
     import copy
 
     import torch.distributed as dist
@@ -60,7 +60,7 @@ def test_raw_baseline_rewrites_every_norm_like_fxsp(fake_pg, norm):
     from benchmarks.baseline_pattern_matcher import RawPatternMatcherSP
     from benchmarks.post_grad_llama import post_grad_graph
     from fxsp.patterns.sp import SPConfig
-    from fxsp.pipeline import run_pipeline
+    from fxsp.passes import run_passes
 
     c10d = torch.ops._c10d_functional
     group = dist.group.WORLD.group_name
@@ -68,7 +68,7 @@ def test_raw_baseline_rewrites_every_norm_like_fxsp(fake_pg, norm):
     baseline, ours = copy.deepcopy(gm), copy.deepcopy(gm)
     matches = RawPatternMatcherSP(group, fake_pg, 0, norm=norm).apply(baseline)
     baseline.graph.lint()
-    run_pipeline(ours.graph, SPConfig(group=group, world=fake_pg, rank=0, min_tokens=0))
+    run_passes(ours.graph, SPConfig(group=group, world=fake_pg, rank=0, min_tokens=0))
 
     def collectives(g) -> list:
         return [len(g.graph.find_nodes(op="call_function", target=t)) for t in

@@ -15,7 +15,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxsp.ir import lower_ir, raise_ir
-from tests.test_ir_raising import (
+from tests.support import (
     BF16,
     E4M3,
     E4M3_FNUZ,
@@ -27,7 +27,6 @@ from tests.test_ir_raising import (
     gemma,
     hf,
     hf_down_after,
-    world_of_one,  # noqa: F401 (a fixture)
 )
 from tests.vllm_standins import register_vllm_standins
 

@@ -18,7 +18,7 @@ import fxsp
 from fxsp.ir import lower_ir, raise_ir
 from fxsp.ir.ops import FUSED_ADD_RMS_NORM, IR_OPS, RMS_NORM
 from fxsp.ir.providers import Provider, register_provider, unregister_provider
-from tests.test_ir_raising import (
+from tests.support import (
     BF16,
     COLLECTIVES,
     E4M3,
@@ -31,7 +31,6 @@ from tests.test_ir_raising import (
     counts,
     fused_rms_norm_graph,
     make_inputs,
-    world_of_one,  # noqa: F401 (a fixture)
 )
 
 DTYPES = [F32, BF16, F16]

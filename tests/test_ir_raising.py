@@ -2,16 +2,11 @@
 `raise_ir` (golden text), then the look-alikes that must stay as they are, each with the reason
 the report gives.
 
-The spellings here are the catalogue the numerics and compile tests reuse.
+The spellings are the catalogue in tests/support.py, which the numerics and compile tests reuse.
 Regenerate the expected strings with `EXPECTTEST_ACCEPT=1 pytest tests/test_ir_raising.py`, then
 read the diff: the text is the spec."""
 
 from __future__ import annotations
-
-import copy
-import operator
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import expecttest
 import pytest
@@ -21,268 +16,40 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import GraphModule
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import fxsp
 from fxsp.ir import IR_OPS, raise_ir
+from tests.support import (
+    BF16,
+    COLLECTIVES,
+    E4M3,
+    E4M3_FNUZ,
+    F16,
+    F32,
+    H,
+    NORMS,
+    QUANTS,
+    Capture,
+    Spelling,
+    add_norm,
+    capture,
+    counts,
+    fp8_div,
+    fused_rms_norm_graph,
+    hf,
+    make_inputs,
+    normed,
+    torch_rms_norm,
+    vllm_c_fp8,
+)
 from tests.vllm_standins import register_vllm_standins
 
 register_vllm_standins()
 
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-E4M3, E4M3_FNUZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
-H = 8  # hidden size of every example
-
-
-# ---------------------------------------------------------------------------------------------
-# The spellings. Each factory takes eps (baked in as a constant, as models do) and returns the
-# function to compile; tensors are arguments, so tests can feed any dtype.
-# ---------------------------------------------------------------------------------------------
-
-
-def _normed(x: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.to(torch.float32)
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def hf(eps):  # LlamaRMSNorm: weight * normed.to(input dtype)
-    return lambda x, w: w * _normed(x, eps).to(x.dtype)
-
-
-def hf_weight_right(eps):
-    return lambda x, w: _normed(x, eps).to(x.dtype) * w
-
-
-def hf_down_after(eps):  # the weight multiply in fp32, one down-cast at the end
-    return lambda x, w: (_normed(x, eps) * w).to(x.dtype)
-
-
-def hf_no_weight(eps):
-    return lambda x: _normed(x, eps).to(x.dtype)
-
-
-def gemma(eps):  # GemmaRMSNorm: the weight is stored as an offset from 1
-    return lambda x, w: (_normed(x, eps) * (1.0 + w.float())).type_as(x)
-
-
-def torch_rms_norm(eps):
-    return lambda x, w: F.rms_norm(x, (x.shape[-1],), w, eps)
-
-
-def torch_rms_norm_no_weight(eps):
-    return lambda x: F.rms_norm(x, (x.shape[-1],), None, eps)
-
-
-def nn_rms_norm(eps):
-    """nn.RMSNorm, its weight handed in like every other tensor."""
-    module = nn.RMSNorm(H, eps=eps)
-    return lambda x, w: torch.func.functional_call(module, {"weight": w}, (x,))
-
-
-def add_norm(eps):  # h = h + residual; normed = norm(h); h is the next residual
-    def block(x, residual, w):
-        h = x + residual
-        return hf(eps)(h, w), h
-    return block
-
-
-def add_norm_swapped(eps):
-    def block(x, residual, w):
-        h = residual + x
-        return torch_rms_norm(eps)(h, w), h
-    return block
-
-
-def vllm_c_rms_norm(eps):
-    def norm(x, w):
-        out = torch.empty_like(x)
-        torch.ops._C.rms_norm(out, x, w, eps)
-        return out
-    return norm
-
-
-def vllm_c_fused_add_rms_norm(eps):
-    def block(x, residual, w):
-        x, residual = x * 1, residual * 1  # intermediates, as in a model
-        torch.ops._C.fused_add_rms_norm(x, residual, w, eps)
-        return x, residual
-    return block
-
-
-def vllm_ir_rms_norm(eps):
-    return lambda x, w: torch.ops.vllm_ir.rms_norm(x, w, eps)
-
-
-def vllm_ir_fused_add_rms_norm(eps):
-    return lambda x, residual, w: torch.ops.vllm_ir.fused_add_rms_norm(x, residual, w, eps)
-
-
-def fp8_div(fp8):
-    bound = torch.finfo(fp8).max
-    return lambda x, scale: (x.float() / scale).clamp(min=-bound, max=bound).to(fp8)
-
-
-def fp8_promoted(fp8):
-    """x in bf16/fp16 and an fp32 scale of shape [1] (a 0-d one would not promote): the
-    division computes in fp32 without an explicit up-cast."""
-    bound = torch.finfo(fp8).max
-    return lambda x, scale: (x / scale.reshape(1)).clamp(-bound, bound).to(fp8)
-
-
-def fp8_reciprocal(fp8):
-    bound = torch.finfo(fp8).max
-    return lambda x, scale: (x.float() * scale.reciprocal()).clamp(-bound, bound).to(fp8)
-
-
-def fp8_one_over(fp8):
-    bound = torch.finfo(fp8).max
-    return lambda x, scale: (x.float() * (1.0 / scale)).clamp(-bound, bound).to(fp8)
-
-
-def vllm_c_fp8(fp8):
-    def quant(x, scale):
-        out = torch.empty(x.shape, dtype=fp8, device=x.device)
-        torch.ops._C.static_scaled_fp8_quant(out, x, scale)
-        return out
-    return quant
-
-
-def funcol_all_reduce(group):
-    return lambda x, w: funcol.all_reduce(x @ w, "sum", group) + 1
-
-
-def dist_all_reduce(group):  # in place: Dynamo rewrites it to the functional op
-    def reduce(x, w):
-        y = x @ w
-        dist.all_reduce(y, group=group)
-        return y + 1
-    return reduce
-
-
-def vllm_all_reduce(group):
-    return lambda x, w: torch.ops.vllm.all_reduce(x @ w, group.group_name) + 1
-
-
-@dataclass(frozen=True)
-class Spelling:
-    """A model spelling, the rule that must raise it, and how to build inputs for it."""
-
-    build: Callable  # eps (norms), fp8 dtype (quants) or process group (collectives) -> fn
-    rule: str
-    inputs: str  # "xw": x [T, H] and weight [H]; "x"; "xrw": x, residual, weight; "xs"; "xm"
-
-
-NORMS = {
-    "hf": Spelling(hf, "raise.rms_norm", "xw"),
-    "hf_weight_right": Spelling(hf_weight_right, "raise.rms_norm", "xw"),
-    "hf_down_after": Spelling(hf_down_after, "raise.rms_norm", "xw"),
-    "hf_no_weight": Spelling(hf_no_weight, "raise.rms_norm_unweighted", "x"),
-    "gemma": Spelling(gemma, "raise.rms_norm", "xw"),
-    "torch_rms_norm": Spelling(torch_rms_norm, "raise.rms_norm", "xw"),
-    "torch_rms_norm_no_weight": Spelling(torch_rms_norm_no_weight, "raise.rms_norm_unweighted", "x"),
-    "nn_rms_norm": Spelling(nn_rms_norm, "raise.rms_norm", "xw"),
-    "add_norm": Spelling(add_norm, "raise.add_rms_norm", "xrw"),
-    "add_norm_swapped": Spelling(add_norm_swapped, "raise.add_rms_norm", "xrw"),
-    "vllm_c_rms_norm": Spelling(vllm_c_rms_norm, "raise.vllm_c_rms_norm", "xw"),
-    "vllm_c_fused_add_rms_norm": Spelling(vllm_c_fused_add_rms_norm, "raise.vllm_c_fused_add_rms_norm", "xrw"),
-    "vllm_ir_rms_norm": Spelling(vllm_ir_rms_norm, "raise.vllm_ir_rms_norm", "xw"),
-    "vllm_ir_fused_add_rms_norm": Spelling(vllm_ir_fused_add_rms_norm, "raise.vllm_ir_fused_add_rms_norm", "xrw"),
-}
-QUANTS = {
-    "fp8_div": Spelling(fp8_div, "raise.static_fp8_quant", "xs"),
-    "fp8_promoted": Spelling(fp8_promoted, "raise.static_fp8_quant", "xs"),
-    "fp8_reciprocal": Spelling(fp8_reciprocal, "raise.static_fp8_quant", "xs"),
-    "fp8_one_over": Spelling(fp8_one_over, "raise.static_fp8_quant", "xs"),
-    "vllm_c_fp8": Spelling(vllm_c_fp8, "raise.vllm_c_static_fp8_quant", "xs"),
-}
-COLLECTIVES = {
-    "funcol_all_reduce": Spelling(funcol_all_reduce, "raise.c10d_all_reduce", "xm"),
-    "dist_all_reduce": Spelling(dist_all_reduce, "raise.c10d_all_reduce", "xm"),
-    "vllm_all_reduce": Spelling(vllm_all_reduce, "raise.vllm_all_reduce", "xm"),
-}
-
-
-def make_inputs(kind: str, dtype: torch.dtype = F32, rows: int = 4, hidden: int = H,
-                seed: int = 0) -> tuple:
-    """Random inputs; weights near 1 and the scale such that some values clamp."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g).to(dt)
-
-    x = randn(rows, hidden)
-    return {
-        "x": (x,),
-        "xw": (x, 1 + 0.1 * randn(hidden)),
-        "xrw": (x, randn(rows, hidden), 1 + 0.1 * randn(hidden)),
-        "xs": (100 * x, torch.tensor(0.25)),
-        "xm": (x, randn(hidden, hidden)),
-    }[kind]
-
-
-# ---------------------------------------------------------------------------------------------
-# Capturing post-grad graphs
-# ---------------------------------------------------------------------------------------------
-
-
-class _Captured(Exception):
-    pass
-
-
-class _Capture(CustomGraphPass):
-    """Inductor's post-grad custom pre pass that keeps a copy of the graph, then stops the
-    compile: the graph fxsp would see, without paying for code generation."""
-
-    def __init__(self) -> None:
-        self.gm: GraphModule | None = None
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        self.gm = copy.deepcopy(graph.owning_module)
-        raise _Captured
-
-    def uuid(self) -> None:
-        return None
-
-
-def capture(fn: Callable, *args: torch.Tensor) -> GraphModule:
-    """The post-grad (inference) graph Inductor builds for `fn(*args)`. Its placeholders are
-    `args` in order."""
-
-    def in_order(*tensors):
-        for t in tensors:  # Dynamo adds graph inputs in order of first use
-            t.shape  # noqa: B018
-        return fn(*tensors)
-
-    spy = _Capture()
-    torch._dynamo.reset()
-    with (inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False), torch.no_grad(),
-          pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured")):
-        torch.compile(in_order, backend="inductor", fullgraph=True)(*args)
-    assert spy.gm is not None
-    return spy.gm
-
-
-def fused_rms_norm_graph(x: torch.Tensor, w: torch.Tensor | None, eps: float | None) -> GraphModule:
-    """`aten._fused_rms_norm(x, [H], w, eps)[0]` as a graph of its own: on CPU every tracer
-    decomposes it, on CUDA it can stay whole."""
-    graph = torch.fx.Graph()
-    inputs = [graph.placeholder("x")] + ([graph.placeholder("w")] if w is not None else [])
-    fused = graph.call_function(torch.ops.aten._fused_rms_norm.default,
-                                (inputs[0], [x.shape[-1]], inputs[1] if w is not None else None, eps))
-    graph.output((graph.call_function(operator.getitem, (fused, 0)),))
-    gm = GraphModule({}, graph)
-    FakeTensorProp(gm).propagate(*[t for t in (x, w) if t is not None])
-    return gm
-
 
 def ir_nodes(gm: GraphModule) -> list:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in IR_OPS]
-
-
-def counts(reports: list) -> dict:
-    return {rule: n for r in reports for rule, n in r.counts.items() if n}
 
 
 def explain(reports: list) -> str:
@@ -298,16 +65,6 @@ def raised(gm: GraphModule) -> str:
 
 def spelled(spelling: Spelling, arg, dtype: torch.dtype = F32) -> GraphModule:
     return capture(spelling.build(arg), *make_inputs(spelling.inputs, dtype))
-
-
-@pytest.fixture
-def world_of_one():
-    """A real one-rank gloo group: collectives compile and run (and sum over one rank)."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -986,9 +743,9 @@ LOOK_ALIKES = {
                        "expected dims [-1], got [0]"),
     "norm_computed_in_bf16": (lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
                               "xw", BF16, "expected tensor x of dtype in {torch.float32}"),
-    "result_left_in_fp32": (lambda x, w: _normed(x, 1e-6) * w.float(), "xw", BF16,
+    "result_left_in_fp32": (lambda x, w: normed(x, 1e-6) * w.float(), "xw", BF16,
                             "the fp32 result of a bfloat16 norm is never cast back to bfloat16"),
-    "cast_to_another_dtype": (lambda x: _normed(x, 1e-6).to(BF16), "x", F16,
+    "cast_to_another_dtype": (lambda x: normed(x, 1e-6).to(BF16), "x", F16,
                               "the result is cast to bfloat16, not to the input's float16"),
     "fp8_clamp_not_the_dtype_range": (lambda x, s: (x.float() / s).clamp(-240.0, 240.0).to(E4M3), "xs", F32,
                                       "clamp to [-240.0, 240.0] is not torch.float8_e4m3fn's range ±448.0"),
@@ -1020,7 +777,7 @@ def test_non_sum_all_reduce_is_not_raised(reduce_op, world_of_one):
 
 def test_a_multiply_per_row_is_no_weight():
     # the norm is raised, the multiply stays outside it
-    gm = capture(lambda x, w: w[:, None] * _normed(x, 1e-6), make_inputs("x")[0], torch.ones(4))
+    gm = capture(lambda x, w: w[:, None] * normed(x, 1e-6), make_inputs("x")[0], torch.ones(4))
     reports = raise_ir(gm)
     assert counts(reports) == {"raise.rms_norm_unweighted": 1}
     assert "weight of shape [4, 1] is not one value per feature (8)" in explain(reports)
@@ -1029,7 +786,7 @@ def test_a_multiply_per_row_is_no_weight():
 def test_training_graph_keeps_the_saved_rsqrt():
     # with autograd the rsqrt is saved for backward: an interior value used outside
     module = nn.RMSNorm(H, eps=1e-6)
-    spy = _Capture()
+    spy = Capture()
     torch._dynamo.reset()
     with (inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False),
           pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured")):

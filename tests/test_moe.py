@@ -115,9 +115,9 @@ def test_expected_counts():
 
 
 def chunk_models_equal_eager(rank: int, world: int, cases: list) -> list:
-    """vLLM's chunk models (tests/test_vllm_sp_cases.py) against eager, compiled with plain
+    """vLLM's chunk models (tests/support.py) against eager, compiled with plain
     Inductor and with fxsp: (case, max error of each, chunk folds, all-gathers left)."""
-    from tests.test_vllm_sp_cases import AllReduceRMSNormChunkModel
+    from tests.support import AllReduceRMSNormChunkModel
 
     out = []
     for dtype, seq_len, with_residual, spelling, dynamic in cases:

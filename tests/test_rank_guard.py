@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsp
-from fxsp import pipeline
+from fxsp import passes
 from fxsp.rules import RuleSet
 from fxsp.runtime.guard import RankGuard, RankMismatchError, fingerprint
 from fxsp.testing.tp_llama import Spec, TPLlama
@@ -24,7 +24,7 @@ def diverge(rank: int, world: int, how: str) -> tuple:
     if how == "options" and rank == 1:
         options["min_tokens"] = 10**6  # rank 1 keeps its all-reduces
     if how == "decisions" and rank == 1:  # same inputs and options, a different rewrite
-        pipeline.sp_rules = lambda cfg, thresholds=None: RuleSet("sp", [])
+        passes.sp_rules = lambda cfg, thresholds=None: RuleSet("sp", [])
     model = TPLlama(Spec(layers=1))
     compiled = torch.compile(model, backend=fxsp.backend(None, **options))
     tokens = model.example_input(6)
@@ -63,7 +63,7 @@ def test_fingerprint_is_stable_and_nonzero():
 def diverge_on_warm_cache(rank: int, world: int, patch: bool) -> tuple:
     """Rank 1 rewrites differently when `patch`; with Inductor, so the graphs are cached."""
     if patch and rank == 1:
-        pipeline.sp_rules = lambda cfg, thresholds=None: RuleSet("sp", [])
+        passes.sp_rules = lambda cfg, thresholds=None: RuleSet("sp", [])
     model = TPLlama(Spec(layers=1))
     backend = fxsp.backend(None)
     compiled = torch.compile(model, backend=backend)

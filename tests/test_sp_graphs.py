@@ -14,37 +14,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fxsp
-from fxsp.testing.tp_llama import static_fp8
-
-
-class Block(nn.Module):
-    """all_reduce → norm, then per layer: all_reduce(matmul) + residual → norm."""
-
-    def __init__(self, layers: int = 2, hidden: int = 8, prompt_embeds: bool = False, fp8: bool = False,
-                 graph_break: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1))
-        self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
-        self.prompt_embeds, self.fp8, self.graph_break = prompt_embeds, fp8, graph_break
-
-    def norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm_w[i] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-        return static_fp8(out, torch.tensor(0.5)) if self.fp8 and i < len(self.w) - 1 else out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x if self.prompt_embeds else funcol.all_reduce(x @ self.w[0], "sum", dist.group.WORLD)
-        split = 2 if self.graph_break else len(self.w)
-        out, residual = self.layers(1, split, self.norm(0, h), h)
-        if self.graph_break:  # outside any loop, so Dynamo splits the graph right here
-            torch._dynamo.graph_break()
-        return self.layers(split, len(self.w), out, residual)[0]
-
-    def layers(self, start: int, stop: int, out: torch.Tensor, residual: torch.Tensor) -> tuple:
-        for i in range(start, stop):
-            residual = funcol.all_reduce(out @ self.w[i], "sum", dist.group.WORLD) + residual
-            out = self.norm(i, residual)
-        return out, residual
+from tests.support import Block
 
 
 def rewrite(model: nn.Module, x: torch.Tensor, dynamic: bool = False, **options) -> list:

@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fxsp
+from tests.support import AllReduceRMSNormChunkModel, all_reduce, rms_norm
 from tests.vllm_standins import register_vllm_standins
 
 register_vllm_standins()
 
 E4M3 = torch.float8_e4m3fn
 HIDDEN = 16
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    return funcol.all_reduce(x, "sum", dist.group.WORLD)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """HF/Llama's RMSNorm."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -80,7 +69,7 @@ class AllReduceRMSNormModel(nn.Module):
         return y
 
 
-def rewrite(model: nn.Module, *args: torch.Tensor, dynamic: bool = False) -> fxsp.pipeline.GraphReport:
+def rewrite(model: nn.Module, *args: torch.Tensor, dynamic: bool = False) -> fxsp.passes.GraphReport:
     backend = fxsp.backend(None, inner="eager", min_tokens=0)
     for arg in args if dynamic else ():
         torch._dynamo.mark_dynamic(arg, 0)
@@ -132,7 +121,7 @@ def test_sequence_parallelism_pass_fp8(dtype, dynamic, fused_norm_quant):
 def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog, monkeypatch):
     """vLLM's pass test runs with gradients enabled. A model whose parameters require grad,
     called outside no_grad, compiles a training graph: SP is off, said once at WARNING."""
-    monkeypatch.setattr(fxsp.pipeline, "_said_autograd", False)  # once per process
+    monkeypatch.setattr(fxsp.passes, "_said_autograd", False)  # once per process
     torch.manual_seed(0)
     model = AllReduceRMSNormModel(torch.bfloat16)
     backend = fxsp.backend(None, inner="eager", min_tokens=0)
@@ -150,35 +139,6 @@ def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog, monkeypatch):
 
 
 # --- vLLM's MoE SP test (test_sequence_parallelism_moe.py) ---------------------------------------
-
-
-def sequence_parallel_chunk(x: torch.Tensor, spelling: str) -> torch.Tensor:
-    """This rank's block of x's rows, padded to a multiple of the TP size: vLLM's op, or plain
-    torch (F.pad + narrow)."""
-    if spelling == "vllm":
-        return torch.ops.vllm.sequence_parallel_chunk_impl(x)
-    tp, rank = dist.get_world_size(), dist.get_rank()
-    padded = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % tp))
-    per_rank = padded.shape[0] // tp
-    return torch.narrow(padded, 0, rank * per_rank, per_rank)
-
-
-class AllReduceRMSNormChunkModel(nn.Module):
-    """vLLM's TestAllReduceRMSNormChunkModel / TestAllReduceFusedAddRMSNormChunkModel: relu,
-    all-reduce, (add +) norm, then this rank's chunk of the normed rows (the residual, if any,
-    is returned whole)."""
-
-    def __init__(self, dtype: torch.dtype, spelling: str, with_residual: bool, hidden: int = 32):
-        super().__init__()
-        self.w = nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=dtype))
-        self.spelling, self.with_residual = spelling, with_residual
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | tuple:
-        y = all_reduce(torch.relu(x))
-        if self.with_residual:
-            y = residual = y + torch.sigmoid(residual)
-        y = sequence_parallel_chunk(rms_norm(y, self.w, 1e-5), self.spelling)
-        return (y, residual) if self.with_residual else y
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -47,8 +47,8 @@ from torch.fx import Graph
 from ..backend import check_options
 from ..cache import cache_key
 from ..collectives import C10D_ALL_REDUCE, vllm_op
-from ..patterns.sp import SPConfig
-from ..pipeline import GraphReport, run_pipeline
+from ..configs import Configs, TPGroup
+from ..passes import GraphReport, run_passes
 from ..runtime.thresholds import SPThreshold, sp_min_tokens
 
 log = logging.getLogger("fxsp")
@@ -77,18 +77,10 @@ class PassOptions:
         check_options(self)
 
 
-@dataclass(frozen=True)
-class TPGroup:
-    """vLLM's tensor-parallel group, as graphs name it."""
-
-    name: str  # GroupCoordinator.unique_name ("tp:0"): the group_name of vllm.all_reduce
-    c10d_name: str  # its device group's c10d name: what a traced dist.all_reduce carries (CPU)
-    world: int
-    rank: int
-
-
 def vllm_tp_group() -> TPGroup | None:
-    """vLLM's TP group in this process, or None before `initialize_model_parallel`."""
+    """vLLM's TP group in this process, or None before `initialize_model_parallel`: named as
+    `vllm.all_reduce` names it (GroupCoordinator.unique_name, "tp:0"), with its device group's
+    c10d name (what a traced dist.all_reduce carries, on CPU)."""
     parallel_state = _import_vllm("vllm.distributed.parallel_state")
     if not parallel_state.model_parallel_is_initialized():
         return None
@@ -97,7 +89,7 @@ def vllm_tp_group() -> TPGroup | None:
 
 
 class _FxspVllmPassImpl:
-    """fxsp's pipeline (raise → SP rules → clean up → lower) as a vLLM InductorPass.
+    """fxsp's passes (raise → SP rules → clean up → lower) as a vLLM InductorPass.
 
         FxspVllmPass(min_tokens="auto", fp8=True, explain=False, hidden_size=None, dtype=None,
                      async_tp=False)
@@ -118,7 +110,7 @@ class _FxspVllmPassImpl:
             raise ValueError(f"hidden_size must be None or an int > 0, not {hidden_size!r}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be None or a torch.dtype, not {dtype!r}")
-        self._async_tp_off: str | None = None  # why async TP is off, once said
+        self._configs = Configs(self.options)
         self.hidden_size, self.dtype = hidden_size, dtype
         self.reports: list[GraphReport] = []
 
@@ -158,28 +150,13 @@ class _FxspVllmPassImpl:
             min_tokens = 0  # every token count of the range reaches the threshold
         else:
             return
-        async_tp = self._use_async_tp(tp)
-        sp = SPConfig(group=_tp_group_name_in(graph, tp), world=tp.world, rank=tp.rank,
-                      min_tokens=min_tokens, fp8=self.options.fp8, async_tp=async_tp,
-                      c10d_group=tp.c10d_name if async_tp else None)
-        report = run_pipeline(graph, sp, explain=self.options.explain)
-        if async_tp:
+        sp = self._configs.sp(tp, min_tokens=min_tokens, group=_tp_group_name_in(graph, tp))
+        report = run_passes(graph, sp, explain=self.options.explain)
+        if sp.async_tp:
             from ..runtime.async_tp import fuse_now
 
             report.async_tp = fuse_now(graph)
         self.reports.append(report)
-
-    def _use_async_tp(self, tp: TPGroup) -> bool:
-        """async_tp asked for and possible on vLLM's TP device group (says once why not)."""
-        if not self.options.async_tp:
-            return False
-        from ..runtime.async_tp import enable_async_tp
-
-        why_not = enable_async_tp(tp.c10d_name)
-        if why_not is not None and why_not != self._async_tp_off:
-            log.warning("fxsp: async_tp off, SP without micro-pipeline TP: %s", why_not)
-            self._async_tp_off = why_not
-        return why_not is None
 
     def uuid(self) -> str:
         """Covers fxsp's version and source, the options and the TP group with this rank: the
@@ -191,7 +168,7 @@ class _FxspVllmPassImpl:
 
     def __deepcopy__(self, memo: dict) -> Any:
         clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)  # all immutable but `reports`, shared on purpose
+        clone.__dict__.update(self.__dict__)  # `reports` (and what was said once) shared on purpose
         return clone
 
     def __getstate__(self) -> dict:

@@ -1,4 +1,4 @@
-"""The pipeline every compiled graph goes through: raise → rewrite → clean up → lower."""
+"""The passes every compiled graph goes through: raise → rewrite → clean up → lower."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class GraphReport:
         self.misses.update(report.misses)
 
 
-def run_pipeline(graph: Graph, sp: SPConfig | None, explain: bool = False,
+def run_passes(graph: Graph, sp: SPConfig | None, explain: bool = False,
                  fusion: AllReduceNormConfig | None = None) -> GraphReport:
     if sp is not None and _compiled_for_autograd():
         _say_sp_off_for_autograd()

@@ -73,7 +73,20 @@ def micro_pipeline_tp(graph: Graph) -> None:
 def fuse_now(graph: Graph) -> Any:
     """Run micro-pipeline TP on `graph` and return the coverage."""
     micro_pipeline_tp(graph)
+    _fill_values(graph)
     return async_tp_sites(graph)
+
+
+def _fill_values(graph: Graph) -> None:
+    """Give the nodes the fusion made their meta["val"]: it leaves the fused ops' outputs
+    without one, and later passes read it (vLLM lowers its IR ops from their inputs' values)."""
+    from ..fake import fake_value
+
+    for node in graph.nodes:
+        if node.op == "call_function" and "val" not in node.meta:
+            val = fake_value(node.target, node.args, node.kwargs)
+            if val is not None:
+                node.meta["val"] = val
 
 
 class AsyncTPFusion(CustomGraphPass):

@@ -74,7 +74,24 @@ def row_input(node: Node) -> Node | str:
     x = tensor_of(rows)
     if node.target not in ORDER_KEEPING_VIEWS and not same_shape(x, out):
         return f"{_name(node.target)} turns rows {list(x.shape)} into {list(out.shape)}: not rows of the same size"
+    for i, arg in enumerate(node.args):
+        source = _computed_from(arg, rows) if isinstance(arg, Node) and arg is not rows else None
+        if source is not None:
+            return (f"{_name(node.target)}: operand {i} comes from its rows input through "
+                    f"{_name(source.target)} {source.name}: all rows into one")
     return rows
+
+
+def _computed_from(value: Node, rows: Node, hops: int = 6) -> Node | None:
+    """The node within `hops` steps behind `value` that reads `rows` (or None): a broadcast
+    operand computed from the rows themselves (a softmax's max over tokens) mixes them."""
+    seen, frontier = set(), [value]
+    for _ in range(hops):
+        for node in frontier:
+            if rows in node.all_input_nodes:
+                return node
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+    return None
 
 
 def _rows_operand(node: Node) -> Node | None:

@@ -285,3 +285,31 @@ def test_rowwise_models_equal_eager(world_size):
         for case, error, counts in results:
             assert error <= 2e-4, (rank, case, error)
             assert counts == {"sp.first": 1, "sp.middle": 1, "sp.last": 1}, (rank, case, counts)
+
+
+# --- rowwise.row_input: the input a node passes rows on from, or why not ----------------------
+
+def test_row_input_follows_the_rows_operand():
+    from fxsp.patterns.rowwise import row_input
+    from tests.test_rowwise import last_op
+
+    passes = {
+        "scalar multiplier": (lambda x: x * 0.22, [(5, 8)]),
+        "scale tensor first": (lambda x: torch.tensor(2.0) * x, [(5, 8)]),
+        "to [1, T, H]": (lambda x: x.view(1, 5, 8), [(5, 8)]),
+        "cast": (lambda x: x.to(torch.bfloat16), [(5, 8)]),
+        "per-feature weight": (lambda x, w: w * x, [(5, 8), (8,)]),
+    }
+    for name, (fn, shapes) in passes.items():
+        node, inputs = last_op(fn, *shapes)
+        assert row_input(node) is inputs[0], name
+    refused = {
+        "mean over tokens": (lambda x: x - x.mean(0, keepdim=True), [(5, 8)], "aten.mean.dim"),
+        "cumsum over tokens": (lambda x: x.cumsum(0), [(5, 8)], "across the token dims"),
+        "mean over hidden": (lambda x: x.mean(-1, keepdim=True), [(5, 8)], "not rows of the same size"),
+        "rows of its own": (lambda x, y: x + y, [(5, 8), (5, 8)], "has rows of its own"),
+    }
+    for name, (fn, shapes, why) in refused.items():
+        node, _ = last_op(fn, *shapes)
+        verdict = row_input(node)
+        assert isinstance(verdict, str) and why in verdict, (name, verdict)

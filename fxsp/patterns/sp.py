@@ -8,6 +8,12 @@ The rules, on fxsp's IR (every norm spelling is one op by now, see fxsp/ir/raisi
     last    middle whose residual output is dead
     *_fp8   the same followed by static_fp8_quant: quantise locally, all-gather the FP8 bytes
 
+Between the all-reduce and the norm may stand ops that act on each row alone (decided by
+fxsp/patterns/rowwise.py: Granite's multipliers, Gemma's √H embedding scale, a reshape to
+[1, T, H], casts, clones): the reduce-scatter takes the all-reduce's place and each such op
+runs on the shard, `all_reduce(x) * c ⇒ reduce_scatter(x) * c`. An op mixing rows (cumsum or
+softmax over the tokens, a matmul contracting over them) ends the search; the near-miss names it.
+
 Each rank normalises 1/tp of the rows. Layouts are tracked so the graph is valid after every
 single rewrite: a rewrite replaces every full-size value it touched by the all-gather of its
 sharded twin and records the twin in `meta[SHARD]`. A later rewrite whose residual is such a

@@ -105,6 +105,6 @@ def test_expected_counts():
     assert expected_counts(BASE.with_(attention=False, layers=3)) == {
         "sp.first": 1, "sp.middle": 2, "sp.last": 1}
     assert expected_counts(BASE.with_(batched=True, reduce_rows=True)) == {
-        "sp.first": 1, "sp.middle": 2}
+        "sp.first": 1, "sp.middle": 3, "sp.last": 1}
     assert expected_counts(BASE.with_(attention=False, shared_expert=True,
                                       shared_all_reduce=True)) == {"sp.first": 1}

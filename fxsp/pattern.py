@@ -141,6 +141,21 @@ class Through(Pattern):
 
 
 @dataclass(frozen=True, eq=False)
+class Behind(Pattern):
+    """`inner`, possibly behind a chain of nodes that each pass a value on: `step(node)` is the
+    argument the chain continues through, or the reason `node` does not pass. Chain nodes may
+    have users outside the match: the rewrite handles them."""
+
+    inner: Pattern
+    step: Callable[[Node], Any]
+    doc: str = ""
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return f"[{self.doc or 'passing'}]* {self.inner!r}"
+
+
+@dataclass(frozen=True, eq=False)
 class Anything(Pattern):
     name: str | None = None
 
@@ -213,6 +228,12 @@ def through(inner: Pattern, targets: Iterable = PASS_THROUGH, name: str | None =
     return Through(inner, frozenset(targets), name)
 
 
+def behind(inner: Pattern, step: Callable[[Node], Any], doc: str = "", name: str | None = None) -> Behind:
+    """`inner`, optionally behind nodes that pass a value on (see `Behind`); `name` binds what
+    the consumer sees. `doc` says in words which nodes pass, for near-misses."""
+    return Behind(inner, step, doc, name)
+
+
 def anything(name: str | None = None) -> Anything:
     return Anything(name)
 
@@ -279,19 +300,20 @@ class Bindings:
     """What a (partial) match has bound so far. Copied on extension, so backtracking is free."""
 
     values: dict = field(default_factory=dict)
-    nodes: tuple = ()  # graph nodes matched by Op/Through patterns: the match's interior
+    nodes: tuple = ()  # graph nodes matched by Op/Through/Behind patterns: the match's interior
     depth: int = 0
+    shared: tuple = ()  # interior nodes whose other users the rewrite handles (Behind's chain)
 
     def bind(self, name: str | None, value: Any) -> Bindings | None:
         if name is None:
             return self
         if name in self.values:
             return self if _same(self.values[name], value) else None
-        return Bindings({**self.values, name: value}, self.nodes, self.depth)
+        return Bindings({**self.values, name: value}, self.nodes, self.depth, self.shared)
 
-    def step(self, node: Node | None = None) -> Bindings:
+    def step(self, node: Node | None = None, shared: bool = False) -> Bindings:
         nodes = self.nodes + (node,) if node is not None else self.nodes
-        return Bindings(self.values, nodes, self.depth + 1)
+        return Bindings(self.values, nodes, self.depth + 1, self.shared + (node,) if shared else self.shared)
 
 
 def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | None = None,
@@ -314,6 +336,9 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | N
         return
     if kind is Through:
         yield from _match_through(pattern, value, b, trace, rank, path)
+        return
+    if kind is Behind:
+        yield from _match_behind(pattern, value, b, trace, rank, path)
         return
     reason = _check_leaf(pattern, value, rank)
     # `_text`, so a string value prints quoted ('max'), unlike a reason.
@@ -422,6 +447,39 @@ def _match_through(pattern: Through, value: Any, b: Bindings, trace: Trace, rank
             return
         skipped = skipped.step(value)
         path, value = (path, 0, value.args[0]), value.args[0]
+
+
+def _match_behind(pattern: Behind, value: Any, b: Bindings, trace: Trace, rank: int | None,
+                  path: Path) -> Iterator[Bindings]:
+    at, outer = b, value
+    while True:
+        for found in match(pattern.inner, value, at, trace, rank, path):
+            out = found.bind(pattern.name, outer)
+            if out is not None:
+                yield out
+        if not isinstance(value, Node):
+            return
+        nxt = pattern.step(value)
+        if not isinstance(nxt, Node):
+            _blocked(pattern, value, str(nxt), at, trace, rank, path)
+            return
+        at = at.step(value, shared=True)
+        key = next((i for i, a in enumerate(value.args) if a is nxt), "input")
+        path, value = (path, key, nxt), nxt
+
+
+def _blocked(pattern: Behind, node: Node, reason: str, at: Bindings, trace: Trace, rank: int | None,
+             path: Path, hops: int = 4) -> None:
+    """`node` does not pass. When `inner` matches right behind it (within `hops` nodes), that
+    is the near-miss: the node standing between them, as deep as the match behind it went."""
+    seen, frontier = {node}, [node]
+    for _ in range(hops):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+        for candidate in frontier:
+            for found in match(pattern.inner, candidate, at.step(), Trace(), rank):
+                expected = f"{pattern.doc or 'passing nodes'} after {candidate.name}"
+                trace.fail(found.depth, expected, f"{target_name(node.target)} {node.name}: {reason}", node, path)
+                return
 
 
 def _passes_through(node: Node) -> bool:

@@ -89,7 +89,7 @@ class Rule:
     def _check(self, root: Node, b: Bindings) -> str | None:
         """Interior nodes used outside the match block it, unless declared as outputs."""
         inside = set(b.nodes)
-        allowed = {root} | {b.values[n] for n in self.outputs if n in b.values}
+        allowed = {root, *b.shared} | {b.values[n] for n in self.outputs if n in b.values}
         last = max(inside)
         escaping = False
         for n in b.nodes:

@@ -21,6 +21,7 @@ from fxsp.stats import async_tp_sites
 from fxsp.testing.async_tp import compile_for_coverage, totals
 from fxsp.testing.tp_llama import RMSNorm, Spec, TPLlama
 from fxsp.testing.tp_moe import MoESpec, TPMoE
+from tests.test_sp_rowwise import RowwiseStack
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -124,6 +125,12 @@ TABLE = [
     # x @ w0 → reduce-scatter, all-gather → @ w1; the reduce-scatter after w1 then follows a
     # fused all-gather + matmul: one matmul fuses with one collective.
     ("all_gather → mm → reduce_scatter", lambda rows: (OneMatmulBlock(), torch.randn(rows, 16)), 5, False, 2),
+    # Row-wise ops between the reduce-scatter and the norm (tests/test_sp_rowwise.py): a Granite
+    # multiplier and a reshape to [1, T, H] run on the shard, after the fused reduce-scatter.
+    ("Granite multipliers", lambda rows: (RowwiseStack("granite", "granite", tokens=rows), torch.randn(rows, 8)),
+     37, False, 3),
+    ("MoE reshape to [1, T, H]", lambda rows: (RowwiseStack(None, "moe", tokens=rows), torch.randn(1, rows, 8)),
+     37, False, 3),
 ]
 
 

@@ -18,7 +18,7 @@ dropped wherever a value leaves the region.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -97,6 +97,15 @@ def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
         rows = _arith(b, operator.mul, rows, d)
     per_rank = _arith(b, operator.floordiv, _arith(b, operator.add, rows, tp - 1), tp)
     return RowBlocks(rows, _arith(b, operator.mul, per_rank, tp), per_rank, shape, tp)
+
+
+def shaped_like(b: Builder, blocks: RowBlocks, x: Node) -> RowBlocks:
+    """`blocks` for `x`, which holds the same rows in a shape of its own ([T, H] <-> [1, T, H])."""
+    t = tensor_of(x)
+    if len(blocks.shape) == t.dim() and all(isinstance(s, int) and statically_known_true(s == d)
+                                            for s, d in zip(blocks.shape, t.shape)):
+        return blocks
+    return replace(blocks, shape=[_size(b, x, d) for d in range(t.dim())])
 
 
 def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks, through_matmul: bool = False) -> Node:

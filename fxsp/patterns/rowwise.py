@@ -48,11 +48,8 @@ def acts_per_row(node: Node, rows: Node | None = None) -> bool | str:
         return f"{node.name} is not an ATen op call"
     name = _name(node.target)
     out = _first_tensor(node)
-    if rows is None:
-        tensors = [a for a in node.args if isinstance(a, Node) and tensor_of(a) is not None]
-        full = [a for a in tensors if out is not None and same_shape(tensor_of(a), out)]
-        rows = (full or tensors or [None])[0]
-    x = tensor_of(rows)
+    rows = _rows_operand(node) if rows is None else rows
+    x = tensor_of(rows) if rows is not None else None
     if x is None or out is None:
         return f"{name}: no meta shapes to judge by"
     if x.dim() < 2:
@@ -62,6 +59,48 @@ def acts_per_row(node: Node, rows: Node | None = None) -> bool | str:
         random = f"{name} draws random numbers: sharded rows would draw other ones"
         return random if verdict is True else f"{verdict}; {random}"
     return verdict
+
+
+def row_input(node: Node) -> Node | str:
+    """The input whose rows `node` passes on, each row to itself, as rows of the same hidden
+    size: SP applies `node` to a shard of that input as it is. Else the reason why not.
+
+        h * 0.22, h.to(bf16), h.clone(), h.view(1, T, H), h * w[H]   -> h
+        h.cumsum(0), h @ w, h.mean(-1), h.view(T, 2, H // 2)         -> why not
+    """
+    verdict = acts_per_row(node)
+    if verdict is not True:
+        return verdict
+    rows, out = _rows_operand(node), _first_tensor(node)
+    x = tensor_of(rows)
+    if node.target not in ORDER_KEEPING_VIEWS and not same_shape(x, out):
+        return f"{_name(node.target)} turns rows {list(x.shape)} into {list(out.shape)}: not rows of the same size"
+    for i, arg in enumerate(node.args):
+        source = _computed_from(arg, rows) if isinstance(arg, Node) and arg is not rows else None
+        if source is not None:
+            return (f"{_name(node.target)}: operand {i} comes from its rows input through "
+                    f"{_name(source.target)} {source.name}: all rows into one")
+    return rows
+
+
+def _computed_from(value: Node, rows: Node, hops: int = 6) -> Node | None:
+    """The node within `hops` steps behind `value` that reads `rows` (or None): a broadcast
+    operand computed from the rows themselves (a softmax's max over tokens) mixes them."""
+    seen, frontier = set(), [value]
+    for _ in range(hops):
+        for node in frontier:
+            if rows in node.all_input_nodes:
+                return node
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+    return None
+
+
+def _rows_operand(node: Node) -> Node | None:
+    """The first tensor argument of the result's shape, else the first tensor argument."""
+    out = _first_tensor(node)
+    tensors = [a for a in node.args if isinstance(a, Node) and tensor_of(a) is not None]
+    full = [a for a in tensors if out is not None and same_shape(tensor_of(a), out)]
+    return (full or tensors or [None])[0]
 
 
 def _verdict(node: Node, name: str, rows: Node, x: torch.Tensor, out: torch.Tensor) -> bool | str:

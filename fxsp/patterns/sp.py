@@ -8,6 +8,12 @@ The rules, on fxsp's IR (every norm spelling is one op by now, see fxsp/ir/raisi
     last    middle whose residual output is dead
     *_fp8   the same followed by static_fp8_quant: quantise locally, all-gather the FP8 bytes
 
+Between the all-reduce and the norm may stand ops that act on each row alone (decided by
+fxsp/patterns/rowwise.py: Granite's multipliers, Gemma's √H embedding scale, a reshape to
+[1, T, H], casts, clones): the reduce-scatter takes the all-reduce's place and each such op
+runs on the shard, `all_reduce(x) * c ⇒ reduce_scatter(x) * c`. An op mixing rows (cumsum or
+softmax over the tokens, a matmul contracting over them) ends the search; the near-miss names it.
+
 Each rank normalises 1/tp of the rows. Layouts are tracked so the graph is valid after every
 single rewrite: a rewrite replaces every full-size value it touched by the all-gather of its
 sharded twin and records the twin in `meta[SHARD]`. A later rewrite whose residual is such a
@@ -29,11 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from ..builder import Builder
 from ..fake import same_shape, tensor_of
 from ..collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
-from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
+from ..pattern import alt, anything, behind, dtype, getitem, op, scalar, string, tensor
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import sp_min_tokens
 from .rows import (
@@ -42,9 +50,11 @@ from .rows import (
     matmuls_on_padded_rows,
     row_blocks,
     row_count,
+    shaped_like,
     this_rank_rows,
     to_padded_rows,
 )
+from .rowwise import ORDER_KEEPING_VIEWS, row_input
 
 aten = torch.ops.aten
 
@@ -78,12 +88,15 @@ class SPConfig:
 
 x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
 reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
+# The norm's input: the all-reduce, or the all-reduce behind ops that act on each row alone (a
+# scale, a cast, a clone, a reshape to [1, T, H]); the shard passes through them too.
+reduced_rows = behind(reduced, row_input, "ops acting on each row alone", name="h")
 quant_args = (tensor("scale"), dtype("fp8_dtype", FP8_DTYPES))
 
-first_norm = op(RMS_NORM, reduced, weight, eps, name="norm")
+first_norm = op(RMS_NORM, reduced_rows, weight, eps, name="norm")
 # residual_out = x + residual is symmetric: the all-reduce may be either operand.
-fused_norm = alt(op(FUSED_ADD_RMS_NORM, reduced, residual, weight, eps),
-                 op(FUSED_ADD_RMS_NORM, residual, reduced, weight, eps), name="norm")
+fused_norm = alt(op(FUSED_ADD_RMS_NORM, reduced_rows, residual, weight, eps),
+                 op(FUSED_ADD_RMS_NORM, residual, reduced_rows, weight, eps), name="norm")
 first_fp8 = op(STATIC_FP8_QUANT, first_norm, *quant_args)
 fused_fp8 = op(STATIC_FP8_QUANT, getitem(fused_norm, 0), *quant_args)
 
@@ -103,6 +116,8 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         t = tensor_of(m["x"])
         if t.dim() < 2:
             return f"activation of rank {t.dim()} has no token dim"
+        if not statically_known_true(row_count(t) == row_count(tensor_of(m["h"]))):
+            return f"{m['h'].name} holds other rows than the all-reduce"
         rows, need = row_count(t), _min_rows(cfg, t)
         if isinstance(need, str):
             return need
@@ -112,7 +127,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             if not cfg.dispatch or row_thresholds is None:
                 return f"symbolic rows may fall below min_tokens {need}"
             row_thresholds.append((rows.node.expr, need))
-        if "residual" in m.bindings and not same_shape(t, tensor_of(m["residual"])):
+        if "residual" in m.bindings and not same_shape(tensor_of(m["h"]), tensor_of(m["residual"])):
             return "residual shape differs from the all-reduce's"
         return True
 
@@ -128,21 +143,15 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         return ok if ok is not True else (not residual_alive(m) or "residual output is used: the middle rule")
 
     def first(b: Builder, m: Match) -> None:
-        blocks, scattered = _scatter(b, m, cfg)
+        blocks, scattered, chain = _scatter(b, m, cfg)
         normed = b.call(RMS_NORM, scattered, m["weight"], m["eps"])
         out = _gather(b, m, cfg, blocks, _quantised(b, m, normed))
-        # The all-reduce's other users (the residual stream) get the gathered rows; a later
-        # rewrite takes the scattered twin instead, and cleanup drops the unused gather.
-        others = [u for u in m["reduced"].users if u is not m["norm"]]
-        if others:
-            full = _gather(b, m, cfg, blocks, scattered)
-            m["reduced"].replace_all_uses_with(full, delete_user_cb=lambda u: u in others)
-            matmuls_on_padded_rows(b, full, blocks)
         b.replace(m.root, out)
         matmuls_on_padded_rows(b, out, blocks)
+        _erase_dead(m, chain)
 
     def middle(b: Builder, m: Match) -> None:
-        blocks, scattered = _scatter(b, m, cfg)
+        blocks, scattered, chain = _scatter(b, m, cfg)
         rows = _rows_of(b, m["residual"], blocks, cfg, m["group"])
         fused = b.call(FUSED_ADD_RMS_NORM, scattered, rows, m["weight"], m["eps"])
         normed, residual_out = b.call(operator.getitem, fused, 0), b.call(operator.getitem, fused, 1)
@@ -156,14 +165,16 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             full = _gather(b, m, cfg, blocks, residual_out)
             b.replace_items(m["norm"], {1: full})
             matmuls_on_padded_rows(b, full, blocks)
+        _erase_dead(m, chain)
 
     rules = [
+        # The all-reduce's other users get its gathered rows (see `_scatter`).
         Rule("sp.first_fp8", first_fp8, first, outputs=("reduced",), where=applicable),
-        Rule("sp.middle_fp8", fused_fp8, middle, outputs=("norm",), where=is_middle),
-        Rule("sp.last_fp8", fused_fp8, middle, outputs=("norm",), where=is_last),
+        Rule("sp.middle_fp8", fused_fp8, middle, outputs=("reduced", "norm"), where=is_middle),
+        Rule("sp.last_fp8", fused_fp8, middle, outputs=("reduced", "norm"), where=is_last),
         Rule("sp.first", first_norm, first, outputs=("reduced",), where=applicable),
-        Rule("sp.middle", fused_norm, middle, where=is_middle),
-        Rule("sp.last", fused_norm, middle, where=is_last),
+        Rule("sp.middle", fused_norm, middle, outputs=("reduced",), where=is_middle),
+        Rule("sp.last", fused_norm, middle, outputs=("reduced",), where=is_last),
     ]
     return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
 
@@ -194,10 +205,57 @@ def shard_graph_outputs(graph: torch.fx.Graph) -> int:
     return changed
 
 
-def _scatter(b: Builder, m: Match, cfg: SPConfig) -> tuple[RowBlocks, Node]:
+def _scatter(b: Builder, m: Match, cfg: SPConfig) -> tuple[RowBlocks, Node, list[Node]]:
+    """Reduce-scatter the all-reduce's input, and apply each row-wise op between the all-reduce
+    and the norm (`chain`, from the all-reduce on) to the shard: the same op on this rank's rows.
+    Every other user of a value on the way gets its gathered rows, remembered with the shard as
+    its twin: a later rewrite takes the shard, and cleanup drops the unused gather. Returns the
+    blocks in the norm input's shape, the norm input's shard and the chain."""
     blocks = row_blocks(b, m["x"], cfg.world)
     padded = to_padded_rows(b, m["x"], blocks, through_matmul=True)
-    return blocks, reduce_scatter_rows(b, padded, cfg.world, *_spelling(m, cfg))
+    shard = reduce_scatter_rows(b, padded, cfg.world, *_spelling(m, cfg))
+    chain = [m["h"]]
+    while chain[-1] is not m["reduced"]:
+        chain.append(row_input(chain[-1]))
+    chain.reverse()
+    shards, shapes = {m["reduced"]: shard}, {m["reduced"]: blocks}
+    for node in chain[1:]:
+        rows = row_input(node)
+        shards[node] = _on_shard(b, node, rows, shards[rows])
+        shapes[node] = shapes[rows] if node.target not in ORDER_KEEPING_VIEWS else shaped_like(b, blocks, node)
+    consumers = {*chain, m["norm"]}
+    for node in chain:
+        others = [u for u in node.users if u not in consumers]
+        if others:
+            full = _gather(b, m, cfg, shapes[node], shards[node])
+            node.replace_all_uses_with(full, delete_user_cb=lambda u: u in others)
+            matmuls_on_padded_rows(b, full, shapes[node])
+    return shapes[m["h"]], shards[m["h"]], chain
+
+
+def _on_shard(b: Builder, node: Node, rows: Node, shard: Node) -> Node:
+    """`node` applied to `shard`, the [per_rank, H] rows of its input `rows`: a row-keeping
+    view is the identity, and an operand broadcast along rows loses its leading 1s."""
+    if node.target in ORDER_KEEPING_VIEWS:
+        return shard
+
+    def on_shard(a):
+        if a is rows:
+            return shard
+        t = tensor_of(a) if isinstance(a, Node) else None
+        if t is not None and t.dim() > 1:  # [1, H], [1, 1, H] → [H], whatever the shard's rank
+            return b.call(aten.squeeze.dims, a, list(range(t.dim() - 1)))
+        return a
+
+    return b.call(node.target, *map(on_shard, node.args), **{k: on_shard(v) for k, v in node.kwargs.items()})
+
+
+def _erase_dead(m: Match, chain: list[Node]) -> None:
+    """Erase the replaced root and norm, then the chain they leave without users (the
+    all-reduce included: a dead collective would still run)."""
+    for node in (m.root, m["norm"], *reversed(chain)):
+        if not node._erased and not node.users:
+            node.graph.erase_node(node)
 
 
 def _spelling(m: Match, cfg: SPConfig) -> tuple[str, str]:

@@ -191,3 +191,11 @@ def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+
+
+def known_true(condition: Any) -> bool:
+    """Whether a (possibly symbolic) condition is provably true, without guarding on it. The
+    import is here: symbolic_shapes pulls in sympy, which `import fxsp` should not."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(condition)

@@ -6,6 +6,7 @@ real gloo worlds in worlds.py, the vLLM op stand-ins in vllm_standins.py."""
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxsp.testing.tp_llama import static_fp8
@@ -352,3 +354,64 @@ class AllReduceRMSNormChunkModel(nn.Module):
             y = residual = y + torch.sigmoid(residual)
         y = sequence_parallel_chunk(rms_norm(y, self.w, 1e-5), self.spelling)
         return (y, residual) if self.with_residual else y
+
+
+def last_op(fn, *shapes):
+    """The last op node of fn's ATen graph (with fake-tensor meta; a getitem of it is not one),
+    and the graph's inputs."""
+    gm = make_fx(fn, tracing_mode="fake")(*(torch.randn(s) for s in shapes))
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+    return ops[-1], list(gm.graph.find_nodes(op="placeholder"))
+
+
+class RowwiseStack(nn.Module):
+    """all_reduce(x @ w0), `embed`-ed, → norm; then per layer
+    residual + `between`(all_reduce(norm(residual) @ w_i)) → norm.
+
+    embed: "granite" (× 12.0), "gemma" (× √H as a tensor), "input" (no all-reduce: x is the
+    first norm's input and the residual, as with prompt embeddings), or None.
+    between: "granite" (× 0.22), "moe" (the all-reduce on flattened [T, H] rows, viewed back
+    to the residual's shape), "clone", or a row-mixing op: "cumsum", "softmax", "token_mean",
+    "token_mm" (a [T, T] matrix times the rows); or None.
+    """
+
+    def __init__(self, embed: str | None = None, between: str | None = None, layers: int = 2,
+                 hidden: int = 8, tokens: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.between = embed, between
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden) / hidden) for _ in range(layers + 1))
+        self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
+        self.mix = nn.Parameter(torch.randn(tokens, tokens))  # "token_mm" only
+
+    def norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_w[i] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.embed == "input" else all_reduce(x @ self.w[0])
+        if self.embed == "granite":
+            h = h * 12.0
+        elif self.embed == "gemma":
+            h = h * torch.tensor(math.sqrt(h.shape[-1]), dtype=h.dtype)
+        out, residual = self.norm(0, h), h
+        for i in range(1, len(self.w)):
+            y = all_reduce(out.reshape(-1, out.shape[-1]) @ self.w[i])
+            residual = residual + self.op_between(y).view(residual.shape)
+            out = self.norm(i, residual)
+        return out
+
+    def op_between(self, y: torch.Tensor) -> torch.Tensor:
+        kind = self.between
+        if kind == "granite":
+            return y * 0.22
+        if kind == "clone":
+            return y.clone()
+        if kind == "cumsum":
+            return y.cumsum(0)
+        if kind == "softmax":
+            return torch.softmax(y, 0)
+        if kind == "token_mean":
+            return y - y.mean(0, keepdim=True)
+        if kind == "token_mm":
+            return self.mix @ y
+        return y  # None and "moe": the view back to the residual's shape does the rest

@@ -21,7 +21,7 @@ from fxsp.stats import async_tp_sites
 from fxsp.testing.async_tp import compile_for_coverage, totals
 from fxsp.testing.tp_llama import RMSNorm, Spec, TPLlama
 from fxsp.testing.tp_moe import MoESpec, TPMoE
-from tests.test_sp_rowwise import RowwiseStack
+from tests.support import RowwiseStack
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import operator
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxsp.patterns.rowwise import acts_per_row
+from tests.support import last_op
 
 T, H = 6, 8
-
-
-def last_op(fn, *shapes):
-    """The last op node of fn's ATen graph (with fake-tensor meta; a getitem of it is not one),
-    and the graph's inputs."""
-    gm = make_fx(fn, tracing_mode="fake")(*(torch.randn(s) for s in shapes))
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
-    return ops[-1], list(gm.graph.find_nodes(op="placeholder"))
 
 
 ROW_WISE = {

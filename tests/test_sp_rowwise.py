@@ -9,77 +9,19 @@ Golden graphs on the fake process group; numerics on gloo worlds of 2 and 3 rank
 
 from __future__ import annotations
 
-import math
 
 import expecttest
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fxsp
+from tests.support import RowwiseStack, last_op
 from tests.worlds import run_world
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    return funcol.all_reduce(x, "sum", dist.group.WORLD)
-
-
-class RowwiseStack(nn.Module):
-    """all_reduce(x @ w0), `embed`-ed, → norm; then per layer
-    residual + `between`(all_reduce(norm(residual) @ w_i)) → norm.
-
-    embed: "granite" (× 12.0), "gemma" (× √H as a tensor), "input" (no all-reduce: x is the
-    first norm's input and the residual, as with prompt embeddings), or None.
-    between: "granite" (× 0.22), "moe" (the all-reduce on flattened [T, H] rows, viewed back
-    to the residual's shape), "clone", or a row-mixing op: "cumsum", "softmax", "token_mean",
-    "token_mm" (a [T, T] matrix times the rows); or None.
-    """
-
-    def __init__(self, embed: str | None = None, between: str | None = None, layers: int = 2,
-                 hidden: int = 8, tokens: int = 5) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed, self.between = embed, between
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden) / hidden) for _ in range(layers + 1))
-        self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
-        self.mix = nn.Parameter(torch.randn(tokens, tokens))  # "token_mm" only
-
-    def norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_w[i] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x if self.embed == "input" else all_reduce(x @ self.w[0])
-        if self.embed == "granite":
-            h = h * 12.0
-        elif self.embed == "gemma":
-            h = h * torch.tensor(math.sqrt(h.shape[-1]), dtype=h.dtype)
-        out, residual = self.norm(0, h), h
-        for i in range(1, len(self.w)):
-            y = all_reduce(out.reshape(-1, out.shape[-1]) @ self.w[i])
-            residual = residual + self.op_between(y).view(residual.shape)
-            out = self.norm(i, residual)
-        return out
-
-    def op_between(self, y: torch.Tensor) -> torch.Tensor:
-        kind = self.between
-        if kind == "granite":
-            return y * 0.22
-        if kind == "clone":
-            return y.clone()
-        if kind == "cumsum":
-            return y.cumsum(0)
-        if kind == "softmax":
-            return torch.softmax(y, 0)
-        if kind == "token_mean":
-            return y - y.mean(0, keepdim=True)
-        if kind == "token_mm":
-            return self.mix @ y
-        return y  # None and "moe": the view back to the residual's shape does the rest
-
-
-def rewrite(model: nn.Module, x: torch.Tensor, inner: str = "eager") -> fxsp.pipeline.GraphReport:
+def rewrite(model: nn.Module, x: torch.Tensor, inner: str = "eager") -> fxsp.passes.GraphReport:
     backend = fxsp.backend(None, inner=inner)
     with torch.no_grad():
         torch.compile(model, backend=backend)(x)
@@ -190,7 +132,7 @@ return (%21,)""")
         """Eval-mode dropout's clone, where no joint-graph pass removed it (make_fx here)."""
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from fxsp.pipeline import run_pipeline
+        from fxsp.passes import run_passes
         from fxsp.patterns.sp import SPConfig
 
         model = RowwiseStack(between="clone", layers=1)
@@ -202,7 +144,7 @@ return (%21,)""")
         with torch.no_grad():
             gm = make_fx(forward, tracing_mode="fake")(torch.randn(5, 8), params)
         assert any(n.target is torch.ops.aten.clone.default for n in gm.graph.nodes)
-        report = run_pipeline(gm.graph, SPConfig(dist.group.WORLD.group_name, 2, 0))
+        report = run_passes(gm.graph, SPConfig(dist.group.WORLD.group_name, 2, 0))
         self.assertEqual(sp_counts(report), {"sp.first": 1, "sp.last": 1})
         self.assertExpectedInline(report.rewritten, """\
 %0 = input('x_1')  : f32[5, 8]
@@ -291,7 +233,6 @@ def test_rowwise_models_equal_eager(world_size):
 
 def test_row_input_follows_the_rows_operand():
     from fxsp.patterns.rowwise import row_input
-    from tests.test_rowwise import last_op
 
     passes = {
         "scalar multiplier": (lambda x: x * 0.22, [(5, 8)]),

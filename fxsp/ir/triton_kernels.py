@@ -53,9 +53,9 @@ import functools
 import torch
 
 from torch._subclasses.fake_tensor import is_fake
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
+from ..fake import known_true
 from .ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, _norm_dtype, fp8_max
 from .providers import Provider, register_provider
 
@@ -259,7 +259,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
                       device=x.device)
     fake = is_fake(x) or x.is_meta
     kernel = _kernel_for(x, fake)
-    if kernel is None or statically_known_true(x.numel() == 0):
+    if kernel is None or known_true(x.numel() == 0):
         return out, residual_out
 
     # Every call takes this path, so it calls torch as little as it can: the kernel reads rows

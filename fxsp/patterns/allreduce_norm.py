@@ -31,7 +31,7 @@ import torch
 from torch.fx import Node
 
 from ..builder import Builder
-from ..fake import same_shape, tensor_of
+from ..fake import known_true, same_shape, tensor_of
 from ..ir.fused_ops import (
     ALLREDUCE_FUSED_ADD_RMS_NORM,
     ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT,
@@ -88,9 +88,7 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         rows = row_count(t)
         if isinstance(rows, int) and rows > limit:
             return f"{rows} rows > fusion limit {limit}"
-        from torch.fx.experimental.symbolic_shapes import statically_known_true  # sympy: not at import
-
-        if not isinstance(rows, int) and not statically_known_true(rows <= limit):
+        if not isinstance(rows, int) and not known_true(rows <= limit):
             return f"symbolic rows may exceed the fusion limit {limit}"
         if "residual" in m.bindings and not same_shape(t, tensor_of(m["residual"])):
             return "residual shape differs from the all-reduce's"

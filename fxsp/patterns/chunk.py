@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
-from ..fake import same_shape, tensor_of
+from ..fake import known_true, same_shape, tensor_of
 from ..pattern import alt, anything, op, tensor
 from ..rules import Match, Rule, RuleSet
 from .sp import SHARD, SPConfig
@@ -47,7 +46,7 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
             return "the chunk pads dim 0 of a value with more token dims; SP shards flattened rows"
         rows, per_rank = value.shape[0], sharded.shape[0]
         # The chunk's layout, ceil(rows / tp) rows per rank, must be the twin's.
-        if not (statically_known_true(per_rank == (rows + world - 1) // world)
+        if not (known_true(per_rank == (rows + world - 1) // world)
                 and same_shape(sharded[0], value[0])):
             return f"the twin's {per_rank} rows per rank are not ceil({rows} / {world})"
         return shard
@@ -69,8 +68,8 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
         start, end = _size(m["start"]), _size(m["end"])
         if start is None or end is None:
             return "the slice bounds are not sizes"
-        if not (statically_known_true(start == cfg.rank * per_rank)
-                and statically_known_true(end == start + per_rank)):
+        if not (known_true(start == cfg.rank * per_rank)
+                and known_true(end == start + per_rank)):
             return f"rows [{start}, {end}) are not rank {cfg.rank}'s block of {per_rank} rows"
         return True
 

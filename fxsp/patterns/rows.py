@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
-from ..fake import tensor_of
+from ..fake import known_true, tensor_of
 from ..ir.ops import FP8_DTYPES
 
 aten = torch.ops.aten
@@ -102,7 +101,7 @@ def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
 def shaped_like(b: Builder, blocks: RowBlocks, x: Node) -> RowBlocks:
     """`blocks` for `x`, which holds the same rows in a shape of its own ([T, H] <-> [1, T, H])."""
     t = tensor_of(x)
-    if len(blocks.shape) == t.dim() and all(isinstance(s, int) and statically_known_true(s == d)
+    if len(blocks.shape) == t.dim() and all(isinstance(s, int) and known_true(s == d)
                                             for s, d in zip(blocks.shape, t.shape)):
         return blocks
     return replace(blocks, shape=[_size(b, x, d) for d in range(t.dim())])
@@ -240,7 +239,7 @@ def _is_matmul_on_rows(node: Node) -> bool:
         return True
     if node.target is aten._scaled_mm.default:
         scale = tensor_of(node.args[2])
-        return scale is not None and statically_known_true(scale.numel() == 1)
+        return scale is not None and known_true(scale.numel() == 1)
     return False
 
 
@@ -249,5 +248,5 @@ def _is_rows_of(view: Node, source: Any) -> bool:
     a, b = tensor_of(view), tensor_of(source)
     if a is None or b is None or a.dim() == 0 or b.dim() == 0:
         return False
-    return (statically_known_true(a.shape[-1] == b.shape[-1])
-            and statically_known_true(row_count(a) == row_count(b)))
+    return (known_true(a.shape[-1] == b.shape[-1])
+            and known_true(row_count(a) == row_count(b)))

@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..fake import same_shape, tensor_of
+from ..fake import known_true, same_shape, tensor_of
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -135,7 +134,7 @@ def _pointwise(node: Node, name: str, rows: Node, x: torch.Tensor, out: torch.Te
 
 def _broadcasts_along_rows(other: torch.Tensor, out: torch.Tensor) -> bool:
     """`other`, right-aligned against `out`, is 1 in every dim but the last: the same for every row."""
-    return other.dim() <= out.dim() and all(statically_known_true(d == 1) for d in other.shape[:-1])
+    return other.dim() <= out.dim() and all(known_true(d == 1) for d in other.shape[:-1])
 
 
 def _keeps_shape(name: str, x: torch.Tensor, out: torch.Tensor) -> bool | str:
@@ -145,9 +144,9 @@ def _keeps_shape(name: str, x: torch.Tensor, out: torch.Tensor) -> bool | str:
 def _keeps_rows(name: str, x: torch.Tensor, out: torch.Tensor) -> bool | str:
     if out.dim() < 2:
         return f"{name} flattens {list(x.shape)} into {list(out.shape)}: it mixes rows and hidden"
-    if not statically_known_true(x.shape[-1] == out.shape[-1]):
+    if not known_true(x.shape[-1] == out.shape[-1]):
         return f"{name} changes the hidden dim {list(x.shape)} -> {list(out.shape)}: it mixes rows and hidden"
-    if not statically_known_true(math.prod(x.shape[:-1]) == math.prod(out.shape[:-1])):
+    if not known_true(math.prod(x.shape[:-1]) == math.prod(out.shape[:-1])):
         return f"{name} regroups {list(x.shape)} -> {list(out.shape)} with another number of rows"
     return True
 
@@ -159,7 +158,7 @@ def _along_last_dim(node: Node, name: str, x: torch.Tensor, out: torch.Tensor) -
     wanted = [dims] if isinstance(dims, int) else list(dims)
     if any(d % x.dim() != x.dim() - 1 for d in wanted):
         return f"{name} works along dims {wanted} of {list(x.shape)}: across the token dims, mixing rows"
-    if out.dim() < x.dim() - 1 or not all(statically_known_true(a == b) for a, b in zip(x.shape[:-1], out.shape)):
+    if out.dim() < x.dim() - 1 or not all(known_true(a == b) for a, b in zip(x.shape[:-1], out.shape)):
         return f"{name} does not keep the token dims {list(x.shape[:-1])}"
     return True
 

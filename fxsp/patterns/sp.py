@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..builder import Builder
-from ..fake import same_shape, tensor_of
+from ..fake import known_true, same_shape, tensor_of
 from ..collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..pattern import alt, anything, behind, dtype, getitem, op, scalar, string, tensor
@@ -116,7 +115,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         t = tensor_of(m["x"])
         if t.dim() < 2:
             return f"activation of rank {t.dim()} has no token dim"
-        if not statically_known_true(row_count(t) == row_count(tensor_of(m["h"]))):
+        if not known_true(row_count(t) == row_count(tensor_of(m["h"]))):
             return f"{m['h'].name} holds other rows than the all-reduce"
         rows, need = row_count(t), _min_rows(cfg, t)
         if isinstance(need, str):

@@ -280,13 +280,16 @@ def test_without_symmetric_memory_it_says_so_once_and_compiles_without(caplog):
 
 def test_symmetric_memory_off_for_the_group_is_named():
     """NCCL but no symmetric memory for this group: every site direct, none fused, each said."""
-    backend = fxsp.backend(None, min_tokens=0, async_tp=True)
-    backend._async_tp = True  # as if enabling had worked, while the fusion finds it off
     from torch.distributed._symmetric_memory import _test_mode
 
+    import fxsp.runtime.async_tp
+
+    backend = fxsp.backend(None, min_tokens=0, async_tp=True)
     with _test_mode({"another group"}), torch.no_grad(), \
             pytest.MonkeyPatch.context() as patch:
         patch.setattr(dist, "is_nccl_available", lambda: True)
+        # As if enabling had worked, while the fusion finds symmetric memory off for the group.
+        patch.setattr(fxsp.runtime.async_tp, "enable_async_tp", lambda group: None)
         torch.compile(MLPBlock(layers=2), backend=backend)(torch.randn(5, 16))
     sites = backend.reports[-1].async_tp
     assert (sites.fusable, sites.fused) == (3, 0)

@@ -3,7 +3,9 @@ what the compiled graph does (read back from the JSON the filling run saved), an
 must still compare real decisions.
 
 In-process tests reuse the cache after `torch._dynamo.reset()` (an AOT autograd and FX graph
-cache hit, as in a fresh process); one test uses two fresh processes."""
+cache hit, as in a fresh process); one test uses two fresh processes. The fake process group's
+collectives leave their outputs unwritten, so outputs here are not compared: numerics over a warm
+cache are test_sp_numerics.py's, on real gloo worlds."""
 
 from __future__ import annotations
 
@@ -46,18 +48,17 @@ def reports_dir() -> Path:
 def test_a_cache_hit_reads_the_reports_back(fake_pg, caplog):
     model = TPLlama(Spec(layers=1))
     x = model.example_input(6)
-    cold, cold_out, cold_guards = compile_model(model, x, min_tokens=0, explain=True)
+    cold, _, cold_guards = compile_model(model, x, min_tokens=0, explain=True)
     assert len(cold.reports) == 1 and not cold.reports[0].cached
     assert cold.reports[0].counts["sp.middle"] == 1
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with caplog.at_level("INFO", logger="fxsp"):
-        warm, warm_out, warm_guards = compile_model(model, x, min_tokens=0, explain=True)
+        warm, _, warm_guards = compile_model(model, x, min_tokens=0, explain=True)
     assert torch._dynamo.utils.counters["aot_autograd"]["autograd_cache_hit"] == 1
     assert [r.cached for r in warm.reports] == [True]
     assert plain(warm.reports) == plain(cold.reports)
     assert warm.reports[0].explain() == cold.reports[0].explain()
-    assert torch.equal(warm_out, cold_out)
     (cold_guard,), (warm_guard,) = cold_guards, warm_guards
     assert isinstance(warm_guard, RankGuard)
     assert (warm_guard.facts, warm_guard.decisions) == (cold_guard.facts, cold_guard.decisions)
@@ -68,16 +69,15 @@ def test_a_cache_hit_reads_the_reports_back(fake_pg, caplog):
 def test_a_hit_whose_report_file_is_gone_compiles_again(fake_pg):
     model = TPLlama(Spec(layers=1))
     x = model.example_input(6)
-    cold, cold_out, _ = compile_model(model, x, min_tokens=0)
+    cold, _, _ = compile_model(model, x, min_tokens=0)
     (saved,) = reports_dir().iterdir()
     saved.unlink()
     torch._dynamo.reset()
-    again, again_out, _ = compile_model(model, x, min_tokens=0)
+    again, _, _ = compile_model(model, x, min_tokens=0)
     (report,) = again.reports
     assert not report.cached  # the pass ran again
     assert report.counts == cold.reports[0].counts and report.after == cold.reports[0].after
     assert [p.name for p in reports_dir().iterdir()] == [saved.name]  # and saved it again
-    assert torch.equal(again_out, cold_out)
 
 
 def test_an_unreadable_report_file_counts_as_missing(fake_pg):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch.fx import Node
 from ..builder import Builder
 from ..fake import known_true, tensor_of
 from ..ir.ops import FP8_DTYPES
+from ..runtime.pipeline_parallel import block_bounds, padded_block_rows
 
 aten = torch.ops.aten
 
@@ -94,7 +96,7 @@ def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
     rows = shape[0]
     for d in shape[1:-1]:
         rows = _arith(b, operator.mul, rows, d)
-    per_rank = _arith(b, operator.floordiv, _arith(b, operator.add, rows, tp - 1), tp)
+    per_rank = padded_block_rows(rows, tp, partial(_arith, b))
     return RowBlocks(rows, _arith(b, operator.mul, per_rank, tp), per_rank, shape, tp)
 
 
@@ -162,8 +164,7 @@ def _first_rows(b: Builder, full: Node, rows: Size) -> Node:
 
 def this_rank_rows(b: Builder, padded: Node, blocks: RowBlocks, rank: int) -> Node:
     """This rank's block of a replicated [padded, H] value (rank-specific: see the pass uuid)."""
-    start = _arith(b, operator.mul, blocks.per_rank, rank)
-    end = _arith(b, operator.add, start, blocks.per_rank)
+    start, end = block_bounds(blocks.per_rank, rank, partial(_arith, b))
     return b.call(aten.slice.Tensor, padded, 0, start, end)
 
 

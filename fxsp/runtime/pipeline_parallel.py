@@ -8,13 +8,32 @@ bytes. The next stage calls `gather_rows` to rebuild the full value.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 
-def padded_block_rows(rows: int, tp: int) -> int:
+def _now(fn: Callable, *args: Any) -> Any:
+    return fn(*args)
+
+
+# The row-block layout, here for the runtime and for SP's rewrites (patterns/rows.py passes a
+# `calc` that emits graph nodes for symbolic sizes): `rows` rows are padded to `tp` blocks of
+# ceil(rows / tp) rows, and rank r holds block r.
+
+
+def padded_block_rows(rows: Any, tp: int, calc: Callable = _now) -> Any:
     """Rows each rank holds of a value of `rows` rows: ceil(rows / tp)."""
-    return -(-rows // tp)
+    return calc(operator.floordiv, calc(operator.add, rows, tp - 1), tp)
+
+
+def block_bounds(per_rank: Any, rank: int, calc: Callable = _now) -> tuple[Any, Any]:
+    """Rows [start, end) of the padded rows that make up rank `rank`'s block."""
+    start = calc(operator.mul, per_rank, rank)
+    return start, calc(operator.add, start, per_rank)
 
 
 def gather_rows(shard: torch.Tensor, shape: tuple | torch.Size, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -41,8 +41,8 @@ from ..ir.fused_ops import (
 from ..pattern import getitem
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import allreduce_rms_max_tokens
+from . import site
 from .rows import row_count
-from .site import applicable, fused_add_rms_norm, reduced, rms_norm, row_threshold, static_fp8_quant
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,10 @@ class AllReduceNormConfig:
 # --- patterns ----------------------------------------------------------------------------------
 
 # The norm reads the all-reduce itself (patterns/site.py).
-norm = rms_norm(reduced)
-add_norm = fused_add_rms_norm(reduced)
-norm_fp8 = static_fp8_quant(norm)
-add_norm_fp8 = static_fp8_quant(getitem(add_norm, 0))
+norm = site.rms_norm(site.reduced)
+add_norm = site.fused_add_rms_norm(site.reduced)
+norm_fp8 = site.static_fp8_quant(norm)
+add_norm_fp8 = site.static_fp8_quant(getitem(add_norm, 0))
 
 
 # --- rewrites ----------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         """The fused kernel serves up to `cfg.max_tokens` rows: symbolic ones only if provably."""
         if t.dim() < 1:
             return "a 0-d all-reduce has no rows"
-        limit = row_threshold(cfg.max_tokens, allreduce_rms_max_tokens, t, cfg.world)
+        limit = site.row_threshold(cfg.max_tokens, allreduce_rms_max_tokens, t, cfg.world)
         if isinstance(limit, str):
             return limit
         rows = row_count(t)
@@ -85,20 +85,21 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         return True
 
     def applies(m: Match) -> bool | str:
-        return applicable(m, cfg.group, few_rows)
+        return site.applicable(m, cfg.group, few_rows)
 
     def fuse_norm(b: Builder, m: Match) -> Node:
-        args = (m["x"], m["weight"], m["eps"], *_quant(m), m["group"], m["flavor"])
-        fused = b.call(ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT if _quant(m) else ALLREDUCE_RMS_NORM,
-                       *args)
+        quant = site.quant_args(m)
+        args = (m["x"], m["weight"], m["eps"], *quant, m["group"], m["flavor"])
+        fused = b.call(ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT if quant else ALLREDUCE_RMS_NORM, *args)
         # Every other reader of the all-reduce (the residual stream) reads the fused op's copy;
         # the norm reads it too until the engine erases it with the match.
         b.replace(m["reduced"], b.call(operator.getitem, fused, 1))
         return b.call(operator.getitem, fused, 0)
 
     def fuse_add_norm(b: Builder, m: Match) -> Node:
-        args = (m["x"], m["residual"], m["weight"], m["eps"], *_quant(m), m["group"], m["flavor"])
-        if not _quant(m):  # same outputs as the fused_add_rms_norm it replaces
+        quant = site.quant_args(m)
+        args = (m["x"], m["residual"], m["weight"], m["eps"], *quant, m["group"], m["flavor"])
+        if not quant:  # same outputs as the fused_add_rms_norm it replaces
             return b.call(ALLREDUCE_FUSED_ADD_RMS_NORM, *args)
         fused = b.call(ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT, *args)
         # the residual stream: readers of the norm's [1]
@@ -114,8 +115,3 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         Rule("allreduce_norm.fused_add_rms_norm", add_norm, fuse_add_norm, where=applies),
     ]
     return RuleSet("allreduce_norm", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
-
-
-def _quant(m: Match) -> tuple:
-    """(scale, fp8_dtype) when the match ends in a static FP8 quant, else ()."""
-    return (m["scale"], m["fp8_dtype"]) if "fp8_dtype" in m.bindings else ()

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-
 from ..builder import Builder
 from ..collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..fake import known_true, tensor_of
@@ -43,6 +42,7 @@ from ..ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..pattern import behind, getitem
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import sp_min_tokens
+from . import site
 from .rows import (
     RowBlocks,
     from_padded_rows,
@@ -54,7 +54,6 @@ from .rows import (
     to_padded_rows,
 )
 from .rowwise import ORDER_KEEPING_VIEWS, row_input
-from .site import applicable, fused_add_rms_norm, reduced, rms_norm, row_threshold, static_fp8_quant
 
 aten = torch.ops.aten
 
@@ -89,12 +88,12 @@ class SPConfig:
 # The norm's input (see patterns/site.py): the all-reduce, or the all-reduce behind ops that
 # act on each row alone (a scale, a cast, a clone, a reshape to [1, T, H]); the shard passes
 # through them too.
-reduced_rows = behind(reduced, row_input, "ops acting on each row alone", name="h")
+reduced_rows = behind(site.reduced, row_input, "ops acting on each row alone", name="h")
 
-first_norm = rms_norm(reduced_rows)
-fused_norm = fused_add_rms_norm(reduced_rows)
-first_fp8 = static_fp8_quant(first_norm)
-fused_fp8 = static_fp8_quant(getitem(fused_norm, 0))
+first_norm = site.rms_norm(reduced_rows)
+fused_norm = site.fused_add_rms_norm(reduced_rows)
+first_fp8 = site.static_fp8_quant(first_norm)
+fused_fp8 = site.static_fp8_quant(getitem(fused_norm, 0))
 
 
 # --- rewrites ----------------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         rows = row_count(t)
         if not known_true(rows == row_count(tensor_of(m["h"]))):
             return f"{m['h'].name} holds other rows than the all-reduce"
-        need = row_threshold(cfg.min_tokens, sp_min_tokens, t, cfg.world)
+        need = site.row_threshold(cfg.min_tokens, sp_min_tokens, t, cfg.world)
         if isinstance(need, str):
             return need
         if isinstance(rows, int) and rows < need:
@@ -124,7 +123,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         return True
 
     def applies(m: Match) -> bool | str:
-        return applicable(m, cfg.group, enough_rows)
+        return site.applicable(m, cfg.group, enough_rows)
 
     def residual_alive(m: Match) -> bool:
         return any(_index(u) == 1 and u.users for u in m["norm"].users)
@@ -253,9 +252,8 @@ def _spelling(m: Match, cfg: SPConfig) -> tuple[str, str]:
 
 
 def _quantised(b: Builder, m: Match, normed: Node) -> Node:
-    if "fp8_dtype" not in m.bindings:
-        return normed
-    return b.call(STATIC_FP8_QUANT, normed, m["scale"], m["fp8_dtype"])
+    quant = site.quant_args(m)
+    return b.call(STATIC_FP8_QUANT, normed, *quant) if quant else normed
 
 
 def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node) -> Node:

@@ -28,6 +28,7 @@ from torch.fx import Node
 from ..builder import Builder
 from ..fake import known_true, tensor_of
 from ..ir.ops import FP8_DTYPES
+from ..pattern import VIEW
 from ..runtime.pipeline_parallel import block_bounds, padded_block_rows
 
 aten = torch.ops.aten
@@ -36,7 +37,6 @@ Size = Any  # int or an FX node producing a SymInt
 
 # Meta key on a value fxsp trimmed from padded rows: (the padded value, TP size).
 UNTRIMMED = "fxsp_untrimmed"
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _MATMULS = (aten.mm.default, aten._scaled_mm.default)
 
 
@@ -55,7 +55,7 @@ def _size(b: Builder, x: Node, dim: int) -> Size:
     d = tensor_of(x).shape[dim]
     if isinstance(d, int):
         return d
-    if x.target in (*_VIEWS, aten.as_strided.default) and isinstance(x.args[1][dim], Node):
+    if x.target in VIEW | {aten.as_strided.default} and isinstance(x.args[1][dim], Node):
         return x.args[1][dim]
     if x.target is aten.slice.Tensor and x.args[1:3] == (0, 0) and dim == 0 and isinstance(x.args[3], Node):
         return x.args[3]
@@ -175,7 +175,7 @@ def matmuls_on_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> int:
     if padded is None:
         return 0
     moved = 0
-    for lhs in [full, *(u for u in full.users if u.target in _VIEWS and _is_rows_of(u, full))]:
+    for lhs in [full, *(u for u in full.users if u.target in VIEW and _is_rows_of(u, full))]:
         if tensor_of(lhs).dim() != 2:
             continue
         for mm in [u for u in lhs.users if _is_matmul_on_rows(u) and u.args[0] is lhs]:
@@ -191,22 +191,26 @@ def matmuls_on_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> int:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def _views_of_rows(x: Node) -> list[Node]:
+    """`x`, and back from it each value that a view keeping its rows was taken of."""
+    chain = [x]
+    while chain[-1].target in VIEW and _is_rows_of(chain[-1], chain[-1].args[0]):
+        chain.append(chain[-1].args[0])
+    return chain
+
+
 def _untrimmed(x: Node, tp: int) -> Node | None:
     """The padded value `x` (or the view of it that `x` is) was trimmed from by fxsp."""
-    while True:
-        twin = x.meta.get(UNTRIMMED)
+    for node in _views_of_rows(x):
+        twin = node.meta.get(UNTRIMMED)
         if twin is not None and not twin[0]._erased and twin[1] == tp:
             return twin[0]
-        if x.target not in _VIEWS or not _is_rows_of(x, x.args[0]):
-            return None
-        x = x.args[0]
+    return None
 
 
 def _padded_source(full: Node, blocks: RowBlocks) -> Node | None:
     """The [padded, H] value `full` restores: its trimmed twin, or itself through views."""
-    x = full
-    while x.target in _VIEWS and _is_rows_of(x, x.args[0]):
-        x = x.args[0]
+    x = _views_of_rows(full)[-1]
     twin = _untrimmed(x, blocks.tp)
     if twin is not None:
         return twin
@@ -215,11 +219,9 @@ def _padded_source(full: Node, blocks: RowBlocks) -> Node | None:
 
 def _matmul_behind(x: Node) -> Node | None:
     """The matmul computing `x` through row-keeping views, when nothing else uses it on the way."""
-    node = x
-    while node.target in _VIEWS and _is_rows_of(node, node.args[0]):
-        if len(node.users) != 1:
-            return None
-        node = node.args[0]
+    *views, node = _views_of_rows(x)
+    if any(len(v.users) != 1 for v in views):
+        return None
     if _is_matmul_on_rows(node) and len(node.users) == 1 and _is_rows_of(x, node):
         return node
     return None

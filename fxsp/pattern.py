@@ -348,7 +348,7 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | N
     if reason is not None:
         trace.fail(b.depth, reason, _text(value), value if isinstance(value, Node) else None, path)
         return
-    out = b.bind(pattern.name, _normalised(pattern, value, rank))
+    out = b.bind(pattern.name, tuple(_normalise_dims(value, rank)) if kind is Dims else value)
     if out is None:
         earlier = _text(b.values[pattern.name])
         trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", _text(value), None, path)
@@ -364,7 +364,7 @@ def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
     if kind is Tensor:
         if not isinstance(value, Node):
             return repr(pattern)
-        if pattern.dtypes is not None and _dtype_of(value) not in pattern.dtypes:
+        if pattern.dtypes is not None and getattr(tensor_of(value), "dtype", None) not in pattern.dtypes:
             return f"{pattern!r} of dtype in {{{', '.join(sorted(map(_text, pattern.dtypes)))}}}"
         return None
     if kind is Scalar:
@@ -381,10 +381,6 @@ def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
         want = _normalise_dims(pattern.dims, rank)
         return None if got is not None and got == want else repr(pattern)
     raise TypeError(f"not a pattern: {pattern!r}")
-
-
-def _normalised(pattern: Pattern, value: Any, rank: int | None) -> Any:
-    return tuple(_normalise_dims(value, rank)) if type(pattern) is Dims else value
 
 
 def _normalise_dims(value: Any, rank: int | None) -> list | None:
@@ -548,11 +544,6 @@ def _named_argument(node: Node, name: str, schema: list | None) -> Any:
 def _rank(node: Node) -> int | None:
     val = tensor_of(node.args[0]) if node.args else None
     return val.dim() if val is not None else None
-
-
-def _dtype_of(node: Node) -> torch.dtype | None:
-    val = tensor_of(node)
-    return val.dtype if val is not None else None
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -26,7 +26,7 @@ from ..fake import known_true, same_shape, tensor_of
 from ..pattern import alt, anything, op, tensor
 from ..rules import Match, Rule, RuleSet
 from ..runtime.pipeline_parallel import block_bounds, padded_block_rows
-from .sp import SHARD, SPConfig
+from .sp import SPConfig, sharded_twin
 
 aten = torch.ops.aten
 
@@ -36,8 +36,8 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
 
     def twin_of(m: Match) -> Node | str:
         full = m["full"]
-        twin = full.meta.get(SHARD)
-        if twin is None or twin[0]._erased:
+        twin = sharded_twin(full)
+        if twin is None:
             return f"{full.name} has no sharded twin (no SP rewrite produced it)"
         shard, group, world = twin
         if (group, world) != (cfg.group, cfg.world):

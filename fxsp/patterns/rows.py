@@ -82,9 +82,6 @@ class RowBlocks:
     shape: list  # the original shape, sizes as ints or nodes
     tp: int
 
-    def padding(self, b: Builder) -> Size:
-        return _arith(b, operator.sub, self.padded, self.rows)
-
     @property
     def exact(self) -> bool:
         """The TP size divides the rows (known now): no padding rows."""
@@ -121,7 +118,7 @@ def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks, through_matmul: bool 
         if mm is not None:
             return _on_padded_rows(b, mm, blocks)
     flat = x if tensor_of(x).dim() == 2 else b.call(aten.view.default, x, [blocks.rows, blocks.shape[-1]])
-    pad = blocks.padding(b)
+    pad = _arith(b, operator.sub, blocks.padded, blocks.rows)
     if isinstance(pad, int) and pad == 0:
         return flat
     if tensor_of(flat).dtype in FP8_DTYPES:  # zero bytes are FP8 zeros; pad the bytes

@@ -173,6 +173,12 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
     return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
 
 
+def sharded_twin(value: Node) -> tuple[Node, str, int] | None:
+    """(sharded twin, group, tp size) of a full-size value an SP rewrite gathered, if still there."""
+    twin = value.meta.get(SHARD)
+    return None if twin is None or twin[0]._erased else twin
+
+
 def shard_graph_outputs(graph: torch.fx.Graph) -> int:
     """Return the sharded twin of every output fxsp gathered: this rank's block of the padded
     rows instead of the full value. Returns how many outputs changed."""
@@ -181,8 +187,8 @@ def shard_graph_outputs(graph: torch.fx.Graph) -> int:
 
     def sharded(value):
         nonlocal changed
-        twin = value.meta.get(SHARD) if isinstance(value, Node) else None
-        if twin is None or twin[0]._erased:
+        twin = sharded_twin(value) if isinstance(value, Node) else None
+        if twin is None:
             return value
         changed += 1
         return twin[0]
@@ -274,11 +280,9 @@ def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node)
 
 def _rows_of(b: Builder, residual: Node, blocks: RowBlocks, cfg: SPConfig, group: str) -> Node:
     """This rank's rows of `residual`: its sharded twin if a rewrite made one, else a slice."""
-    twin = residual.meta.get(SHARD)
-    if twin is not None:
-        shard, twin_group, twin_world = twin
-        if not shard._erased and (twin_group, twin_world) == (group, cfg.world):
-            return shard
+    twin = sharded_twin(residual)
+    if twin is not None and twin[1:] == (group, cfg.world):
+        return twin[0]
     return this_rank_rows(b, to_padded_rows(b, residual, blocks), blocks, cfg.rank)
 
 

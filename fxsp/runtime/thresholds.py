@@ -115,14 +115,8 @@ def device_info(device: DeviceLike = None) -> DeviceInfo:
     return DeviceInfo(kind, capability, name)
 
 
-def sp_min_tokens(
-    hidden_size: int,
-    tp_size: int,
-    dtype: torch.dtype,
-    device: DeviceLike = None,
-    *,
-    min_tokens: int | None = None,
-) -> SPThreshold:
+def sp_min_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype, device: DeviceLike = None,
+                  *, min_tokens: int | None = None) -> SPThreshold:
     """The smallest batch (rows) for which SP is worth its reduce-scatter and all-gather.
 
     `min_tokens=` overrides everything else. Otherwise, on SM90 and the SM100 family:
@@ -150,14 +144,8 @@ def sp_min_tokens(
     return SPThreshold(formula_tokens, f"{info.label}, {_FAMILY_NAMES[family]}: {formula}")
 
 
-def allreduce_rms_max_tokens(
-    hidden_size: int,
-    tp_size: int,
-    dtype: torch.dtype,
-    device: DeviceLike = None,
-    *,
-    max_tokens: int | None = None,
-) -> FusionLimit:
+def allreduce_rms_max_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype,
+                             device: DeviceLike = None, *, max_tokens: int | None = None) -> FusionLimit:
     """The largest batch (rows) the fused AllReduce+RMSNorm kernel should serve.
 
     `max_tokens=` overrides everything else (on CPU that is how the reference provider is used).

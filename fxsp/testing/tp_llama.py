@@ -69,8 +69,7 @@ def static_fp8(x: torch.Tensor, scale: torch.Tensor, dequantise: bool = True) ->
 
 
 class TPModel(nn.Module):
-    """What every test model does: every rank builds the same full weights from one seed and
-    keeps its shard, the embedding split by vocabulary; all-reduces go over `group`."""
+    """What the test models share: the seed, the embedding sharded by vocabulary, all-reduces."""
 
     def __init__(self, spec: ModelSpec, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()

@@ -475,10 +475,7 @@ def _passes_through(node: Node) -> bool:
     """Views and reshapes pass through only when they keep the shape; casts and clones always."""
     if node.target not in VIEW:
         return True
-    src, out = node.args[0], node
-    if not isinstance(src, Node):
-        return False
-    a, o = tensor_of(src), tensor_of(out)
+    a, o = tensor_of(node.args[0]), tensor_of(node)
     return a is not None and o is not None and tuple(a.shape) == tuple(o.shape)
 
 

@@ -78,11 +78,11 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         if isinstance(limit, str):
             return limit
         rows = row_count(t)
-        if isinstance(rows, int) and rows > limit:
+        if known_true(rows <= limit):
+            return True
+        if isinstance(rows, int):
             return f"{rows} rows > fusion limit {limit}"
-        if not isinstance(rows, int) and not known_true(rows <= limit):
-            return f"symbolic rows may exceed the fusion limit {limit}"
-        return True
+        return f"symbolic rows may exceed the fusion limit {limit}"
 
     def applies(m: Match) -> bool | str:
         return site.applicable(m, cfg.group, few_rows)

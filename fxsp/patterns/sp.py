@@ -126,7 +126,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         return site.applicable(m, cfg.group, enough_rows)
 
     def residual_alive(m: Match) -> bool:
-        return any(_index(u) == 1 and u.users for u in m["norm"].users)
+        return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in m["norm"].users)
 
     def is_middle(m: Match) -> bool | str:
         ok = applies(m)
@@ -284,8 +284,3 @@ def _rows_of(b: Builder, residual: Node, blocks: RowBlocks, cfg: SPConfig, group
     if twin is not None and twin[1:] == (group, cfg.world):
         return twin[0]
     return this_rank_rows(b, to_padded_rows(b, residual, blocks), blocks, cfg.rank)
-
-
-def _index(user: Node) -> int | None:
-    return user.args[1] if user.target is operator.getitem else None
-

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -78,7 +80,7 @@ def test_gather_rows_rejects_a_wrong_shard(fake_pg):
 def test_row_blocks_tile_the_rows_padded_by_less_than_one_row_per_rank(rows, tp):
     per_rank = padded_block_rows(rows, tp)
     blocks = [block_bounds(per_rank, rank) for rank in range(tp)]
-    assert blocks[0][0] == 0 and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert blocks[0][0] == 0 and all(a[1] == b[0] for a, b in pairwise(blocks))
     assert rows <= blocks[-1][1] < rows + tp
 
 

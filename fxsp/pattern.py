@@ -130,7 +130,8 @@ class Alt(Pattern):
 
 @dataclass(frozen=True, eq=False)
 class Through(Pattern):
-    """`inner`, possibly behind a chain of pass-through nodes (casts, clones, identity views)."""
+    """`inner`, possibly behind a chain of pass-through nodes (casts, clones, identity views),
+    which become interior nodes of the match."""
 
     inner: Pattern
     targets: frozenset
@@ -138,6 +139,11 @@ class Through(Pattern):
 
     def __repr__(self) -> str:
         return f"[{_targets_text(self.targets)}]* {self.inner!r}"
+
+    def step(self, node: Node) -> Node | None:
+        """The value `node` passes on, or None."""
+        passes = node.op == "call_function" and node.target in self.targets and _passes_through(node)
+        return node.args[0] if passes else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -334,18 +340,15 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | N
                 if out is not None:
                     yield out
         return
-    if kind is Through:
-        yield from _match_through(pattern, value, b, trace, rank, path)
-        return
-    if kind is Behind:
-        yield from _match_behind(pattern, value, b, trace, rank, path)
+    if kind is Through or kind is Behind:
+        yield from _match_chain(pattern, value, b, trace, rank, path)
         return
     reason = _check_leaf(pattern, value, rank)
     # `_text`, so a string value prints quoted ('max'), unlike a reason.
     if reason is not None:
         trace.fail(b.depth, reason, _text(value), value if isinstance(value, Node) else None, path)
         return
-    out = b.bind(pattern.name, _normalised(pattern, value, rank))
+    out = b.bind(pattern.name, tuple(_normalise_dims(value, rank)) if kind is Dims else value)
     if out is None:
         earlier = _text(b.values[pattern.name])
         trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", _text(value), None, path)
@@ -361,7 +364,7 @@ def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
     if kind is Tensor:
         if not isinstance(value, Node):
             return repr(pattern)
-        if pattern.dtypes is not None and _dtype_of(value) not in pattern.dtypes:
+        if pattern.dtypes is not None and getattr(tensor_of(value), "dtype", None) not in pattern.dtypes:
             return f"{pattern!r} of dtype in {{{', '.join(sorted(map(_text, pattern.dtypes)))}}}"
         return None
     if kind is Scalar:
@@ -378,10 +381,6 @@ def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
         want = _normalise_dims(pattern.dims, rank)
         return None if got is not None and got == want else repr(pattern)
     raise TypeError(f"not a pattern: {pattern!r}")
-
-
-def _normalised(pattern: Pattern, value: Any, rank: int | None) -> Any:
-    return tuple(_normalise_dims(value, rank)) if type(pattern) is Dims else value
 
 
 def _normalise_dims(value: Any, rank: int | None) -> list | None:
@@ -433,27 +432,16 @@ def _match_args(patterns: list, values: list, where: list, i: int, b: Bindings, 
         yield from _match_args(patterns, values, where, i + 1, found, trace, rank, path)
 
 
-def _match_through(pattern: Through, value: Any, b: Bindings, trace: Trace, rank: int | None,
-                   path: Path) -> Iterator[Bindings]:
-    skipped, outer = b, value
-    while True:
-        for found in match(pattern.inner, value, skipped, trace, rank, path):
-            # The name binds what the consumer sees: the value before any skipped node.
-            out = found.bind(pattern.name, outer)
-            if out is not None:
-                yield out
-        if not (isinstance(value, Node) and value.op == "call_function" and value.target in pattern.targets
-                and _passes_through(value)):
-            return
-        skipped = skipped.step(value)
-        path, value = (path, 0, value.args[0]), value.args[0]
-
-
-def _match_behind(pattern: Behind, value: Any, b: Bindings, trace: Trace, rank: int | None,
-                  path: Path) -> Iterator[Bindings]:
+def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trace, rank: int | None,
+                 path: Path) -> Iterator[Bindings]:
+    """`pattern.inner` at `value`, or behind the chain of nodes `pattern.step` walks back through.
+    A Behind's chain nodes may have other users (the rewrite handles them), and the node that
+    stops its chain can be the near-miss; a Through's are the match's own."""
+    shared = type(pattern) is Behind
     at, outer = b, value
     while True:
         for found in match(pattern.inner, value, at, trace, rank, path):
+            # The name binds what the consumer sees: the value before any node walked through.
             out = found.bind(pattern.name, outer)
             if out is not None:
                 yield out
@@ -461,9 +449,10 @@ def _match_behind(pattern: Behind, value: Any, b: Bindings, trace: Trace, rank: 
             return
         nxt = pattern.step(value)
         if not isinstance(nxt, Node):
-            _blocked(pattern, value, str(nxt), at, trace, rank, path)
+            if shared:
+                _blocked(pattern, value, str(nxt), at, trace, rank, path)
             return
-        at = at.step(value, shared=True)
+        at = at.step(value, shared)
         key = next((i for i, a in enumerate(value.args) if a is nxt), "input")
         path, value = (path, key, nxt), nxt
 
@@ -486,10 +475,7 @@ def _passes_through(node: Node) -> bool:
     """Views and reshapes pass through only when they keep the shape; casts and clones always."""
     if node.target not in VIEW:
         return True
-    src, out = node.args[0], node
-    if not isinstance(src, Node):
-        return False
-    a, o = tensor_of(src), tensor_of(out)
+    a, o = tensor_of(node.args[0]), tensor_of(node)
     return a is not None and o is not None and tuple(a.shape) == tuple(o.shape)
 
 
@@ -555,11 +541,6 @@ def _named_argument(node: Node, name: str, schema: list | None) -> Any:
 def _rank(node: Node) -> int | None:
     val = tensor_of(node.args[0]) if node.args else None
     return val.dim() if val is not None else None
-
-
-def _dtype_of(node: Node) -> torch.dtype | None:
-    val = tensor_of(node)
-    return val.dtype if val is not None else None
 
 
 def _same(a: Any, b: Any) -> bool:

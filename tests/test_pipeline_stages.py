@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ from torch import nn
 
 import fxsp
 from fxsp.runtime import gather_rows, padded_block_rows
+from fxsp.runtime.pipeline_parallel import block_bounds
 from fxsp.testing.tp_llama import Spec, TPLlama
 from tests.worlds import run_world
 
@@ -71,3 +74,25 @@ def test_sharded_residual_across_a_stage_boundary_equals_eager():
 def test_gather_rows_rejects_a_wrong_shard(fake_pg):
     with pytest.raises(ValueError, match="has shape"):
         gather_rows(torch.empty(3, 8), (7, 8))
+
+
+@pytest.mark.parametrize("rows, tp", [(8, 2), (7, 2), (7, 3), (1, 3), (128, 3)])
+def test_row_blocks_tile_the_rows_padded_by_less_than_one_row_per_rank(rows, tp):
+    per_rank = padded_block_rows(rows, tp)
+    blocks = [block_bounds(per_rank, rank) for rank in range(tp)]
+    assert blocks[0][0] == 0 and all(a[1] == b[0] for a, b in pairwise(blocks))
+    assert rows <= blocks[-1][1] < rows + tp
+
+
+def test_row_block_layout_builds_graph_arithmetic_for_symbolic_rows():
+    """The SP rewrites ask the same layout for graph nodes: the ops are recorded, not run."""
+    calls = []
+
+    def record(fn, *args):
+        calls.append((fn.__name__, args))
+        return f"{fn.__name__}{args}"
+
+    per_rank = padded_block_rows("rows", 3, record)
+    block_bounds(per_rank, 2, record)
+    assert [name for name, _ in calls] == ["add", "floordiv", "mul", "add"]
+    assert calls[1][1] == ("add('rows', 2)", 3)

@@ -31,17 +31,17 @@ import torch
 from torch.fx import Node
 
 from ..builder import Builder
-from ..fake import known_true, same_shape, tensor_of
+from ..fake import known_true
 from ..ir.fused_ops import (
     ALLREDUCE_FUSED_ADD_RMS_NORM,
     ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT,
     ALLREDUCE_RMS_NORM,
     ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT,
 )
-from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
-from ..pattern import alt, anything, dtype, getitem, op, scalar, string, tensor
+from ..pattern import getitem
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import allreduce_rms_max_tokens
+from . import site
 from .rows import row_count
 
 
@@ -57,16 +57,11 @@ class AllReduceNormConfig:
 
 # --- patterns ----------------------------------------------------------------------------------
 
-x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
-reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
-quant_args = (tensor("scale"), dtype("fp8_dtype", FP8_DTYPES))
-
-norm = op(RMS_NORM, reduced, weight, eps, name="norm")
-# residual_out = reduced + residual commutes: the all-reduce may be either operand.
-add_norm = alt(op(FUSED_ADD_RMS_NORM, reduced, residual, weight, eps),
-               op(FUSED_ADD_RMS_NORM, residual, reduced, weight, eps), name="norm")
-norm_fp8 = op(STATIC_FP8_QUANT, norm, *quant_args)
-add_norm_fp8 = op(STATIC_FP8_QUANT, getitem(add_norm, 0), *quant_args)
+# The norm reads the all-reduce itself (patterns/site.py).
+norm = site.rms_norm(site.reduced)
+add_norm = site.fused_add_rms_norm(site.reduced)
+norm_fp8 = site.static_fp8_quant(norm)
+add_norm_fp8 = site.static_fp8_quant(getitem(add_norm, 0))
 
 
 # --- rewrites ----------------------------------------------------------------------------------
@@ -75,37 +70,36 @@ add_norm_fp8 = op(STATIC_FP8_QUANT, getitem(add_norm, 0), *quant_args)
 def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
     """The AllReduce+RMSNorm fusion rule set, to run after the SP rules."""
 
-    def applicable(m: Match) -> bool | str:
-        """Rank-independent facts only: every rank must fuse the same sites."""
-        if m["group"] != cfg.group:
-            return f"all-reduce over group {m['group']!r}, not the TP group"
-        t = tensor_of(m["x"])
+    def few_rows(m: Match, t: torch.Tensor) -> bool | str:
+        """The fused kernel serves up to `cfg.max_tokens` rows: symbolic ones only if provably."""
         if t.dim() < 1:
             return "a 0-d all-reduce has no rows"
-        limit = _max_rows(cfg, t)
+        limit = site.row_threshold(cfg.max_tokens, allreduce_rms_max_tokens, t, cfg.world)
         if isinstance(limit, str):
             return limit
         rows = row_count(t)
-        if isinstance(rows, int) and rows > limit:
+        if known_true(rows <= limit):
+            return True
+        if isinstance(rows, int):
             return f"{rows} rows > fusion limit {limit}"
-        if not isinstance(rows, int) and not known_true(rows <= limit):
-            return f"symbolic rows may exceed the fusion limit {limit}"
-        if "residual" in m.bindings and not same_shape(t, tensor_of(m["residual"])):
-            return "residual shape differs from the all-reduce's"
-        return True
+        return f"symbolic rows may exceed the fusion limit {limit}"
+
+    def applies(m: Match) -> bool | str:
+        return site.applicable(m, cfg.group, few_rows)
 
     def fuse_norm(b: Builder, m: Match) -> Node:
-        args = (m["x"], m["weight"], m["eps"], *_quant(m), m["group"], m["flavor"])
-        fused = b.call(ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT if _quant(m) else ALLREDUCE_RMS_NORM,
-                       *args)
+        quant = site.quant_args(m)
+        args = (m["x"], m["weight"], m["eps"], *quant, m["group"], m["flavor"])
+        fused = b.call(ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT if quant else ALLREDUCE_RMS_NORM, *args)
         # Every other reader of the all-reduce (the residual stream) reads the fused op's copy;
         # the norm reads it too until the engine erases it with the match.
         b.replace(m["reduced"], b.call(operator.getitem, fused, 1))
         return b.call(operator.getitem, fused, 0)
 
     def fuse_add_norm(b: Builder, m: Match) -> Node:
-        args = (m["x"], m["residual"], m["weight"], m["eps"], *_quant(m), m["group"], m["flavor"])
-        if not _quant(m):  # same outputs as the fused_add_rms_norm it replaces
+        quant = site.quant_args(m)
+        args = (m["x"], m["residual"], m["weight"], m["eps"], *quant, m["group"], m["flavor"])
+        if not quant:  # same outputs as the fused_add_rms_norm it replaces
             return b.call(ALLREDUCE_FUSED_ADD_RMS_NORM, *args)
         fused = b.call(ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT, *args)
         # the residual stream: readers of the norm's [1]
@@ -114,23 +108,10 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
 
     rules = [
         Rule("allreduce_norm.rms_norm_fp8", norm_fp8, fuse_norm, outputs=("reduced",),
-             where=applicable),
+             where=applies),
         Rule("allreduce_norm.fused_add_rms_norm_fp8", add_norm_fp8, fuse_add_norm,
-             outputs=("norm",), where=applicable),
-        Rule("allreduce_norm.rms_norm", norm, fuse_norm, outputs=("reduced",), where=applicable),
-        Rule("allreduce_norm.fused_add_rms_norm", add_norm, fuse_add_norm, where=applicable),
+             outputs=("norm",), where=applies),
+        Rule("allreduce_norm.rms_norm", norm, fuse_norm, outputs=("reduced",), where=applies),
+        Rule("allreduce_norm.fused_add_rms_norm", add_norm, fuse_add_norm, where=applies),
     ]
     return RuleSet("allreduce_norm", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
-
-
-def _max_rows(cfg: AllReduceNormConfig, t: torch.Tensor) -> int | str:
-    """The fusion's row limit for this activation, or why it is off for it."""
-    if cfg.max_tokens != "auto":
-        return int(cfg.max_tokens)
-    limit = allreduce_rms_max_tokens(t.shape[-1], cfg.world, t.dtype, t.device)
-    return limit.reason if limit.max_tokens is None else limit.max_tokens
-
-
-def _quant(m: Match) -> tuple:
-    """(scale, fp8_dtype) when the match ends in a static FP8 quant, else ()."""
-    return (m["scale"], m["fp8_dtype"]) if "fp8_dtype" in m.bindings else ()

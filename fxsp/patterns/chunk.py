@@ -25,7 +25,8 @@ from ..builder import Builder
 from ..fake import known_true, same_shape, tensor_of
 from ..pattern import alt, anything, op, tensor
 from ..rules import Match, Rule, RuleSet
-from .sp import SHARD, SPConfig
+from ..runtime.pipeline_parallel import block_bounds, padded_block_rows
+from .sp import SPConfig, sharded_twin
 
 aten = torch.ops.aten
 
@@ -35,8 +36,8 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
 
     def twin_of(m: Match) -> Node | str:
         full = m["full"]
-        twin = full.meta.get(SHARD)
-        if twin is None or twin[0]._erased:
+        twin = sharded_twin(full)
+        if twin is None:
             return f"{full.name} has no sharded twin (no SP rewrite produced it)"
         shard, group, world = twin
         if (group, world) != (cfg.group, cfg.world):
@@ -46,7 +47,7 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
             return "the chunk pads dim 0 of a value with more token dims; SP shards flattened rows"
         rows, per_rank = value.shape[0], sharded.shape[0]
         # The chunk's layout, ceil(rows / tp) rows per rank, must be the twin's.
-        if not (known_true(per_rank == (rows + world - 1) // world)
+        if not (known_true(per_rank == padded_block_rows(rows, world))
                 and same_shape(sharded[0], value[0])):
             return f"the twin's {per_rank} rows per rank are not ceil({rows} / {world})"
         return shard
@@ -68,8 +69,8 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
         start, end = _size(m["start"]), _size(m["end"])
         if start is None or end is None:
             return "the slice bounds are not sizes"
-        if not (known_true(start == cfg.rank * per_rank)
-                and known_true(end == start + per_rank)):
+        block = block_bounds(per_rank, cfg.rank)
+        if not (known_true(start == block[0]) and known_true(end == block[1])):
             return f"rows [{start}, {end}) are not rank {cfg.rank}'s block of {per_rank} rows"
         return True
 

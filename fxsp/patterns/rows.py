@@ -1,9 +1,9 @@
 """Row arithmetic for sequence parallelism: every activation [*, H] is a stack of rows.
 
 The token dims (all but the last) are flattened to rows, padded up to a multiple of the TP
-size, split into one block per rank, and restored after the all-gather. Sizes may be Python
-ints or symbolic: symbolic ones become `sym_size` / `operator` nodes, so the same code serves
-static and dynamic shapes.
+size, split into one block per rank (the layout: runtime/pipeline_parallel.py), and restored
+after the all-gather. Sizes may be Python ints or symbolic: symbolic ones become `sym_size` /
+`operator` nodes, so the same code serves static and dynamic shapes.
 
 The SP region lives in padded rows. Inductor's micro-pipeline TP fuses `all_gather → mm` and
 `mm → reduce_scatter` only when nothing stands between the collective and its matmul, so the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ from torch.fx import Node
 from ..builder import Builder
 from ..fake import known_true, tensor_of
 from ..ir.ops import FP8_DTYPES
+from ..pattern import VIEW
+from ..runtime.pipeline_parallel import block_bounds, padded_block_rows
 
 aten = torch.ops.aten
 
@@ -34,7 +37,6 @@ Size = Any  # int or an FX node producing a SymInt
 
 # Meta key on a value fxsp trimmed from padded rows: (the padded value, TP size).
 UNTRIMMED = "fxsp_untrimmed"
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _MATMULS = (aten.mm.default, aten._scaled_mm.default)
 
 
@@ -53,7 +55,7 @@ def _size(b: Builder, x: Node, dim: int) -> Size:
     d = tensor_of(x).shape[dim]
     if isinstance(d, int):
         return d
-    if x.target in (*_VIEWS, aten.as_strided.default) and isinstance(x.args[1][dim], Node):
+    if x.target in VIEW | {aten.as_strided.default} and isinstance(x.args[1][dim], Node):
         return x.args[1][dim]
     if x.target is aten.slice.Tensor and x.args[1:3] == (0, 0) and dim == 0 and isinstance(x.args[3], Node):
         return x.args[3]
@@ -80,9 +82,6 @@ class RowBlocks:
     shape: list  # the original shape, sizes as ints or nodes
     tp: int
 
-    def padding(self, b: Builder) -> Size:
-        return _arith(b, operator.sub, self.padded, self.rows)
-
     @property
     def exact(self) -> bool:
         """The TP size divides the rows (known now): no padding rows."""
@@ -94,7 +93,7 @@ def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
     rows = shape[0]
     for d in shape[1:-1]:
         rows = _arith(b, operator.mul, rows, d)
-    per_rank = _arith(b, operator.floordiv, _arith(b, operator.add, rows, tp - 1), tp)
+    per_rank = padded_block_rows(rows, tp, partial(_arith, b))
     return RowBlocks(rows, _arith(b, operator.mul, per_rank, tp), per_rank, shape, tp)
 
 
@@ -119,7 +118,7 @@ def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks, through_matmul: bool 
         if mm is not None:
             return _on_padded_rows(b, mm, blocks)
     flat = x if tensor_of(x).dim() == 2 else b.call(aten.view.default, x, [blocks.rows, blocks.shape[-1]])
-    pad = blocks.padding(b)
+    pad = _arith(b, operator.sub, blocks.padded, blocks.rows)
     if isinstance(pad, int) and pad == 0:
         return flat
     if tensor_of(flat).dtype in FP8_DTYPES:  # zero bytes are FP8 zeros; pad the bytes
@@ -162,8 +161,7 @@ def _first_rows(b: Builder, full: Node, rows: Size) -> Node:
 
 def this_rank_rows(b: Builder, padded: Node, blocks: RowBlocks, rank: int) -> Node:
     """This rank's block of a replicated [padded, H] value (rank-specific: see the pass uuid)."""
-    start = _arith(b, operator.mul, blocks.per_rank, rank)
-    end = _arith(b, operator.add, start, blocks.per_rank)
+    start, end = block_bounds(blocks.per_rank, rank, partial(_arith, b))
     return b.call(aten.slice.Tensor, padded, 0, start, end)
 
 
@@ -174,7 +172,7 @@ def matmuls_on_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> int:
     if padded is None:
         return 0
     moved = 0
-    for lhs in [full, *(u for u in full.users if u.target in _VIEWS and _is_rows_of(u, full))]:
+    for lhs in [full, *(u for u in full.users if u.target in VIEW and _is_rows_of(u, full))]:
         if tensor_of(lhs).dim() != 2:
             continue
         for mm in [u for u in lhs.users if _is_matmul_on_rows(u) and u.args[0] is lhs]:
@@ -190,22 +188,26 @@ def matmuls_on_padded_rows(b: Builder, full: Node, blocks: RowBlocks) -> int:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def _views_of_rows(x: Node) -> list[Node]:
+    """`x`, and back from it each value that a view keeping its rows was taken of."""
+    chain = [x]
+    while chain[-1].target in VIEW and _is_rows_of(chain[-1], chain[-1].args[0]):
+        chain.append(chain[-1].args[0])
+    return chain
+
+
 def _untrimmed(x: Node, tp: int) -> Node | None:
     """The padded value `x` (or the view of it that `x` is) was trimmed from by fxsp."""
-    while True:
-        twin = x.meta.get(UNTRIMMED)
+    for node in _views_of_rows(x):
+        twin = node.meta.get(UNTRIMMED)
         if twin is not None and not twin[0]._erased and twin[1] == tp:
             return twin[0]
-        if x.target not in _VIEWS or not _is_rows_of(x, x.args[0]):
-            return None
-        x = x.args[0]
+    return None
 
 
 def _padded_source(full: Node, blocks: RowBlocks) -> Node | None:
     """The [padded, H] value `full` restores: its trimmed twin, or itself through views."""
-    x = full
-    while x.target in _VIEWS and _is_rows_of(x, x.args[0]):
-        x = x.args[0]
+    x = _views_of_rows(full)[-1]
     twin = _untrimmed(x, blocks.tp)
     if twin is not None:
         return twin
@@ -214,11 +216,9 @@ def _padded_source(full: Node, blocks: RowBlocks) -> Node | None:
 
 def _matmul_behind(x: Node) -> Node | None:
     """The matmul computing `x` through row-keeping views, when nothing else uses it on the way."""
-    node = x
-    while node.target in _VIEWS and _is_rows_of(node, node.args[0]):
-        if len(node.users) != 1:
-            return None
-        node = node.args[0]
+    *views, node = _views_of_rows(x)
+    if any(len(v.users) != 1 for v in views):
+        return None
     if _is_matmul_on_rows(node) and len(node.users) == 1 and _is_rows_of(x, node):
         return node
     return None

@@ -9,20 +9,18 @@ never from a list of model-specific ops; anything not proved row-wise gets the r
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch.fx import Node
 
 from ..fake import known_true, same_shape, tensor_of
+from ..pattern import CAST, VIEW, target_name
 
-aten, prims = torch.ops.aten, torch.ops.prims
+aten = torch.ops.aten
 
 # Views that keep the elements in row-major order: only the grouping of the leading dims changes.
-ORDER_KEEPING_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                                 aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-                                 aten.squeeze.default})
-CASTS = frozenset({prims.convert_element_type.default, aten._to_copy.default})
+ORDER_KEEPING_VIEWS = VIEW | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                              aten.squeeze.default}
 # Ops working along the dims given as their argument 1 (an int or a list of ints).
 ALONG_DIMS = frozenset({aten.sum.default, aten.mean.default, aten.sum.dim_IntList, aten.mean.dim,
                         aten.amax.default, aten.amin.default, aten.prod.dim_int,
@@ -45,7 +43,7 @@ def acts_per_row(node: Node, rows: Node | None = None) -> bool | str:
     """
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return f"{node.name} is not an ATen op call"
-    name = _name(node.target)
+    name = target_name(node.target)
     out = _first_tensor(node)
     rows = _rows_operand(node) if rows is None else rows
     x = tensor_of(rows) if rows is not None else None
@@ -73,12 +71,12 @@ def row_input(node: Node) -> Node | str:
     rows, out = _rows_operand(node), _first_tensor(node)
     x = tensor_of(rows)
     if node.target not in ORDER_KEEPING_VIEWS and not same_shape(x, out):
-        return f"{_name(node.target)} turns rows {list(x.shape)} into {list(out.shape)}: not rows of the same size"
+        return f"{target_name(node.target)} turns rows {list(x.shape)} into {list(out.shape)}: not rows of the same size"
     for i, arg in enumerate(node.args):
         source = _computed_from(arg, rows) if isinstance(arg, Node) and arg is not rows else None
         if source is not None:
-            return (f"{_name(node.target)}: operand {i} comes from its rows input through "
-                    f"{_name(source.target)} {source.name}: all rows into one")
+            return (f"{target_name(node.target)}: operand {i} comes from its rows input through "
+                    f"{target_name(source.target)} {source.name}: all rows into one")
     return rows
 
 
@@ -104,7 +102,7 @@ def _rows_operand(node: Node) -> Node | None:
 
 def _verdict(node: Node, name: str, rows: Node, x: torch.Tensor, out: torch.Tensor) -> bool | str:
     tags = node.target.tags
-    if node.target in CASTS:
+    if node.target in CAST:
         if out.device != x.device:
             return f"{name} moves the value from {x.device} to {out.device}"
         return _keeps_shape(name, x, out)
@@ -168,7 +166,3 @@ def _first_tensor(node: Node) -> torch.Tensor | None:
     if isinstance(val, (list, tuple)):
         val = next((v for v in val if isinstance(v, torch.Tensor)), None)
     return val if isinstance(val, torch.Tensor) else None
-
-
-def _name(target: Any) -> str:
-    return f"{target.namespace}.{target._opname}.{target._overloadname}"

@@ -35,14 +35,14 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-
 from ..builder import Builder
-from ..fake import known_true, same_shape, tensor_of
 from ..collectives import all_gather_rows, reduce_scatter_rows, vllm_op
-from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
-from ..pattern import alt, anything, behind, dtype, getitem, op, scalar, string, tensor
+from ..fake import known_true, tensor_of
+from ..ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+from ..pattern import behind, getitem
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import sp_min_tokens
+from . import site
 from .rows import (
     RowBlocks,
     from_padded_rows,
@@ -85,19 +85,15 @@ class SPConfig:
 
 # --- patterns ----------------------------------------------------------------------------------
 
-x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
-reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
-# The norm's input: the all-reduce, or the all-reduce behind ops that act on each row alone (a
-# scale, a cast, a clone, a reshape to [1, T, H]); the shard passes through them too.
-reduced_rows = behind(reduced, row_input, "ops acting on each row alone", name="h")
-quant_args = (tensor("scale"), dtype("fp8_dtype", FP8_DTYPES))
+# The norm's input (see patterns/site.py): the all-reduce, or the all-reduce behind ops that
+# act on each row alone (a scale, a cast, a clone, a reshape to [1, T, H]); the shard passes
+# through them too.
+reduced_rows = behind(site.reduced, row_input, "ops acting on each row alone", name="h")
 
-first_norm = op(RMS_NORM, reduced_rows, weight, eps, name="norm")
-# residual_out = x + residual is symmetric: the all-reduce may be either operand.
-fused_norm = alt(op(FUSED_ADD_RMS_NORM, reduced_rows, residual, weight, eps),
-                 op(FUSED_ADD_RMS_NORM, residual, reduced_rows, weight, eps), name="norm")
-first_fp8 = op(STATIC_FP8_QUANT, first_norm, *quant_args)
-fused_fp8 = op(STATIC_FP8_QUANT, getitem(fused_norm, 0), *quant_args)
+first_norm = site.rms_norm(reduced_rows)
+fused_norm = site.fused_add_rms_norm(reduced_rows)
+first_fp8 = site.static_fp8_quant(first_norm)
+fused_fp8 = site.static_fp8_quant(getitem(fused_norm, 0))
 
 
 # --- rewrites ----------------------------------------------------------------------------------
@@ -106,18 +102,16 @@ fused_fp8 = op(STATIC_FP8_QUANT, getitem(fused_norm, 0), *quant_args)
 def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
     """The SP rule set. With `cfg.dispatch`, (symbolic rows, threshold) pairs of accepted
     matches are appended to `row_thresholds`."""
-    def applicable(m: Match) -> bool | str:
-        """Rank-independent facts only: every rank must take the same decision."""
-        if m["group"] != cfg.group:
-            return f"all-reduce over group {m['group']!r}, not the TP group"
+    def enough_rows(m: Match, t: torch.Tensor) -> bool | str:
+        """SP pays from `cfg.min_tokens` rows; the rows must reach the norm as they are."""
         if m["flavor"] == "vllm" and vllm_op("reduce_scatter") is None:
             return "vLLM collectives are not loaded"
-        t = tensor_of(m["x"])
         if t.dim() < 2:
             return f"activation of rank {t.dim()} has no token dim"
-        if not known_true(row_count(t) == row_count(tensor_of(m["h"]))):
+        rows = row_count(t)
+        if not known_true(rows == row_count(tensor_of(m["h"]))):
             return f"{m['h'].name} holds other rows than the all-reduce"
-        rows, need = row_count(t), _min_rows(cfg, t)
+        need = site.row_threshold(cfg.min_tokens, sp_min_tokens, t, cfg.world)
         if isinstance(need, str):
             return need
         if isinstance(rows, int) and rows < need:
@@ -126,19 +120,20 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             if not cfg.dispatch or row_thresholds is None:
                 return f"symbolic rows may fall below min_tokens {need}"
             row_thresholds.append((rows.node.expr, need))
-        if "residual" in m.bindings and not same_shape(tensor_of(m["h"]), tensor_of(m["residual"])):
-            return "residual shape differs from the all-reduce's"
         return True
 
+    def applies(m: Match) -> bool | str:
+        return site.applicable(m, cfg.group, enough_rows)
+
     def residual_alive(m: Match) -> bool:
-        return any(_index(u) == 1 and u.users for u in m["norm"].users)
+        return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in m["norm"].users)
 
     def is_middle(m: Match) -> bool | str:
-        ok = applicable(m)
+        ok = applies(m)
         return ok if ok is not True else (residual_alive(m) or "residual output is dead: the last rule")
 
     def is_last(m: Match) -> bool | str:
-        ok = applicable(m)
+        ok = applies(m)
         return ok if ok is not True else (not residual_alive(m) or "residual output is used: the middle rule")
 
     def first(b: Builder, m: Match) -> None:
@@ -168,22 +163,20 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
 
     rules = [
         # The all-reduce's other users get its gathered rows (see `_scatter`).
-        Rule("sp.first_fp8", first_fp8, first, outputs=("reduced",), where=applicable),
+        Rule("sp.first_fp8", first_fp8, first, outputs=("reduced",), where=applies),
         Rule("sp.middle_fp8", fused_fp8, middle, outputs=("reduced", "norm"), where=is_middle),
         Rule("sp.last_fp8", fused_fp8, middle, outputs=("reduced", "norm"), where=is_last),
-        Rule("sp.first", first_norm, first, outputs=("reduced",), where=applicable),
+        Rule("sp.first", first_norm, first, outputs=("reduced",), where=applies),
         Rule("sp.middle", fused_norm, middle, outputs=("reduced",), where=is_middle),
         Rule("sp.last", fused_norm, middle, outputs=("reduced",), where=is_last),
     ]
     return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
 
 
-def _min_rows(cfg: SPConfig, t: torch.Tensor) -> int | str:
-    """The SP row threshold for this activation, or why SP is off for it."""
-    if cfg.min_tokens != "auto":
-        return int(cfg.min_tokens)
-    threshold = sp_min_tokens(t.shape[-1], cfg.world, t.dtype, t.device)
-    return threshold.reason if threshold.min_tokens is None else threshold.min_tokens
+def sharded_twin(value: Node) -> tuple[Node, str, int] | None:
+    """(sharded twin, group, tp size) of a full-size value an SP rewrite gathered, if still there."""
+    twin = value.meta.get(SHARD)
+    return None if twin is None or twin[0]._erased else twin
 
 
 def shard_graph_outputs(graph: torch.fx.Graph) -> int:
@@ -194,8 +187,8 @@ def shard_graph_outputs(graph: torch.fx.Graph) -> int:
 
     def sharded(value):
         nonlocal changed
-        twin = value.meta.get(SHARD) if isinstance(value, Node) else None
-        if twin is None or twin[0]._erased:
+        twin = sharded_twin(value) if isinstance(value, Node) else None
+        if twin is None:
             return value
         changed += 1
         return twin[0]
@@ -265,9 +258,8 @@ def _spelling(m: Match, cfg: SPConfig) -> tuple[str, str]:
 
 
 def _quantised(b: Builder, m: Match, normed: Node) -> Node:
-    if "fp8_dtype" not in m.bindings:
-        return normed
-    return b.call(STATIC_FP8_QUANT, normed, m["scale"], m["fp8_dtype"])
+    quant = site.quant_args(m)
+    return b.call(STATIC_FP8_QUANT, normed, *quant) if quant else normed
 
 
 def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node) -> Node:
@@ -288,14 +280,7 @@ def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node)
 
 def _rows_of(b: Builder, residual: Node, blocks: RowBlocks, cfg: SPConfig, group: str) -> Node:
     """This rank's rows of `residual`: its sharded twin if a rewrite made one, else a slice."""
-    twin = residual.meta.get(SHARD)
-    if twin is not None:
-        shard, twin_group, twin_world = twin
-        if not shard._erased and (twin_group, twin_world) == (group, cfg.world):
-            return shard
+    twin = sharded_twin(residual)
+    if twin is not None and twin[1:] == (group, cfg.world):
+        return twin[0]
     return this_rank_rows(b, to_padded_rows(b, residual, blocks), blocks, cfg.rank)
-
-
-def _index(user: Node) -> int | None:
-    return user.args[1] if user.target is operator.getitem else None
-

@@ -24,7 +24,7 @@ docs/thresholds.md is `thresholds_markdown()`; the command that regenerates it i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -115,28 +115,17 @@ def device_info(device: DeviceLike = None) -> DeviceInfo:
     return DeviceInfo(kind, capability, name)
 
 
-def sp_min_tokens(
-    hidden_size: int,
-    tp_size: int,
-    dtype: torch.dtype,
-    device: DeviceLike = None,
-    *,
-    min_tokens: int | None = None,
-) -> SPThreshold:
+def sp_min_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype, device: DeviceLike = None,
+                  *, min_tokens: int | None = None) -> SPThreshold:
     """The smallest batch (rows) for which SP is worth its reduce-scatter and all-gather.
 
     `min_tokens=` overrides everything else. Otherwise, on SM90 and the SM100 family:
     `per_gpu_MiB * MiB * tp_size // (hidden_size * dtype bytes)` with 8 MiB on SM90 and 32 MiB on
     SM100, for hidden sizes of at least 8192. CPU gives 0. Everything else is off with a reason.
     """
-    _check_sizes(hidden_size, tp_size)
-    if min_tokens is not None:
-        if min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
-        return SPThreshold(min_tokens, f"min_tokens={min_tokens} set by the caller")
-    if tp_size < 2:
-        return SPThreshold(None, f"tp_size={tp_size}: SP has nothing to shard")
-
+    preset = _preset(SPThreshold, hidden_size, tp_size, "min_tokens", min_tokens, "SP has nothing to shard")
+    if preset is not None:
+        return preset
     info = device_info(device)
     if info.kind == "cpu":
         return SPThreshold(0, "cpu: no measured SP threshold; fxsp applies SP at every size")
@@ -155,14 +144,8 @@ def sp_min_tokens(
     return SPThreshold(formula_tokens, f"{info.label}, {_FAMILY_NAMES[family]}: {formula}")
 
 
-def allreduce_rms_max_tokens(
-    hidden_size: int,
-    tp_size: int,
-    dtype: torch.dtype,
-    device: DeviceLike = None,
-    *,
-    max_tokens: int | None = None,
-) -> FusionLimit:
+def allreduce_rms_max_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype,
+                             device: DeviceLike = None, *, max_tokens: int | None = None) -> FusionLimit:
     """The largest batch (rows) the fused AllReduce+RMSNorm kernel should serve.
 
     `max_tokens=` overrides everything else (on CPU that is how the reference provider is used).
@@ -171,14 +154,10 @@ def allreduce_rms_max_tokens(
     This is only the size limit; whether fusion may run at all (pipeline size, FlashInfer
     installed) is decided by the caller.
     """
-    _check_sizes(hidden_size, tp_size)
-    if max_tokens is not None:
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        return FusionLimit(max_tokens, f"max_tokens={max_tokens} set by the caller")
-    if tp_size < 2:
-        return FusionLimit(None, f"tp_size={tp_size}: there is no all-reduce to fuse")
-
+    preset = _preset(FusionLimit, hidden_size, tp_size, "max_tokens", max_tokens,
+                     "there is no all-reduce to fuse")
+    if preset is not None:
+        return preset
     info = device_info(device)
     family = _family(info)
     if family is None:
@@ -202,22 +181,16 @@ def thresholds_markdown() -> str:
                ("SM100 (B200)", DeviceInfo("cuda", (10, 0), "B200"))]
     hidden_sizes, tp_sizes = (4096, 8192, 16384), (2, 4, 8)
 
-    def table(cell) -> list[str]:
+    def table(answer) -> list[str]:
+        """Rows for bf16 by device and hidden size, a column per TP size; "off" where none."""
         lines = ["| device | hidden | " + " | ".join(f"TP {tp}" for tp in tp_sizes) + " |",
                  "|---|---:|" + "---:|" * len(tp_sizes)]
         for device_name, info in devices:
             for hidden in hidden_sizes:
-                cells = [cell(hidden, tp, info) for tp in tp_sizes]
+                tokens = [astuple(answer(hidden, tp, torch.bfloat16, info))[0] for tp in tp_sizes]
+                cells = ["off" if t is None else str(t) for t in tokens]
                 lines.append(f"| {device_name} | {hidden} | " + " | ".join(cells) + " |")
         return lines
-
-    def sp_cell(hidden: int, tp: int, info: DeviceInfo) -> str:
-        tokens = sp_min_tokens(hidden, tp, torch.bfloat16, info).min_tokens
-        return "off" if tokens is None else str(tokens)
-
-    def fusion_cell(hidden: int, tp: int, info: DeviceInfo) -> str:
-        tokens = allreduce_rms_max_tokens(hidden, tp, torch.bfloat16, info).max_tokens
-        return "off" if tokens is None else str(tokens)
 
     lines = [
         "## Token thresholds",
@@ -230,7 +203,7 @@ def thresholds_markdown() -> str:
         "",
         "Minimum rows for SP, bf16:",
         "",
-        *table(sp_cell),
+        *table(sp_min_tokens),
         "",
         "\"off\": SP is off by default (hidden size below 8192). Devices missing from the table",
         "(sm_80, sm_120, ROCm, ...) are off too, and the reason names the device. On CPU the",
@@ -242,7 +215,7 @@ def thresholds_markdown() -> str:
         "",
         "Maximum rows for the fused AllReduce+RMSNorm kernel, bf16:",
         "",
-        *table(fusion_cell),
+        *table(allreduce_rms_max_tokens),
         "",
         "Regenerate this fragment with",
         ("`.venv/bin/python -c \"from fxsp.runtime.thresholds import thresholds_markdown as t; "
@@ -269,8 +242,16 @@ def _rows(mib: float, hidden_size: int, dtype: torch.dtype) -> int:
     return int(mib * MiB) // (hidden_size * dtype.itemsize)
 
 
-def _check_sizes(hidden_size: int, tp_size: int) -> None:
+def _preset(answer: type, hidden_size: int, tp_size: int, option: str, value: int | None,
+            single_rank: str):
+    """The answer before the device is asked: the caller's `option=value`, or none at TP 1.
+    None when the device decides."""
     if hidden_size <= 0:
         raise ValueError(f"hidden_size must be positive, got {hidden_size}")
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    if value is not None:
+        if value < 0:
+            raise ValueError(f"{option} must be >= 0, got {value}")
+        return answer(value, f"{option}={value} set by the caller")
+    return answer(None, f"tp_size={tp_size}: {single_rank}") if tp_size < 2 else None

@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 import fxsp
 
-
 _FUSED_OPS = ("fused_all_gather_matmul", "fused_all_gather_scaled_matmul", "fused_matmul_reduce_scatter",
               "fused_scaled_matmul_reduce_scatter")
 

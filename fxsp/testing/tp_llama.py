@@ -20,25 +20,31 @@ FP8 = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
-class Spec:
+class ModelSpec:
+    """What every test model has (see `Spec` and `tp_moe.MoESpec`)."""
+
     layers: int = 2
     hidden: int = 48
     heads: int = 6  # divisible by TP sizes 2 and 3
-    inter: int = 48
     vocab: int = 60
     eps: float = 1e-6
     norm: str = "hf"  # "hf" (pow/mean/rsqrt) or "torch" (F.rms_norm)
     dtype: torch.dtype = torch.float32
     batched: bool = False  # activations [B, S, H] instead of [T, H]
     prompt_embeds: bool = False  # the model takes embeddings: no first all-reduce in the graph
+    collective: str = "funcol"  # "funcol" or "inplace" (dist.all_reduce)
+
+    def with_(self, **changes) -> ModelSpec:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Spec(ModelSpec):
+    inter: int = 48
     fp8: bool = False  # static FP8 quant after every norm (dequantised before the matmul)
     scaled_mm: bool = False  # with fp8: the FP8 activation feeds torch._scaled_mm instead
     graph_break: bool = False  # a graph break between layers
-    collective: str = "funcol"  # "funcol" or "inplace" (dist.all_reduce)
     final_norm: bool = True
-
-    def with_(self, **changes) -> Spec:
-        return replace(self, **changes)
 
 
 class RMSNorm(nn.Module):
@@ -62,16 +68,54 @@ def static_fp8(x: torch.Tensor, scale: torch.Tensor, dequantise: bool = True) ->
     return q.float().to(x.dtype) * scale.to(x.dtype) if dequantise else q
 
 
-class TPLlama(nn.Module):
-    def __init__(self, spec: Spec, group: dist.ProcessGroup | None = None) -> None:
+class TPModel(nn.Module):
+    """What the test models share: the seed, the embedding sharded by vocabulary, all-reduces."""
+
+    def __init__(self, spec: ModelSpec, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.spec, self.group = spec, group
         self.tp, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        torch.manual_seed(0)  # same full weights on every rank; each keeps its shard
+        assert spec.heads % self.tp == 0
+        self.head_dim, self.local_heads = spec.hidden // spec.heads, spec.heads // self.tp
+        torch.manual_seed(0)
+        # Uneven vocab shards where TP does not divide the vocab (128 at TP 3: 43, 43, 42 rows),
+        # as HF and DTensor shard it.
+        vocab_shards = torch.randn(spec.vocab, spec.hidden).tensor_split(self.tp, 0)
+        self.vocab_start = sum(len(shard) for shard in vocab_shards[:self.rank])
+        self.embed = nn.Parameter(vocab_shards[self.rank].clone())
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.group or dist.group.WORLD
+        if self.spec.collective == "inplace":
+            x = x.clone()
+            dist.all_reduce(x, group=group)
+            return x
+        return funcol.all_reduce(x, "sum", group)
+
+    def embed_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The input embeddings: the inputs themselves with `prompt_embeds`."""
+        if self.spec.prompt_embeds:
+            return inputs
+        rows = self.embed.shape[0]
+        local = inputs - self.vocab_start
+        mine = (local >= 0) & (local < rows)
+        out = F.embedding(local.clamp(0, rows - 1), self.embed) * mine.unsqueeze(-1).to(self.embed.dtype)
+        return self.all_reduce(out)
+
+    def example_input(self, rows: int, seed: int = 1) -> torch.Tensor:
+        """Tokens (or embeddings) for `rows` rows, identical on every rank."""
+        g = torch.Generator().manual_seed(seed)
+        lead = ((2, rows // 2) if rows % 2 == 0 else (1, rows)) if self.spec.batched else (rows,)
+        if self.spec.prompt_embeds:
+            return torch.randn(*lead, self.spec.hidden, generator=g).to(self.spec.dtype)
+        return torch.randint(0, self.spec.vocab, lead, generator=g)
+
+
+class TPLlama(TPModel):
+    def __init__(self, spec: Spec, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(spec, group)
         h, tp = spec.hidden, self.tp
-        assert spec.heads % tp == 0 and spec.inter % tp == 0
-        self.head_dim = h // spec.heads
-        self.local_heads = spec.heads // tp
+        assert spec.inter % tp == 0
 
         def cols(out_features: int, in_features: int) -> nn.Parameter:
             full = torch.randn(out_features, in_features) / in_features**0.5
@@ -81,11 +125,6 @@ class TPLlama(nn.Module):
             full = torch.randn(out_features, in_features) / in_features**0.5
             return nn.Parameter(full.chunk(tp, 1)[self.rank].clone())
 
-        # Uneven vocab shards where TP does not divide the vocab (128 at TP 3: 43, 43, 42 rows),
-        # as HF and DTensor shard it.
-        vocab_shards = torch.randn(spec.vocab, h).tensor_split(tp, 0)
-        self.vocab_start = sum(len(shard) for shard in vocab_shards[:self.rank])
-        self.embed = nn.Parameter(vocab_shards[self.rank].clone())
         self.layers = nn.ModuleList()
         for _ in range(spec.layers):
             layer = nn.Module()
@@ -98,21 +137,6 @@ class TPLlama(nn.Module):
         self.final_norm = RMSNorm(spec)
         self.scale = torch.tensor(0.05)
         self.to(spec.dtype)
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.group or dist.group.WORLD
-        if self.spec.collective == "inplace":
-            x = x.clone()
-            dist.all_reduce(x, group=group)
-            return x
-        return funcol.all_reduce(x, "sum", group)
-
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = self.embed.shape[0]
-        local = tokens - self.vocab_start
-        mine = (local >= 0) & (local < rows)
-        out = F.embedding(local.clamp(0, rows - 1), self.embed) * mine.unsqueeze(-1).to(self.embed.dtype)
-        return self.all_reduce(out)
 
     def norm(self, module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         out = module(x)
@@ -144,7 +168,7 @@ class TPLlama(nn.Module):
         return self.all_reduce(F.linear(F.silu(self.linear(x, layer.gate)) * self.linear(x, layer.up), layer.down))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        hidden = inputs if self.spec.prompt_embeds else self.embed_tokens(inputs)
+        hidden = self.embed_tokens(inputs)
         split = 1 if self.spec.graph_break else len(self.layers)
         hidden, residual = self.run_layers(0, split, hidden, hidden)
         if self.spec.graph_break:  # outside any loop, so Dynamo splits the graph right here
@@ -164,11 +188,3 @@ class TPLlama(nn.Module):
             residual = hidden
             hidden = self.mlp(layer, self.norm(layer.post_norm, hidden))
         return hidden, residual
-
-    def example_input(self, rows: int, seed: int = 1) -> torch.Tensor:
-        """Tokens (or embeddings) for `rows` rows, identical on every rank."""
-        g = torch.Generator().manual_seed(seed)
-        lead = ((2, rows // 2) if rows % 2 == 0 else (1, rows)) if self.spec.batched else (rows,)
-        if self.spec.prompt_embeds:
-            return torch.randn(*lead, self.spec.hidden, generator=g).to(self.spec.dtype)
-        return torch.randint(0, self.spec.vocab, lead, generator=g)

@@ -22,29 +22,21 @@ Run eagerly, the model is the reference the compiled, rewritten one must equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from .tp_llama import RMSNorm
+from .tp_llama import ModelSpec, RMSNorm, TPModel
 
 
 @dataclass(frozen=True)
-class MoESpec:
-    layers: int = 2
-    hidden: int = 48
-    heads: int = 6  # divisible by TP sizes 2 and 3
+class MoESpec(ModelSpec):
     experts: int = 4
     top_k: int = 2
     expert_inter: int = 24  # per expert; divisible by TP sizes 2 and 3
-    vocab: int = 60
-    eps: float = 1e-6
-    norm: str = "hf"  # RMSNorm spelling, as in tp_llama.Spec
-    dtype: torch.dtype = torch.float32
     dispatch: str = "gather"  # "gather" or "dense", see the module docstring
     norm_topk_prob: bool = True  # renormalise the top-k probabilities (Mixtral) or not
     shared_expert: bool = False  # a sigmoid-gated shared expert (Qwen2-MoE)
@@ -52,26 +44,18 @@ class MoESpec:
     # norm then follows a sum of two all-reduces.
     shared_all_reduce: bool = False
     attention: bool = True  # attention before each MoE; False: MoE-only layers
-    batched: bool = False  # activations [B, S, H] instead of [T, H]
     # All-reduce the MoE output as [T, H] rows and reshape after (vLLM's FusedMoE reduces rows):
     # with batched activations a reshape then sits between the all-reduce and the residual add.
     reduce_rows: bool = False
 
-    def with_(self, **changes) -> MoESpec:
-        return replace(self, **changes)
 
-
-class TPMoE(nn.Module):
+class TPMoE(TPModel):
     def __init__(self, spec: MoESpec, group: dist.ProcessGroup | None = None) -> None:
-        super().__init__()
         if spec.dispatch not in ("gather", "dense"):
             raise ValueError(f"dispatch must be 'gather' or 'dense', not {spec.dispatch!r}")
-        self.spec, self.group = spec, group
-        self.tp, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        torch.manual_seed(0)  # same full weights on every rank; each keeps its shard
+        super().__init__(spec, group)
         h, tp, e = spec.hidden, self.tp, spec.experts
-        assert spec.heads % tp == 0 and spec.expert_inter % tp == 0 and spec.vocab % tp == 0
-        self.head_dim, self.local_heads = h // spec.heads, spec.heads // tp
+        assert spec.expert_inter % tp == 0
 
         def shard(full: torch.Tensor, dim: int) -> nn.Parameter:
             return nn.Parameter(full.chunk(tp, dim)[self.rank].clone())
@@ -79,7 +63,6 @@ class TPMoE(nn.Module):
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(*shape) / shape[-1] ** 0.5
 
-        self.embed = shard(torch.randn(spec.vocab, h), 0)
         self.layers = nn.ModuleList()
         for _ in range(spec.layers):
             layer = nn.Module()
@@ -100,15 +83,6 @@ class TPMoE(nn.Module):
             self.layers.append(layer)
         self.final_norm = RMSNorm(spec)
         self.to(spec.dtype)
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(x, "sum", self.group or dist.group.WORLD)
-
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        per_rank = self.spec.vocab // self.tp
-        local = tokens - self.rank * per_rank
-        mine = ((local >= 0) & (local < per_rank)).unsqueeze(-1).to(self.embed.dtype)
-        return self.all_reduce(F.embedding(local.clamp(0, per_rank - 1), self.embed) * mine)
 
     def attention(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         seq = x if x.dim() == 3 else x.unsqueeze(0)
@@ -168,9 +142,3 @@ class TPMoE(nn.Module):
             residual = hidden
             hidden = residual + self.moe(layer, layer.post_norm(hidden))
         return self.final_norm(hidden)
-
-    def example_input(self, rows: int, seed: int = 1) -> torch.Tensor:
-        """Tokens for `rows` rows, identical on every rank."""
-        g = torch.Generator().manual_seed(seed)
-        lead = ((2, rows // 2) if rows % 2 == 0 else (1, rows)) if self.spec.batched else (rows,)
-        return torch.randint(0, self.spec.vocab, lead, generator=g)

@@ -34,8 +34,14 @@ class Snapshot:
 
     def __init__(self, target: Graph | GraphModule) -> None:
         graph = target.graph if isinstance(target, GraphModule) else target
-        self.rows = [(node, node.op, node.target, node.args, node.kwargs, node.meta.get("val", _NO_VALUE))
-                     for node in graph.nodes]
+        # Column lists, not a tuple per node: thousands of new container objects would make the
+        # garbage collector's young collections due sooner, in a process whose heap is large.
+        self.nodes = list(graph.nodes)
+        self.ops = [node.op for node in self.nodes]
+        self.targets = [node.target for node in self.nodes]  # lowering may retarget a node
+        self.args = [node.args for node in self.nodes]
+        self.kwargs = [node.kwargs for node in self.nodes]
+        self.values = [node.meta.get("val", _NO_VALUE) for node in self.nodes]
 
     def text(self, shapes: bool = True) -> str:
         ids: dict[Node, str] = {}
@@ -43,7 +49,8 @@ class Snapshot:
         heads: dict = {}  # (op, target) -> (printed name, schema argument names): once per target
         types: dict = {}  # (dtype, sizes) -> printed value type: the same few recur in every layer
         lines = []
-        for node, op, target, args, kwargs, val in self.rows:
+        for node, op, target, args, kwargs, val in zip(self.nodes, self.ops, self.targets, self.args,
+                                                       self.kwargs, self.values):
             if op == "output":
                 lines.append(f"return {_arg(args[0], ids, groups, '')}")
                 continue

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.fx import Graph, Node
 
-from .fake import fake_value, map_nested
+from .fake import collect, fake_value
 
 
 class Builder:
@@ -19,8 +19,7 @@ class Builder:
         self.created: set[Node] = set()
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> Node:
-        inputs: list[Node] = []
-        map_nested((args, kwargs), Node, inputs.append)
+        inputs: list[Node] = collect((args, kwargs), Node, [])
         anchor = max(inputs) if inputs else None
         # Never before a placeholder: FX and Inductor expect every graph input first. An input
         # that is not a placeholder already comes after all of them.

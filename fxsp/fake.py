@@ -33,8 +33,7 @@ def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
         return operator.getitem(*vals[0])
     if target in _FRESH_RESULTS and _builds_directly(target, vals[0][0]):
         return _fresh_result(target, *vals[0], **vals[1])
-    tensors: list = []
-    map_nested(vals, torch.Tensor, tensors.append)
+    tensors = collect(vals, torch.Tensor, [])
     results = _results_seen(target, tensors)
     key = _key(target, vals) if results is not None else None
     if key is not None:
@@ -165,6 +164,20 @@ def map_nested(value: Any, kind: type, fn: Any) -> Any:
     if isinstance(value, dict):
         return {k: map_nested(v, kind, fn) for k, v in value.items()}
     return value
+
+
+def collect(value: Any, kind: type, out: list) -> list:
+    """Append each `x` of type `kind` inside `value` (tuples, lists and dicts, as node arguments
+    nest) to `out`, in order; returns `out`. `map_nested` without building a new structure."""
+    if isinstance(value, kind):
+        out.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            collect(v, kind, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            collect(v, kind, out)
+    return out
 
 
 def _builds_directly(target: Any, x: Any) -> bool:

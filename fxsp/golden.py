@@ -24,44 +24,74 @@ _HIDDEN_KWARGS = {"device", "layout", "pin_memory"}
 
 def golden(target: Graph | GraphModule, shapes: bool = True) -> str:
     """Text of `target`, one node a line; `shapes` adds dtype and shape from `meta["val"]`."""
-    graph = target.graph if isinstance(target, GraphModule) else target
-    ids: dict[Node, str] = {}
-    groups: dict[str, str] = {}
-    heads: dict = {}  # (op, target) -> (printed name, schema argument names): once per target
-    lines = []
-    for node in graph.nodes:
-        if node.op == "output":
-            lines.append(f"return {_arg(node.args[0], ids, groups, '')}")
-            continue
-        ids[node] = f"%{len(ids)}"
-        if node.op == "placeholder":
-            call = f"input({node.target!r})"
-        elif node.op == "get_attr":
-            call = f"attr({node.target!r})"
-        else:
-            call = _call(node, ids, groups, heads)
-        line = f"{ids[node]} = {call}"
-        if shapes and "val" in node.meta:
-            line += f"  : {_value_type(node.meta['val'])}"
-        lines.append(line)
-    return "\n".join(lines)
+    return Snapshot(target).text(shapes)
 
 
-def _call(node: Node, ids: dict, groups: dict, heads: dict) -> str:
-    head = heads.get((node.op, node.target))
+class Snapshot:
+    """What `golden` prints of a graph as it is now, taken in one cheap walk and printed later
+    (`text()`), however the graph changes meanwhile: FX replaces a node's argument tuples and
+    values rather than changing them in place, so holding them keeps them as they were."""
+
+    def __init__(self, target: Graph | GraphModule) -> None:
+        graph = target.graph if isinstance(target, GraphModule) else target
+        # Column lists, not a tuple per node: thousands of new container objects would make the
+        # garbage collector's young collections due sooner, in a process whose heap is large.
+        self.nodes = list(graph.nodes)
+        self.ops = [node.op for node in self.nodes]
+        self.targets = [node.target for node in self.nodes]  # lowering may retarget a node
+        self.args = [node.args for node in self.nodes]
+        self.kwargs = [node.kwargs for node in self.nodes]
+        self.values = [node.meta.get("val", _NO_VALUE) for node in self.nodes]
+
+    def text(self, shapes: bool = True) -> str:
+        ids: dict[Node, str] = {}
+        groups: dict[str, str] = {}
+        heads: dict = {}  # (op, target) -> (printed name, schema argument names): once per target
+        types: dict = {}  # (dtype, sizes) -> printed value type: the same few recur in every layer
+        lines = []
+        for node, op, target, args, kwargs, val in zip(self.nodes, self.ops, self.targets, self.args,
+                                                       self.kwargs, self.values):
+            if op == "output":
+                lines.append(f"return {_arg(args[0], ids, groups, '')}")
+                continue
+            name = ids[node] = f"%{len(ids)}"
+            if op == "placeholder":
+                call = f"input({target!r})"
+            elif op == "get_attr":
+                call = f"attr({target!r})"
+            else:
+                call = _call(op, target, args, kwargs, ids, groups, heads)
+            if shapes and val is not _NO_VALUE:
+                lines.append(f"{name} = {call}  : {_value_type_seen(val, types)}")
+            else:
+                lines.append(f"{name} = {call}")
+        return "\n".join(lines)
+
+
+_NO_VALUE = object()  # a node without meta["val"] (printed without a type; None prints "None")
+
+
+def _call(op: str, target: Any, args: tuple, kwargs: dict, ids: dict, groups: dict, heads: dict) -> str:
+    head = heads.get((op, target))
     if head is None:
-        head = heads[node.op, node.target] = _head(node)
+        head = heads[op, target] = _head(op, target)
     name, names = head
-    args = [_arg(a, ids, groups, names[i] if i < len(names) else "") for i, a in enumerate(node.args)]
-    args += [f"{k}={_arg(v, ids, groups, k)}" for k, v in sorted(node.kwargs.items())
-             if k not in _HIDDEN_KWARGS]
-    return f"{name}({', '.join(args)})"
+    printed = []
+    for i, a in enumerate(args):
+        if a.__class__ is Node:  # most arguments: printed without the general walk
+            printed.append(ids.get(a) or f"<{a.name}?>")
+        else:
+            printed.append(_arg(a, ids, groups, names[i] if i < len(names) else ""))
+    if kwargs:
+        printed += [f"{k}={_arg(v, ids, groups, k)}" for k, v in sorted(kwargs.items())
+                    if k not in _HIDDEN_KWARGS]
+    return f"{name}({', '.join(printed)})"
 
 
-def _head(node: Node) -> tuple[str, list[str]]:
-    schema = getattr(node.target, "_schema", None)
+def _head(op: str, target: Any) -> tuple[str, list[str]]:
+    schema = getattr(target, "_schema", None)
     names = [a.name for a in schema.arguments] if schema is not None else []
-    name = target_name(node.target) if node.op == "call_function" else f"{node.op}.{node.target}"
+    name = target_name(target) if op == "call_function" else f"{op}.{target}"
     return name, names
 
 
@@ -82,6 +112,20 @@ def _arg(value: Any, ids: dict, groups: dict, arg_name: str) -> str:
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return str(value)
     return repr(value)
+
+
+def _value_type_seen(val: Any, types: dict) -> str:
+    """`_value_type(val)`, looked up by dtype and sizes for a tensor of plain int sizes."""
+    if isinstance(val, torch.Tensor):
+        shape = val.shape
+        if not all(d.__class__ is int for d in shape):  # symbolic: never a dict key (no guards)
+            return _value_type(val)
+        key = (val.dtype, shape)
+        text = types.get(key)
+        if text is None:
+            text = types[key] = _value_type(val)
+        return text
+    return _value_type(val)
 
 
 def _value_type(val: Any) -> str:

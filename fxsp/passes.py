@@ -9,7 +9,7 @@ from typing import Any
 from torch.fx import Graph, Node
 
 from .cleanup import noop_rules, remove_dead_code
-from .golden import golden
+from .golden import Snapshot
 from .ir.lowering import lower_ir
 from .ir.raising import raise_ir
 from .patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
@@ -22,15 +22,34 @@ from .stats import AsyncTPSites, Traffic, collective_signature, traffic
 log = logging.getLogger("fxsp")
 
 
+class _GoldenText:
+    """A report's golden text: set to a str, or to a `golden.Snapshot` of the graph, printed
+    when first read (most reports are never read; a saved report is read by `to_json`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, report: Any, owner: type | None = None) -> str:
+        if report is None:  # the dataclass default
+            return ""
+        value = report.__dict__.get(self.slot, "")
+        if isinstance(value, Snapshot):
+            value = report.__dict__[self.slot] = value.text()
+        return value
+
+    def __set__(self, report: Any, value: str | Snapshot) -> None:
+        report.__dict__[self.slot] = value
+
+
 @dataclass
 class GraphReport:
     """What fxsp did to one compiled graph (kept stable: `backend.reports` holds these)."""
 
     counts: dict = field(default_factory=dict)  # rule name -> matches, over every pass
     misses: dict = field(default_factory=dict)  # rule name -> best near-miss
-    before: str = ""  # golden text of the post-grad graph as fxsp received it
-    rewritten: str = ""  # ... after the rewrite and clean-up, IR ops not yet lowered
-    after: str = ""  # ... and as fxsp handed it back
+    before: str = _GoldenText()  # golden text of the post-grad graph as fxsp received it
+    rewritten: str = _GoldenText()  # ... after the rewrite and clean-up, IR ops not yet lowered
+    after: str = _GoldenText()  # ... and as fxsp handed it back
     passes: list = field(default_factory=list)  # the Report of each rule set
     traffic_before: Traffic | None = None  # collective bytes and norm rows, raised graph
     traffic_after: Traffic | None = None  # ... after the rewrite
@@ -96,7 +115,7 @@ def run_passes(graph: Graph, sp: SPConfig | None, explain: bool = False,
     if sp is not None and _compiled_for_autograd():
         _say_sp_off_for_autograd()
         sp = None
-    report = GraphReport(before=golden(graph))
+    report = GraphReport(before=Snapshot(graph))
     for r in raise_ir(graph):
         report._add(r)
     report._add(noop_rules().apply(graph))  # an identity reshape must not hide a norm's input
@@ -110,12 +129,12 @@ def run_passes(graph: Graph, sp: SPConfig | None, explain: bool = False,
         report._add(allreduce_norm_rules(fusion).apply(graph))
     remove_dead_code(graph)
     report._add(noop_rules().apply(graph))
-    report.rewritten = golden(graph)
+    report.rewritten = Snapshot(graph)
     report.traffic_after = traffic(graph)
     lower_ir(graph)
     remove_dead_code(graph)
     graph.lint()
-    report.after = golden(graph)
+    report.after = Snapshot(graph)
     report.collectives = collective_signature(graph)
     if explain:
         report.log_near_misses()

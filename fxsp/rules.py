@@ -89,13 +89,16 @@ class Rule:
     def _check(self, root: Node, b: Bindings) -> str | None:
         """Interior nodes used outside the match block it, unless declared as outputs."""
         inside = set(b.nodes)
-        allowed = {root, *b.shared} | {b.values[n] for n in self.outputs if n in b.values}
-        last = max(inside)
+        allowed = None  # built at the first node with users outside (most matches have none)
+        last = None
         escaping = False
         for n in b.nodes:
             outside = [u for u in n.users if u not in inside]
             if not outside:
                 continue
+            if allowed is None:
+                allowed = {root, *b.shared} | {b.values[o] for o in self.outputs if o in b.values}
+                last = max(inside)
             if n not in allowed:
                 return f"{n.name} also used by {outside[0].name}"
             escaping = escaping or (n is not root and any(u < last for u in outside))

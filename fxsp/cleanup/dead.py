@@ -7,13 +7,18 @@ whose every wait is dead is removable: all ranks run the same rewrite, so all dr
 
 from __future__ import annotations
 
+import torch
 from torch.fx import Graph, Node
 
 from ..collectives import COMMUNICATING, kind
 
 
 def remove_dead_code(graph: Graph) -> bool:
-    """Erase dead nodes, dead collectives included. Returns whether anything changed."""
+    """Erase dead nodes, dead collectives included. Returns whether anything changed.
+
+    `Graph.eliminate_dead_code`'s walk, with the impurity test asked only of nodes without
+    users (most nodes have some) and without its lint: erasing a node without users is safe in
+    any order, and fxsp lints the graph when its passes end."""
 
     def impure(node: Node) -> bool:
         what = kind(node)
@@ -26,4 +31,24 @@ def remove_dead_code(graph: Graph) -> bool:
                         and all(not u.users and kind(u) == "wait" for u in source.users))
         return node.is_impure()
 
-    return graph.eliminate_dead_code(is_impure_node=impure)
+    changed = False
+    # Reversed, so a node's inputs lose it as a user before they are visited.
+    for node in reversed(graph.nodes):
+        if not node.users and not impure(node):
+            graph.erase_node(node)
+            changed = True
+    return _subgraphs_dead_code(graph) or changed
+
+
+def _subgraphs_dead_code(graph: Graph) -> bool:
+    """What `eliminate_dead_code` does for the subgraphs the graph reads (a HOP's body)."""
+    module = graph.owning_module
+    if module is None:
+        return False
+    read = {n.target for n in graph.find_nodes(op="get_attr")}
+    changed = False
+    for name, child in module.named_children():
+        if name in read and isinstance(child, torch.fx.GraphModule):
+            changed |= child.graph.eliminate_dead_code()
+            child.recompile()
+    return changed

@@ -73,7 +73,8 @@ def lower_ir(target: Graph | GraphModule,
     counts: dict[str, int] = {}
     lowered = {*ops.IR_OPS, *REFERENCES}
     templates: dict = {}
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in lowered]:
+    found = {n for target in lowered for n in graph.find_nodes(op="call_function", target=target, sort=False)}
+    for node in sorted(found):  # in graph order, as a walk would find them
         how = _lower(graph, node, providers, templates)
         counts[how] = counts.get(how, 0) + 1
     if isinstance(target, GraphModule):

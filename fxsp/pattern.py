@@ -16,6 +16,7 @@ failed, e.g. `arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, got ate
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -322,11 +323,12 @@ class Bindings:
         return Bindings(self.values, nodes, self.depth + 1, self.shared + (node,) if shared else self.shared)
 
 
-def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | None = None,
+def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, owner: Node | None = None,
           path: Path = None) -> Iterator[Bindings]:
     """Yield every extension of `b` under which `pattern` matches `value`.
 
-    `rank` is the rank of the tensor that a `Dims` pattern's dims refer to; `path` is where
+    `owner` is the op node whose first input's rank a `Dims` pattern's dims refer to (asked
+    only when a `Dims` is matched); `path` is where
     `value` sits, for the failures reported to `trace`.
     """
     kind = type(pattern)
@@ -335,14 +337,15 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, rank: int | N
         return
     if kind is Alt:
         for option in pattern.options:
-            for found in match(option, value, b, trace, rank, path):
+            for found in match(option, value, b, trace, owner, path):
                 out = found.bind(pattern.name, value)
                 if out is not None:
                     yield out
         return
     if kind is Through or kind is Behind:
-        yield from _match_chain(pattern, value, b, trace, rank, path)
+        yield from _match_chain(pattern, value, b, trace, owner, path)
         return
+    rank = _rank(owner) if kind is Dims and owner is not None else None
     reason = _check_leaf(pattern, value, rank)
     # `_text`, so a string value prints quoted ('max'), unlike a reason.
     if reason is not None:
@@ -403,12 +406,10 @@ def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> 
         trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", node.name, node, path)
         return
     try:
-        actual = _arguments(node, len(pattern.args), pattern.kwargs)
+        actual, extra = _arguments(node, len(pattern.args), pattern.kwargs)
     except _ArityMismatch as e:
         trace.fail(b.depth, f"{pattern!r} with {e}", node.name, node, path)
         return
-    rank = _rank(node)
-    extra = _extra_names(node, len(pattern.args), pattern.kwargs)
     # Where each value sits in the node, for the path: its position, or its schema name.
     keys = [*range(len(pattern.args)), *(k for k, _ in extra)]
     orders = [(actual, keys)]
@@ -420,19 +421,19 @@ def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> 
     start = start.step(node)
     expected = list(pattern.args) + [pattern.kwargs.get(k, Literal(d)) for k, d in extra]
     for values, where in orders:
-        yield from _match_args(expected, values, where, 0, start, trace, rank, path)
+        yield from _match_args(expected, values, where, 0, start, trace, node, path)
 
 
 def _match_args(patterns: list, values: list, where: list, i: int, b: Bindings, trace: Trace,
-                rank: int | None, path: Path) -> Iterator[Bindings]:
+                owner: Node, path: Path) -> Iterator[Bindings]:
     if i == len(patterns):
         yield b
         return
-    for found in match(patterns[i], values[i], b, trace, rank, (path, where[i], values[i])):
-        yield from _match_args(patterns, values, where, i + 1, found, trace, rank, path)
+    for found in match(patterns[i], values[i], b, trace, owner, (path, where[i], values[i])):
+        yield from _match_args(patterns, values, where, i + 1, found, trace, owner, path)
 
 
-def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trace, rank: int | None,
+def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trace, owner: Node | None,
                  path: Path) -> Iterator[Bindings]:
     """`pattern.inner` at `value`, or behind the chain of nodes `pattern.step` walks back through.
     A Behind's chain nodes may have other users (the rewrite handles them), and the node that
@@ -440,7 +441,7 @@ def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trac
     shared = type(pattern) is Behind
     at, outer = b, value
     while True:
-        for found in match(pattern.inner, value, at, trace, rank, path):
+        for found in match(pattern.inner, value, at, trace, owner, path):
             # The name binds what the consumer sees: the value before any node walked through.
             out = found.bind(pattern.name, outer)
             if out is not None:
@@ -450,14 +451,14 @@ def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trac
         nxt = pattern.step(value)
         if not isinstance(nxt, Node):
             if shared:
-                _blocked(pattern, value, str(nxt), at, trace, rank, path)
+                _blocked(pattern, value, str(nxt), at, trace, owner, path)
             return
         at = at.step(value, shared)
         key = next((i for i, a in enumerate(value.args) if a is nxt), "input")
         path, value = (path, key, nxt), nxt
 
 
-def _blocked(pattern: Behind, node: Node, reason: str, at: Bindings, trace: Trace, rank: int | None,
+def _blocked(pattern: Behind, node: Node, reason: str, at: Bindings, trace: Trace, owner: Node | None,
              path: Path, hops: int = 4) -> None:
     """`node` does not pass. When `inner` matches right behind it (within `hops` nodes), that
     is the near-miss: the node standing between them, as deep as the match behind it went."""
@@ -465,7 +466,7 @@ def _blocked(pattern: Behind, node: Node, reason: str, at: Bindings, trace: Trac
     for _ in range(hops):
         frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
         for candidate in frontier:
-            for found in match(pattern.inner, candidate, at.step(), Trace(), rank):
+            for found in match(pattern.inner, candidate, at.step(), Trace(), owner):
                 expected = f"{pattern.doc or 'passing nodes'} after {candidate.name}"
                 trace.fail(found.depth, expected, f"{target_name(node.target)} {node.name}: {reason}", node, path)
                 return
@@ -491,14 +492,22 @@ class _ArityMismatch(Exception):
 _NO_DEFAULT = object()
 
 
-def _schema_args(target: Any) -> list | None:
+@functools.cache
+def _layout(target: Any, count: int, names: tuple) -> tuple[list | None, list]:
+    """Per op, not per node: its schema arguments (None without a schema), and the (name,
+    default) of those after the first `count` that must match the patterns `names` or keep
+    their defaults."""
     schema = getattr(target, "_schema", None)
-    return None if schema is None else schema.arguments
+    if schema is None:  # e.g. higher-order ops: kwargs only by name
+        return None, [(name, _NO_DEFAULT) for name in sorted(names)]
+    return schema.arguments, [(a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
+                              for a in schema.arguments[count:] if a.name in names or a.has_default_value()]
 
 
-def _arguments(node: Node, count: int, named: dict) -> list:
-    """The node's first `count` arguments, filling kwargs and defaults from the op schema."""
-    schema = _schema_args(node.target)
+def _arguments(node: Node, count: int, named: dict) -> tuple[list, list]:
+    """The node's first `count` arguments, filling kwargs and defaults from the op schema, then
+    its arguments the schema has after those (see `_layout`); and those (name, default) pairs."""
+    schema, extra = _layout(node.target, count, tuple(named))
     out = []
     for i in range(count):
         if i < len(node.args):
@@ -511,17 +520,7 @@ def _arguments(node: Node, count: int, named: dict) -> list:
     # Without a schema there are no defaults: every kwarg must be one the pattern names.
     if schema is None and (len(node.args) > count or set(node.kwargs) - set(named)):
         raise _ArityMismatch(f"{count} arguments")
-    return out + [_named_argument(node, k, schema) for k, _ in _extra_names(node, count, named)]
-
-
-def _extra_names(node: Node, count: int, named: dict) -> list:
-    """(name, default) of schema arguments after the first `count`: they must match `named`
-    patterns or keep their defaults."""
-    schema = _schema_args(node.target)
-    if schema is None:  # e.g. higher-order ops: kwargs only by name
-        return [(name, _NO_DEFAULT) for name in sorted(named)]
-    return [(a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
-            for a in schema[count:] if a.name in named or a.has_default_value()]
+    return out + [_named_argument(node, k, schema) for k, _ in extra], extra
 
 
 def _named_argument(node: Node, name: str, schema: list | None) -> Any:

@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from fxsp.testing.tp_llama import static_fp8
+from fxsp.testing.tp_llama import RMSNorm, Spec, static_fp8
 from tests.vllm_standins import register_vllm_standins
 
 register_vllm_standins()  # the catalogue and the chunk model spell vLLM's ops
@@ -415,3 +415,32 @@ class RowwiseStack(nn.Module):
         if kind == "token_mm":
             return self.mix @ y
         return y  # None and "moe": the view back to the residual's shape does the rest
+
+
+class MLPStack(nn.Module):
+    """Three RMSNorms around two residual MLPs (hidden 16, inner 24), plain `nn.Linear`s: the
+    model `dtensor_mlp` shards with DTensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norms = nn.ModuleList(RMSNorm(Spec(hidden=16)) for _ in range(3))
+        self.up = nn.ModuleList(nn.Linear(16, 24, bias=False) for _ in range(2))
+        self.down = nn.ModuleList(nn.Linear(24, 16, bias=False) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        for norm, up, down in zip(self.norms, self.up, self.down):
+            residual = residual + down(torch.relu(up(norm(residual))))
+        return self.norms[-1](residual)
+
+
+def dtensor_mlp() -> tuple:
+    """(an MLPStack parallelised with DTensor's ColwiseParallel / RowwiseParallel, its 1-D CPU
+    mesh over the default group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    plan = {f"up.{i}": ColwiseParallel() for i in range(2)} | {f"down.{i}": RowwiseParallel() for i in range(2)}
+    return parallelize_module(MLPStack(), mesh, plan), mesh

@@ -21,7 +21,7 @@ from fxsp.stats import async_tp_sites
 from fxsp.testing.async_tp import compile_for_coverage, totals
 from fxsp.testing.tp_llama import RMSNorm, Spec, TPLlama
 from fxsp.testing.tp_moe import MoESpec, TPMoE
-from tests.support import RowwiseStack
+from tests.support import RowwiseStack, dtensor_mlp
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -81,26 +81,7 @@ def _moe(rows: int) -> tuple:
 
 
 def _dtensor_mlp(rows: int) -> tuple:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.norms = nn.ModuleList(RMSNorm(Spec(hidden=16)) for _ in range(3))
-            self.up = nn.ModuleList(nn.Linear(16, 24, bias=False) for _ in range(2))
-            self.down = nn.ModuleList(nn.Linear(24, 16, bias=False) for _ in range(2))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            residual = x
-            for norm, up, down in zip(self.norms, self.up, self.down):
-                residual = residual + down(torch.relu(up(norm(residual))))
-            return self.norms[-1](residual)
-
-    model = Block()
-    plan = {f"up.{i}": ColwiseParallel() for i in range(2)} | {f"down.{i}": RowwiseParallel() for i in range(2)}
-    parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), plan)
+    model, _ = dtensor_mlp()
     return model, torch.randn(rows, 16)
 
 

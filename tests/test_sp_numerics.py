@@ -11,6 +11,7 @@ import torch
 
 import fxsp
 from fxsp.testing.tp_llama import Spec, TPLlama
+from tests.support import dtensor_mlp
 from tests.worlds import run_world
 
 BASE = Spec()
@@ -103,36 +104,7 @@ def test_graph_break_and_dynamic_shapes_equal_eager():
 
 def dtensor_compare(rank: int, world: int, rows: int) -> tuple:
     """An MLP stack parallelised with DTensor's ColwiseParallel / RowwiseParallel."""
-    from torch import nn
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
-    from fxsp.testing.tp_llama import RMSNorm
-
-    torch.manual_seed(0)
-    spec = Spec(hidden=16)
-
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norms = nn.ModuleList(RMSNorm(spec) for _ in range(3))
-            self.up = nn.ModuleList(nn.Linear(16, 24, bias=False) for _ in range(2))
-            self.down = nn.ModuleList(nn.Linear(24, 16, bias=False) for _ in range(2))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            residual = x
-            for norm, up, down in zip(self.norms, self.up, self.down):
-                residual = residual + down(torch.relu(up(norm(residual))))
-            return self.norms[-1](residual)
-
-    mesh = init_device_mesh("cpu", (world,))
-    model = Block()
-    plan = {f"up.{i}": ColwiseParallel() for i in range(2)} | {f"down.{i}": RowwiseParallel() for i in range(2)}
-    parallelize_module(model, mesh, plan)
+    model, mesh = dtensor_mlp()
     backend = fxsp.backend(mesh, inner="eager")
     x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+import fxsp
 from fxsp.testing.tp_llama import RMSNorm, Spec, static_fp8
 from tests.vllm_standins import register_vllm_standins
 
@@ -444,3 +445,14 @@ def dtensor_mlp() -> tuple:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     plan = {f"up.{i}": ColwiseParallel() for i in range(2)} | {f"down.{i}": RowwiseParallel() for i in range(2)}
     return parallelize_module(MLPStack(), mesh, plan), mesh
+
+
+def compile_reports(model: nn.Module, x: torch.Tensor, dynamic: bool = False, **options) -> list:
+    """fxsp's reports of one compile of `model` on `x` (`inner="eager"` unless given: the graph
+    after the rewrite and clean-up, IR ops not yet lowered), for golden tests on the fake group."""
+    backend = fxsp.backend(None, **{"inner": "eager", **options})
+    if dynamic:
+        torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    return backend.reports

@@ -14,16 +14,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fxsp
-from tests.support import Block
-
-
-def rewrite(model: nn.Module, x: torch.Tensor, dynamic: bool = False, **options) -> list:
-    backend = fxsp.backend(None, inner="eager", **options)
-    if dynamic:
-        torch._dynamo.mark_dynamic(x, 0)
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(x)
-    return backend.reports
+from tests.support import Block, compile_reports
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +24,7 @@ def world(fake_pg):
 
 class TestGoldenSP(expecttest.TestCase):
     def test_two_layers_rows(self):
-        (report,) = rewrite(Block(), torch.randn(4, 8))
+        (report,) = compile_reports(Block(), torch.randn(4, 8))
         self.assertEqual(report.counts["sp.first"], 1)
         self.assertExpectedInline(report.rewritten, """\
 %0 = input('arg0_1')  : f32[8, 8]
@@ -67,7 +58,7 @@ class TestGoldenSP(expecttest.TestCase):
 return (%27,)""")
 
     def test_rows_not_divisible_are_padded_and_trimmed(self):
-        (report,) = rewrite(Block(layers=1), torch.randn(5, 8))
+        (report,) = compile_reports(Block(layers=1), torch.randn(5, 8))
         self.assertExpectedInline(report.rewritten, """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[5, 8]
@@ -92,7 +83,7 @@ return (%27,)""")
 return (%19,)""")
 
     def test_batch_seq_hidden(self):
-        (report,) = rewrite(Block(layers=1), torch.randn(2, 3, 8))
+        (report,) = compile_reports(Block(layers=1), torch.randn(2, 3, 8))
         self.assertExpectedInline(report.rewritten, """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[2, 3, 8]
@@ -117,7 +108,7 @@ return (%19,)""")
 return (%19,)""")
 
     def test_prompt_embeds_residual_is_sliced(self):
-        (report,) = rewrite(Block(layers=1, prompt_embeds=True), torch.randn(4, 8))
+        (report,) = compile_reports(Block(layers=1, prompt_embeds=True), torch.randn(4, 8))
         self.assertEqual(report.counts["sp.first"], 0)
         self.assertExpectedInline(report.rewritten, """\
 %0 = input('arg0_1')  : f32[8]
@@ -136,7 +127,7 @@ return (%19,)""")
 return (%12,)""")
 
     def test_fp8_gathers_bytes(self):
-        (report,) = rewrite(Block(layers=1, fp8=True), torch.randn(4, 8))
+        (report,) = compile_reports(Block(layers=1, fp8=True), torch.randn(4, 8))
         self.assertEqual(report.counts["sp.first_fp8"], 1)
         self.assertExpectedInline(report.rewritten, """\
 %0 = input('arg0_1')  : f32[8, 8]
@@ -166,7 +157,7 @@ return (%12,)""")
 return (%23,)""")
 
     def test_dynamic_rows(self):
-        (report,) = rewrite(Block(layers=1), torch.randn(6, 8), dynamic=True)
+        (report,) = compile_reports(Block(layers=1), torch.randn(6, 8), dynamic=True)
         self.assertExpectedInline(report.rewritten, """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : SymInt
@@ -197,7 +188,7 @@ return (%23,)""")
 return (%25,)""")
 
     def test_graph_break_keeps_outputs_full_size(self):
-        first, second = rewrite(Block(layers=2, graph_break=True), torch.randn(4, 8))
+        first, second = compile_reports(Block(layers=2, graph_break=True), torch.randn(4, 8))
         self.assertExpectedInline(first.rewritten, """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[4, 8]
@@ -237,14 +228,14 @@ return (%18, %20)""")
 return (%11,)""")
 
     def test_min_tokens_keeps_small_batches(self):
-        (report,) = rewrite(Block(layers=1), torch.randn(4, 8), min_tokens=8)
+        (report,) = compile_reports(Block(layers=1), torch.randn(4, 8), min_tokens=8)
         self.assertEqual(sum(report.counts[k] for k in report.counts if k.startswith("sp.")), 0)
         self.assertIn("4 rows < min_tokens 8", str(report.misses["sp.first"]))
 
 
 @pytest.mark.parametrize("fake_pg", [4], indirect=True)
 def test_world_of_four(fake_pg):
-    (report,) = rewrite(Block(layers=1), torch.randn(6, 8))
+    (report,) = compile_reports(Block(layers=1), torch.randn(6, 8))
     text = report.rewritten
     assert "reduce_scatter_tensor.default(%" in text and "'sum', 4, G0)" in text
     assert "constant_pad_nd.default(%" in text and "[0, 0, 0, 2]" in text  # 6 rows → 8

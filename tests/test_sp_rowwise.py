@@ -17,15 +17,12 @@ import torch.distributed as dist
 from torch import nn
 
 import fxsp
-from tests.support import RowwiseStack, last_op
+from tests.support import RowwiseStack, compile_reports, last_op
 from tests.worlds import run_world
 
 
 def rewrite(model: nn.Module, x: torch.Tensor, inner: str = "eager") -> fxsp.passes.GraphReport:
-    backend = fxsp.backend(None, inner=inner)
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(x)
-    (report,) = backend.reports
+    (report,) = compile_reports(model, x, inner=inner)
     return report
 
 

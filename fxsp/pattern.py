@@ -62,10 +62,13 @@ class Op(Pattern):
 
 @dataclass(frozen=True, eq=False)
 class Tensor(Pattern):
-    """Any FX node (a tensor value), optionally with its dtype in `dtypes`."""
+    """Any FX node (a tensor value), optionally with its dtype in `dtypes` and accepted by
+    `where` (`doc` says what it asks, in words)."""
 
     name: str | None = None
     dtypes: frozenset | None = None
+    where: Callable[[Node], bool] | None = None
+    doc: str = ""
 
     def __repr__(self) -> str:
         return f"tensor {self.name}" if self.name else "tensor"
@@ -196,8 +199,10 @@ def op(target: Any, *args: Any, name: str | None = None, **kwargs: Any) -> Op:
     return Op(targets, args, kwargs, commutative=targets <= COMMUTATIVE and len(args) == 2, name=name)
 
 
-def tensor(name: str | None = None, dtypes: Iterable[torch.dtype] | None = None) -> Tensor:
-    return Tensor(name, frozenset(dtypes) if dtypes is not None else None)
+def tensor(name: str | None = None, dtypes: Iterable[torch.dtype] | None = None,
+           where: Callable[[Node], bool] | None = None, doc: str = "") -> Tensor:
+    """A node, of a dtype in `dtypes` (if given), for which `where(node)` holds (if given)."""
+    return Tensor(name, frozenset(dtypes) if dtypes is not None else None, where, doc)
 
 
 def scalar(name: str | None = None, lo: float = -math.inf, hi: float = math.inf,
@@ -369,7 +374,7 @@ def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
             return repr(pattern)
         if pattern.dtypes is not None and getattr(tensor_of(value), "dtype", None) not in pattern.dtypes:
             return f"{pattern!r} of dtype in {{{', '.join(sorted(map(_text, pattern.dtypes)))}}}"
-        return None
+        return None if pattern.where is None or pattern.where(value) else f"{pattern!r} {pattern.doc}".strip()
     if kind is Scalar:
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
               and pattern.lo < value <= pattern.hi and (pattern.where is None or pattern.where(value)))

@@ -111,8 +111,10 @@ def maybe_cast(value: Any, to: Any) -> Any:
 
 def fp32_of(x_name: str = "x") -> Any:
     """x itself in fp32, or a bf16/fp16 x up-cast to fp32. Named "xf": every read of the
-    up-cast value must be the same node."""
-    return alt(tensor(x_name, [F32]), cast(tensor(x_name, LOW), F32), name="xf")
+    up-cast value must be the same node. An fp32 x is never itself an up-cast: its input is the
+    op's input (refused here, not after a whole match, since the second option then matches)."""
+    fp32_x = tensor(x_name, [F32], where=lambda n: not _is_upcast(n), doc="(not an up-cast)")
+    return alt(fp32_x, cast(tensor(x_name, LOW), F32), name="xf")
 
 
 def _rule(name: str, pattern: Any, rewrite: Any, outputs: tuple = (), where: Any = None) -> Rule:
@@ -215,8 +217,6 @@ def _exact_norm(m: Match) -> bool | str:
         return f"the fp32 result of a {dt} norm is never cast back to {dt}"
     if down_to is not None and down_to != x.dtype:
         return f"the result is cast to {_short(down_to)}, not to the input's {_short(x.dtype)}"
-    if _is_upcast(m["x"]):
-        return "x is an up-cast: the norm's input is the value before it"
     return _per_feature_weight(m["x"], m.get("weight"))
 
 
@@ -486,8 +486,6 @@ def _fp8_range(m: Match) -> bool | str:
     bound, (lo, hi) = fp8_max(m["fp8_dtype"]), (m["low"], m["high"])
     if (lo, hi) != (-bound, bound):
         return f"clamp to [{lo}, {hi}] is not {m['fp8_dtype']}'s range ±{bound}"
-    if _is_upcast(m["x"]):
-        return "x is an up-cast: the quant's input is the value before it"
     if tensor_of(m["quotient"]).dtype != F32:
         return f"x / scale is computed in {_short(tensor_of(m['quotient']).dtype)}, not fp32"
     s = tensor_of(m["scale"])

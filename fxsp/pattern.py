@@ -55,6 +55,14 @@ class Op(Pattern):
     kwargs: dict
     commutative: bool = False
     name: str | None = None
+    # The targets by id: ops are singletons, and an op's own __hash__ is Python code, which
+    # the matcher would run at every node it tries.
+    target_ids: frozenset = field(init=False, repr=False)
+    layouts: dict = field(init=False, repr=False)  # id(target) -> its `_layout` for this pattern
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_ids", frozenset(map(id, self.targets)))
+        object.__setattr__(self, "layouts", {})
 
     def __repr__(self) -> str:
         return _targets_text(self.targets)
@@ -285,16 +293,30 @@ class Miss:
 
 
 class Trace:
-    """Keeps the deepest failure seen while matching one anchor."""
+    """Keeps the deepest failure seen while matching one anchor. Its texts are written when
+    `best` is read: most failures are never the deepest, and most anchors' are never read."""
 
     def __init__(self) -> None:
-        self.best: Miss | None = None
+        self._deepest: tuple | None = None  # fail's arguments
+        self._best: Miss | None = None
 
     def fail(self, depth: int, expected: Any, got: Any, node: Node | None,
              path: Path = None) -> None:
-        if self.best is None or depth > self.best.depth:
-            self.best = Miss(depth, expected if isinstance(expected, str) else repr(expected),
-                             got if isinstance(got, str) else _text(got), node, path)
+        if self._deepest is None or depth > self._deepest[0]:
+            self._deepest, self._best = (depth, expected, got, node, path), None
+
+    @property
+    def depth(self) -> int | None:
+        """The deepest failure's depth (None: nothing failed)."""
+        return self._deepest[0] if self._deepest is not None else None
+
+    @property
+    def best(self) -> Miss | None:
+        if self._best is None and self._deepest is not None:
+            depth, expected, got, node, path = self._deepest
+            self._best = Miss(depth, expected if isinstance(expected, str) else repr(expected),
+                              got if isinstance(got, str) else _text(got), node, path)
+        return self._best
 
 
 def _path_text(path: Path) -> str:
@@ -350,18 +372,29 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, owner: Node |
     if kind is Through or kind is Behind:
         yield from _match_chain(pattern, value, b, trace, owner, path)
         return
+    out = _match_leaf(pattern, value, b, trace, owner, path)
+    if out is not None:
+        yield out
+
+
+def _match_leaf(pattern: Pattern, value: Any, b: Bindings, trace: Trace, owner: Node | None,
+                path: Path) -> Bindings | None:
+    """`match` for a leaf pattern, which matches one way or not at all: the extended bindings,
+    or None."""
+    kind = type(pattern)
     rank = _rank(owner) if kind is Dims and owner is not None else None
     reason = _check_leaf(pattern, value, rank)
-    # `_text`, so a string value prints quoted ('max'), unlike a reason.
     if reason is not None:
-        trace.fail(b.depth, reason, _text(value), value if isinstance(value, Node) else None, path)
-        return
+        # Other values are put in words when the failure is read.
+        got = repr(value) if isinstance(value, str) else value  # quoted, 'max', unlike a reason
+        trace.fail(b.depth, reason, got, value if isinstance(value, Node) else None, path)
+        return None
     out = b.bind(pattern.name, tuple(_normalise_dims(value, rank)) if kind is Dims else value)
     if out is None:
         earlier = _text(b.values[pattern.name])
         trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", _text(value), None, path)
-        return
-    yield out.step()
+        return None
+    return out.step()
 
 
 def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
@@ -402,8 +435,8 @@ def _normalise_dims(value: Any, rank: int | None) -> list | None:
 
 
 def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> Iterator[Bindings]:
-    if not isinstance(node, Node) or node.op != "call_function" or node.target not in pattern.targets:
-        got = _targets_text({node.target}) if isinstance(node, Node) and node.op == "call_function" else node
+    if not isinstance(node, Node) or node.op != "call_function" or id(node.target) not in pattern.target_ids:
+        got = _CallOf(node.target) if isinstance(node, Node) and node.op == "call_function" else node
         trace.fail(b.depth, pattern, got, node if isinstance(node, Node) else None, path)
         return
     if pattern.name is not None and pattern.name in b.values and b.values[pattern.name] is not node:
@@ -411,7 +444,7 @@ def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> 
         trace.fail(b.depth, f"{pattern.name} = {earlier} (bound earlier)", node.name, node, path)
         return
     try:
-        actual, extra = _arguments(node, len(pattern.args), pattern.kwargs)
+        actual, extra = _arguments(node, pattern)
     except _ArityMismatch as e:
         trace.fail(b.depth, f"{pattern!r} with {e}", node.name, node, path)
         return
@@ -431,11 +464,20 @@ def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> 
 
 def _match_args(patterns: list, values: list, where: list, i: int, b: Bindings, trace: Trace,
                 owner: Node, path: Path) -> Iterator[Bindings]:
+    # Leaves match one way or not at all: taken in this loop, without a generator each.
+    while i < len(patterns) and type(patterns[i]) in _LEAVES:
+        b = _match_leaf(patterns[i], values[i], b, trace, owner, (path, where[i], values[i]))
+        if b is None:
+            return
+        i += 1
     if i == len(patterns):
         yield b
         return
     for found in match(patterns[i], values[i], b, trace, owner, (path, where[i], values[i])):
         yield from _match_args(patterns, values, where, i + 1, found, trace, owner, path)
+
+
+_LEAVES = frozenset({Tensor, Scalar, Value, Literal, Dims, Anything})
 
 
 def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trace, owner: Node | None,
@@ -498,42 +540,46 @@ _NO_DEFAULT = object()
 
 
 @functools.cache
-def _layout(target: Any, count: int, names: tuple) -> tuple[list | None, list]:
+def _layout(target: Any, count: int, names: tuple) -> tuple[tuple | None, list]:
     """Per op, not per node: its schema arguments (None without a schema), and the (name,
     default) of those after the first `count` that must match the patterns `names` or keep
     their defaults."""
     schema = getattr(target, "_schema", None)
     if schema is None:  # e.g. higher-order ops: kwargs only by name
         return None, [(name, _NO_DEFAULT) for name in sorted(names)]
-    return schema.arguments, [(a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
-                              for a in schema.arguments[count:] if a.name in names or a.has_default_value()]
+    arguments = tuple((a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
+                      for a in schema.arguments)
+    return arguments, [(name, default) for name, default in arguments[count:]
+                       if name in names or default is not _NO_DEFAULT]
 
 
-def _arguments(node: Node, count: int, named: dict) -> tuple[list, list]:
-    """The node's first `count` arguments, filling kwargs and defaults from the op schema, then
-    its arguments the schema has after those (see `_layout`); and those (name, default) pairs."""
-    schema, extra = _layout(node.target, count, tuple(named))
-    out = []
-    for i in range(count):
-        if i < len(node.args):
-            out.append(node.args[i])
-        elif schema is not None and i < len(schema):
-            arg = schema[i]
-            out.append(node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else _NO_DEFAULT))
-        else:
+def _arguments(node: Node, pattern: Op) -> tuple[list, list]:
+    """The node's arguments for `pattern`'s positional ones, filling kwargs and defaults from
+    the op schema, then its arguments the schema has after those (see `_layout`); and those
+    (name, default) pairs."""
+    count, args, kwargs = len(pattern.args), node.args, node.kwargs
+    layout = pattern.layouts.get(id(node.target))  # the target is one of the pattern's own
+    if layout is None:
+        layout = pattern.layouts[id(node.target)] = _layout(node.target, count, tuple(pattern.kwargs))
+    schema, extra = layout
+    out = list(args[:count])
+    for i in range(len(out), count):
+        if schema is None or i >= len(schema):
             raise _ArityMismatch(f"{count} arguments")
+        name, default = schema[i]
+        out.append(kwargs.get(name, default))
     # Without a schema there are no defaults: every kwarg must be one the pattern names.
-    if schema is None and (len(node.args) > count or set(node.kwargs) - set(named)):
+    if schema is None and (len(args) > count or set(kwargs) - set(pattern.kwargs)):
         raise _ArityMismatch(f"{count} arguments")
-    return out + [_named_argument(node, k, schema) for k, _ in extra], extra
+    for name, _ in extra:
+        out.append(_named_argument(node, name, schema))
+    return out, extra
 
 
-def _named_argument(node: Node, name: str, schema: list | None) -> Any:
-    for i, a in enumerate(schema or ()):
-        if a.name == name:
-            if i < len(node.args):
-                return node.args[i]
-            return node.kwargs.get(name, a.default_value if a.has_default_value() else _NO_DEFAULT)
+def _named_argument(node: Node, name: str, schema: tuple | None) -> Any:
+    for i, (arg, default) in enumerate(schema or ()):
+        if arg == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
     return node.kwargs.get(name, _NO_DEFAULT)
 
 
@@ -559,6 +605,16 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return False
+
+
+@dataclass(frozen=True)
+class _CallOf:
+    """A call of `target` found where a pattern wanted another op: printed as the op's name."""
+
+    target: Any
+
+    def __repr__(self) -> str:
+        return target_name(self.target)
 
 
 def _targets_text(targets: Iterable) -> str:

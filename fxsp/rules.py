@@ -8,11 +8,13 @@ A pass collects every match of every rule first (anchors found by op target, so 
 linear in graph size), then rewrites them in topological order of where they begin (their
 earliest node), rule order breaking ties: of two rules that start at the same node, the one
 listed first wins. Each match is checked again just before its rewrite, so a match spoiled by an
-earlier rewrite is skipped rather than applied to a changed graph.
+earlier rewrite is skipped rather than applied to a changed graph: matched again from its root,
+or, when no node it read has changed, only its checks run again (the same match would be found).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import validate_partition
 
 from .builder import Builder
-from .pattern import Alt, Bindings, Miss, Op, Pattern, Through, Trace, match, target_name
+from .pattern import Alt, Behind, Bindings, Miss, Op, Pattern, Through, Trace, match, target_name
 
 log = logging.getLogger("fxsp")
 
@@ -40,6 +42,11 @@ class Match:
     root: Node
     bindings: dict
     nodes: tuple
+    found: Bindings | None = None  # what the matcher yielded
+    # (node, args, kwargs) of every node the match read, when it was the first structural match
+    # at its root and the pattern reads nothing else: matching again on the same arguments
+    # would find it first again.
+    read: tuple = ()
 
     def __getitem__(self, name: str) -> Any:
         return self.bindings[name]
@@ -73,18 +80,46 @@ class Rule:
 
     def match_at(self, node: Node, trace: Trace) -> Match | None:
         """The first complete match rooted at `node`, or None (failure reasons go to `trace`)."""
+        first = True
         for b in match(self.pattern, node, Bindings(), trace):
-            reason = self._check(node, b)
-            if reason is not None:
-                trace.fail(b.depth, "a self-contained match", reason, node)
-                continue
-            found = Match(self, node, b.values, b.nodes)
-            verdict = self.where(found) if self.where is not None else True
-            if verdict is True:
+            found = self._accepted(node, b, trace)
+            if found is not None:
+                if first and self._reads_only_its_nodes:
+                    found.read = _arguments_read(b.nodes)
                 return found
-            trace.fail(b.depth, "the rule's condition",
-                       verdict if isinstance(verdict, str) else "`where` rejected the match", node)
+            first = False
         return None
+
+    def match_again(self, m: Match, trace: Trace) -> Match | None:
+        """`m` if it still holds, else the first match at its root now (None if none)."""
+        unchanged = m.read and all(not n._erased and n.args is args and n.kwargs is kwargs
+                                   for n, args, kwargs in m.read)
+        if unchanged:
+            again = self._accepted(m.root, m.found, trace)
+            if again is not None:
+                again.read = m.read
+                return again
+        return self.match_at(m.root, trace)
+
+    def _accepted(self, node: Node, b: Bindings, trace: Trace) -> Match | None:
+        """The match `b` at `node` if it is self-contained and `where` accepts it."""
+        reason = self._check(node, b)
+        if reason is not None:
+            trace.fail(b.depth, "a self-contained match", reason, node)
+            return None
+        found = Match(self, node, b.values, b.nodes, b)
+        verdict = self.where(found) if self.where is not None else True
+        if verdict is True:
+            return found
+        trace.fail(b.depth, "the rule's condition",
+                   verdict if isinstance(verdict, str) else "`where` rejected the match", node)
+        return None
+
+    @functools.cached_property
+    def _reads_only_its_nodes(self) -> bool:
+        """Whether matching reads only the matched nodes and their arguments (a `behind` chain's
+        steps may read anything)."""
+        return not _contains(self.pattern, Behind)
 
     def _check(self, root: Node, b: Bindings) -> str | None:
         """Interior nodes used outside the match block it, unless declared as outputs."""
@@ -108,14 +143,28 @@ class Rule:
         return None
 
 
-@dataclass
 class NearMiss:
-    rule: str
-    anchor: str
-    miss: Miss
+    """Why `rule` did not match at the node named `anchor`: a `Miss`, or the `Trace` of the
+    attempt, whose deepest failure is put in words only when read."""
+
+    def __init__(self, rule: str, anchor: str, miss: Miss | Trace) -> None:
+        self.rule, self.anchor, self._miss = rule, anchor, miss
+
+    @property
+    def miss(self) -> Miss:
+        if isinstance(self._miss, Trace):
+            self._miss = self._miss.best
+        return self._miss
+
+    @property
+    def depth(self) -> int:
+        return self._miss.depth if isinstance(self._miss, Trace) else self._miss.depth
 
     def __str__(self) -> str:
         return f"{self.rule} at {self.anchor}: {self.miss.text()}"
+
+    def __repr__(self) -> str:
+        return f"NearMiss({self})"
 
 
 @dataclass
@@ -134,13 +183,14 @@ class Report:
             lines.append(f"  near-miss {near}")
         return "\n".join(lines)
 
-    def _missed(self, rule: Rule, anchor: Node | None, miss: Miss | None) -> None:
-        miss = miss or Miss(0, f"an anchor node ({', '.join(sorted(map(target_name, rule.anchors())))})",
-                            "none in graph", None)
+    def _missed(self, rule: Rule, anchor: Node | None, miss: Miss | Trace | None) -> None:
+        if miss is None or (isinstance(miss, Trace) and miss.depth is None):
+            miss = Miss(0, f"an anchor node ({', '.join(sorted(map(target_name, rule.anchors())))})",
+                        "none in graph", None)
         near = NearMiss(rule.name, anchor.name if anchor is not None else "-", miss)
         self.failures.append(near)
         best = self.misses.get(rule.name)
-        if best is None or miss.depth > best.miss.depth:
+        if best is None or near.depth > best.depth:
             self.misses[rule.name] = near
 
 
@@ -188,7 +238,7 @@ class RuleSet:
                 if m is not None:
                     found.append((min(order[n] for n in m.nodes), rank, m))
                 else:
-                    missed.append((rule, node, trace.best))
+                    missed.append((rule, node, trace))
         # An anchor inside another match is no near-miss worth reporting.
         covered = {n for _, _, m in found for n in m.nodes}
         for rule, node, miss in missed:
@@ -203,9 +253,9 @@ class RuleSet:
             report._missed(m.rule, m.root, erased)
             return
         trace = Trace()
-        fresh = m.rule.match_at(m.root, trace)  # an earlier rewrite may have changed this spot
+        fresh = m.rule.match_again(m, trace)  # an earlier rewrite may have changed this spot
         if fresh is None:
-            report._missed(m.rule, m.root, trace.best)
+            report._missed(m.rule, m.root, trace)
             return
         builder = Builder(graph)
         carried = _meta_by_target(fresh.nodes)
@@ -242,6 +292,22 @@ def _erase_unused(nodes: tuple) -> None:
             if not n._erased and not n.users and n.op != "output":
                 n.graph.erase_node(n)
                 changed = True
+
+
+def _arguments_read(nodes: tuple) -> tuple:
+    """(node, args, kwargs) of the nodes and of their inputs (leaf patterns may read those)."""
+    read = dict.fromkeys(nodes)
+    for n in nodes:
+        read.update(dict.fromkeys(n.all_input_nodes))
+    return tuple((n, n.args, n.kwargs) for n in read)
+
+
+def _contains(p: Pattern, kind: type) -> bool:
+    if isinstance(p, kind):
+        return True
+    children = {Op: lambda: (*p.args, *p.kwargs.values()), Alt: lambda: p.options,
+                Through: lambda: (p.inner,), Behind: lambda: (p.inner,)}.get(type(p))
+    return children is not None and any(_contains(c, kind) for c in children())
 
 
 def _root_targets(p: Pattern) -> frozenset:

@@ -18,6 +18,7 @@ from .pattern import (
     op,
     scalar,
     string,
+    such_that,
     tensor,
     through,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "op",
     "scalar",
     "string",
+    "such_that",
     "tensor",
     "through",
 ]

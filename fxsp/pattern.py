@@ -55,6 +55,8 @@ class Op(Pattern):
     kwargs: dict
     commutative: bool = False
     name: str | None = None
+    where: Callable[[Node], bool] | None = None  # asked of the node before its arguments
+    doc: str = ""  # what `where` asks, in words
     # The targets by id: ops are singletons, and an op's own __hash__ is Python code, which
     # the matcher would run at every node it tries.
     target_ids: frozenset = field(init=False, repr=False)
@@ -254,6 +256,14 @@ def behind(inner: Pattern, step: Callable[[Node], Any], doc: str = "", name: str
     return Behind(inner, step, doc, name)
 
 
+def such_that(pattern: Op | Alt, where: Callable[[Node], bool], doc: str) -> Op | Alt:
+    """`pattern` (an op, or alternative ops) matching only a node for which `where(node)` holds,
+    asked before the node's arguments are matched; `doc` says what it asks, in words."""
+    if isinstance(pattern, Alt):
+        return replace(pattern, options=tuple(such_that(o, where, doc) for o in pattern.options))
+    return replace(pattern, where=where, doc=doc)
+
+
 def anything(name: str | None = None) -> Anything:
     return Anything(name)
 
@@ -438,6 +448,9 @@ def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> 
     if not isinstance(node, Node) or node.op != "call_function" or id(node.target) not in pattern.target_ids:
         got = _CallOf(node.target) if isinstance(node, Node) and node.op == "call_function" else node
         trace.fail(b.depth, pattern, got, node if isinstance(node, Node) else None, path)
+        return
+    if pattern.where is not None and not pattern.where(node):
+        trace.fail(b.depth, f"{pattern!r} {pattern.doc}".strip(), node.name, node, path)
         return
     if pattern.name is not None and pattern.name in b.values and b.values[pattern.name] is not node:
         earlier = b.values[pattern.name]

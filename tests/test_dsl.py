@@ -32,6 +32,7 @@ from fxsp import (
     op,
     scalar,
     string,
+    such_that,
     tensor,
     through,
 )
@@ -241,6 +242,34 @@ def test_tensor_dtype_restriction():
     assert near_miss(pattern, trace(lambda x: -x, (3,))) == (
         "probe at neg: arg 0 (x_1): expected tensor x of dtype in {torch.bfloat16, torch.float16}, "
         "got x_1")
+
+
+def test_tensor_where_predicate_and_doc():
+    is_input = tensor("x", where=lambda n: n.op == "placeholder", doc="(a graph input)")
+    pattern = op(aten.neg.default, is_input)
+    assert len(matches(pattern, trace(lambda x: -x, (3,)))) == 1
+    gm = trace(lambda x: -(x + 1), (3,))
+    assert near_miss(pattern, gm) == "probe at neg: arg 0 (add): expected tensor x (a graph input), got add"
+
+
+def test_such_that_asks_the_node_before_its_arguments():
+    asked = []
+
+    def single_user(node):
+        asked.append(node.name)
+        return len(node.users) == 1
+
+    pattern = such_that(op(aten.neg.default, op(aten.exp.default, tensor("x"))), single_user,
+                        "(read once)")
+    assert len(matches(pattern, trace(lambda x: -x.exp(), (3,)))) == 1
+    gm = trace(lambda x: (lambda n: (n.exp(), n.sin()))(-x), (3,))
+    asked.clear()
+    assert near_miss(pattern, gm) == "probe at neg: expected aten.neg.default (read once), got neg"
+    assert asked == ["neg"]  # refused before its argument, a neg and no exp, was looked at
+    # On alternatives, every option asks.
+    either = such_that(alt(op(aten.neg.default, tensor("x")), op(aten.exp.default, tensor("x"))),
+                       single_user, "(read once)")
+    assert len(matches(either, trace(lambda x: -x.exp(), (3,)))) == 2
 
 
 def test_string_capture_reads_group_names():
@@ -590,6 +619,31 @@ def test_rule_order_breaks_ties_at_the_same_root():
         assert report.counts == {first.name: 1, second.name: 0}
         assert targets(gm) == [target]
         assert [str(f) for f in report.failures] == [f"{second.name} at mul: {SPOILED}"]
+
+
+def test_a_match_nothing_changed_is_not_matched_again():
+    # Two independent x*k sites: each is matched once when collected; before its rewrite only
+    # its checks run again (the leaf predicate counts the matching, `where` the checks).
+    looked_at, checked = [], []
+    k = scalar("k", where=lambda v: looked_at.append(v) or True)
+    rule = Rule("x*k -> x+x", op(aten.mul.Tensor, tensor("x"), k),
+                lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]),
+                where=lambda m: checked.append(m.root.name) or True)
+    gm = trace(lambda x, y: (x * 2, y * 2), (3,), (3,))
+    assert RuleSet("once", [rule]).apply(gm, check=True).counts == {rule.name: 2}
+    assert len(looked_at) == 2 and checked == ["mul", "mul_1", "mul", "mul_1"]
+
+
+def test_a_match_an_earlier_rewrite_changed_is_matched_again():
+    # neg(neg(x)) then neg(neg(that)) share nothing, but the first rewrite replaces the second
+    # match's input: matched again, it binds the new node.
+    double_neg = Rule("--x -> x", op(aten.neg.default, op(aten.neg.default, tensor("x"))),
+                      lambda b, m: b.call(aten.relu.default, m["x"]))
+    gm = trace(lambda x: torch.neg(torch.neg(torch.neg(torch.neg(x)))), (3,))
+    report = RuleSet("negations", [double_neg]).apply(gm, check=True)
+    assert report.counts == {"--x -> x": 2}
+    assert targets(gm) == ["aten.relu.default", "aten.relu.default"]
+    torch.testing.assert_close(gm(-torch.ones(3)), torch.zeros(3))
 
 
 def test_all_matches_are_collected_before_any_rewrite():

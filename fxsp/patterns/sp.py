@@ -39,7 +39,7 @@ from ..builder import Builder
 from ..collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..fake import known_true, tensor_of
 from ..ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
-from ..pattern import behind, getitem
+from ..pattern import behind, getitem, such_that
 from ..rules import Match, Rule, RuleSet
 from ..runtime.thresholds import sp_min_tokens
 from . import site
@@ -90,10 +90,20 @@ class SPConfig:
 # through them too.
 reduced_rows = behind(site.reduced, row_input, "ops acting on each row alone", name="h")
 
+
+def residual_used(norm: Node) -> bool:
+    """Whether a fused add + norm's second output, the new residual, is read."""
+    return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in norm.users)
+
+
 first_norm = site.rms_norm(reduced_rows)
-fused_norm = site.fused_add_rms_norm(reduced_rows)
+# A middle norm passes its residual on; the last one's is dead.
+middle_norm = such_that(site.fused_add_rms_norm(reduced_rows), residual_used, "(residual output used)")
+last_norm = such_that(site.fused_add_rms_norm(reduced_rows), lambda n: not residual_used(n),
+                      "(residual output unused)")
 first_fp8 = site.static_fp8_quant(first_norm)
-fused_fp8 = site.static_fp8_quant(getitem(fused_norm, 0))
+middle_fp8 = site.static_fp8_quant(getitem(middle_norm, 0))
+last_fp8 = site.static_fp8_quant(getitem(last_norm, 0))
 
 
 # --- rewrites ----------------------------------------------------------------------------------
@@ -125,16 +135,6 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
     def applies(m: Match) -> bool | str:
         return site.applicable(m, cfg.group, enough_rows)
 
-    def residual_alive(m: Match) -> bool:
-        return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in m["norm"].users)
-
-    def is_middle(m: Match) -> bool | str:
-        ok = applies(m)
-        return ok if ok is not True else (residual_alive(m) or "residual output is dead: the last rule")
-
-    def is_last(m: Match) -> bool | str:
-        ok = applies(m)
-        return ok if ok is not True else (not residual_alive(m) or "residual output is used: the middle rule")
 
     def first(b: Builder, m: Match) -> None:
         blocks, scattered, chain = _scatter(b, m, cfg)
@@ -155,7 +155,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         else:
             b.replace_items(m["norm"], {0: out})
         matmuls_on_padded_rows(b, out, blocks)
-        if residual_alive(m):
+        if residual_used(m["norm"]):
             full = _gather(b, m, cfg, blocks, residual_out)
             b.replace_items(m["norm"], {1: full})
             matmuls_on_padded_rows(b, full, blocks)
@@ -164,11 +164,11 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
     rules = [
         # The all-reduce's other users get its gathered rows (see `_scatter`).
         Rule("sp.first_fp8", first_fp8, first, outputs=("reduced",), where=applies),
-        Rule("sp.middle_fp8", fused_fp8, middle, outputs=("reduced", "norm"), where=is_middle),
-        Rule("sp.last_fp8", fused_fp8, middle, outputs=("reduced", "norm"), where=is_last),
+        Rule("sp.middle_fp8", middle_fp8, middle, outputs=("reduced", "norm"), where=applies),
+        Rule("sp.last_fp8", last_fp8, middle, outputs=("reduced", "norm"), where=applies),
         Rule("sp.first", first_norm, first, outputs=("reduced",), where=applies),
-        Rule("sp.middle", fused_norm, middle, outputs=("reduced",), where=is_middle),
-        Rule("sp.last", fused_norm, middle, outputs=("reduced",), where=is_last),
+        Rule("sp.middle", middle_norm, middle, outputs=("reduced",), where=applies),
+        Rule("sp.last", last_norm, middle, outputs=("reduced",), where=applies),
     ]
     return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..fake import same_shape, tensor_of
-from ..pattern import anything, op, tensor
+from ..pattern import anything, op, such_that, tensor
 from ..rules import Match, Rule, RuleSet
 
 aten = torch.ops.aten
@@ -18,6 +18,10 @@ x, y = tensor("x"), tensor("y")
 def _same(a, b) -> bool:
     va, vb = tensor_of(a), tensor_of(b)
     return va is not None and vb is not None and same_shape(va, vb)
+
+
+def _keeps_input_shape(node) -> bool:
+    return _same(node.args[0], node)
 
 
 def _keeps_shape(m: Match) -> bool | str:
@@ -44,7 +48,9 @@ def _one_view(b, m: Match):
 def noop_rules() -> RuleSet:
     return RuleSet("cleanup.noop", [
         # x viewed or sliced to its own shape is x.
-        Rule("noop.view", op(VIEWS, x, anything()), lambda b, m: m["x"], where=_keeps_shape),
+        # (Asked of the node first: most views change the shape.)
+        Rule("noop.view", such_that(op(VIEWS, x, anything()), _keeps_input_shape,
+                                    "(shape provably its input's)"), lambda b, m: m["x"]),
         Rule("noop.slice", op(aten.slice.Tensor, x, anything(), anything(), anything(), anything()),
              lambda b, m: m["x"], where=_keeps_shape),
         # Scattering a full-size src into x overwrites all of x.

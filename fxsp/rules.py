@@ -224,19 +224,18 @@ class RuleSet:
         return report
 
     def _collect(self, graph: Graph, report: Report) -> list[Match]:
-        order = {n: i for i, n in enumerate(graph.nodes)}
         found, missed = [], []
         for rank, rule in enumerate(self.rules):
+            # Nodes compare by their place in the graph.
             anchors = sorted({n for t in rule.anchors()
-                              for n in graph.find_nodes(op="call_function", target=t, sort=False)},
-                             key=order.__getitem__)
+                              for n in graph.find_nodes(op="call_function", target=t, sort=False)})
             if not anchors:
                 report._missed(rule, None, None)
             for node in anchors:
                 trace = Trace()
                 m = rule.match_at(node, trace)
                 if m is not None:
-                    found.append((min(order[n] for n in m.nodes), rank, m))
+                    found.append((min(m.nodes), rank, m))
                 else:
                     missed.append((rule, node, trace))
         # An anchor inside another match is no near-miss worth reporting.

@@ -99,10 +99,16 @@ def create_call(graph: Graph, target: Any, args: tuple, kwargs: dict, name: str 
     if getattr(graph.owning_module, "_create_node_hooks", None):
         return graph.create_node("call_function", target, args, kwargs, name, type_expr)
     node = graph.create_node("call_function", target, name=name, type_expr=type_expr)
-    node.args = args
+    # The properties' own setters: `node.args = ...` would also go through Node.__setattr__,
+    # which takes the node out of the graph's find_nodes table and puts it back (keyed by op and
+    # target, which do not change here).
+    _SET_ARGS(node, args)
     if kwargs:
-        node.kwargs = kwargs
+        _SET_KWARGS(node, kwargs)
     return node
+
+
+_SET_ARGS, _SET_KWARGS = Node.args.fset, Node.kwargs.fset
 
 
 def has_raw_symbolic(args: Any) -> bool:

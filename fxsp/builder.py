@@ -5,9 +5,14 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import torch
 from torch.fx import Graph, Node
 
 from .fake import collect, fake_value
+
+# Raw symbolic values in node arguments, which FX asks callers to avoid: only torch's
+# create_node should see them, so that it warns (`create_call`).
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 class Builder:
@@ -19,7 +24,25 @@ class Builder:
         self.created: set[Node] = set()
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> Node:
-        inputs: list[Node] = collect((args, kwargs), Node, [])
+        node = self._insert(target, args, kwargs)
+        val = fake_value(target, args, kwargs)
+        if val is not None:
+            node.meta["val"] = val
+        return node
+
+    def call_computing(self, old: Node, target: Any, *args: Any, **kwargs: Any) -> Node:
+        """`call`, for a node that computes exactly `old`'s value, `meta["val"]` and all: the
+        same shape, strides and storage (a view of the same tensor, say), and that replaces `old`,
+        which the rewrite erases. The new node takes `old`'s value instead of computing one; the
+        caller must know the two agree (`fake.is_reshape_of`)."""
+        node = self._insert(target, args, kwargs)
+        if "val" in old.meta:
+            node.meta["val"] = old.meta["val"]
+        return node
+
+    def _insert(self, target: Any, args: tuple, kwargs: dict) -> Node:
+        leaves = collect((args, kwargs), (Node, *_SYMBOLIC), [])
+        inputs: list[Node] = [a for a in leaves if isinstance(a, Node)]
         anchor = max(inputs) if inputs else None
         # Never before a placeholder: FX and Inductor expect every graph input first. An input
         # that is not a placeholder already comes after all of them.
@@ -29,11 +52,11 @@ class Builder:
         while anchor.next in self.created:
             anchor = anchor.next
         with self.graph.inserting_after(anchor):
-            node = self.graph.call_function(target, tuple(args), dict(kwargs))
+            if len(inputs) == len(leaves):
+                node = create_call(self.graph, target, args, kwargs)
+            else:  # a raw SymInt argument: create_node warns about it, as it should
+                node = self.graph.call_function(target, args, kwargs)
         self.created.add(node)
-        val = fake_value(target, tuple(args), dict(kwargs))
-        if val is not None:
-            node.meta["val"] = val
         return node
 
     def replace(self, old: Node, new: Node) -> None:
@@ -60,6 +83,37 @@ class Builder:
     def _last_placeholder(self) -> Node:
         placeholders = self.graph.find_nodes(op="placeholder")
         return placeholders[-1] if placeholders else self.graph._root
+
+
+def create_call(graph: Graph, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                type_expr: Any = None) -> Node:
+    """`graph.call_function(target, args, kwargs)` (at the graph's insert point) for arguments
+    with no raw SymInt, SymFloat or SymBool in them, as the caller has checked
+    (`has_raw_symbolic`).
+
+    The node is created without arguments and then given them: the same node and bookkeeping,
+    without `create_node`'s own walk of the arguments looking for raw symbolic values (torch
+    2.13 walks them with pytree to warn; about a third of the cost of a node). A graph whose
+    module has node-creation hooks (they may read the arguments) takes the plain path.
+    """
+    if getattr(graph.owning_module, "_create_node_hooks", None):
+        return graph.create_node("call_function", target, args, kwargs, name, type_expr)
+    node = graph.create_node("call_function", target, name=name, type_expr=type_expr)
+    # The properties' own setters: `node.args = ...` would also go through Node.__setattr__,
+    # which takes the node out of the graph's find_nodes table and puts it back (keyed by op and
+    # target, which do not change here).
+    _SET_ARGS(node, args)
+    if kwargs:
+        _SET_KWARGS(node, kwargs)
+    return node
+
+
+_SET_ARGS, _SET_KWARGS = Node.args.fset, Node.kwargs.fset
+
+
+def has_raw_symbolic(args: Any) -> bool:
+    """Whether node arguments hold a raw SymInt, SymFloat or SymBool (see `create_call`)."""
+    return bool(collect(args, _SYMBOLIC, []))
 
 
 def _users_before(node: Node) -> list[Node]:

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch._guards import detect_fake_mode
-from torch._prims_common import make_contiguous_strides_for
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Node
+from torch.fx.node import map_arg
 
 from .collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, WAIT
 
@@ -26,7 +26,7 @@ def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
             missing.append(a)
         return a.meta.get("val")
 
-    vals = (map_nested(args, Node, val), map_nested(kwargs, Node, val))
+    vals = (map_arg(args, val), map_arg(kwargs, val))
     if missing:
         return None
     if target is operator.getitem:  # an element of a tuple value: nothing to run
@@ -72,8 +72,10 @@ _FRESH_RESULTS = {
 
 def _fresh_result(target: Any, x: FakeTensor, *args: Any) -> FakeTensor:
     shape = (_FRESH_RESULTS[target](x, *args), *x.shape[1:])
-    meta = torch.empty_strided(shape, make_contiguous_strides_for(shape), dtype=x.dtype, device="meta")
-    return FakeTensor(x.fake_mode, meta, x.device)
+    # torch.empty gives a dense tensor the strides the ops' meta kernels give theirs, computed
+    # in C++ (make_contiguous_strides_for in Python cost more than the rest of this function).
+    meta = torch.empty(shape, dtype=x.dtype, device="meta")
+    return FakeTensor(x.fake_mode, meta, x.fake_device)
 
 
 # Results already computed, per fake mode: (target, inputs' metadata) -> a result whose
@@ -111,8 +113,13 @@ def _key(target: Any, vals: Any) -> tuple | None:
 
 def _describe(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
-        return (_sizes(a.shape), _sizes(a.stride()), _sizes((a.storage_offset(),)), a.dtype,
-                a.device, a.requires_grad)
+        described = (a.shape, a.stride(), a.storage_offset(), a.dtype, a.device, a.requires_grad)
+        try:
+            hash(described)  # plain int sizes: the key as it is, hashed in C
+        except TypeError:  # a symbolic size refuses to hash: key it by its expression
+            described = (_sizes(a.shape), _sizes(a.stride()), _sizes((a.storage_offset(),)),
+                         *described[3:])
+        return described
     if isinstance(a, (tuple, list)):
         return (type(a), *map(_describe, a))
     if isinstance(a, dict):
@@ -150,7 +157,7 @@ def fresh_like(val: Any) -> Any:
     if not isinstance(val, FakeTensor):
         return val
     meta = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
-    return FakeTensor(val.fake_mode, meta, val.device)  # a fresh meta tensor: no memo to consult
+    return FakeTensor(val.fake_mode, meta, val.fake_device)  # fresh meta tensor: no memo to consult
 
 
 def map_nested(value: Any, kind: type, fn: Any) -> Any:
@@ -190,6 +197,28 @@ def _empty_like(v: Any) -> Any:
     if not isinstance(v, torch.Tensor):
         return v
     return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+
+
+def is_reshape_of(val: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `reshape(x, val.shape)` is exactly `val`: a view of x's storage at x's offset
+    with val's strides. Known true when both are dense in row-major order (the strides a view of
+    such a tensor always gets), compared as expressions, so asking installs no guard."""
+    return (isinstance(val, FakeTensor) and isinstance(x, FakeTensor)
+            and val.untyped_storage()._cdata == x.untyped_storage()._cdata
+            and _sizes((val.storage_offset(),)) == _sizes((x.storage_offset(),))
+            and (val.dtype, val.fake_device) == (x.dtype, x.fake_device)
+            and _row_major(val) and _row_major(x))
+
+
+def _row_major(val: torch.Tensor) -> bool:
+    """Strides exactly the row-major ones, size-1 dims too (each the product of the sizes after
+    it), as expressions for symbolic sizes."""
+    expected = 1
+    for size, stride in zip(reversed(_sizes(val.shape)), reversed(_sizes(val.stride()))):
+        if stride != expected:
+            return False
+        expected = expected * size
+    return True
 
 
 def tensor_of(node: Any) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import operator
 import re
+import warnings
 
 import pytest
 import torch
@@ -700,6 +701,35 @@ def test_builder_fills_fake_values():
     val = norm.meta["val"]
     assert isinstance(val, torch._subclasses.fake_tensor.FakeTensor)
     assert (tuple(val.shape), val.dtype) == ((4, 8), torch.float32)
+
+
+def test_builder_nodes_are_what_call_function_makes():
+    """Builder skips create_node's own walk of the arguments, not what it records: the same
+    name, arguments, users and kwargs as graph.call_function gives; a raw SymInt argument goes
+    through create_node, so torch warns about it (or not) as it does for call_function."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    gm = trace(lambda x: x.sin(), (4, 8))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    built = Builder(gm.graph).call(aten.sum.dim_IntList, x, [1], keepdim=True)
+    with gm.graph.inserting_after(built):
+        plain = gm.graph.call_function(aten.sum.dim_IntList, (x, [1]), {"keepdim": True})
+    assert (built.name, plain.name) == ("sum_dim_int_list", "sum_dim_int_list_1")
+    assert (built.args, built.kwargs) == (plain.args, plain.kwargs)
+    assert type(built.args[1]) is type(plain.args[1])  # an immutable_list in both
+    assert built.all_input_nodes == plain.all_input_nodes == [x] and {built, plain} <= set(x.users)
+    gm.graph.lint()
+
+    rows = ShapeEnv().create_unbacked_symint()
+    graph = Graph()
+    y = graph.placeholder("y")
+    with pytest.warns() as by_builder:
+        Builder(graph).call(aten.view.default, y, [rows, 8])
+        warnings.warn("one warning at least")
+    with pytest.warns() as by_call_function:
+        graph.call_function(aten.view.default, (y, [rows, 8]))
+        warnings.warn("one warning at least")
+    assert len(by_builder) == len(by_call_function)
 
 
 def test_builder_handles_nodes_without_values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fake import same_shape, tensor_of
+from ..fake import is_reshape_of, same_shape, tensor_of
 from ..pattern import anything, op, such_that, tensor
 from ..rules import Match, Rule, RuleSet
 
@@ -42,6 +42,10 @@ def _shape_text(node) -> str:
 def _one_view(b, m: Match):
     if _same(m["x"], m.root):
         return m["x"]
+    root, x = tensor_of(m.root), tensor_of(m["x"])
+    if root is not None and x is not None and is_reshape_of(root, x):
+        # The one reshape is the view the chain made: it takes the root's value (no dispatch).
+        return b.call_computing(m.root, aten.reshape.default, m["x"], m["shape"])
     return b.call(aten.reshape.default, m["x"], m["shape"])
 
 

@@ -32,10 +32,11 @@ import torch
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
-from ..builder import Builder
+from ..builder import Builder, create_call, has_raw_symbolic
 from ..fake import _key, fake_value, fresh_like, tensor_of
 from . import ops
 from ..collectives import all_reduce_sum
@@ -192,13 +193,17 @@ class _Template:
         # A node whose value has a storage of its own gets a fresh fake tensor like the
         # template's at each stamp; a view (of an input, say) has its value computed again.
         storages: set = set()
-        self.owns_storage: dict[Node, bool] = {}
+        self.steps: list[tuple[Node, bool]] = []  # (node to copy, whether its value owns storage)
         for inner in self.graph.nodes:
             val = inner.meta.get("val")
             storage = val.untyped_storage()._cdata if isinstance(val, FakeTensor) else None
-            self.owns_storage[inner] = storage is not None and storage not in storages \
-                and val.storage_offset() == 0
+            if inner.op == "call_function":
+                self.steps.append((inner, storage is not None and storage not in storages
+                                   and val.storage_offset() == 0))
             storages.add(storage)
+        # A raw SymInt argument (none that make_fx writes) is copied by node_copy, which warns.
+        self.plain = not any(has_raw_symbolic((inner.args, inner.kwargs))
+                             for inner, _ in self.steps)
 
     def opaque_call_of(self, op: Any) -> bool:
         """Whether the trace is `op` called as it is (its items aside): nothing to splice."""
@@ -211,13 +216,18 @@ class _Template:
         what stands for the template's output (a node, or a tuple of them)."""
         env = dict(zip(self.inputs, tensors, strict=True))
         with graph.inserting_before(node):
-            for inner in self.graph.nodes:
-                if inner.op != "call_function":
-                    continue
+            for inner, owns_storage in self.steps:
+                if self.plain:
+                    stamped = create_call(graph, inner.target, map_arg(inner.args, env.__getitem__),
+                                          map_arg(inner.kwargs, env.__getitem__), inner.name,
+                                          inner.type)
+                    stamped.meta.update(inner.meta)  # (assigning goes through __setattr__)
+                else:
+                    stamped = graph.node_copy(inner, env.__getitem__)
+                env[inner] = stamped
                 # The copy keeps the traced meta (the rounding barriers Inductor's
                 # emulate_precision_casts relies on), with a value of its own.
-                stamped = env[inner] = graph.node_copy(inner, env.__getitem__)
-                if self.owns_storage[inner]:
+                if owns_storage:
                     stamped.meta["val"] = fresh_like(inner.meta["val"])
                 elif "val" in inner.meta:
                     stamped.meta["val"] = fake_value(stamped.target, stamped.args, stamped.kwargs)

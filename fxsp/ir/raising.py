@@ -53,6 +53,7 @@ from ..pattern import (
     op,
     scalar,
     string,
+    such_that,
     tensor,
     through,
 )
@@ -184,8 +185,12 @@ weight = tensor("weight")
 down = dtype("down", FLOATS)
 # torch's decomposition makes its fp32 result contiguous before the down-cast: a clone when x
 # is not contiguous.
+# Left in fp32 (no cast back), the norm is exact only on an fp32 x: asked of the node first, so a
+# bf16 F.rms_norm's inner `normed * w` is refused at once, not after a whole match.
+normed_of_fp32 = such_that(normed, lambda n: not any(isinstance(a, Node) and _is_upcast(a) for a in n.args),
+                           "(of an fp32 x: a bf16 or fp16 norm's fp32 result must be cast back)")
 rms_norm_weighted = alt(
-    op(aten.mul.Tensor, weight, maybe_cast(normed, down)),  # HF/Llama: w * normed.to(dtype)
+    op(aten.mul.Tensor, weight, alt(normed_of_fp32, cast(normed, down))),  # HF/Llama: w * normed.to(dtype)
     cast(through(op(aten.mul.Tensor, normed, weight), CLONE), down),  # F.rms_norm, Gemma
 )
 rms_norm_unweighted = maybe_cast(through(normed, CLONE), down)

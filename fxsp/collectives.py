@@ -48,8 +48,16 @@ def kind(node: Node | Any) -> str | None:
     target = node.target if isinstance(node, Node) else node
     if not isinstance(target, torch._ops.OpOverload):
         return None
-    found = _KINDS.get((target.namespace, target._opname))
-    return found or ("other" if target.namespace == "_c10d_functional" else None)
+    # Asked of every node by the reports' walks: answered once per op, looked up by id (an
+    # op's own __hash__ is Python code); the entry keeps its op, so the id stays that op's.
+    seen = _KIND_OF.get(id(target))
+    if seen is None or seen[0] is not target:
+        found = _KINDS.get((target.namespace, target._opname))
+        seen = _KIND_OF[id(target)] = (target, found or ("other" if target.namespace == "_c10d_functional" else None))
+    return seen[1]
+
+
+_KIND_OF: dict[int, tuple] = {}
 
 
 def vllm_op(name: str) -> Any:

@@ -11,7 +11,9 @@ from .collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, COMMUNICATING, WA
 from .ir.fused_ops import FUSED_IR_OPS
 from .ir.ops import ALL_REDUCE, FUSED_ADD_RMS_NORM, RMS_NORM
 
-_IR_ALL_REDUCES = frozenset({ALL_REDUCE, *FUSED_IR_OPS})  # fxsp's own ops that all-reduce
+# fxsp's own ops that all-reduce, by id (ops are singletons; an op's __hash__ is Python code,
+# and the walk below asks of every node)
+_IR_ALL_REDUCES = frozenset(map(id, (ALL_REDUCE, *FUSED_IR_OPS)))
 
 
 @dataclass
@@ -42,13 +44,15 @@ class Traffic:
 def traffic(graph: Graph) -> Traffic:
     out = Traffic()
     for node in graph.nodes:
-        what = "all_reduce" if node.target in _IR_ALL_REDUCES else kind(node)
+        what = kind(node)
+        if what is None and id(node.target) in _IR_ALL_REDUCES:
+            what = "all_reduce"
         if what in COMMUNICATING:
             t = (node if what == "all_gather" else node.args[0]).meta.get("val")
             if isinstance(t, torch.Tensor):
                 out.bytes[what] = out.bytes.get(what, 0) + _int(t.numel()) * t.element_size()
             out.sites += what != "all_gather"
-        if node.target in (RMS_NORM, FUSED_ADD_RMS_NORM):
+        if node.target is RMS_NORM or node.target is FUSED_ADD_RMS_NORM:
             t = node.args[0].meta.get("val")
             if isinstance(t, torch.Tensor):
                 rows = _int(t.numel()) // max(_int(t.shape[-1]), 1)

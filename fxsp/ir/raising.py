@@ -211,8 +211,7 @@ def _exact_norm(m: Match) -> bool | str:
     if m.get("centred") is not None or _is_centred(m["x"]):
         return "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"
     x, down_to = tensor_of(m["x"]), m.get("down")
-    folded = any(_is_fp32_identity_cast(n) for n in (m.root, *m.nodes))
-    if down_to == F32 and x.dtype in LOW and folded:
+    if down_to == F32 and x.dtype in LOW and any(map(_is_fp32_identity_cast, m.nodes)):
         # Torch 2.11's joint-graph pass folds `normed.to(fp16).to(fp32)` into an fp32 -> fp32
         # cast, dropping the rounding the model does (2.12+ keeps narrowing round trips): the
         # raise rounds to x's dtype again, one rounding from the folded graph, none from eager.

@@ -221,7 +221,7 @@ class _Template:
                     stamped = create_call(graph, inner.target, map_arg(inner.args, env.__getitem__),
                                           map_arg(inner.kwargs, env.__getitem__), inner.name,
                                           inner.type)
-                    stamped.meta.update(inner.meta)  # (assigning goes through __setattr__)
+                    stamped.meta.update(inner.meta)  # its own fresh dict (no Node.__setattr__)
                 else:
                     stamped = graph.node_copy(inner, env.__getitem__)
                 env[inner] = stamped

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import operator
+import re
+import types
 from typing import Any
 
 import torch
@@ -96,6 +98,8 @@ def create_call(graph: Graph, target: Any, args: tuple, kwargs: dict, name: str 
     2.13 walks them with pytree to warn; about a third of the cost of a node). A graph whose
     module has node-creation hooks (they may read the arguments) takes the plain path.
     """
+    if name is None:
+        name = _name_for(target)
     if getattr(graph.owning_module, "_create_node_hooks", None):
         return graph.create_node("call_function", target, args, kwargs, name, type_expr)
     node = graph.create_node("call_function", target, name=name, type_expr=type_expr)
@@ -109,6 +113,25 @@ def create_call(graph: Graph, target: Any, args: tuple, kwargs: dict, name: str 
 
 
 _SET_ARGS, _SET_KWARGS = Node.args.fset, Node.kwargs.fset
+
+
+def _name_for(target: Any) -> str | None:
+    """The name create_node starts from for `target` (`aten.mm.default` -> "mm_default"), as
+    it names a first node of it in an empty graph. Passing it as the name gives the node the very
+    name create_node would (the rest of naming depends only on it) without turning the target
+    into a valid name again for every node (half the cost of create_node). None, and naming
+    left to create_node, when that name ends in a number (a taken builtin name gets "_1"), and
+    for targets other than ops and builtins (not kept alive in the cache)."""
+    if not isinstance(target, (torch._ops.OpOverload, types.BuiltinFunctionType)):
+        return None
+    name = _NAMES.get(target, "")
+    if name == "":
+        name = Graph().create_node("call_function", target).name
+        _NAMES[target] = name = None if re.search(r"_\d+$", name) else name
+    return name
+
+
+_NAMES: dict[Any, str | None] = {}
 
 
 def has_raw_symbolic(args: Any) -> bool:

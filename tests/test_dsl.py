@@ -732,6 +732,27 @@ def test_builder_nodes_are_what_call_function_makes():
     assert len(by_builder) == len(by_call_function)
 
 
+def test_create_call_names_nodes_as_create_node_does():
+    """create_call passes a cached name for the target; every node still gets the name
+    create_node would give it, for odd targets too (a builtin's name, digits, a lambda)."""
+    from fxsp.builder import create_call
+
+    def layer_2(x):
+        return x
+
+    targets = [aten.add.Tensor, operator.getitem, max, layer_2, lambda x: x, aten.add.Tensor,
+               max, layer_2, operator.getitem, aten.mm.default] * 3
+    plain, fast = Graph(), Graph()
+    for graph in (plain, fast):
+        graph.placeholder("x")
+        graph.placeholder("add_tensor_1")  # a name taken ahead of the counter
+    for target in targets:
+        plain.call_function(target, ())
+        create_call(fast, target, (), {})
+    assert [n.name for n in fast.nodes] == [n.name for n in plain.nodes]
+    assert "max_1" in [n.name for n in plain.nodes]
+
+
 def test_builder_handles_nodes_without_values():
     graph = Graph()
     x = graph.placeholder("x")

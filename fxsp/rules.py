@@ -195,11 +195,13 @@ class Report:
 
 
 class RuleSet:
-    """An ordered list of rules applied as one pass."""
+    """An ordered list of rules applied as one pass; `finish(graph)`, if given, runs after the
+    last rewrite (work the rewrites left for the end)."""
 
-    def __init__(self, name: str, rules: list[Rule]) -> None:
+    def __init__(self, name: str, rules: list[Rule], finish: Callable[[Graph], None] | None = None) -> None:
         self.name = name
         self.rules = list(rules)
+        self.finish = finish
         names = [r.name for r in self.rules]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate rule names in {name}: {names}")
@@ -214,6 +216,10 @@ class RuleSet:
         report = Report(self.name, {r.name: 0 for r in self.rules})
         for m in self._collect(graph, report):
             self._rewrite(graph, m, report, check)
+        if self.finish is not None:
+            self.finish(graph)
+            if check:
+                graph.lint()
         report.seconds = time.perf_counter() - start
         log.info("%s: %s (%.1f ms)", self.name,
                  ", ".join(f"{k}={v}" for k, v in report.counts.items()), report.seconds * 1e3)

@@ -135,6 +135,9 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
     def applies(m: Match) -> bool | str:
         return site.applicable(m, cfg.group, enough_rows)
 
+    # Residuals passed on sharded: (full-size residual, its blocks, collective spelling, the
+    # nodes its site made: a gather made at the end goes after them, as if made there).
+    passed_on: list = []
 
     def first(b: Builder, m: Match) -> None:
         blocks, scattered, chain = _scatter(b, m, cfg)
@@ -156,10 +159,30 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             b.replace_items(m["norm"], {0: out})
         matmuls_on_padded_rows(b, out, blocks)
         if residual_used(m["norm"]):
-            full = _gather(b, m, cfg, blocks, residual_out)
-            b.replace_items(m["norm"], {1: full})
-            matmuls_on_padded_rows(b, full, blocks)
+            # The next norm takes the residual's shard, its twin. Until then the full-size
+            # residual stays as it was (the graph stays valid); `gather_residuals` gives
+            # whatever else reads it the gathered shard when the pass ends.
+            for item in m["norm"].users:
+                if item.target is operator.getitem and item.args[1] == 1:
+                    item.meta[SHARD] = (residual_out, m["group"], cfg.world)
+                    passed_on.append((item, blocks, _spelling(m, cfg), b.created))
         _erase_dead(m, chain)
+
+    def gather_residuals(graph: torch.fx.Graph) -> None:
+        """Each full-size residual passed on sharded: what still reads it (not a later site,
+        whose old norm is gone by then) reads the all-gather of its shard instead, and the
+        full-size computation is erased. Latest first: a site's old norm reads the residual
+        before it."""
+        for residual, blocks, spelling, made in reversed(passed_on):
+            if residual.users:
+                b = Builder(graph)
+                b.created |= made
+                shard, group, world = residual.meta[SHARD]
+                full = _gather_shard(b, shard, blocks, world, group, spelling)
+                b.replace(residual, full)
+                matmuls_on_padded_rows(b, full, blocks)
+            _erase_dead_inputs(residual)
+        passed_on.clear()
 
     rules = [
         # The all-reduce's other users get its gathered rows (see `_scatter`).
@@ -170,7 +193,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
         Rule("sp.middle", middle_norm, middle, outputs=("reduced",), where=applies),
         Rule("sp.last", last_norm, middle, outputs=("reduced",), where=applies),
     ]
-    return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")])
+    return RuleSet("sp", [r for r in rules if cfg.fp8 or not r.name.endswith("_fp8")], gather_residuals)
 
 
 def sharded_twin(value: Node) -> tuple[Node, str, int] | None:
@@ -243,11 +266,25 @@ def _on_shard(b: Builder, node: Node, rows: Node, shard: Node) -> Node:
 
 
 def _erase_dead(m: Match, chain: list[Node]) -> None:
-    """Erase the replaced root and norm, then the chain they leave without users (the
-    all-reduce included: a dead collective would still run)."""
+    """Erase the replaced root and norm (with the items of it nobody reads), then the chain they
+    leave without users (the all-reduce included: a dead collective would still run)."""
+    for item in [u for u in m["norm"].users if not u.users and u.target is operator.getitem]:
+        item.graph.erase_node(item)
     for node in (m.root, m["norm"], *reversed(chain)):
         if not node._erased and not node.users:
             node.graph.erase_node(node)
+
+
+def _erase_dead_inputs(node: Node) -> None:
+    """Erase `node` if nothing reads it, then each of its inputs left unread, and so on."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n._erased or n.users or n.op != "call_function":
+            continue
+        inputs = n.all_input_nodes
+        n.graph.erase_node(n)
+        stack.extend(inputs)
 
 
 def _spelling(m: Match, cfg: SPConfig) -> tuple[str, str]:
@@ -267,14 +304,21 @@ def _gather(b: Builder, m: Match, cfg: SPConfig, blocks: RowBlocks, shard: Node)
 
     FP8 travels as uint8: the same bytes, and every backend (gloo, NCCL) can carry them; except
     for async TP, whose fused all-gather + scaled matmul needs the FP8 shard itself."""
-    dt = tensor_of(shard).dtype
-    if dt in FP8_DTYPES and not cfg.async_tp:
-        as_bytes = b.call(aten.view.dtype, shard, torch.uint8)
-        gathered = b.call(aten.view.dtype, all_gather_rows(b, as_bytes, cfg.world, *_spelling(m, cfg)), dt)
+    as_bytes = tensor_of(shard).dtype in FP8_DTYPES and not cfg.async_tp
+    return _gather_shard(b, shard, blocks, cfg.world, m["group"], _spelling(m, cfg), as_bytes)
+
+
+def _gather_shard(b: Builder, shard: Node, blocks: RowBlocks, world: int, group: str,
+                  spelling: tuple[str, str], as_bytes: bool = False) -> Node:
+    """`_gather` of `shard` over `group` (the TP group), spelled as `spelling` says."""
+    if as_bytes:
+        dt = tensor_of(shard).dtype
+        viewed = b.call(aten.view.dtype, shard, torch.uint8)
+        gathered = b.call(aten.view.dtype, all_gather_rows(b, viewed, world, *spelling), dt)
     else:
-        gathered = all_gather_rows(b, shard, cfg.world, *_spelling(m, cfg))
+        gathered = all_gather_rows(b, shard, world, *spelling)
     full = from_padded_rows(b, gathered, blocks)
-    full.meta[SHARD] = (shard, m["group"], cfg.world)
+    full.meta[SHARD] = (shard, group, world)
     return full
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -193,17 +194,21 @@ class _Template:
         # A node whose value has a storage of its own gets a fresh fake tensor like the
         # template's at each stamp; a view (of an input, say) has its value computed again.
         storages: set = set()
-        self.steps: list[tuple[Node, bool]] = []  # (node to copy, whether its value owns storage)
+        # (node to copy, its name without a numeric suffix, whether its value owns storage).
+        # The graph numbers the copies itself: asked for `mul_1`, torch 2.11 would try mul_1,
+        # mul_2, ... up to the first free name, at every stamp.
+        self.steps: list[tuple[Node, str, bool]] = []
         for inner in self.graph.nodes:
             val = inner.meta.get("val")
             storage = val.untyped_storage()._cdata if isinstance(val, FakeTensor) else None
             if inner.op == "call_function":
-                self.steps.append((inner, storage is not None and storage not in storages
+                self.steps.append((inner, re.sub(r"_\d+$", "", inner.name),
+                                   storage is not None and storage not in storages
                                    and val.storage_offset() == 0))
             storages.add(storage)
         # A raw SymInt argument (none that make_fx writes) is copied by node_copy, which warns.
         self.plain = not any(has_raw_symbolic((inner.args, inner.kwargs))
-                             for inner, _ in self.steps)
+                             for inner, _, _ in self.steps)
 
     def opaque_call_of(self, op: Any) -> bool:
         """Whether the trace is `op` called as it is (its items aside): nothing to splice."""
@@ -216,11 +221,10 @@ class _Template:
         what stands for the template's output (a node, or a tuple of them)."""
         env = dict(zip(self.inputs, tensors, strict=True))
         with graph.inserting_before(node):
-            for inner, owns_storage in self.steps:
+            for inner, name, owns_storage in self.steps:
                 if self.plain:
                     stamped = create_call(graph, inner.target, map_arg(inner.args, env.__getitem__),
-                                          map_arg(inner.kwargs, env.__getitem__), inner.name,
-                                          inner.type)
+                                          map_arg(inner.kwargs, env.__getitem__), name, inner.type)
                     stamped.meta.update(inner.meta)  # its own fresh dict (no Node.__setattr__)
                 else:
                     stamped = graph.node_copy(inner, env.__getitem__)

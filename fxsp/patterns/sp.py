@@ -132,12 +132,17 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             row_thresholds.append((rows.node.expr, need))
         return True
 
-    def applies(m: Match) -> bool | str:
-        return site.applicable(m, cfg.group, enough_rows)
-
     # Residuals passed on sharded: (full-size residual, its blocks, collective spelling, the
     # nodes its site made: a gather made at the end goes after them, as if made there).
     passed_on: list = []
+    # Norms rewritten whose full-size residual stays until the end: never a site again (the
+    # non-FP8 rule also matches a norm its FP8 rule rewrote).
+    rewritten: set = set()
+
+    def applies(m: Match) -> bool | str:
+        if m["norm"] in rewritten:
+            return "its norm was rewritten already"
+        return site.applicable(m, cfg.group, enough_rows)
 
     def first(b: Builder, m: Match) -> None:
         blocks, scattered, chain = _scatter(b, m, cfg)
@@ -166,6 +171,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
                 if item.target is operator.getitem and item.args[1] == 1:
                     item.meta[SHARD] = (residual_out, m["group"], cfg.world)
                     passed_on.append((item, blocks, _spelling(m, cfg), b.created))
+                    rewritten.add(m["norm"])
         _erase_dead(m, chain)
 
     def gather_residuals(graph: torch.fx.Graph) -> None:
@@ -183,6 +189,7 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
                 matmuls_on_padded_rows(b, full, blocks)
             _erase_dead_inputs(residual)
         passed_on.clear()
+        rewritten.clear()
 
     rules = [
         # The all-reduce's other users get its gathered rows (see `_scatter`).

@@ -16,11 +16,13 @@ softmax over the tokens, a matmul contracting over them) ends the search; the ne
 
 Each rank normalises 1/tp of the rows. Layouts are tracked so the graph is valid after every
 single rewrite: a rewrite replaces every full-size value it touched by the all-gather of its
-sharded twin and records the twin in `meta[SHARD]`. A later rewrite whose residual is such a
-value takes the twin directly; any other residual is replicated, and the rewrite slices this
-rank's rows. All-gathers left without users are removed by fxsp/cleanup, so a sharded
-residual flows from norm to norm, and every other consumer (graph outputs, ops no rule covers)
-still sees full-size values.
+sharded twin and records the twin in `meta[SHARD]`; the residual a norm passes on keeps its
+full-size computation instead, with the twin recorded, until the pass ends, when whatever still
+reads it gets the all-gather (most residuals are read only by the next norm, which takes the
+twin). A later rewrite whose residual is such a value takes the twin directly; any other
+residual is replicated, and the rewrite slices this rank's rows. All-gathers left without users
+are removed by fxsp/cleanup, so a sharded residual flows from norm to norm, and every other
+consumer (graph outputs, ops no rule covers) still sees full-size values.
 
 Row layout (fxsp/patterns/rows.py): the region lives in padded rows, and the pad, trim and
 flattening views go where they do not stand between a collective and its matmul, so Inductor's

@@ -16,7 +16,6 @@ failed, e.g. `arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, got ate
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -552,11 +551,10 @@ class _ArityMismatch(Exception):
 _NO_DEFAULT = object()
 
 
-@functools.cache
 def _layout(target: Any, count: int, names: tuple) -> tuple[tuple | None, list]:
-    """Per op, not per node: its schema arguments (None without a schema), and the (name,
-    default) of those after the first `count` that must match the patterns `names` or keep
-    their defaults."""
+    """Per op and pattern, not per node (`Op.layouts` keeps it): its schema arguments (None
+    without a schema), and the (name, default) of those after the first `count` that must match
+    the patterns `names` or keep their defaults."""
     schema = getattr(target, "_schema", None)
     if schema is None:  # e.g. higher-order ops: kwargs only by name
         return None, [(name, _NO_DEFAULT) for name in sorted(names)]

@@ -158,7 +158,7 @@ class NearMiss:
 
     @property
     def depth(self) -> int:
-        return self._miss.depth if isinstance(self._miss, Trace) else self._miss.depth
+        return self._miss.depth  # a Miss's, or the Trace's deepest, without its texts
 
     def __str__(self) -> str:
         return f"{self.rule} at {self.anchor}: {self.miss.text()}"

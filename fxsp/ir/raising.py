@@ -183,12 +183,12 @@ normed = op(aten.mul.Tensor, alt(xf, centred_x), op(aten.rsqrt.default, op(ADD, 
 
 weight = tensor("weight")
 down = dtype("down", FLOATS)
-# torch's decomposition makes its fp32 result contiguous before the down-cast: a clone when x
-# is not contiguous.
 # Left in fp32 (no cast back), the norm is exact only on an fp32 x: asked of the node first, so a
 # bf16 F.rms_norm's inner `normed * w` is refused at once, not after a whole match.
 normed_of_fp32 = such_that(normed, lambda n: not any(isinstance(a, Node) and _is_upcast(a) for a in n.args),
                            "(of an fp32 x: a bf16 or fp16 norm's fp32 result must be cast back)")
+# torch's decomposition makes its fp32 result contiguous before the down-cast: a clone when x
+# is not contiguous.
 rms_norm_weighted = alt(
     op(aten.mul.Tensor, weight, alt(normed_of_fp32, cast(normed, down))),  # HF/Llama: w * normed.to(dtype)
     cast(through(op(aten.mul.Tensor, normed, weight), CLONE), down),  # F.rms_norm, Gemma

@@ -169,11 +169,11 @@ def sp_rules(cfg: SPConfig, row_thresholds: list | None = None) -> RuleSet:
             # The next norm takes the residual's shard, its twin. Until then the full-size
             # residual stays as it was (the graph stays valid); `gather_residuals` gives
             # whatever else reads it the gathered shard when the pass ends.
+            rewritten.add(m["norm"])
             for item in m["norm"].users:
                 if item.target is operator.getitem and item.args[1] == 1:
                     item.meta[SHARD] = (residual_out, m["group"], cfg.world)
                     passed_on.append((item, blocks, _spelling(m, cfg), b.created))
-                    rewritten.add(m["norm"])
         _erase_dead(m, chain)
 
     def gather_residuals(graph: torch.fx.Graph) -> None:

@@ -7,7 +7,7 @@ micro-pipeline TP on for fxsp's compiles; NCCL and symmetric memory are mocked
 (fxsp.testing.async_tp) so Inductor runs the real fusion pass; the graph is compiled, not run
 (the fused symm_mem ops have no CPU kernels). A site is *fusable* when its collective and a
 matmul are joined through row-layout nodes alone (pads, trims, views), *fused* when micro-pipeline
-TP turned it into a symm_mem op (fxsp.stats.async_tp_sites). One line per layout or model, then
+TP turned it into a symm_mem op (fxsp.compile.stats.async_tp_sites). One line per layout or model, then
 a summary line.
 """
 

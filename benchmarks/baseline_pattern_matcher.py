@@ -4,7 +4,7 @@
     matches = sp.apply(graph_module)                     # then graph_module.recompile() to run it
 
 The baseline of benchmarks/sp_pass_speed.py. It rewrites what fxsp's SP rules rewrite
-(fxsp/patterns/sp.py), the way vLLM's `SequenceParallelismPass` does: one
+(fxsp/sp/rules.py), the way vLLM's `SequenceParallelismPass` does: one
 `torch._inductor.pattern_matcher.register_replacement(pattern, replacement, example_inputs,
 fwd_only, pass)` per variant, epsilon and dtype, patterns traced under a fake mode.
 

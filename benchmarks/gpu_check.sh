@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch._inductor.utils import run_and_get_code
 
 import fxsp
-from fxsp.ir.providers import load_gpu_providers
+from fxsp.ir.kernels import load_gpu_providers
 from fxsp.testing.tp_llama import Spec, TPLlama
 
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

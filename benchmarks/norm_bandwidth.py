@@ -196,7 +196,7 @@ def check(op: Op, actual, expected) -> float:
 
 
 def measure_cuda(ops: list, hidden_sizes: list, rows_list: list, dtype: torch.dtype) -> list:
-    from fxsp.ir import triton_kernels
+    from fxsp.ir.kernels import triton as triton_kernels
 
     assert not triton_kernels.runs_interpreted(), "unset TRITON_INTERPRET to time kernels"
     device = torch.device("cuda")
@@ -322,7 +322,7 @@ def main(argv: list | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         try:
-            from fxsp.ir import triton_kernels
+            from fxsp.ir.kernels import triton as triton_kernels
         except ImportError as error:
             print(f"norm_bandwidth: cannot load fxsp's Triton kernels ({error})")
             return 1

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sp_pass_speed.py [--profile] [--layers 4 16 32 80]
 
-1. What the user pays: fxsp's passes, all of them (`fxsp.passes.run_passes`: raise, SP rules,
+1. What the user pays: fxsp's passes, all of them (`fxsp.compile.passes.run_passes`: raise, SP rules,
    clean-up, lowering) on raw post-grad graphs, the ones Inductor hands its post-grad passes
    (benchmarks/post_grad_llama.py: fxsp.testing.tp_llama's TPLlama, bf16, functional
    all-reduce), once with the HF norm spelling and once with `F.rms_norm`. The baseline is
@@ -15,7 +15,7 @@
    each report beside the cache).
 2. Registration, in a fresh process each time (median of 5 processes per engine): the rule
    module's body (bytecode compiled beforehand, as Python's cache has it; dependencies imported)
-   plus building the rule set. fxsp: fxsp/patterns/sp.py and `sp_rules(config)`. Baseline: its
+   plus building the rule set. fxsp: fxsp/sp/rules.py and `sp_rules(config)`. Baseline: its
    module and `PatternMatcherSP(...)`, which traces and registers 24 patterns; one throw-away
    trace runs first, so Inductor's lazy imports are not counted against it.
 3. The SP rules alone, on graphs already raised to fxsp's IR (benchmarks/ir_llama.py), against
@@ -59,8 +59,8 @@ from benchmarks.ir_llama import GROUP, trace_ir_llama
 from benchmarks.plotting import save_plot
 from benchmarks.post_grad_llama import post_grad_graph
 from fxsp.cleanup import remove_dead_code
-from fxsp.patterns.sp import SPConfig, sp_rules
-from fxsp.passes import run_passes
+from fxsp.sp.rules import SPConfig, sp_rules
+from fxsp.compile.passes import run_passes
 
 LAYER_COUNTS = (4, 16, 32, 80, 128)
 RAW_LAYER_COUNTS = (4, 16, 32, 80)
@@ -94,8 +94,8 @@ def run_rule_module(name: str, path: Path) -> tuple[types.ModuleType, float]:
 
 
 def register_fxsp() -> dict:
-    """fxsp/patterns/sp.py's body (its patterns are module-level data) plus `sp_rules`."""
-    module, body = run_rule_module("fxsp.patterns.sp", ROOT / "fxsp" / "patterns" / "sp.py")
+    """fxsp/sp/rules.py's body (its patterns are module-level data) plus `sp_rules`."""
+    module, body = run_rule_module("fxsp.sp.rules", ROOT / "fxsp" / "patterns" / "sp.py")
     start = time.perf_counter()
     rules = module.sp_rules(module.SPConfig(group=GROUP, world=WORLD, rank=RANK, min_tokens=0))
     build = time.perf_counter() - start

@@ -1,19 +1,31 @@
-"""fxsp: rewrite PyTorch FX graphs with a small pattern DSL; sequence parallelism for TP models."""
+"""fxsp: rewrite PyTorch FX graphs with a small pattern DSL; sequence parallelism for TP models.
 
-from .backend import Backend, Options, backend
-from .builder import Builder
-from .golden import golden
-from .pattern import (
+The folders, bottom up: `dsl/` (the pattern language and rewrite engine), `policy/` (when a
+rewrite pays: token thresholds, the fused all-reduce's gate), `ir/` (fxsp's ops, raising model
+spellings to them, lowering them, kernels), `cleanup/`, `sp/` (the SP rule sets), `runtime/`
+(what runs beside compiled graphs), `patches/` (torch version fixes), `compile/` (the
+torch.compile backend, its passes, options, reports and cache), `adapters/` (vLLM).
+"""
+
+from .compile.backend import Backend, backend
+from .compile.options import Options
+from .dsl import (
     ADD,
     CAST,
     MUL,
     PASS_THROUGH,
+    Builder,
+    Match,
     Pattern,
+    Report,
+    Rule,
+    RuleSet,
     alt,
     anything,
     dims,
     dtype,
     getitem,
+    golden,
     literal,
     op,
     scalar,
@@ -22,7 +34,6 @@ from .pattern import (
     tensor,
     through,
 )
-from .rules import Match, Report, Rule, RuleSet
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
-"""AllReduce + RMSNorm fusion (fxsp/patterns/allreduce_norm.py, fxsp/ir/fused_ops.py,
-fxsp/runtime/fusion.py): when it may run, golden graphs of the rewrite on the fake process group,
+"""AllReduce + RMSNorm fusion (fxsp/sp/allreduce_norm.py, fxsp/ir/fused_ops.py,
+fxsp/policy/fusion.py): when it may run, golden graphs of the rewrite on the fake process group,
 the reference lowering, and on a real 2-rank gloo world raise → (SP →) fuse → lower equals eager.
 """
 
@@ -21,13 +21,14 @@ from torch.fx import Graph
 import fxsp
 from fxsp.cleanup import noop_rules, remove_dead_code
 from fxsp.ir import lower_ir, raise_ir
-from fxsp.ir.flashinfer_provider import FLASHINFER_ALLREDUCE, FLASHINFER_ALLREDUCE_PROVIDER
+from fxsp.ir.kernels.flashinfer import FLASHINFER_ALLREDUCE, FLASHINFER_ALLREDUCE_PROVIDER
 from fxsp.ir.fused_ops import FUSED_IR_OPS
 from fxsp.ir.providers import choose, providers
-from fxsp.patterns.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
-from fxsp.patterns.sp import SPConfig, sp_rules
-from fxsp.runtime.fusion import FusionGate, allreduce_rms_fusion_gate, decide_allreduce_rms_fusion
-from fxsp.runtime.thresholds import DeviceInfo
+from fxsp.sp.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
+from fxsp.sp.rules import SPConfig, sp_rules
+from fxsp.compile.options import decide_allreduce_rms_fusion
+from fxsp.policy.fusion import FusionGate, allreduce_rms_fusion_gate
+from fxsp.policy.thresholds import DeviceInfo
 from fxsp.testing.tp_llama import Spec, TPLlama
 from tests.support import Block, capture
 from tests.worlds import run_world
@@ -386,7 +387,8 @@ class FakeFlashInferComm:
 def flashinfer_plumbing(rank: int) -> tuple[list, list, str]:
     """The FlashInfer provider's kernel path against the references, on a TP group that is not
     the world group; with a stand-in for `flashinfer.comm`."""
-    from fxsp.ir import flashinfer_provider, fused_ops
+    from fxsp.ir import fused_ops
+    from fxsp.ir.kernels import flashinfer as flashinfer_provider
 
     tp_group = dist.new_group([0, 1])
     name = tp_group.group_name

@@ -17,7 +17,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fxsp
-from fxsp.stats import async_tp_sites
+from fxsp.compile.stats import async_tp_sites
 from fxsp.testing.async_tp import compile_for_coverage, totals
 from fxsp.testing.tp_llama import RMSNorm, Spec, TPLlama
 from fxsp.testing.tp_moe import MoESpec, TPMoE
@@ -263,14 +263,14 @@ def test_symmetric_memory_off_for_the_group_is_named():
     """NCCL but no symmetric memory for this group: every site direct, none fused, each said."""
     from torch.distributed._symmetric_memory import _test_mode
 
-    import fxsp.runtime.async_tp
+    import fxsp.compile.async_tp
 
     backend = fxsp.backend(None, min_tokens=0, async_tp=True)
     with _test_mode({"another group"}), torch.no_grad(), \
             pytest.MonkeyPatch.context() as patch:
         patch.setattr(dist, "is_nccl_available", lambda: True)
         # As if enabling had worked, while the fusion finds symmetric memory off for the group.
-        patch.setattr(fxsp.runtime.async_tp, "enable_async_tp", lambda group: None)
+        patch.setattr(fxsp.compile.async_tp, "enable_async_tp", lambda group: None)
         torch.compile(MLPBlock(layers=2), backend=backend)(torch.randn(5, 16))
     sites = backend.reports[-1].async_tp
     assert (sites.fusable, sites.fused) == (3, 0)

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 import fxsp
-from fxsp.backend import FxspPass
-from fxsp.passes import GraphReport
+from fxsp.compile.backend import FxspPass
+from fxsp.compile.report import GraphReport
 from fxsp.runtime.guard import RankGuard
 from fxsp.runtime.row_dispatch import RowDispatch
 from tests.support import Block
@@ -54,7 +54,8 @@ def test_bad_options_and_groups_are_clear_errors_at_construction():
 
 
 def test_vllm_pass_checks_its_options_at_construction():
-    from fxsp.adapters.vllm import PassOptions, _FxspVllmPassImpl  # FxspVllmPass's constructor, without vLLM
+    from fxsp import Options
+    from fxsp.adapters.vllm import _FxspVllmPassImpl  # FxspVllmPass's constructor, without vLLM
 
     with pytest.raises(ValueError, match="min_tokens must be 'auto' or an int >= 0, not -5"):
         _FxspVllmPassImpl(min_tokens=-5)
@@ -65,7 +66,7 @@ def test_vllm_pass_checks_its_options_at_construction():
     with pytest.raises(TypeError, match="dtype must be None or a torch.dtype, not 'bf16'"):
         _FxspVllmPassImpl(dtype="bf16")
     with pytest.raises(TypeError, match="fp8 must be True or False"):
-        PassOptions(fp8=None)
+        Options(fp8=None)
     assert _FxspVllmPassImpl(min_tokens=8, hidden_size=64, dtype=torch.bfloat16).options.min_tokens == 8
 
 

@@ -59,8 +59,8 @@ def test_raw_baseline_rewrites_every_norm_like_fxsp(fake_pg, norm):
 
     from benchmarks.baseline_pattern_matcher import RawPatternMatcherSP
     from benchmarks.post_grad_llama import post_grad_graph
-    from fxsp.patterns.sp import SPConfig
-    from fxsp.passes import run_passes
+    from fxsp.sp.rules import SPConfig
+    from fxsp.compile.passes import run_passes
 
     c10d = torch.ops._c10d_functional
     group = dist.group.WORLD.group_name

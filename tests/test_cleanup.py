@@ -24,7 +24,7 @@ def clean(fn, *inputs, tracing_mode: str = "fake") -> tuple:
 
 
 def targets(gm) -> list:
-    return [fxsp.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return [fxsp.dsl.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 
 def test_identity_views_slices_and_slice_scatter_go():

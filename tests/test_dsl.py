@@ -72,7 +72,7 @@ def matches(pattern, gm: GraphModule, **rule_options) -> list:
     """Every match of `pattern` in `gm`, found without rewriting anything."""
     rule = Rule("probe", pattern, lambda b, m: None, **rule_options)
     return [m for n in gm.graph.nodes if n.op == "call_function"
-            for m in [rule.match_at(n, fxsp.pattern.Trace())] if m is not None]
+            for m in [rule.match_at(n, fxsp.dsl.match.Trace())] if m is not None]
 
 
 def near_miss(pattern, gm: GraphModule, **rule_options) -> str:
@@ -83,7 +83,7 @@ def near_miss(pattern, gm: GraphModule, **rule_options) -> str:
 
 
 def targets(gm: GraphModule) -> list[str]:
-    return [fxsp.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return [fxsp.dsl.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 
 def hf_rms_norm(x, w, eps: float = 1e-6, rsqrt=torch.rsqrt):
@@ -735,7 +735,7 @@ def test_builder_nodes_are_what_call_function_makes():
 def test_create_call_names_nodes_as_create_node_does():
     """create_call passes a cached name for the target; every node still gets the name
     create_node would give it, for odd targets too (a builtin's name, digits, a lambda)."""
-    from fxsp.builder import create_call
+    from fxsp.dsl.builder import create_call
 
     def layer_2(x):
         return x

@@ -14,8 +14,8 @@ import torch
 from torch._inductor import ir
 from torch._inductor.virtualized import V
 
-from fxsp.runtime import inductor_reuse
-from fxsp.runtime.inductor_reuse import install, is_installed, should_realize, uninstall
+from fxsp.patches import inductor_reuse
+from fxsp.patches.inductor_reuse import install, is_installed, should_realize, uninstall
 
 METHOD = "should_realize_on_reuse"
 

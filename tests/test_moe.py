@@ -6,7 +6,7 @@ so the MoE's all-reduce is a plain sum of per-rank partial outputs, as for a den
 all-reduce → norm into reduce-scatter → norm of this rank's rows → all-gather, and the router and
 the experts read the all-gathered rows, the same on every rank. Nothing MoE-specific is matched.
 An MoE output all-reduced as [T, H] rows and reshaped after is rewritten too: the reshape
-keeps rows, so the shard passes through it (fxsp/patterns/rowwise.py). The sum of the routed
+keeps rows, so the shard passes through it (fxsp/sp/rowwise.py). The sum of the routed
 and the shared expert's separate all-reduces is left alone, with the reason in the report's
 near-misses.
 """

@@ -11,8 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 import fxsp
-from fxsp.runtime import gather_rows, padded_block_rows
-from fxsp.runtime.pipeline_parallel import block_bounds
+from fxsp.runtime import gather_rows
+from fxsp.sp.layout import padded_block_rows
+from fxsp.sp.layout import block_bounds
 from fxsp.testing.tp_llama import Spec, TPLlama
 from tests.worlds import run_world
 

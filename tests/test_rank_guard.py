@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsp
-from fxsp import passes
-from fxsp.rules import RuleSet
+from fxsp.compile import passes
+from fxsp.dsl.rules import RuleSet
 from fxsp.runtime.guard import RankGuard, RankMismatchError, fingerprint
 from fxsp.testing.tp_llama import Spec, TPLlama
 from tests.worlds import run_world

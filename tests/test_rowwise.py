@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fxsp.patterns.rowwise import acts_per_row
+from fxsp.sp.rowwise import acts_per_row
 from tests.support import last_op
 
 T, H = 6, 8

@@ -21,7 +21,7 @@ from tests.support import RowwiseStack, compile_reports, last_op
 from tests.worlds import run_world
 
 
-def rewrite(model: nn.Module, x: torch.Tensor, inner: str = "eager") -> fxsp.passes.GraphReport:
+def rewrite(model: nn.Module, x: torch.Tensor, inner: str = "eager") -> fxsp.compile.report.GraphReport:
     (report,) = compile_reports(model, x, inner=inner)
     return report
 
@@ -129,8 +129,8 @@ return (%21,)""")
         """Eval-mode dropout's clone, where no joint-graph pass removed it (make_fx here)."""
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from fxsp.passes import run_passes
-        from fxsp.patterns.sp import SPConfig
+        from fxsp.compile.passes import run_passes
+        from fxsp.sp.rules import SPConfig
 
         model = RowwiseStack(between="clone", layers=1)
         params = dict(model.named_parameters())
@@ -229,7 +229,7 @@ def test_rowwise_models_equal_eager(world_size):
 # --- rowwise.row_input: the input a node passes rows on from, or why not ----------------------
 
 def test_row_input_follows_the_rows_operand():
-    from fxsp.patterns.rowwise import row_input
+    from fxsp.sp.rowwise import row_input
 
     passes = {
         "scalar multiplier": (lambda x: x * 0.22, [(5, 8)]),

@@ -1,4 +1,4 @@
-"""What a graph moves (fxsp/stats.py) and how collectives are read (fxsp/collectives.py), for
+"""What a graph moves (fxsp/compile/stats.py) and how collectives are read (fxsp/ir/collectives.py), for
 both collective flavours: PyTorch's functional collectives and vLLM's ops (CPU stand-ins)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 import fxsp
-from fxsp.collectives import check_flavor, kind
+from fxsp.ir.collectives import check_flavor, kind
 from tests.vllm_standins import register_vllm_standins
 
 register_vllm_standins()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxsp.runtime import (
+from fxsp.policy import (
     DeviceInfo,
     allreduce_rms_max_tokens,
     device_info,

@@ -24,7 +24,9 @@ if DEVICE == "cpu" and "triton" not in sys.modules:
 
 triton = pytest.importorskip("triton")
 
-from fxsp.ir import flashinfer_provider, ops, providers, triton_kernels
+from fxsp.ir import ops, providers
+from fxsp.ir.kernels import flashinfer as flashinfer_provider
+from fxsp.ir.kernels import triton as triton_kernels
 from fxsp.ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -418,8 +420,8 @@ def test_without_triton_or_flashinfer_nothing_is_registered():
     result = _run_python(
         "import sys, torch\n"
         "sys.modules['triton'] = sys.modules['flashinfer'] = None  # importing them now fails\n"
-        "from fxsp.ir.providers import load_gpu_providers\n"
-        "from fxsp.ir import triton_kernels\n"
+        "from fxsp.ir.kernels import load_gpu_providers\n"
+        "from fxsp.ir.kernels import triton as triton_kernels\n"
         "assert load_gpu_providers() == [], load_gpu_providers()\n"
         "assert not triton_kernels.triton_available()\n"
         "try:\n"
@@ -447,7 +449,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._subclasses.functional_tensor import dispatch_functionalize
-from fxsp.ir import triton_kernels
+from fxsp.ir.kernels import triton as triton_kernels
 import triton
 from triton.backends.compiler import GPUTarget
 assert not triton_kernels.runs_interpreted()
@@ -698,7 +700,7 @@ def test_kernels_compile_for_gpus():
 COMPILE_FOR_GPUS = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fxsp.ir.triton_kernels import _rms_norm_kernel as kernel
+from fxsp.ir.kernels.triton import _rms_norm_kernel as kernel
 
 def compile_for(target, dtype, fp8_exponent_bias, single_pass, n_cols_is_one=False):
     pointers = ["x_ptr", "residual_ptr", "weight_ptr", "scale_ptr", "out_ptr", "residual_out_ptr"]

@@ -69,7 +69,7 @@ class AllReduceRMSNormModel(nn.Module):
         return y
 
 
-def rewrite(model: nn.Module, *args: torch.Tensor, dynamic: bool = False) -> fxsp.passes.GraphReport:
+def rewrite(model: nn.Module, *args: torch.Tensor, dynamic: bool = False) -> fxsp.compile.report.GraphReport:
     backend = fxsp.backend(None, inner="eager", min_tokens=0)
     for arg in args if dynamic else ():
         torch._dynamo.mark_dynamic(arg, 0)
@@ -118,10 +118,9 @@ def test_sequence_parallelism_pass_fp8(dtype, dynamic, fused_norm_quant):
     assert report.rewritten.count("aten.view.dtype(") == 6  # FP8 → bytes → FP8, three times
 
 
-def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog, monkeypatch):
+def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog):
     """vLLM's pass test runs with gradients enabled. A model whose parameters require grad,
-    called outside no_grad, compiles a training graph: SP is off, said once at WARNING."""
-    monkeypatch.setattr(fxsp.passes, "_said_autograd", False)  # once per process
+    called outside no_grad, compiles a training graph: SP is off, said once per backend at WARNING."""
     torch.manual_seed(0)
     model = AllReduceRMSNormModel(torch.bfloat16)
     backend = fxsp.backend(None, inner="eager", min_tokens=0)

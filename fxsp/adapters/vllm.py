@@ -16,7 +16,7 @@ How the pass fits vLLM:
   whose smallest token count reaches the SP threshold. Where vLLM compiles with plain Inductor
   (on CPU: DYNAMO_TRACE_ONCE), Inductor calls the pass directly and fxsp's own row threshold
   decides per graph.
-- The rewrite emits collectives of the flavour it replaces (fxsp/collectives.py):
+- The rewrite emits collectives of the flavour it replaces (fxsp/ir/collectives.py):
   `vllm.all_reduce(x, "tp:0")` becomes `vllm.reduce_scatter` / `vllm.all_gather` over the same
   group. vLLM on CPU traces its all-reduce to `_c10d_functional` over the TP device group, and
   that stays c10d.
@@ -38,18 +38,18 @@ import importlib
 import logging
 import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch.fx import Graph
 
-from ..backend import check_options
-from ..cache import cache_key
-from ..collectives import C10D_ALL_REDUCE, vllm_op
-from ..configs import Configs, TPGroup
-from ..passes import GraphReport, run_passes
-from ..runtime.thresholds import SPThreshold, sp_min_tokens
+from ..compile.cache import cache_key
+from ..ir.collectives import C10D_ALL_REDUCE, vllm_op
+from ..compile.options import VLLM_OPTIONS, Configs, Options, TPGroup
+from ..compile.passes import run_passes
+from ..compile.report import GraphReport
+from ..policy.thresholds import SPThreshold, sp_min_tokens
 
 log = logging.getLogger("fxsp")
 
@@ -60,21 +60,6 @@ VLLM_SP_FLAGS = ("enable_sp", "enable_sequence_parallelism")
 # vLLM's CompilationMode: NONE=0; STOCK_TORCH_COMPILE=1 and DYNAMO_TRACE_ONCE=2 hand
 # inductor_compile_config to plain Inductor; VLLM_COMPILE=3 uses vLLM's backend and pass manager.
 _NO_COMPILE, _VLLM_COMPILE = 0, 3
-
-
-@dataclass(frozen=True)
-class PassOptions:
-    """The pass's options; every one is part of its uuid."""
-
-    min_tokens: int | str = "auto"  # SP from this many tokens; "auto": fxsp.runtime.sp_min_tokens
-    fp8: bool = True  # the FP8 SP rules (all-gather FP8 bytes)
-    explain: bool = False  # log every rule's best near-miss at INFO
-    # Micro-pipeline TP right after SP (vLLM runs this pass after Inductor's own micro-pipeline
-    # TP), over c10d collectives on the TP device group: see fxsp.runtime.async_tp.
-    async_tp: bool = False
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 def vllm_tp_group() -> TPGroup | None:
@@ -94,7 +79,7 @@ class _FxspVllmPassImpl:
         FxspVllmPass(min_tokens="auto", fp8=True, explain=False, hidden_size=None, dtype=None,
                      async_tp=False)
 
-    `min_tokens="auto"` takes the threshold from `fxsp.runtime.sp_min_tokens` for the model's
+    `min_tokens="auto"` takes the threshold from `fxsp.policy.sp_min_tokens` for the model's
     hidden size and dtype (given here, by `configure`, or read from vLLM's current config).
     `.reports` holds one `GraphReport` per graph the pass rewrote. A deepcopy shares `.reports`
     with its original (vLLM deep-copies its Inductor config); a pickled copy starts empty.
@@ -104,7 +89,9 @@ class _FxspVllmPassImpl:
     def __init__(self, *, min_tokens: int | str = "auto", fp8: bool = True, explain: bool = False,
                  hidden_size: int | None = None, dtype: torch.dtype | None = None,
                  async_tp: bool = False) -> None:
-        self.options = PassOptions(min_tokens, fp8, explain, async_tp)  # checks them
+        # fxsp's options (checked there); vLLM runs its own fused all-reduce + norm.
+        self.options = Options(min_tokens=min_tokens, fp8=fp8, explain=explain, async_tp=async_tp,
+                               allreduce_fusion=False)
         if hidden_size is not None and not (isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
                                             and hidden_size > 0):
             raise ValueError(f"hidden_size must be None or an int > 0, not {hidden_size!r}")
@@ -151,9 +138,10 @@ class _FxspVllmPassImpl:
         else:
             return
         sp = self._configs.sp(tp, min_tokens=min_tokens, group=_tp_group_name_in(graph, tp))
+        sp = self._configs.sp_for_graph(sp)
         report = run_passes(graph, sp, explain=self.options.explain)
-        if sp.async_tp:
-            from ..runtime.async_tp import fuse_now
+        if sp is not None and sp.async_tp:
+            from ..compile.async_tp import fuse_now
 
             report.async_tp = fuse_now(graph)
         self.reports.append(report)
@@ -163,7 +151,8 @@ class _FxspVllmPassImpl:
         rewrite may slice this rank's rows, while Inductor's cache key is the same on every rank.
         (vLLM also hashes its config before the TP group exists; that hash has no TP part.)"""
         tp = vllm_tp_group()
-        return cache_key(asdict(self.options), self.hidden_size, str(self.dtype),
+        options = {name: getattr(self.options, name) for name in VLLM_OPTIONS}
+        return cache_key(options, self.hidden_size, str(self.dtype),
                          asdict(tp) if tp is not None else None)
 
     def __deepcopy__(self, memo: dict) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from ..collectives import COMMUNICATING, kind
+from ..ir.collectives import COMMUNICATING, kind
 
 
 def remove_dead_code(graph: Graph) -> bool:

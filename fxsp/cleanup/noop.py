@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..fake import is_reshape_of, same_shape, tensor_of
-from ..pattern import anything, op, such_that, tensor
-from ..rules import Match, Rule, RuleSet
+from ..dsl.fake import is_reshape_of, same_shape, tensor_of
+from ..dsl.pattern import anything, op, such_that, tensor
+from ..dsl.rules import Match, Rule, RuleSet
 
 aten = torch.ops.aten
 

@@ -17,7 +17,7 @@ the plain norm (a model's first layer keeps it as its residual), the sum for the
 stays in the activation dtype; only the norm output is quantised. Returning it costs nothing:
 FlashInfer's kernel writes it anyway (the plain norm runs as the fused add with a zero residual).
 
-`fxsp/patterns/allreduce_norm.py` rewrites chains of core IR ops into these for small batches.
+`fxsp/sp/allreduce_norm.py` rewrites chains of core IR ops into these for small batches.
 The reference implementation (the default everywhere, and how `lower_ir` lowers them when no
 provider serves them) is exactly the chain it replaced: `ops.all_reduce_reference`, then the
 norm and quant references of `ops.py`. So rewriting and lowering with the reference changes no
@@ -25,7 +25,7 @@ value.
 
 On CUDA, FlashInfer's trtllm all-reduce fusion kernel implements them as the
 `"flashinfer_allreduce"` provider (`flashinfer_provider.py`). Whether the rewrite runs at all is
-decided by `fxsp.runtime.fusion` (TP > 1, one pipeline stage, SM90 / SM100 family, FlashInfer
+decided by `fxsp.policy.fusion` (TP > 1, one pipeline stage, SM90 / SM100 family, FlashInfer
 importable).
 """
 

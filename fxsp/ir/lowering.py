@@ -17,7 +17,7 @@ traced op is kept and stamped the same way). Traced with
 Inductor's decomposition table, the inlined nodes
 are spelled as Inductor's post-grad graphs are, so Inductor fuses them into neighbouring kernels
 (and raising them again gives the same IR op back). `fxsp.all_reduce` becomes the collective of
-its flavor (`fxsp/collectives.py`). IR ops defined in other modules (`fused_ops.py`) join through
+its flavor (`fxsp/ir/collectives.py`). IR ops defined in other modules (`fused_ops.py`) join through
 `register_reference` and are lowered the same way.
 """
 
@@ -37,10 +37,10 @@ from torch.fx.node import map_arg
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
-from ..builder import Builder, create_call, has_raw_symbolic
-from ..fake import _key, fake_value, fresh_like, tensor_of
+from ..dsl.builder import Builder, create_call, erase_unused, has_raw_symbolic
+from ..dsl.fake import _key, fake_value, fresh_like, tensor_of
 from . import ops
-from ..collectives import all_reduce_sum
+from .collectives import all_reduce_sum
 from .providers import choose
 
 REFERENCES = {
@@ -269,14 +269,14 @@ def _fake_inputs(nodes: list[Node]) -> list[torch.Tensor]:
 def _replace(node: Node, result: Any) -> None:
     """Point the users of `node` at `result` (a node, or a tuple for tuple-valued ops, whose
     getitem users take its items) and erase it."""
-    if isinstance(result, (tuple, list)):
-        for user in list(node.users):
-            assert user.target is operator.getitem, f"{user.name} reads {node.name} whole"
-            user.replace_all_uses_with(result[user.args[1]], propagate_meta=False)
-            node.graph.erase_node(user)
-    else:
+    items = list(node.users) if isinstance(result, (tuple, list)) else []
+    for item in items:
+        assert item.target is operator.getitem, f"{item.name} reads {node.name} whole"
+        item.replace_all_uses_with(result[item.args[1]], propagate_meta=False)
+    if not isinstance(result, (tuple, list)):
         node.replace_all_uses_with(result, propagate_meta=False)
-    node.graph.erase_node(node)
+    erase_unused([*items, node])
+    assert node._erased, f"{node.name} is still read after lowering"
 
 
 def _val(node: Any) -> torch.Tensor:

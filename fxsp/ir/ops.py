@@ -14,7 +14,7 @@ fp32 before one down-cast (`F.rms_norm`), the residual sum normalised before it 
 (vLLM's `vllm_ir.fused_add_rms_norm`). Raising records the spelling it came from in
 `node.meta[SPELLING]` and lowering emits that spelling again, so fxsp never changes what a
 graph computes; a rewrite's new IR nodes take the spelling of the node they replace (see
-`fxsp.rules.CARRIED_META`). Without the key a node has the op's own numerics above.
+`fxsp.dsl.rules.CARRIED_META`). Without the key a node has the op's own numerics above.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch.library import Library
 
-from ..collectives import EAGER, Flavor, all_reduce_sum
-from ..rules import CARRIED_META
+from .collectives import EAGER, Flavor, all_reduce_sum
+from ..dsl.rules import CARRIED_META
 
 fxsp_lib = Library("fxsp", "DEF")  # noqa: TOR901 - fxsp owns this namespace
 

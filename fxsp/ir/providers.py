@@ -16,9 +16,9 @@ A provider may also list a fused kernel for a chain of IR ops under a tuple key,
 less the tensor that connects them, and returns the consumer's result (plus the producer's other
 outputs). `choose((RMS_NORM, STATIC_FP8_QUANT), device_type, dtype)` finds it like any op.
 
-The GPU providers live in their own modules; `load_gpu_providers()` registers those whose
+The GPU providers live in `kernels/`; `kernels.load_gpu_providers()` registers those whose
 libraries are present (FlashInfer's all-reduce fusion registers itself on import, see
-`flashinfer_provider.py`).
+`kernels/flashinfer.py`). This registry imports none of them.
 """
 
 from __future__ import annotations
@@ -75,13 +75,3 @@ def choose(op: Any, device_type: str, dtype: torch.dtype | None,
         if (allowed is None or p.name in allowed) and p.serves(op, device_type, dtype):
             return p
     return None
-
-
-def load_gpu_providers() -> list[str]:
-    """Register the GPU kernel providers (Triton, FlashInfer) whose libraries are installed, so
-    this is safe anywhere. Returns the registered providers' names."""
-    from . import flashinfer_provider, triton_kernels  # noqa: F401 - Triton registers on import
-
-    if flashinfer_provider.flashinfer_installed():
-        register_provider(flashinfer_provider.FLASHINFER_PROVIDER)
-    return [p.name for p in providers()]

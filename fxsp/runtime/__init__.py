@@ -1,36 +1,8 @@
-"""What is decided or patched at run time: token thresholds, the rank-consistency guard, the
-choice between SP and non-SP variants per batch (row_dispatch), pipeline-stage boundaries and
-Inductor's reuse heuristic."""
+"""What runs beside the compiled graphs: the rank-consistency guard (`guard.py`), the choice
+between a graph's SP and non-SP variants per batch (`row_dispatch.py`), and the receiving side of
+a pipeline-stage boundary (`pipeline.py`)."""
 
 from .guard import RankMismatchError
-from .inductor_reuse import install as install_inductor_reuse_patch
-from .inductor_reuse import is_installed as inductor_reuse_patch_installed
-from .inductor_reuse import should_realize
-from .inductor_reuse import uninstall as uninstall_inductor_reuse_patch
-from .pipeline_parallel import gather_rows, padded_block_rows
-from .thresholds import (
-    DeviceInfo,
-    FusionLimit,
-    SPThreshold,
-    allreduce_rms_max_tokens,
-    device_info,
-    sp_min_tokens,
-    thresholds_markdown,
-)
+from .pipeline import gather_rows
 
-__all__ = [
-    "DeviceInfo",
-    "FusionLimit",
-    "RankMismatchError",
-    "SPThreshold",
-    "allreduce_rms_max_tokens",
-    "device_info",
-    "gather_rows",
-    "inductor_reuse_patch_installed",
-    "install_inductor_reuse_patch",
-    "padded_block_rows",
-    "should_realize",
-    "sp_min_tokens",
-    "thresholds_markdown",
-    "uninstall_inductor_reuse_patch",
-]
+__all__ = ["RankMismatchError", "gather_rows"]

@@ -47,7 +47,7 @@ def graph_structure(gm: torch.fx.GraphModule) -> list:
     """The graph's ops and wiring without literal values: user graphs legitimately hold
     rank-specific constants (a vocab-parallel embedding's offset), never a rank-specific shape
     of computation."""
-    from ..pattern import target_name
+    from ..dsl.pattern import target_name
 
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     return [(n.op, target_name(n.target) if n.op == "call_function" else str(n.target),

@@ -1,0 +1,69 @@
+"""The site both all-reduce rule sets rewrite: an RMSNorm reading an all-reduce's sum, with or
+without a residual add, optionally followed by a static FP8 quant.
+
+    reduced = all_reduce(x)
+    rms_norm(h)                 rms_norm(h, weight, eps)
+    fused_add_rms_norm(h)       fused_add_rms_norm(h, residual, weight, eps)   (or residual first)
+    static_fp8_quant(normed)    static_fp8_quant(normed, scale, fp8_dtype)
+
+`h`, the norm's input, is `reduced` for the AllReduce+RMSNorm fusion (patterns/allreduce_norm.py)
+and `reduced` behind row-wise ops for SP (patterns/sp.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import astuple
+
+import torch
+
+from ..dsl.fake import same_shape, tensor_of
+from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+from ..dsl.pattern import Pattern, alt, anything, dtype, op, scalar, string, tensor
+from ..dsl.rules import Match
+
+x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
+reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
+
+
+def rms_norm(h: Pattern) -> Pattern:
+    return op(RMS_NORM, h, weight, eps, name="norm")
+
+
+def fused_add_rms_norm(h: Pattern) -> Pattern:
+    # residual_out = h + residual commutes: `h` may be either operand.
+    return alt(op(FUSED_ADD_RMS_NORM, h, residual, weight, eps),
+               op(FUSED_ADD_RMS_NORM, residual, h, weight, eps), name="norm")
+
+
+def static_fp8_quant(normed: Pattern) -> Pattern:
+    return op(STATIC_FP8_QUANT, normed, tensor("scale"), dtype("fp8_dtype", FP8_DTYPES))
+
+
+def quant_args(m: Match) -> tuple:
+    """(scale, fp8_dtype) when the site ends in a static FP8 quant, else ()."""
+    return (m["scale"], m["fp8_dtype"]) if "fp8_dtype" in m.bindings else ()
+
+
+def applicable(m: Match, group: str, fits: Callable[[Match, torch.Tensor], bool | str]) -> bool | str:
+    """Whether a rule set may rewrite site `m`: its all-reduce is over the TP `group`, the rule
+    set's own `fits(m, all-reduce input)` passes (rows against its threshold), and a residual has
+    the norm input's shape. Rank-independent facts only: every rank must decide the same."""
+    if m["group"] != group:
+        return f"all-reduce over group {m['group']!r}, not the TP group"
+    own = fits(m, tensor_of(m["x"]))
+    if own is not True:
+        return own
+    h = m.get("h", m["reduced"])
+    if "residual" in m.bindings and not same_shape(tensor_of(h), tensor_of(m["residual"])):
+        return "residual shape differs from the all-reduce's"
+    return True
+
+
+def row_threshold(option: int | str, table: Callable, t: torch.Tensor, world: int) -> int | str:
+    """A rule set's row threshold for activation `t`: `option`, or for "auto" what `table` (a
+    runtime.thresholds function) gives for t's hidden size, dtype and device, or why it has none."""
+    if option != "auto":
+        return int(option)
+    tokens, reason = astuple(table(t.shape[-1], world, t.dtype, t.device))
+    return reason if tokens is None else tokens

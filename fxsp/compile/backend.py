@@ -163,7 +163,7 @@ class Backend:
                        for a in example_inputs)
         if not symbolic or self.options.min_tokens == 0:
             return False
-        if self.options.min_tokens == "auto":  # 0 off CUDA: see runtime.thresholds
+        if self.options.min_tokens == "auto":  # 0 off CUDA: see policy.thresholds
             return any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in example_inputs)
         return True
 
@@ -180,7 +180,7 @@ class Backend:
         return self.configs.sp(TPGroup.of(self.group))
 
     def fusion_config(self) -> AllReduceNormConfig | None:
-        """The fused all-reduce + RMSNorm settings, or None where runtime.fusion rules it out
+        """The fused all-reduce + RMSNorm settings, or None where policy.fusion rules it out
         (it logs why, once per backend)."""
         return self.configs.fusion(TPGroup.of(self.group))
 
@@ -212,7 +212,7 @@ class FxspPass:
         sp = self.owner.configs.sp_for_graph(self.sp)
         report = run_passes(graph, sp, explain=self.owner.options.explain, fusion=self.fusion)
         self.owner.reports.append(report)
-        self.report = report  # runtime.async_tp's post pass adds the fusion coverage to it
+        self.report = report  # async_tp's post pass adds the fusion coverage to it
         self.reports["later" if self.compiled else "compile"].append(report)
         if self.compiled:
             self.save()

@@ -24,7 +24,7 @@ norm and quant references of `ops.py`. So rewriting and lowering with the refere
 value.
 
 On CUDA, FlashInfer's trtllm all-reduce fusion kernel implements them as the
-`"flashinfer_allreduce"` provider (`flashinfer_provider.py`). Whether the rewrite runs at all is
+`"flashinfer_allreduce"` provider (`kernels/flashinfer.py`). Whether the rewrite runs at all is
 decided by `fxsp.policy.fusion` (TP > 1, one pipeline stage, SM90 / SM100 family, FlashInfer
 importable).
 """

@@ -1,6 +1,6 @@
 """fxsp's IR: one functional op per concept, under the `torch.ops.fxsp` namespace.
 
-Every spelling of a concept in a model's graph is raised to one of these (see `raising.py`),
+Every spelling of a concept in a model's graph is raised to one of these (see `raising/`),
 so the rewrite rules need no variant per spelling, dtype or epsilon. Each op has a fake
 implementation (shapes only) and a reference implementation in plain torch that runs on any
 device and is also what `lowering.py` decomposes it into by default.

@@ -19,7 +19,7 @@ when every condition holds, checked in this order:
 `allreduce_rms_fusion_gate` is a pure function of those facts (tests describe an H100 on a CPU);
 `fxsp.compile.options.decide_allreduce_rms_fusion` collects them from this machine and logs the
 reason when the fusion is off. How many rows the fusion may take is a separate question:
-`runtime.thresholds.allreduce_rms_max_tokens`.
+`thresholds.allreduce_rms_max_tokens`.
 """
 
 from __future__ import annotations

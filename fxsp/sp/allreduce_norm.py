@@ -11,14 +11,14 @@ The rules, on fxsp's IR (see fxsp/ir/fused_ops.py for the fused ops):
 
 Where it applies:
 - only to sum all-reduces over the TP group (`cfg.group`), never another group's;
-- only up to `cfg.max_tokens` rows (`"auto"`: `runtime.thresholds.allreduce_rms_max_tokens`,
+- only up to `cfg.max_tokens` rows (`"auto"`: `policy.thresholds.allreduce_rms_max_tokens`,
   which has no number off SM90 / SM100, so nothing is fused there unless a number is given).
   Symbolic row counts are fused only when provably within the limit (e.g.
   `torch._dynamo.mark_dynamic(x, 0, max=...)`).
 
 It runs after the SP rules: SP takes the batches above its threshold, and what is left, the
 small batches, is this rule set's. Whether it runs at all (TP > 1, one pipeline stage, CUDA
-SM90 / SM100 family, FlashInfer importable) is decided by `runtime.fusion`. Decisions depend
+SM90 / SM100 family, FlashInfer importable) is decided by `policy.fusion`. Decisions depend
 only on shapes, dtypes, group names and options, so every rank fuses the same sites.
 """
 
@@ -51,13 +51,13 @@ class AllReduceNormConfig:
 
     group: str  # only all-reduces over this process group (the TP group) are fused
     world: int  # TP size
-    max_tokens: int | str = "auto"  # fuse up to this many rows; "auto": runtime.thresholds
+    max_tokens: int | str = "auto"  # fuse up to this many rows; "auto": policy.thresholds
     fp8: bool = True  # the static-FP8 forms
 
 
 # --- patterns ----------------------------------------------------------------------------------
 
-# The norm reads the all-reduce itself (patterns/site.py).
+# The norm reads the all-reduce itself (site.py).
 norm = site.rms_norm(site.reduced)
 add_norm = site.fused_add_rms_norm(site.reduced)
 norm_fp8 = site.static_fp8_quant(norm)

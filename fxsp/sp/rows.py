@@ -1,7 +1,7 @@
 """Row arithmetic for sequence parallelism: every activation [*, H] is a stack of rows.
 
 The token dims (all but the last) are flattened to rows, padded up to a multiple of the TP
-size, split into one block per rank (the layout: runtime/pipeline_parallel.py), and restored
+size, split into one block per rank (the layout: layout.py), and restored
 after the all-gather. Sizes may be Python ints or symbolic: symbolic ones become `sym_size` /
 `operator` nodes, so the same code serves static and dynamic shapes.
 

@@ -69,15 +69,15 @@ class SPConfig:
     group: str  # only all-reduces over this process group are rewritten
     world: int  # TP size
     rank: int  # only used for slice offsets of replicated residuals
-    min_tokens: int | str = 0  # rows below this keep the all-reduce; "auto": runtime.thresholds
+    min_tokens: int | str = 0  # rows below this keep the all-reduce; "auto": policy.thresholds
     fp8: bool = True
     # Accept symbolic row counts whatever the threshold, reporting each (rows, threshold) so
-    # the backend can pick this variant or a non-SP one per call (see backend.RowDispatch).
+    # the backend can pick this variant or a non-SP one per call (see runtime.row_dispatch).
     dispatch: bool = False
     # Return values fxsp gathered from a shard stay sharded (pipeline stage boundaries: the next
     # stage gathers them with runtime.gather_rows, or takes them as they are).
     shard_outputs: bool = False
-    # Micro-pipeline TP will fuse the collectives (runtime.async_tp): FP8 is all-gathered as FP8,
+    # Micro-pipeline TP will fuse the collectives (compile.async_tp): FP8 is all-gathered as FP8,
     # the shard its fused scaled matmul takes (NCCL carries FP8 bytes as they are).
     async_tp: bool = False
     # Emit c10d collectives over this group for vLLM's all-reduces: micro-pipeline TP knows only
@@ -87,7 +87,7 @@ class SPConfig:
 
 # --- patterns ----------------------------------------------------------------------------------
 
-# The norm's input (see patterns/site.py): the all-reduce, or the all-reduce behind ops that
+# The norm's input (see site.py): the all-reduce, or the all-reduce behind ops that
 # act on each row alone (a scale, a cast, a clone, a reshape to [1, T, H]); the shard passes
 # through them too.
 reduced_rows = behind(site.reduced, row_input, "ops acting on each row alone", name="h")

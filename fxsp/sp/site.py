@@ -6,8 +6,8 @@ without a residual add, optionally followed by a static FP8 quant.
     fused_add_rms_norm(h)       fused_add_rms_norm(h, residual, weight, eps)   (or residual first)
     static_fp8_quant(normed)    static_fp8_quant(normed, scale, fp8_dtype)
 
-`h`, the norm's input, is `reduced` for the AllReduce+RMSNorm fusion (patterns/allreduce_norm.py)
-and `reduced` behind row-wise ops for SP (patterns/sp.py).
+`h`, the norm's input, is `reduced` for the AllReduce+RMSNorm fusion (allreduce_norm.py)
+and `reduced` behind row-wise ops for SP (rules.py).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def applicable(m: Match, group: str, fits: Callable[[Match, torch.Tensor], bool 
 
 def row_threshold(option: int | str, table: Callable, t: torch.Tensor, world: int) -> int | str:
     """A rule set's row threshold for activation `t`: `option`, or for "auto" what `table` (a
-    runtime.thresholds function) gives for t's hidden size, dtype and device, or why it has none."""
+    policy.thresholds function) gives for t's hidden size, dtype and device, or why it has none."""
     if option != "auto":
         return int(option)
     tokens, reason = astuple(table(t.shape[-1], world, t.dtype, t.device))

@@ -3,7 +3,7 @@
 - `"flashinfer"`: `fxsp_flashinfer::rms_norm` and `fxsp_flashinfer::fused_add_rms_norm`, with
   the signatures of the IR ops `rms_norm` / `fused_add_rms_norm`, priority 5 (below Triton's 10:
   fxsp's own kernels round exactly like the reference, FlashInfer does not). Registered by
-  `providers.load_gpu_providers()` when FlashInfer is installed.
+  `kernels.load_gpu_providers()` when FlashInfer is installed.
 - `"flashinfer_allreduce"`: the trtllm all-reduce fusion kernel for the fused IR ops of
   `fused_ops.py`, and the IPC workspace it needs. Registered on import when FlashInfer is
   installed.
@@ -162,7 +162,7 @@ def flashinfer_workspace(group_name: str, hidden: int, dtype: torch.dtype,
         # several TP groups: peers from another stage would be wired in as if they were TP
         # peers, and the kernel's GPU-side spin-wait would then wait on GPUs that run another
         # stage's graph. That is the hang of vLLM PR #43616, which is also why
-        # runtime.fusion keeps the fusion off when the pipeline size is above 1.
+        # policy.fusion keeps the fusion off when the pipeline size is above 1.
         handles, pointers = _flashinfer("comm").trtllm_create_ipc_workspace_for_all_reduce_fusion(
             rank, world, max_tokens, hidden, group=group)
         _workspaces[key] = (max_tokens, pointers, handles)  # handles keep the IPC memory alive
@@ -250,7 +250,7 @@ FLASHINFER_ALLREDUCE_PROVIDER = Provider(
     available=functools.partial(flashinfer_available, "comm"),
 )
 
-# On import: the fused ops exist only where runtime.fusion, which imports this module, allowed
+# On import: the fused ops exist only where the fusion gate (compile.options), which imports this module, allowed
 # them. Only the cheap check: importing FlashInfer can take seconds (it may JIT-compile).
 if flashinfer_installed():
     register_provider(FLASHINFER_ALLREDUCE_PROVIDER)

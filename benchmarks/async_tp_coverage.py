@@ -33,7 +33,9 @@ def cases() -> list:
     """(name, model, inputs, dynamic)."""
     llama = TPLlama(Spec())
     batched = TPLlama(Spec(batched=True))
-    fp8 = TPLlama(Spec(fp8=True, scaled_mm=True, hidden=64, heads=4, inter=64))  # _scaled_mm: sizes % 16
+    fp8 = TPLlama(
+        Spec(fp8=True, scaled_mm=True, hidden=64, heads=4, inter=64)
+    )  # _scaled_mm: sizes % 16
     broken = TPLlama(Spec(graph_break=True))
     moe = TPMoE(MoESpec())
     return [
@@ -56,7 +58,9 @@ def main() -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # a cache hit skips the passes
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    print(f"torch {torch.__version__}, fake process group of 2 ranks, micro-pipeline TP mocked on CPU\n")
+    print(
+        f"torch {torch.__version__}, fake process group of 2 ranks, micro-pipeline TP mocked on CPU\n"
+    )
     print(f"{'layout / model':34} {'graphs':>6} {'fusable':>8} {'fused':>6}")
     all_fusable = all_fused = 0
     for name, model, inputs, dynamic in cases():
@@ -67,8 +71,10 @@ def main() -> None:
         for report in reports:
             for why in report.async_tp.blocked if report.async_tp else []:
                 print(f"    not fused: {why}")
-    print(f"\nsummary: {all_fused} of {all_fusable} fusable sites fused "
-          f"({100 * all_fused / max(all_fusable, 1):.0f}%)")
+    print(
+        f"\nsummary: {all_fused} of {all_fusable} fusable sites fused "
+        f"({100 * all_fused / max(all_fusable, 1):.0f}%)"
+    )
     dist.destroy_process_group()
 
 

@@ -63,8 +63,9 @@ FP8 = torch.float8_e4m3fn
 class PatternMatcherSP:
     """SP over the process group named `group` of `world` ranks, for this `rank`."""
 
-    def __init__(self, group: str, world: int, rank: int, epsilons: tuple = EPSILONS,
-                 dtypes: tuple = DTYPES) -> None:
+    def __init__(
+        self, group: str, world: int, rank: int, epsilons: tuple = EPSILONS, dtypes: tuple = DTYPES
+    ) -> None:
         self.group, self.world, self.rank = group, world, rank
         self.patterns = pm.PatternMatcherPass(pass_name="baseline_sequence_parallelism")
         self.registrations = 0  # register_replacement calls
@@ -99,15 +100,21 @@ class PatternMatcherSP:
 
     def _register(self, pattern: Callable, replacement: Callable, inputs: list) -> None:
         self.registrations += 1
-        kept = pm.register_replacement(pattern, replacement, inputs, pm.fwd_only, self.patterns,
-                                       skip_duplicates=True)
+        kept = pm.register_replacement(
+            pattern, replacement, inputs, pm.fwd_only, self.patterns, skip_duplicates=True
+        )
         self.distinct += bool(kept)
 
     def _register_all(self, eps: float, dtype: torch.dtype) -> None:
         def empty(*shape: int) -> torch.Tensor:
             return torch.empty(*shape, dtype=dtype)
 
-        x, residual, weight, scale = empty(8, 4), empty(8, 4), empty(4), torch.empty(1, dtype=torch.float32)
+        x, residual, weight, scale = (
+            empty(8, 4),
+            empty(8, 4),
+            empty(4),
+            torch.empty(1, dtype=torch.float32),
+        )
 
         def first(x, weight):
             reduced = self._all_reduce(x)
@@ -132,7 +139,7 @@ class PatternMatcherSP:
         def middle_sp(residual, x, weight):
             scattered = self._reduce_scatter(x)
             # Full size until the norm before this one is replaced too (see the docstring).
-            rows = residual[0:scattered.size(0)]
+            rows = residual[0 : scattered.size(0)]
             normed, residual_out = ir.fused_add_rms_norm(scattered, rows, weight, eps)
             return self._all_gather(normed), residual_out
 
@@ -142,13 +149,15 @@ class PatternMatcherSP:
 
         def middle_fp8_sp(residual, x, weight, scale):
             scattered = self._reduce_scatter(x)
-            rows = residual[0:scattered.size(0)]
+            rows = residual[0 : scattered.size(0)]
             normed, residual_out = ir.fused_add_rms_norm(scattered, rows, weight, eps)
             return self._all_gather(ir.static_fp8_quant(normed, scale, FP8)), residual_out
 
         self._register(first_fp8, first_fp8_sp, [x, weight, scale])
         self._register(middle_fp8, middle_fp8_sp, [residual, x, weight, scale])
-        self._register(_first_output(middle_fp8), _first_output(middle_fp8_sp), [residual, x, weight, scale])
+        self._register(
+            _first_output(middle_fp8), _first_output(middle_fp8_sp), [residual, x, weight, scale]
+        )
         self._register(first, first_sp, [x, weight])
         self._register(middle, middle_sp, [residual, x, weight])
         self._register(_first_output(middle), _first_output(middle_sp), [residual, x, weight])
@@ -156,9 +165,11 @@ class PatternMatcherSP:
 
 def _first_output(fn: Callable) -> Callable:
     """The pattern (or replacement) for a norm whose residual output is dead."""
+
     @functools.wraps(fn)
     def first(*args: Any) -> torch.Tensor:
         return fn(*args)[0]
+
     return first
 
 
@@ -211,8 +222,15 @@ class RawPatternMatcherSP(PatternMatcherSP):
     what vLLM's pass would need without an IR, one registration per norm spelling, epsilon and
     dtype for first / middle / last (12 per spelling, `norm` one of NORMS). No FP8 variants."""
 
-    def __init__(self, group: str, world: int, rank: int, norm: str = "hf", epsilons: tuple = EPSILONS,
-                 dtypes: tuple = DTYPES) -> None:
+    def __init__(
+        self,
+        group: str,
+        world: int,
+        rank: int,
+        norm: str = "hf",
+        epsilons: tuple = EPSILONS,
+        dtypes: tuple = DTYPES,
+    ) -> None:
         self.norm = NORMS[norm]
         super().__init__(group, world, rank, epsilons, dtypes)
 
@@ -226,8 +244,11 @@ class RawPatternMatcherSP(PatternMatcherSP):
 
     def _register_all(self, eps: float, dtype: torch.dtype) -> None:
         norm = self.norm
-        x, residual, weight = (torch.empty(8, 4, dtype=dtype), torch.empty(8, 4, dtype=dtype),
-                               torch.empty(4, dtype=dtype))
+        x, residual, weight = (
+            torch.empty(8, 4, dtype=dtype),
+            torch.empty(8, 4, dtype=dtype),
+            torch.empty(4, dtype=dtype),
+        )
 
         def first(x, weight):
             reduced = self._all_reduce(x)
@@ -244,7 +265,7 @@ class RawPatternMatcherSP(PatternMatcherSP):
         def middle_sp(residual, x, weight):
             scattered = self._reduce_scatter(x)
             # Full size until the norm before this one is replaced too (see the docstring).
-            summed = scattered + residual[0:scattered.size(0)]
+            summed = scattered + residual[0 : scattered.size(0)]
             return self._all_gather(norm(summed, weight, eps)), summed
 
         self._register(first, first_sp, [x, weight])
@@ -257,10 +278,14 @@ def _settle_raw_residual_slices(graph: Graph, rank: int) -> None:
     of a reduce-scatter's result and the residual."""
     for add in graph.find_nodes(op="call_function", target=aten.add.Tensor):
         scattered, rows = add.args[:2]
-        if not (isinstance(scattered, torch.fx.Node) and scattered.target is c10d.wait_tensor.default
-                and scattered.args[0].target is c10d.reduce_scatter_tensor.default
-                and isinstance(rows, torch.fx.Node) and rows.target is aten.slice.Tensor
-                and rows.args[1:3] == (0, 0)):
+        if not (
+            isinstance(scattered, torch.fx.Node)
+            and scattered.target is c10d.wait_tensor.default
+            and scattered.args[0].target is c10d.reduce_scatter_tensor.default
+            and isinstance(rows, torch.fx.Node)
+            and rows.target is aten.slice.Tensor
+            and rows.args[1:3] == (0, 0)
+        ):
             continue
         source, length = rows.args[0], rows.args[3]
         if source.meta["val"].shape[0] == length:

@@ -92,6 +92,7 @@ def _timed(fn):
         finally:
             inside_fxsp = False
             passes_seconds.append((time.perf_counter() - start, time.process_time() - start_cpu))
+
     return timed
 
 
@@ -101,7 +102,10 @@ backend_module.save_reports = _timed(backend_module.save_reports)
 
 def cpu_seconds() -> float:
     """CPU time of this process and of the child processes it has waited for."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -120,9 +124,17 @@ def compile_once(use_fxsp: bool, spec: Spec = SPEC) -> dict:
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     if use_fxsp:
         counts = backend.reports[-1].counts
-        assert sum(counts.get(f"sp.{r}", 0) for r in ("first", "middle", "last")) == 2 * spec.layers + 1, counts
-    return {"wall": wall, "cpu": cpu, "passes": sum(w for w, _ in passes_seconds),
-            "passes_cpu": sum(c for _, c in passes_seconds), "full_gc_cpu": sum(gc_seconds_inside)}
+        assert (
+            sum(counts.get(f"sp.{r}", 0) for r in ("first", "middle", "last"))
+            == 2 * spec.layers + 1
+        ), counts
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "passes": sum(w for w, _ in passes_seconds),
+        "passes_cpu": sum(c for _, c in passes_seconds),
+        "full_gc_cpu": sum(gc_seconds_inside),
+    }
 
 
 def plot(runs: list) -> None:
@@ -131,11 +143,18 @@ def plot(runs: list) -> None:
             numbers = range(1, len(runs) + 1)
             ax.plot(numbers, [r["fxsp"][clock] for r in runs], "o-", label="fxsp backend")
             ax.plot(numbers, [r["inductor"][clock] for r in runs], "s-", label="plain Inductor")
-            ax.axhline(statistics.median(r["inductor"][clock] for r in runs) * GOAL, color="gray",
-                       linestyle=":", label=f"goal: {GOAL}x Inductor's median")
+            ax.axhline(
+                statistics.median(r["inductor"][clock] for r in runs) * GOAL,
+                color="gray",
+                linestyle=":",
+                label=f"goal: {GOAL}x Inductor's median",
+            )
             name = "CPU" if clock == "cpu" else clock
-            ax.set(xlabel="run (alternating, fresh caches)", ylabel=f"{name} seconds",
-                   title=f"compile of a {SPEC.layers}-layer TP Llama: {name} time")
+            ax.set(
+                xlabel="run (alternating, fresh caches)",
+                ylabel=f"{name} seconds",
+                title=f"compile of a {SPEC.layers}-layer TP Llama: {name} time",
+            )
             ax.set_xticks(list(numbers))
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
@@ -157,8 +176,10 @@ def main() -> None:
     inductor_config.compile_threads = 1  # every compile in this process: see the docstring
     compile_once(True), compile_once(False)  # warm-up: one-time imports and initialisation
 
-    print(f"{'run':>3} {'fxsp wall s':>11} {'inductor wall s':>15} {'ratio':>6} "
-          f"{'fxsp cpu s':>10} {'inductor cpu s':>14} {'ratio':>6} {'fxsp passes s':>15}")
+    print(
+        f"{'run':>3} {'fxsp wall s':>11} {'inductor wall s':>15} {'ratio':>6} "
+        f"{'fxsp cpu s':>10} {'inductor cpu s':>14} {'ratio':>6} {'fxsp passes s':>15}"
+    )
     runs = []
     for run in range(args.runs):
         # Alternate which goes first, so neither always follows the other.
@@ -166,26 +187,32 @@ def main() -> None:
         results = {use_fxsp: compile_once(use_fxsp) for use_fxsp in order}
         runs.append({"fxsp": results[True], "inductor": results[False]})
         f, i = results[True], results[False]
-        print(f"{run + 1:>3} {f['wall']:>11.2f} {i['wall']:>15.2f} {f['wall'] / i['wall']:>6.3f} "
-              f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['passes']:>15.3f}")
+        print(
+            f"{run + 1:>3} {f['wall']:>11.2f} {i['wall']:>15.2f} {f['wall'] / i['wall']:>6.3f} "
+            f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['passes']:>15.3f}"
+        )
 
     def median(engine: str, key: str) -> float:
         return statistics.median(r[engine][key] for r in runs)
 
     wall_ratio = median("fxsp", "wall") / median("inductor", "wall")
     cpu_ratio = median("fxsp", "cpu") / median("inductor", "cpu")
-    print(f"{'med':>3} {median('fxsp', 'wall'):>11.2f} {median('inductor', 'wall'):>15.2f} {wall_ratio:>6.3f} "
-          f"{median('fxsp', 'cpu'):>10.2f} {median('inductor', 'cpu'):>14.2f} {cpu_ratio:>6.3f} "
-          f"{median('fxsp', 'passes'):>15.3f}")
+    print(
+        f"{'med':>3} {median('fxsp', 'wall'):>11.2f} {median('inductor', 'wall'):>15.2f} {wall_ratio:>6.3f} "
+        f"{median('fxsp', 'cpu'):>10.2f} {median('inductor', 'cpu'):>14.2f} {cpu_ratio:>6.3f} "
+        f"{median('fxsp', 'passes'):>15.3f}"
+    )
     plot(runs)
 
     def verdict(ratio: float) -> str:
         return "met" if ratio <= GOAL else "MISSED"
 
-    print(f"\nsummary: whole compile of a {SPEC.layers}-layer TP Llama, median of {args.runs}: "
-          f"CPU time fxsp/Inductor {cpu_ratio:.3f}x (goal <= {GOAL}x: {verdict(cpu_ratio)}), wall time "
-          f"{wall_ratio:.3f}x ({verdict(wall_ratio)}); fxsp's own passes {median('fxsp', 'passes'):.2f} s "
-          f"of {median('fxsp', 'wall'):.1f} s")
+    print(
+        f"\nsummary: whole compile of a {SPEC.layers}-layer TP Llama, median of {args.runs}: "
+        f"CPU time fxsp/Inductor {cpu_ratio:.3f}x (goal <= {GOAL}x: {verdict(cpu_ratio)}), wall time "
+        f"{wall_ratio:.3f}x ({verdict(wall_ratio)}); fxsp's own passes {median('fxsp', 'passes'):.2f} s "
+        f"of {median('fxsp', 'wall'):.1f} s"
+    )
     if args.big_runs:
         big_model(SPEC.with_(layers=args.layers), args.big_runs)
     dist.destroy_process_group()
@@ -193,11 +220,15 @@ def main() -> None:
 
 def big_model(spec: Spec, runs: int) -> None:
     """fxsp's share of the compile of a `spec.layers`-layer model, and fxsp / Inductor."""
-    print(f"\n{spec.layers}-layer TP Llama (hidden {spec.hidden}, {ROWS} rows), {runs} run(s), fxsp and "
-          "Inductor alternating:")
-    print(f"{'run':>3} {'fxsp wall s':>11} {'inductor wall s':>15} {'ratio':>6} {'fxsp cpu s':>10} "
-          f"{'inductor cpu s':>14} {'ratio':>6} {'passes wall s':>15} {'passes cpu s':>14} {'share':>6} "
-          f"{'of which full gc s':>18} {'share without':>13}")
+    print(
+        f"\n{spec.layers}-layer TP Llama (hidden {spec.hidden}, {ROWS} rows), {runs} run(s), fxsp and "
+        "Inductor alternating:"
+    )
+    print(
+        f"{'run':>3} {'fxsp wall s':>11} {'inductor wall s':>15} {'ratio':>6} {'fxsp cpu s':>10} "
+        f"{'inductor cpu s':>14} {'ratio':>6} {'passes wall s':>15} {'passes cpu s':>14} {'share':>6} "
+        f"{'of which full gc s':>18} {'share without':>13}"
+    )
     shares, shares_without_gc, ratios = [], [], []
     for run in range(runs):
         order = (True, False) if run % 2 == 0 else (False, True)
@@ -206,15 +237,20 @@ def big_model(spec: Spec, runs: int) -> None:
         shares.append(f["passes_cpu"] / f["cpu"])
         shares_without_gc.append((f["passes_cpu"] - f["full_gc_cpu"]) / f["cpu"])
         ratios.append(f["cpu"] / i["cpu"])
-        print(f"{run + 1:>3} {f['wall']:>11.2f} {i['wall']:>15.2f} {f['wall'] / i['wall']:>6.3f} "
-              f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['passes']:>15.3f} "
-              f"{f['passes_cpu']:>14.3f} {f['passes_cpu'] / f['cpu']:>6.2%} {f['full_gc_cpu']:>18.3f} "
-              f"{shares_without_gc[-1]:>13.2%}", flush=True)
+        print(
+            f"{run + 1:>3} {f['wall']:>11.2f} {i['wall']:>15.2f} {f['wall'] / i['wall']:>6.3f} "
+            f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['passes']:>15.3f} "
+            f"{f['passes_cpu']:>14.3f} {f['passes_cpu'] / f['cpu']:>6.2%} {f['full_gc_cpu']:>18.3f} "
+            f"{shares_without_gc[-1]:>13.2%}",
+            flush=True,
+        )
     share = statistics.median(shares)
-    print(f"summary, median of {runs}: fxsp's passes are {share:.2%} of the {spec.layers}-layer compile's CPU "
-          f"time (goal <= 1 %: {'met' if share <= 0.01 else 'MISSED'}), "
-          f"{statistics.median(shares_without_gc):.2%} without the full garbage collections that fell in "
-          f"them; whole compile fxsp / Inductor {statistics.median(ratios):.3f}x CPU time")
+    print(
+        f"summary, median of {runs}: fxsp's passes are {share:.2%} of the {spec.layers}-layer compile's CPU "
+        f"time (goal <= 1 %: {'met' if share <= 0.01 else 'MISSED'}), "
+        f"{statistics.median(shares_without_gc):.2%} without the full garbage collections that fell in "
+        f"them; whole compile fxsp / Inductor {statistics.median(ratios):.3f}x CPU time"
+    )
 
 
 if __name__ == "__main__":

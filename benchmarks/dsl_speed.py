@@ -40,8 +40,11 @@ def rms_norm_pattern(eps_lo: float, eps_hi: float, casts: bool, reciprocal_sqrt:
     x = tensor("x")
     variance = op(aten.mean.dim, op(aten.pow.Tensor_Scalar, x, 2), dims([-1]), True)
     shifted = op(ADD, variance, scalar("eps", eps_lo, eps_hi))
-    inverse = (op(aten.reciprocal.default, op(aten.sqrt.default, shifted)) if reciprocal_sqrt
-               else op(aten.rsqrt.default, shifted))
+    inverse = (
+        op(aten.reciprocal.default, op(aten.sqrt.default, shifted))
+        if reciprocal_sqrt
+        else op(aten.rsqrt.default, shifted)
+    )
     normed = op(MUL, x, inverse)
     return op(MUL, tensor("w"), through(normed, CAST) if casts else normed)
 
@@ -66,7 +69,7 @@ def many_norm_rules() -> RuleSet:
         for casts in (False, True):
             for reciprocal_sqrt in (False, True):
                 name = f"rms_norm[{i}]" + "+casts" * casts + "+1/sqrt" * reciprocal_sqrt
-                pattern = rms_norm_pattern(10.0 ** -(i + 1), 10.0 ** -i, casts, reciprocal_sqrt)
+                pattern = rms_norm_pattern(10.0 ** -(i + 1), 10.0**-i, casts, reciprocal_sqrt)
                 rules.append(Rule(name, pattern, to_rms_norm))
     return RuleSet("norms", rules)
 
@@ -74,15 +77,21 @@ def many_norm_rules() -> RuleSet:
 def llama_rules(rewrite: bool = True) -> RuleSet:
     """RMSNorm raising and residual addmm; `rewrite=False` keeps the matching and drops the
     rewrites (whose cost is mostly computing fake tensors for the new nodes)."""
-    either_norm = alt(rms_norm_pattern(0.0, 1e-2, casts=True, reciprocal_sqrt=False),
-                      rms_norm_pattern(0.0, 1e-2, casts=True, reciprocal_sqrt=True))
+    either_norm = alt(
+        rms_norm_pattern(0.0, 1e-2, casts=True, reciprocal_sqrt=False),
+        rms_norm_pattern(0.0, 1e-2, casts=True, reciprocal_sqrt=True),
+    )
 
     def keep(b, m):
         return None
 
-    return RuleSet("llama", [Rule("rms_norm", either_norm, to_rms_norm if rewrite else keep),
-                             Rule("residual_addmm", residual_matmul_pattern(),
-                                  to_addmm if rewrite else keep)])
+    return RuleSet(
+        "llama",
+        [
+            Rule("rms_norm", either_norm, to_rms_norm if rewrite else keep),
+            Rule("residual_addmm", residual_matmul_pattern(), to_addmm if rewrite else keep),
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,10 +121,20 @@ def layer_weights(layers: int) -> list:
         return torch.randn(shape) * 0.1
 
     square = (HIDDEN, HIDDEN)
-    return [(torch.ones(HIDDEN), w(*square), w(*square), w(*square), w(*square),
-             torch.ones(HIDDEN), w(HIDDEN, INTERMEDIATE), w(HIDDEN, INTERMEDIATE),
-             w(INTERMEDIATE, HIDDEN))
-            for _ in range(layers)]
+    return [
+        (
+            torch.ones(HIDDEN),
+            w(*square),
+            w(*square),
+            w(*square),
+            w(*square),
+            torch.ones(HIDDEN),
+            w(HIDDEN, INTERMEDIATE),
+            w(HIDDEN, INTERMEDIATE),
+            w(INTERMEDIATE, HIDDEN),
+        )
+        for _ in range(layers)
+    ]
 
 
 def trace_stack(layers: int) -> GraphModule:
@@ -170,14 +189,18 @@ def main() -> None:
         counts, seconds = time_apply(graph, llama_rules())
         assert counts == {"rms_norm": 2 * layers, "residual_addmm": 2 * layers}, counts
         results[layers] = seconds
-        print(f"{layers:>6} {len(graph.graph.nodes):>7} {counts['rms_norm']:>8} "
-              f"{counts['residual_addmm']:>6} {match_only * 1e3:>9.2f} {seconds * 1e3:>9.2f} "
-              f"{seconds / layers * 1e3:>9.2f}")
+        print(
+            f"{layers:>6} {len(graph.graph.nodes):>7} {counts['rms_norm']:>8} "
+            f"{counts['residual_addmm']:>6} {match_only * 1e3:>9.2f} {seconds * 1e3:>9.2f} "
+            f"{seconds / layers * 1e3:>9.2f}"
+        )
 
     ratio = results[128] / results[16]
-    print(f"\nsummary: build 40 rules {build * 1e3:.2f} ms; apply 16 layers "
-          f"{results[16] * 1e3:.1f} ms, 128 layers {results[128] * 1e3:.1f} ms; "
-          f"t(128)/t(16) = {ratio:.2f} (ideal 8)")
+    print(
+        f"\nsummary: build 40 rules {build * 1e3:.2f} ms; apply 16 layers "
+        f"{results[16] * 1e3:.1f} ms, 128 layers {results[128] * 1e3:.1f} ms; "
+        f"t(128)/t(16) = {ratio:.2f} (ideal 8)"
+    )
 
 
 if __name__ == "__main__":

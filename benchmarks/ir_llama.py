@@ -28,11 +28,17 @@ EPS = 1e-6
 GROUP = "0"  # the default process group's name
 
 
-def ir_llama(embeds: torch.Tensor, weights: list, group: str = GROUP, eps: float = EPS,
-             prompt_embeds: bool = False) -> torch.Tensor:
+def ir_llama(
+    embeds: torch.Tensor,
+    weights: list,
+    group: str = GROUP,
+    eps: float = EPS,
+    prompt_embeds: bool = False,
+) -> torch.Tensor:
     """`embeds`: this rank's partial embedding sum, or (`prompt_embeds`) the full embeddings,
     the same on every rank. `weights`: per layer (input norm, wq, wk, wv, wo, post norm, gate,
     up, down), then the final norm's weight."""
+
     def all_reduce(x: torch.Tensor) -> torch.Tensor:
         return ir.all_reduce(x, group, "c10d")
 
@@ -52,8 +58,14 @@ def ir_llama(embeds: torch.Tensor, weights: list, group: str = GROUP, eps: float
     return out
 
 
-def layer_weights(layers: int, tp: int = 2, hidden: int = HIDDEN, inter: int = INTERMEDIATE,
-                  seed: int = 0, rank: int = 0) -> list:
+def layer_weights(
+    layers: int,
+    tp: int = 2,
+    hidden: int = HIDDEN,
+    inter: int = INTERMEDIATE,
+    seed: int = 0,
+    rank: int = 0,
+) -> list:
     """One rank's shard of full weights drawn from `seed`: q/k/v, gate/up split by columns,
     o/down by rows, norms whole."""
     g = torch.Generator().manual_seed(seed)
@@ -70,14 +82,26 @@ def layer_weights(layers: int, tp: int = 2, hidden: int = HIDDEN, inter: int = I
     def norm() -> torch.Tensor:
         return 1 + 0.1 * torch.randn(hidden, generator=g)
 
-    weights = [(norm(), cols(hidden, hidden), cols(hidden, hidden), cols(hidden, hidden),
-                rows(hidden, hidden), norm(), cols(hidden, inter), cols(hidden, inter),
-                rows(inter, hidden)) for _ in range(layers)]
+    weights = [
+        (
+            norm(),
+            cols(hidden, hidden),
+            cols(hidden, hidden),
+            cols(hidden, hidden),
+            rows(hidden, hidden),
+            norm(),
+            cols(hidden, inter),
+            cols(hidden, inter),
+            rows(inter, hidden),
+        )
+        for _ in range(layers)
+    ]
     return [*weights, norm()]
 
 
-def trace_ir_llama(layers: int, rows: int = ROWS, prompt_embeds: bool = False,
-                   eps: float = EPS) -> GraphModule:
+def trace_ir_llama(
+    layers: int, rows: int = ROWS, prompt_embeds: bool = False, eps: float = EPS
+) -> GraphModule:
     """The IR graph of `layers` layers, every value's `meta["val"]` a fake tensor of one
     shared fake mode (as in the post-grad graphs torch.compile hands to a pass)."""
     from torch._inductor.decomposition import select_decomp_table
@@ -86,7 +110,8 @@ def trace_ir_llama(layers: int, rows: int = ROWS, prompt_embeds: bool = False,
         return ir_llama(embeds, weights, eps=eps, prompt_embeds=prompt_embeds)
 
     gm = make_fx(fn, select_decomp_table(), tracing_mode="fake")(
-        torch.randn(rows, HIDDEN), layer_weights(layers))
+        torch.randn(rows, HIDDEN), layer_weights(layers)
+    )
     gm.graph.eliminate_dead_code()  # the unused getitems make_fx leaves behind
     gm.recompile()
     return gm

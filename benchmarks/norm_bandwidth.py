@@ -100,8 +100,12 @@ class Op:
         return moved + (2 * values * element if self.residual else 0)
 
 
-OPS = (Op("rms_norm", False, False), Op("fused_add_rms_norm", True, False),
-       Op("rms_norm+fp8", False, True), Op("fused_add_rms_norm+fp8", True, True))
+OPS = (
+    Op("rms_norm", False, False),
+    Op("fused_add_rms_norm", True, False),
+    Op("rms_norm+fp8", False, True),
+    Op("fused_add_rms_norm+fp8", True, True),
+)
 
 
 # --- Timing ------------------------------------------------------------------------------------
@@ -172,8 +176,12 @@ def wall_us(fn: Callable[[], object], repeats: int = 20) -> float:
 
 def inputs(rows: int, hidden: int, dtype: torch.dtype, device: torch.device):
     x = torch.randn(rows, hidden, dtype=dtype, device=device)
-    return x, torch.randn_like(x), torch.randn(hidden, dtype=dtype, device=device), \
-        torch.tensor(0.05, device=device)
+    return (
+        x,
+        torch.randn_like(x),
+        torch.randn(hidden, dtype=dtype, device=device),
+        torch.tensor(0.05, device=device),
+    )
 
 
 def compiled(fn: Callable) -> Callable:
@@ -184,6 +192,7 @@ def compiled(fn: Callable) -> Callable:
         torch._dynamo.mark_dynamic(x, 0)
         torch._dynamo.mark_dynamic(residual, 0)
         return inner(x, residual, weight, scale)
+
     return call
 
 
@@ -211,17 +220,23 @@ def measure_cuda(ops: list, hidden_sizes: list, rows_list: list, dtype: torch.dt
 def size_groups(rows_list: list) -> list:
     """Decode and prefill row counts apart, each largest first: a compile with dynamic rows
     tunes its kernels for the size it first sees, so each group gets its own."""
-    groups = [sorted((r for r in rows_list if r < 1024), reverse=True),
-              sorted((r for r in rows_list if r >= 1024), reverse=True)]
+    groups = [
+        sorted((r for r in rows_list if r < 1024), reverse=True),
+        sorted((r for r in rows_list if r >= 1024), reverse=True),
+    ]
     return [g for g in groups if g]
 
 
-def measure_group(op: Op, hidden: int, rows_list: list, dtype: torch.dtype,
-                  device: torch.device) -> list:
+def measure_group(
+    op: Op, hidden: int, rows_list: list, dtype: torch.dtype, device: torch.device
+) -> list:
     results = []
     torch._dynamo.reset()  # a compile of its own: Dynamo would reuse one of another group
-    contenders = {"fxsp eager": op.fxsp, "fxsp compiled": compiled(op.fxsp),
-                  "inductor": compiled(op.reference)}
+    contenders = {
+        "fxsp eager": op.fxsp,
+        "fxsp compiled": compiled(op.fxsp),
+        "inductor": compiled(op.reference),
+    }
     for rows in rows_list:
         x, residual, weight, scale = inputs(rows, hidden, dtype, device)
         args = (x, residual, weight, scale)
@@ -229,8 +244,16 @@ def measure_group(op: Op, hidden: int, rows_list: list, dtype: torch.dtype,
         moved = op.bytes_moved(rows, hidden, x.element_size())
         source = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         target = torch.empty_like(source)
-        row = {"op": op.name, "hidden": hidden, "rows": rows, "bytes": moved,
-               "max_error": {}, "gpu_us": {}, "b2b_us": {}, "host_us": {}}
+        row = {
+            "op": op.name,
+            "hidden": hidden,
+            "rows": rows,
+            "bytes": moved,
+            "max_error": {},
+            "gpu_us": {},
+            "b2b_us": {},
+            "host_us": {},
+        }
         for name, fn in contenders.items():
             row["max_error"][name] = check(op, fn(*args), expected)
         calls = {name: (lambda fn=fn: fn(*args)) for name, fn in contenders.items()}
@@ -257,18 +280,28 @@ def measure_cpu(ops: list, hidden_sizes: list, rows_list: list, dtype: torch.dty
                 moved = op.bytes_moved(rows, hidden, x.element_size())
                 source = torch.empty(moved // 2, dtype=torch.uint8)
                 target = torch.empty_like(source)
-                row = {"op": op.name, "hidden": hidden, "rows": rows, "bytes": moved,
-                       "max_error": {"inductor": check(op, inductor(*args), op.reference(*args))},
-                       "gpu_us": {"inductor": wall_us(lambda: inductor(*args)),
-                                  "copy": wall_us(lambda: target.copy_(source))},
-                       "b2b_us": {}, "host_us": {}}
+                row = {
+                    "op": op.name,
+                    "hidden": hidden,
+                    "rows": rows,
+                    "bytes": moved,
+                    "max_error": {"inductor": check(op, inductor(*args), op.reference(*args))},
+                    "gpu_us": {
+                        "inductor": wall_us(lambda: inductor(*args)),
+                        "copy": wall_us(lambda: target.copy_(source)),
+                    },
+                    "b2b_us": {},
+                    "host_us": {},
+                }
                 results.append(row)
                 print_row(row)
     return results
 
 
-HEADER = (f"{'op':<24}{'hidden':>7}{'rows':>7}  {'kernel':<14}{'GPU us':>9}{'b2b us':>9}"
-          f"{'host us':>9}{'GB/s':>8}{'% copy':>8}{'max err':>9}")
+HEADER = (
+    f"{'op':<24}{'hidden':>7}{'rows':>7}  {'kernel':<14}{'GPU us':>9}{'b2b us':>9}"
+    f"{'host us':>9}{'GB/s':>8}{'% copy':>8}{'max err':>9}"
+)
 
 
 def print_row(row: dict) -> None:
@@ -276,9 +309,12 @@ def print_row(row: dict) -> None:
     for name, us in row["gpu_us"].items():
         b2b, host = row["b2b_us"].get(name), row["host_us"].get(name)
         error = row["max_error"].get(name)
-        print(f"{row['op']:<24}{row['hidden']:>7}{row['rows']:>7}  {name:<14}{us:>9.1f}"
-              f"{_or_dash(b2b, '9.1f')}{_or_dash(host, '9.1f')}{row['bytes'] / us / 1e3:>8.0f}"
-              f"{100 * copy_us / us:>7.0f}%{_or_dash(error, '9.2g')}", flush=True)
+        print(
+            f"{row['op']:<24}{row['hidden']:>7}{row['rows']:>7}  {name:<14}{us:>9.1f}"
+            f"{_or_dash(b2b, '9.1f')}{_or_dash(host, '9.1f')}{row['bytes'] / us / 1e3:>8.0f}"
+            f"{100 * copy_us / us:>7.0f}%{_or_dash(error, '9.2g')}",
+            flush=True,
+        )
 
 
 def _or_dash(value, spec: str) -> str:
@@ -304,7 +340,8 @@ def summary(results: list) -> list:
             f"{gpu['fxsp eager']:.1f} us against Inductor's {gpu['inductor']:.1f} us; host "
             f"{host['fxsp eager']:.1f} us eager, {host['fxsp compiled']:.1f} us compiled, against "
             f"Inductor's {host['inductor']:.1f} us; back-to-back / GPU "
-            f"{r['b2b_us']['fxsp eager'] / gpu['fxsp eager']:.2f} (goal <= 1.10)")
+            f"{r['b2b_us']['fxsp eager'] / gpu['fxsp eager']:.2f} (goal <= 1.10)"
+        )
     return lines
 
 
@@ -337,9 +374,11 @@ def main(argv: list | None = None) -> int:
         device = "CPU (1 thread)"
         hidden = args.hidden or [HIDDEN[0]]
         rows = args.rows or list(CPU_ROWS)
-        print("norm_bandwidth: no CUDA device. fxsp's Triton kernels, CUDA-graph GPU time, host "
-              "and back-to-back time need CUDA; timing Inductor's CPU kernels and a copy "
-              "(wall clock, 'GPU us' column) so that the script runs end to end.")
+        print(
+            "norm_bandwidth: no CUDA device. fxsp's Triton kernels, CUDA-graph GPU time, host "
+            "and back-to-back time need CUDA; timing Inductor's CPU kernels and a copy "
+            "(wall clock, 'GPU us' column) so that the script runs end to end."
+        )
     print(f"device: {device}; dtype {args.dtype}; {torch.__version__}")
     print(HEADER)
     measure = measure_cuda if cuda else measure_cpu
@@ -347,9 +386,17 @@ def main(argv: list | None = None) -> int:
     for line in summary(results):
         print("summary:", line)
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "dtype": args.dtype,
-                                         "torch": torch.__version__, "results": results},
-                                        indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "dtype": args.dtype,
+                    "torch": torch.__version__,
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -23,8 +23,9 @@ DTYPE = torch.bfloat16
 
 
 def llama_spec(layers: int, norm: str = "hf") -> Spec:
-    return Spec(layers=layers, hidden=HIDDEN, heads=HEADS, inter=INTER, vocab=VOCAB, norm=norm,
-                dtype=DTYPE)
+    return Spec(
+        layers=layers, hidden=HIDDEN, heads=HEADS, inter=INTER, vocab=VOCAB, norm=norm, dtype=DTYPE
+    )
 
 
 class _Captured(Exception):
@@ -47,7 +48,9 @@ def post_grad_graph(layers: int, norm: str = "hf", rows: int = ROWS) -> GraphMod
             return None  # no cache: the pass must run
 
     def backend(gm: GraphModule, example_inputs: list):
-        return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": Capture()})
+        return compile_fx(
+            gm, example_inputs, config_patches={"post_grad_custom_pre_pass": Capture()}
+        )
 
     torch._dynamo.reset()
     model = TPLlama(llama_spec(layers, norm))

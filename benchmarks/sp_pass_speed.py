@@ -59,8 +59,8 @@ from benchmarks.ir_llama import GROUP, trace_ir_llama
 from benchmarks.plotting import save_plot
 from benchmarks.post_grad_llama import post_grad_graph
 from fxsp.cleanup import remove_dead_code
-from fxsp.sp.rules import SPConfig, sp_rules
 from fxsp.compile.passes import run_passes
+from fxsp.sp.rules import SPConfig, sp_rules
 
 LAYER_COUNTS = (4, 16, 32, 80, 128)
 RAW_LAYER_COUNTS = (4, 16, 32, 80)
@@ -71,10 +71,12 @@ WORLD, RANK = 2, 0
 CONFIG = SPConfig(group=GROUP, world=WORLD, rank=RANK, min_tokens=0)
 
 c10d = torch.ops._c10d_functional
-COLLECTIVES = {"reduce_scatter": c10d.reduce_scatter_tensor.default,
-               "all_gather": c10d.all_gather_into_tensor.default,
-               "all_reduce": torch.ops.fxsp.all_reduce.default,
-               "c10d_all_reduce": c10d.all_reduce.default}
+COLLECTIVES = {
+    "reduce_scatter": c10d.reduce_scatter_tensor.default,
+    "all_gather": c10d.all_gather_into_tensor.default,
+    "all_reduce": torch.ops.fxsp.all_reduce.default,
+    "c10d_all_reduce": c10d.all_reduce.default,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,25 +111,37 @@ def register_baseline() -> dict:
 
     with FakeTensorMode():  # Inductor's lazy imports (decompositions, passes): not counted
         pm.fwd_only(lambda x: x + 1, [torch.empty(2)])
-    module, body = run_rule_module("benchmarks.baseline_pattern_matcher",
-                                   ROOT / "benchmarks" / "baseline_pattern_matcher.py")
+    module, body = run_rule_module(
+        "benchmarks.baseline_pattern_matcher", ROOT / "benchmarks" / "baseline_pattern_matcher.py"
+    )
     start = time.perf_counter()
     sp = module.PatternMatcherSP(GROUP, WORLD, RANK)
     build = time.perf_counter() - start
-    return {"seconds": body + build, "build_seconds": build, "rules": sp.registrations,
-            "distinct": sp.distinct}
+    return {
+        "seconds": body + build,
+        "build_seconds": build,
+        "rules": sp.registrations,
+        "distinct": sp.distinct,
+    }
 
 
 def registration_in_fresh_process(engine: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--registration", engine], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--registration", engine],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def registration(engine: str) -> dict:
     runs = [registration_in_fresh_process(engine) for _ in range(REGISTRATION_PROCESSES)]
-    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs),
-            "build_seconds": statistics.median(r["build_seconds"] for r in runs)}
+    return {
+        **runs[0],
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "build_seconds": statistics.median(r["build_seconds"] for r in runs),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +183,14 @@ def timed_apply(original: GraphModule, engines: dict) -> dict:
             start = time.process_time()
             matches = apply(gm)
             times[name].append(time.process_time() - start)
-            collectives = {kind: len(gm.graph.find_nodes(op="call_function", target=t))
-                           for kind, t in COLLECTIVES.items()}
+            collectives = {
+                kind: len(gm.graph.find_nodes(op="call_function", target=t))
+                for kind, t in COLLECTIVES.items()
+            }
             found[name] = (matches, collectives)
-    return {name: (found[name][0], statistics.median(times[name]), found[name][1]) for name in engines}
+    return {
+        name: (found[name][0], statistics.median(times[name]), found[name][1]) for name in engines
+    }
 
 
 def profile_fxsp(original: GraphModule, top: int = 25) -> None:
@@ -190,31 +208,66 @@ def raw_passes_table(layer_counts: tuple) -> dict:
     """Section 1: all passes against RawPatternMatcherSP, per spelling and layer count."""
     from benchmarks.baseline_pattern_matcher import RawPatternMatcherSP
 
-    print("1. all passes (raise, SP, clean-up, lower) on raw post-grad graphs, CPU ms, median of "
-          f"{RUNS}")
-    print("fxsp ms: run_passes, its report's golden texts unread; +texts: read too (a compile "
-          "with Inductor's cache on reads them to save the report)")
-    header = ("norm", "layers", "nodes", "matches", "fxsp ms", "+texts ms", "matcher ms", "speed-up",
-              "+texts", "fxsp ms/layer", "same result")
+    print(
+        "1. all passes (raise, SP, clean-up, lower) on raw post-grad graphs, CPU ms, median of "
+        f"{RUNS}"
+    )
+    print(
+        "fxsp ms: run_passes, its report's golden texts unread; +texts: read too (a compile "
+        "with Inductor's cache on reads them to save the report)"
+    )
+    header = (
+        "norm",
+        "layers",
+        "nodes",
+        "matches",
+        "fxsp ms",
+        "+texts ms",
+        "matcher ms",
+        "speed-up",
+        "+texts",
+        "fxsp ms/layer",
+        "same result",
+    )
     print("{:>5} {:>6} {:>6} {:>11} {:>8} {:>9} {:>10} {:>8} {:>7} {:>13} {:>11}".format(*header))
     results: dict = {}
     for norm in SPELLINGS:
         baseline = RawPatternMatcherSP(GROUP, WORLD, RANK, norm=norm)
         for layers in layer_counts:
             graph = post_grad_graph(layers, norm)
-            timed = timed_apply(graph, {"fxsp": run_fxsp_passes, "fxsp+texts": run_fxsp_passes_and_texts,
-                                        "baseline": baseline.apply})
-            (fxsp_matches, fxsp_s, fxsp_left), (baseline_matches, baseline_s, baseline_left) = \
-                timed["fxsp"], timed["baseline"]
+            timed = timed_apply(
+                graph,
+                {
+                    "fxsp": run_fxsp_passes,
+                    "fxsp+texts": run_fxsp_passes_and_texts,
+                    "baseline": baseline.apply,
+                },
+            )
+            (fxsp_matches, fxsp_s, fxsp_left), (baseline_matches, baseline_s, baseline_left) = (
+                timed["fxsp"],
+                timed["baseline"],
+            )
             texts_s = timed["fxsp+texts"][1]
             expected = 2 * layers + 1  # first + (2 * layers - 1) middle + last
-            same = fxsp_matches == baseline_matches == expected and fxsp_left == baseline_left \
-                and fxsp_left["c10d_all_reduce"] == 0 and timed["fxsp+texts"][::2] == timed["fxsp"][::2]
-            results[norm, layers] = {"fxsp": fxsp_s, "fxsp+texts": texts_s, "baseline": baseline_s, "graph": graph}
-            print(f"{norm:>5} {layers:>6} {len(graph.graph.nodes):>6} {fxsp_matches:>5}/{baseline_matches:<5} "
-                  f"{fxsp_s * 1e3:>8.1f} {texts_s * 1e3:>9.1f} {baseline_s * 1e3:>10.1f} "
-                  f"{baseline_s / fxsp_s:>7.1f}x {baseline_s / texts_s:>6.1f}x "
-                  f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}", flush=True)
+            same = (
+                fxsp_matches == baseline_matches == expected
+                and fxsp_left == baseline_left
+                and fxsp_left["c10d_all_reduce"] == 0
+                and timed["fxsp+texts"][::2] == timed["fxsp"][::2]
+            )
+            results[norm, layers] = {
+                "fxsp": fxsp_s,
+                "fxsp+texts": texts_s,
+                "baseline": baseline_s,
+                "graph": graph,
+            }
+            print(
+                f"{norm:>5} {layers:>6} {len(graph.graph.nodes):>6} {fxsp_matches:>5}/{baseline_matches:<5} "
+                f"{fxsp_s * 1e3:>8.1f} {texts_s * 1e3:>9.1f} {baseline_s * 1e3:>10.1f} "
+                f"{baseline_s / fxsp_s:>7.1f}x {baseline_s / texts_s:>6.1f}x "
+                f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}",
+                flush=True,
+            )
     return results
 
 
@@ -226,25 +279,50 @@ def plot(raw: dict, ir: dict, fxsp_registration: float, baseline_registration: f
         apply_ax, registration_ax = axes
         for i, norm in enumerate(SPELLINGS):
             layers = sorted(n for (spelling, n) in raw if spelling == norm)
-            apply_ax.plot(layers, [raw[norm, n]["fxsp"] * 1e3 for n in layers], "o-", color=f"C{2 * i}",
-                          label=f"fxsp all passes ({norm} norms)")
-            apply_ax.plot(layers, [raw[norm, n]["baseline"] * 1e3 for n in layers], "s--", color=f"C{2 * i + 1}",
-                          label=f"pattern matcher ({norm} norms)")
+            apply_ax.plot(
+                layers,
+                [raw[norm, n]["fxsp"] * 1e3 for n in layers],
+                "o-",
+                color=f"C{2 * i}",
+                label=f"fxsp all passes ({norm} norms)",
+            )
+            apply_ax.plot(
+                layers,
+                [raw[norm, n]["baseline"] * 1e3 for n in layers],
+                "s--",
+                color=f"C{2 * i + 1}",
+                label=f"pattern matcher ({norm} norms)",
+            )
         layers = sorted(ir)
-        apply_ax.plot(layers, [ir[n]["fxsp"] * 1e3 for n in layers], "^:", color="gray",
-                      label="fxsp SP rules alone (IR graph)")
+        apply_ax.plot(
+            layers,
+            [ir[n]["fxsp"] * 1e3 for n in layers],
+            "^:",
+            color="gray",
+            label="fxsp SP rules alone (IR graph)",
+        )
         # log-log: a linear-time pass is a line of slope 1
-        apply_ax.set(xlabel="Llama layers", ylabel=f"CPU ms (median of {RUNS})", xscale="log",
-                     yscale="log", title="SP on raw post-grad graphs")
+        apply_ax.set(
+            xlabel="Llama layers",
+            ylabel=f"CPU ms (median of {RUNS})",
+            xscale="log",
+            yscale="log",
+            title="SP on raw post-grad graphs",
+        )
         apply_ax.set_xticks(layers, [str(n) for n in layers])
         apply_ax.grid(True, which="both", alpha=0.3)
         apply_ax.legend(fontsize="small")
-        bars = registration_ax.bar(["fxsp", "pattern matcher"],
-                                   [fxsp_registration * 1e3, baseline_registration * 1e3],
-                                   color=["C0", "C1"])
+        bars = registration_ax.bar(
+            ["fxsp", "pattern matcher"],
+            [fxsp_registration * 1e3, baseline_registration * 1e3],
+            color=["C0", "C1"],
+        )
         registration_ax.bar_label(bars, fmt="%.3g ms")
-        registration_ax.set(ylabel=f"ms (fresh process, median of {REGISTRATION_PROCESSES})", yscale="log",
-                            title="SP pass: rule registration")
+        registration_ax.set(
+            ylabel=f"ms (fresh process, median of {REGISTRATION_PROCESSES})",
+            yscale="log",
+            title="SP pass: rule registration",
+        )
 
     save_plot("sp_pass_speed", draw, panels=2)
 
@@ -255,31 +333,50 @@ def ir_rules_table() -> dict:
 
     baseline = PatternMatcherSP(GROUP, WORLD, RANK)
     print(f"3. SP rules alone (no raising, no lowering) on IR graphs, CPU ms, median of {RUNS}")
-    header = ("layers", "nodes", "matches", "fxsp ms", "matcher ms", "speed-up", "fxsp ms/layer",
-              "same result")
+    header = (
+        "layers",
+        "nodes",
+        "matches",
+        "fxsp ms",
+        "matcher ms",
+        "speed-up",
+        "fxsp ms/layer",
+        "same result",
+    )
     print("{:>6} {:>6} {:>11} {:>8} {:>10} {:>8} {:>13} {:>11}".format(*header))
     results = {}
     for layers in LAYER_COUNTS:
         graph = trace_ir_llama(layers)
         timed = timed_apply(graph, {"fxsp": apply_fxsp, "baseline": baseline.apply})
-        (fxsp_matches, fxsp_s, fxsp_left), (baseline_matches, baseline_s, baseline_left) = \
-            timed["fxsp"], timed["baseline"]
+        (fxsp_matches, fxsp_s, fxsp_left), (baseline_matches, baseline_s, baseline_left) = (
+            timed["fxsp"],
+            timed["baseline"],
+        )
         expected = 2 * layers + 1  # first + (2 * layers - 1) middle + last
         same = fxsp_matches == baseline_matches == expected and fxsp_left == baseline_left
         results[layers] = {"fxsp": fxsp_s, "baseline": baseline_s}
-        print(f"{layers:>6} {len(graph.graph.nodes):>6} {fxsp_matches:>5}/{baseline_matches:<5} "
-              f"{fxsp_s * 1e3:>8.1f} {baseline_s * 1e3:>10.1f} {baseline_s / fxsp_s:>7.1f}x "
-              f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}", flush=True)
+        print(
+            f"{layers:>6} {len(graph.graph.nodes):>6} {fxsp_matches:>5}/{baseline_matches:<5} "
+            f"{fxsp_s * 1e3:>8.1f} {baseline_s * 1e3:>10.1f} {baseline_s / fxsp_s:>7.1f}x "
+            f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}",
+            flush=True,
+        )
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--registration", choices=("fxsp", "baseline"), help=argparse.SUPPRESS)
-    parser.add_argument("--profile", action="store_true",
-                        help="profile all passes at the largest layer count")
-    parser.add_argument("--layers", type=int, nargs="+", default=list(RAW_LAYER_COUNTS),
-                        help="layer counts of the raw post-grad graphs")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile all passes at the largest layer count"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=list(RAW_LAYER_COUNTS),
+        help="layer counts of the raw post-grad graphs",
+    )
     args = parser.parse_args()
     if args.registration:  # the child process of `registration`
         print(json.dumps(register_fxsp() if args.registration == "fxsp" else register_baseline()))
@@ -295,23 +392,29 @@ def main() -> None:
     print()
     for norm in SPELLINGS:
         per_layer = [raw[norm, n]["fxsp"] / n * 1e3 for n in args.layers]
-        print(f"{norm}: fxsp t({most})/t({few}) = {raw[norm, most]['fxsp'] / raw[norm, few]['fxsp']:.1f} "
-              f"(linear: {most / few:.0f}); ms/layer {min(per_layer):.2f} to {max(per_layer):.2f}; "
-              f"speed-up at {most} layers {raw[norm, most]['baseline'] / raw[norm, most]['fxsp']:.1f}x, "
-              f"{raw[norm, most]['baseline'] / raw[norm, most]['fxsp+texts']:.1f}x with the texts read "
-              "(goal >= 20x)")
+        print(
+            f"{norm}: fxsp t({most})/t({few}) = {raw[norm, most]['fxsp'] / raw[norm, few]['fxsp']:.1f} "
+            f"(linear: {most / few:.0f}); ms/layer {min(per_layer):.2f} to {max(per_layer):.2f}; "
+            f"speed-up at {most} layers {raw[norm, most]['baseline'] / raw[norm, most]['fxsp']:.1f}x, "
+            f"{raw[norm, most]['baseline'] / raw[norm, most]['fxsp+texts']:.1f}x with the texts read "
+            "(goal >= 20x)"
+        )
 
     fxsp_reg, baseline_reg = registration("fxsp"), registration("baseline")
-    print(f"\n2. registration (fresh process, median of {REGISTRATION_PROCESSES}): "
-          f"fxsp {fxsp_reg['seconds'] * 1e3:.2f} ms for {fxsp_reg['rules']} rules "
-          f"(module body, then sp_rules() {fxsp_reg['build_seconds'] * 1e3:.3f} ms); "
-          f"pattern matcher {baseline_reg['seconds'] * 1e3:.0f} ms for {baseline_reg['rules']} "
-          f"register_replacement calls ({baseline_reg['distinct']} distinct patterns); "
-          f"{baseline_reg['seconds'] / fxsp_reg['seconds']:.0f}x\n")
+    print(
+        f"\n2. registration (fresh process, median of {REGISTRATION_PROCESSES}): "
+        f"fxsp {fxsp_reg['seconds'] * 1e3:.2f} ms for {fxsp_reg['rules']} rules "
+        f"(module body, then sp_rules() {fxsp_reg['build_seconds'] * 1e3:.3f} ms); "
+        f"pattern matcher {baseline_reg['seconds'] * 1e3:.0f} ms for {baseline_reg['rules']} "
+        f"register_replacement calls ({baseline_reg['distinct']} distinct patterns); "
+        f"{baseline_reg['seconds'] / fxsp_reg['seconds']:.0f}x\n"
+    )
 
     ir = ir_rules_table()
-    print(f"SP rules alone: t(128)/t(16) = {ir[128]['fxsp'] / ir[16]['fxsp']:.2f} (linear: 8); "
-          f"speed-up at 80 layers {ir[80]['baseline'] / ir[80]['fxsp']:.1f}x")
+    print(
+        f"SP rules alone: t(128)/t(16) = {ir[128]['fxsp'] / ir[16]['fxsp']:.2f} (linear: 8); "
+        f"speed-up at 80 layers {ir[80]['baseline'] / ir[80]['fxsp']:.1f}x"
+    )
     plot(raw, ir, fxsp_reg["seconds"], baseline_reg["seconds"])
     if args.profile:
         profile_fxsp(raw["hf", most]["graph"])

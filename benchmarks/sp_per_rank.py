@@ -60,8 +60,9 @@ def spec_for(hidden: int, tp: int, dtype: torch.dtype, layers: int) -> Spec:
     """A Llama-shaped model: heads of 128 (fewer, larger heads where TP would split one)."""
     heads = max(hidden // 128, tp)
     inter = math.ceil(hidden * 3.5 / (64 * tp)) * 64 * tp  # divisible by tp, aligned shards
-    return Spec(layers=layers, hidden=hidden, heads=heads, inter=inter, vocab=1024 * tp,
-                dtype=dtype)
+    return Spec(
+        layers=layers, hidden=hidden, heads=heads, inter=inter, vocab=1024 * tp, dtype=dtype
+    )
 
 
 class Clock:
@@ -105,8 +106,15 @@ def rows_per_rank(backend: fxsp.backend, when: str) -> tuple:
     return max(traffic.norm_rows, default=0), max(traffic.residual_rows, default=0)
 
 
-def measure(hidden: int, tp: int, tokens: tuple, device: torch.device, dtype: torch.dtype,
-            layers: int, steps: int) -> list:
+def measure(
+    hidden: int,
+    tp: int,
+    tokens: tuple,
+    device: torch.device,
+    dtype: torch.dtype,
+    layers: int,
+    steps: int,
+) -> list:
     """Figures for one model (hidden, tp), every token count; see the module docstring."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -114,10 +122,13 @@ def measure(hidden: int, tp: int, tokens: tuple, device: torch.device, dtype: to
     try:
         torch._dynamo.reset()
         model = TPLlama(spec_for(hidden, tp, dtype, layers)).to(device)
-        backends = {"no SP": fxsp.backend(None, batch_invariant=True, allreduce_fusion=False),
-                    "SP": fxsp.backend(None, min_tokens=0, allreduce_fusion=False)}
-        compiled = {name: torch.compile(model, backend=backend)
-                    for name, backend in backends.items()}
+        backends = {
+            "no SP": fxsp.backend(None, batch_invariant=True, allreduce_fusion=False),
+            "SP": fxsp.backend(None, min_tokens=0, allreduce_fusion=False),
+        }
+        compiled = {
+            name: torch.compile(model, backend=backend) for name, backend in backends.items()
+        }
         clock = Clock(device)
         token_counts = sorted({n for t in tokens for n in (t, t + 1, t + tp)})
         results = []
@@ -125,8 +136,14 @@ def measure(hidden: int, tp: int, tokens: tuple, device: torch.device, dtype: to
             for tokens_count in token_counts:
                 tokens = model.example_input(tokens_count).to(device)
                 torch._dynamo.mark_dynamic(tokens, 0)
-                row = {"hidden": hidden, "tp": tp, "tokens": tokens_count, "step_ms": {},
-                       "peak_mib": {}, "compile_s": {}}
+                row = {
+                    "hidden": hidden,
+                    "tp": tp,
+                    "tokens": tokens_count,
+                    "step_ms": {},
+                    "peak_mib": {},
+                    "compile_s": {},
+                }
                 for name, fn in compiled.items():
                     start = time.perf_counter()
                     fn(tokens)  # compiles on the first token count
@@ -141,8 +158,9 @@ def measure(hidden: int, tp: int, tokens: tuple, device: torch.device, dtype: to
                     row["step_ms"][name] = statistics.median(times[name])
                     row["peak_mib"][name] = peak_bytes(fn, tokens) / MiB
                 sp = backends["SP"]
-                assert any(k.startswith("sp.") and v for k, v in sp.reports[-1].counts.items()), \
+                assert any(k.startswith("sp.") and v for k, v in sp.reports[-1].counts.items()), (
                     f"SP rewrote nothing: {sp.reports[-1].counts}"
+                )
                 row["rows_no_sp"] = rows_per_rank(sp, "before")
                 row["rows_sp"] = rows_per_rank(sp, "after")
                 results.append(row)
@@ -157,13 +175,20 @@ def measure(hidden: int, tp: int, tokens: tuple, device: torch.device, dtype: to
 
 
 def print_header(device_name: str) -> None:
-    print(f"\nper-rank step time and peak memory, SP against no SP ({device_name}; fake "
-          "process group: no communication)")
-    print("(norm rows: per norm, of the graph as compiled, at the token count Dynamo first saw; "
-          "pad %: SP step at t + 1 rows over the SP step at t + tp, minus 1)")
-    print(f"{'hidden':>6} {'tp':>3} {'tokens':>6} | {'no SP ms':>9} {'SP ms':>9} {'SP/no':>6} | "
-          f"{'no SP MiB':>9} {'SP MiB':>9} {'SP/no':>6} | {'norm rows':>13} {'1/tp':>6} | "
-          f"{'pad %':>6}", flush=True)
+    print(
+        f"\nper-rank step time and peak memory, SP against no SP ({device_name}; fake "
+        "process group: no communication)"
+    )
+    print(
+        "(norm rows: per norm, of the graph as compiled, at the token count Dynamo first saw; "
+        "pad %: SP step at t + 1 rows over the SP step at t + tp, minus 1)"
+    )
+    print(
+        f"{'hidden':>6} {'tp':>3} {'tokens':>6} | {'no SP ms':>9} {'SP ms':>9} {'SP/no':>6} | "
+        f"{'no SP MiB':>9} {'SP MiB':>9} {'SP/no':>6} | {'norm rows':>13} {'1/tp':>6} | "
+        f"{'pad %':>6}",
+        flush=True,
+    )
 
 
 def print_rows(results: list) -> None:
@@ -173,24 +198,34 @@ def print_rows(results: list) -> None:
         norm_before, norm_after = r["rows_no_sp"][0], r["rows_sp"][0]
         goal = math.ceil(norm_before / r["tp"])
         padding = f"{100 * r['padding_cost']:>6.1f}" if "padding_cost" in r else f"{'':>6}"
-        print(f"{r['hidden']:>6} {r['tp']:>3} {r['tokens']:>6} | {before:>9.2f} {after:>9.2f} "
-              f"{after / before:>6.2f} | {mem_before:>9.1f} {mem_after:>9.1f} "
-              f"{mem_after / max(mem_before, 1e-9):>6.2f} | {norm_before:>6} -> {norm_after:<5}"
-              f"{'ok' if norm_after == goal else 'NO':>6} | {padding}", flush=True)
+        print(
+            f"{r['hidden']:>6} {r['tp']:>3} {r['tokens']:>6} | {before:>9.2f} {after:>9.2f} "
+            f"{after / before:>6.2f} | {mem_before:>9.1f} {mem_after:>9.1f} "
+            f"{mem_after / max(mem_before, 1e-9):>6.2f} | {norm_before:>6} -> {norm_after:<5}"
+            f"{'ok' if norm_after == goal else 'NO':>6} | {padding}",
+            flush=True,
+        )
 
 
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the full grid, also on CPU")
     parser.add_argument("--hidden", type=int, nargs="+")
-    parser.add_argument("--tokens", type=int, nargs="+", help="multiples of every TP size; "
-                        "each is also run with one more row")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        help="multiples of every TP size; each is also run with one more row",
+    )
     parser.add_argument("--tp", type=int, nargs="+")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 10 CUDA, 5 CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="timed steps (default: 10 CUDA, 5 CPU)"
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"))
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (one is steadiest "
-                        "on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (one is steadiest on a shared machine)"
+    )
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
 
@@ -221,9 +256,17 @@ def main(argv: list | None = None) -> int:
             print(f"  (hidden {hidden}, tp {tp}: {time.perf_counter() - start:.0f} s)", flush=True)
             results += model_results
             if args.json:  # after every model: a run cut short keeps what it measured
-                args.json.write_text(json.dumps({"device": device_name, "dtype": str(dtype),
-                                                 "layers": args.layers, "results": results},
-                                                indent=1))
+                args.json.write_text(
+                    json.dumps(
+                        {
+                            "device": device_name,
+                            "dtype": str(dtype),
+                            "layers": args.layers,
+                            "results": results,
+                        },
+                        indent=1,
+                    )
+                )
     return 0
 
 

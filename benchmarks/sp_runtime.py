@@ -40,7 +40,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*`, `tests.*` from a script
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # `benchmarks.*`, `tests.*` from a script
 
 import fxsp
 from benchmarks.plotting import save_plot
@@ -125,9 +127,17 @@ def measure(rank: int, world: int, rows_list: list) -> list:
         model = TPLlama(SPEC)
         tokens = model.example_input(rows)
         backend = fxsp.backend(None, min_tokens=0)
-        compiled = {"inductor": torch.compile(model, backend="inductor"),
-                    "fxsp": torch.compile(model, backend=backend)}
-        figures: dict = {"rows": rows, "step_ms": {}, "peak_bytes": {}, "compile_s": {}, "error": {}}
+        compiled = {
+            "inductor": torch.compile(model, backend="inductor"),
+            "fxsp": torch.compile(model, backend=backend),
+        }
+        figures: dict = {
+            "rows": rows,
+            "step_ms": {},
+            "peak_bytes": {},
+            "compile_s": {},
+            "error": {},
+        }
         with torch.no_grad():
             reference = model(tokens)
             for name, fn in compiled.items():
@@ -140,7 +150,7 @@ def measure(rank: int, world: int, rows_list: list) -> list:
             times: dict = {name: [] for name in compiled}
             for step in range(steps_for(rows)):
                 # Alternate which variant goes first, so neither always follows the other.
-                for name in (list(compiled) if step % 2 == 0 else list(reversed(compiled))):
+                for name in list(compiled) if step % 2 == 0 else list(reversed(compiled)):
                     dist.barrier()
                     start = time.perf_counter()
                     compiled[name](tokens)
@@ -174,8 +184,10 @@ def combine(by_rank: list) -> list:
         figures = dict(per_rank[0])
         for key in ("step_ms", "gloo_ms", "error", "compile_s"):
             figures[key] = {name: max(r[key][name] for r in per_rank) for name in per_rank[0][key]}
-        figures["peak_bytes"] = {name: max((r["peak_bytes"][name] for r in per_rank), key=statistics.median)
-                                 for name in per_rank[0]["peak_bytes"]}
+        figures["peak_bytes"] = {
+            name: max((r["peak_bytes"][name] for r in per_rank), key=statistics.median)
+            for name in per_rank[0]["peak_bytes"]
+        }
         combined.append(figures)
     return combined
 
@@ -187,35 +199,55 @@ def mib(peaks: list) -> str:
 
 def print_tables(results: list) -> None:
     bytes_per_row = SPEC.hidden * SPEC.dtype.itemsize
-    print(f"TP {TP} over gloo, CPU, 1 thread per rank; {SPEC.layers} layers, hidden {SPEC.hidden}, "
-          f"MLP {SPEC.inter}, {SPEC.dtype}\n")
-    print(f"{'rows':>5} {'steps':>5} {'inductor ms':>11} {'fxsp ms':>8} {'fxsp/ind':>8} "
-          f"{'peak MiB ind':>18} {'peak MiB fxsp':>18} {'compile s ind/fxsp':>18} {'max err ind/fxsp':>17}")
+    print(
+        f"TP {TP} over gloo, CPU, 1 thread per rank; {SPEC.layers} layers, hidden {SPEC.hidden}, "
+        f"MLP {SPEC.inter}, {SPEC.dtype}\n"
+    )
+    print(
+        f"{'rows':>5} {'steps':>5} {'inductor ms':>11} {'fxsp ms':>8} {'fxsp/ind':>8} "
+        f"{'peak MiB ind':>18} {'peak MiB fxsp':>18} {'compile s ind/fxsp':>18} {'max err ind/fxsp':>17}"
+    )
     for f in results:
         s, p, c, e = f["step_ms"], f["peak_bytes"], f["compile_s"], f["error"]
-        print(f"{f['rows']:>5} {steps_for(f['rows']):>5} {s['inductor']:>11.1f} {s['fxsp']:>8.1f} "
-              f"{s['fxsp'] / s['inductor']:>8.2f} {mib(p['inductor']):>18} {mib(p['fxsp']):>18} "
-              f"{c['inductor']:>9.1f}/{c['fxsp']:<8.1f} {e['inductor']:>8.1e}/{e['fxsp']:.1e}")
-    print("\nper rank, per layer (fxsp's report; 'ind' = the graph before SP, as Inductor runs it;"
-          "\n'sent' = bytes a rank sends with ring algorithms, as NCCL runs them, not gloo):")
-    print(f"{'rows':>5} {'norm rows ind/fxsp':>18} {'residual KiB ind/fxsp':>21} "
-          f"{'payload KiB ind':>15} {'payload KiB fxsp (RS + AG)':>26} {'sent KiB ind/fxsp':>17}")
+        print(
+            f"{f['rows']:>5} {steps_for(f['rows']):>5} {s['inductor']:>11.1f} {s['fxsp']:>8.1f} "
+            f"{s['fxsp'] / s['inductor']:>8.2f} {mib(p['inductor']):>18} {mib(p['fxsp']):>18} "
+            f"{c['inductor']:>9.1f}/{c['fxsp']:<8.1f} {e['inductor']:>8.1e}/{e['fxsp']:.1e}"
+        )
+    print(
+        "\nper rank, per layer (fxsp's report; 'ind' = the graph before SP, as Inductor runs it;"
+        "\n'sent' = bytes a rank sends with ring algorithms, as NCCL runs them, not gloo):"
+    )
+    print(
+        f"{'rows':>5} {'norm rows ind/fxsp':>18} {'residual KiB ind/fxsp':>21} "
+        f"{'payload KiB ind':>15} {'payload KiB fxsp (RS + AG)':>26} {'sent KiB ind/fxsp':>17}"
+    )
     for f in results:
         b, a = f["before"], f["after"]
-        payload_after = " + ".join(f"{a['payload_per_layer'].get(k, 0) / 1024:.0f}"
-                                   for k in ("reduce_scatter", "all_gather"))
-        print(f"{f['rows']:>5} {b['norm_rows']:>9}/{a['norm_rows']:<8} "
-              f"{b['residual_rows'] * bytes_per_row / 1024:>10.0f}/{a['residual_rows'] * bytes_per_row / 1024:<10.0f} "
-              f"{b['payload_per_layer'].get('all_reduce', 0) / 1024:>15.0f} {payload_after:>26} "
-              f"{b['sent_per_layer'] / 1024:>8.0f}/{a['sent_per_layer'] / 1024:<8.0f}")
-    print(f"\ngloo alone, one [rows, {SPEC.hidden}] fp32 tensor (median of {COLLECTIVE_REPEATS}, slowest rank):")
+        payload_after = " + ".join(
+            f"{a['payload_per_layer'].get(k, 0) / 1024:.0f}"
+            for k in ("reduce_scatter", "all_gather")
+        )
+        print(
+            f"{f['rows']:>5} {b['norm_rows']:>9}/{a['norm_rows']:<8} "
+            f"{b['residual_rows'] * bytes_per_row / 1024:>10.0f}/{a['residual_rows'] * bytes_per_row / 1024:<10.0f} "
+            f"{b['payload_per_layer'].get('all_reduce', 0) / 1024:>15.0f} {payload_after:>26} "
+            f"{b['sent_per_layer'] / 1024:>8.0f}/{a['sent_per_layer'] / 1024:<8.0f}"
+        )
+    print(
+        f"\ngloo alone, one [rows, {SPEC.hidden}] fp32 tensor (median of {COLLECTIVE_REPEATS}, slowest rank):"
+    )
     print(f"{'rows':>5} {'all-reduce ms':>13} {'RS + AG ms':>10} {'ratio':>6}")
     for f in results:
         g = f["gloo_ms"]
-        print(f"{f['rows']:>5} {g['all_reduce']:>13.3f} {g['rs_ag']:>10.3f} {g['rs_ag'] / g['all_reduce']:>6.2f}")
+        print(
+            f"{f['rows']:>5} {g['all_reduce']:>13.3f} {g['rs_ag']:>10.3f} {g['rs_ag'] / g['all_reduce']:>6.2f}"
+        )
     if all(f["rs_is_all_reduce"] for f in results):
-        print("gloo's reduce-scatter runs a full all-reduce underneath (profiler: gloo:all_reduce), "
-              "so on gloo RS + AG = AR + AG.")
+        print(
+            "gloo's reduce-scatter runs a full all-reduce underneath (profiler: gloo:all_reduce), "
+            "so on gloo RS + AG = AR + AG."
+        )
 
 
 def plot(results: list) -> None:
@@ -227,18 +259,39 @@ def plot(results: list) -> None:
             label = "plain Inductor" if name == "inductor" else "fxsp (SP)"
             time_ax.plot(rows, [f["step_ms"][name] for f in results], marker, label=label)
             medians = [statistics.median(f["peak_bytes"][name]) / MiB for f in results]
-            spread = [[m - min(f["peak_bytes"][name]) / MiB for m, f in zip(medians, results)],
-                      [max(f["peak_bytes"][name]) / MiB - m for m, f in zip(medians, results)]]
+            spread = [
+                [m - min(f["peak_bytes"][name]) / MiB for m, f in zip(medians, results)],
+                [max(f["peak_bytes"][name]) / MiB - m for m, f in zip(medians, results)],
+            ]
             memory_ax.errorbar(rows, medians, yerr=spread, fmt=marker, capsize=3, label=label)
-        time_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="step ms (slowest rank)",
-                    title="step time, TP 2 gloo")
-        memory_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="MiB (median, range of 3 steps)",
-                      title="peak step memory per rank")
+        time_ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="rows",
+            ylabel="step ms (slowest rank)",
+            title="step time, TP 2 gloo",
+        )
+        memory_ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="rows",
+            ylabel="MiB (median, range of 3 steps)",
+            title="peak step memory per rank",
+        )
         gloo_ax.plot(rows, [f["gloo_ms"]["all_reduce"] for f in results], "s-", label="all-reduce")
-        gloo_ax.plot(rows, [f["gloo_ms"]["rs_ag"] for f in results], "o-",
-                     label="reduce-scatter + all-gather")
-        gloo_ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="ms",
-                    title=f"gloo collectives, [rows, {SPEC.hidden}] fp32")
+        gloo_ax.plot(
+            rows,
+            [f["gloo_ms"]["rs_ag"] for f in results],
+            "o-",
+            label="reduce-scatter + all-gather",
+        )
+        gloo_ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="rows",
+            ylabel="ms",
+            title=f"gloo collectives, [rows, {SPEC.hidden}] fp32",
+        )
         for ax in axes:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
@@ -256,13 +309,21 @@ def main() -> None:
     print_tables(results)
     plot(results)
     by_rows = {f["rows"]: f for f in results}
-    ratios = ", ".join(f"{r} rows {f['step_ms']['fxsp'] / f['step_ms']['inductor']:.2f}x"
-                       for r, f in by_rows.items())
-    gloo = ", ".join(f"{r} rows {f['gloo_ms']['rs_ag'] / f['gloo_ms']['all_reduce']:.2f}x"
-                     for r, f in by_rows.items())
-    underneath = " (gloo's RS is an AR underneath)" if all(f["rs_is_all_reduce"] for f in results) else ""
-    print(f"\nsummary: fxsp step time / Inductor's: {ratios}; norm rows and residual per rank 1/{TP}; "
-          f"gloo RS+AG / AR: {gloo}{underneath} ({time.perf_counter() - start:.0f} s in all)")
+    ratios = ", ".join(
+        f"{r} rows {f['step_ms']['fxsp'] / f['step_ms']['inductor']:.2f}x"
+        for r, f in by_rows.items()
+    )
+    gloo = ", ".join(
+        f"{r} rows {f['gloo_ms']['rs_ag'] / f['gloo_ms']['all_reduce']:.2f}x"
+        for r, f in by_rows.items()
+    )
+    underneath = (
+        " (gloo's RS is an AR underneath)" if all(f["rs_is_all_reduce"] for f in results) else ""
+    )
+    print(
+        f"\nsummary: fxsp step time / Inductor's: {ratios}; norm rows and residual per rank 1/{TP}; "
+        f"gloo RS+AG / AR: {gloo}{underneath} ({time.perf_counter() - start:.0f} s in all)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,11 @@ def pick_device() -> tuple[str, torch.device, str]:
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus >= ranks_here:
-        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "CUDA over NCCL"
+        return (
+            "nccl",
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))),
+            "CUDA over NCCL",
+        )
     why = f"{gpus} GPU{'s' if gpus != 1 else ''} for {ranks_here} ranks" if gpus else "no GPU"
     return "gloo", torch.device("cpu"), f"CPU over gloo ({why})"
 
@@ -43,16 +47,24 @@ def one_site(golden: str, collective: str, index: int) -> list[str]:
     at = found[min(index, len(found) - 1)]
     start = max((i for i in range(at) if "aten.mm." in lines[i]), default=at)
     end = next((i for i in range(at + 1, len(lines)) if "aten.mm." in lines[i]), len(lines) - 1)
-    return lines[start:end + 1]
+    return lines[start : end + 1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=37, help="tokens in the batch (need not divide by TP)")
+    parser.add_argument(
+        "--rows", type=int, default=37, help="tokens in the batch (need not divide by TP)"
+    )
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--fp8", action="store_true", help="static FP8 quant after every layer norm")
-    parser.add_argument("--min-tokens", type=int, default=None,
-                        help="SP only from this many rows (default: fxsp's threshold for the device)")
+    parser.add_argument(
+        "--fp8", action="store_true", help="static FP8 quant after every layer norm"
+    )
+    parser.add_argument(
+        "--min-tokens",
+        type=int,
+        default=None,
+        help="SP only from this many rows (default: fxsp's threshold for the device)",
+    )
     args = parser.parse_args()
 
     backend_name, device, where = pick_device()
@@ -64,7 +76,11 @@ def main() -> None:
 
     spec = Spec(layers=args.layers, hidden=96, heads=6, inter=192, vocab=96, fp8=args.fp8)
     model = TPLlama(spec).to(device)
-    backend = fxsp.backend(None) if args.min_tokens is None else fxsp.backend(None, min_tokens=args.min_tokens)
+    backend = (
+        fxsp.backend(None)
+        if args.min_tokens is None
+        else fxsp.backend(None, min_tokens=args.min_tokens)
+    )
     compiled = torch.compile(model, backend=backend)
     tokens = model.example_input(args.rows).to(device)
     with torch.no_grad():
@@ -74,20 +90,30 @@ def main() -> None:
 
     if rank == 0:
         report = backend.reports[-1]
-        print(f"fxsp demo: {world} ranks on {where}; {args.layers} layers, {args.rows} rows, hidden {spec.hidden}")
+        print(
+            f"fxsp demo: {world} ranks on {where}; {args.layers} layers, {args.rows} rows, hidden {spec.hidden}"
+        )
         if report.cached:
-            print("(Inductor reused the compiled graph from its cache; fxsp's report was read back with it)")
-        print("rules applied:", ", ".join(f"{k}={v}" for k, v in report.counts.items() if v) or "none")
+            print(
+                "(Inductor reused the compiled graph from its cache; fxsp's report was read back with it)"
+            )
+        print(
+            "rules applied:", ", ".join(f"{k}={v}" for k, v in report.counts.items() if v) or "none"
+        )
         before = one_site(report.before, "all_reduce.default", 1)
         after = one_site(report.rewritten, "reduce_scatter", 1)
         if before and after:
             print("\none layer's all-reduce -> norm, as fxsp got it (post-grad ATen graph):")
             print("\n".join("    " + line for line in before))
-            print("the same site rewritten (fxsp IR ops, before lowering): reduce-scatter -> norm on "
-                  "this rank's rows -> all-gather:")
+            print(
+                "the same site rewritten (fxsp IR ops, before lowering): reduce-scatter -> norm on "
+                "this rank's rows -> all-gather:"
+            )
             print("\n".join("    " + line for line in after))
         else:
-            print("no all-reduce -> norm site was rewritten, so there is no before and after to show")
+            print(
+                "no all-reduce -> norm site was rewritten, so there is no before and after to show"
+            )
         print("\nper all-reduce site, per rank:")
         print(f"  without SP: {report.traffic_before.per_layer(world)}")
         print(f"  with SP:    {report.traffic_after.per_layer(world)}")

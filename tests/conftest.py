@@ -72,8 +72,11 @@ def _asked_for_vllm_tests_only(config) -> bool:
 
 
 def pytest_pycollect_makemodule(module_path, parent):
-    if (Path(module_path) != VLLM_TESTS or importlib.util.find_spec("vllm") is None
-            or _asked_for_vllm_tests_only(parent.config)):
+    if (
+        Path(module_path) != VLLM_TESTS
+        or importlib.util.find_spec("vllm") is None
+        or _asked_for_vllm_tests_only(parent.config)
+    ):
         return None
     return VllmTestsFile.from_parent(parent, path=Path(module_path))
 

@@ -83,6 +83,7 @@ def add_norm(eps):  # h = h + residual; normed = norm(h); h is the next residual
     def block(x, residual, w):
         h = x + residual
         return hf(eps)(h, w), h
+
     return block
 
 
@@ -90,6 +91,7 @@ def add_norm_swapped(eps):
     def block(x, residual, w):
         h = residual + x
         return torch_rms_norm(eps)(h, w), h
+
     return block
 
 
@@ -98,6 +100,7 @@ def vllm_c_rms_norm(eps):
         out = torch.empty_like(x)
         torch.ops._C.rms_norm(out, x, w, eps)
         return out
+
     return norm
 
 
@@ -106,6 +109,7 @@ def vllm_c_fused_add_rms_norm(eps):
         x, residual = x * 1, residual * 1  # intermediates, as in a model
         torch.ops._C.fused_add_rms_norm(x, residual, w, eps)
         return x, residual
+
     return block
 
 
@@ -144,6 +148,7 @@ def vllm_c_fp8(fp8):
         out = torch.empty(x.shape, dtype=fp8, device=x.device)
         torch.ops._C.static_scaled_fp8_quant(out, x, scale)
         return out
+
     return quant
 
 
@@ -156,6 +161,7 @@ def dist_all_reduce(group):  # in place: Dynamo rewrites it to the functional op
         y = x @ w
         dist.all_reduce(y, group=group)
         return y + 1
+
     return reduce
 
 
@@ -179,14 +185,20 @@ NORMS = {
     "hf_no_weight": Spelling(hf_no_weight, "raise.rms_norm_unweighted", "x"),
     "gemma": Spelling(gemma, "raise.rms_norm", "xw"),
     "torch_rms_norm": Spelling(torch_rms_norm, "raise.rms_norm", "xw"),
-    "torch_rms_norm_no_weight": Spelling(torch_rms_norm_no_weight, "raise.rms_norm_unweighted", "x"),
+    "torch_rms_norm_no_weight": Spelling(
+        torch_rms_norm_no_weight, "raise.rms_norm_unweighted", "x"
+    ),
     "nn_rms_norm": Spelling(nn_rms_norm, "raise.rms_norm", "xw"),
     "add_norm": Spelling(add_norm, "raise.add_rms_norm", "xrw"),
     "add_norm_swapped": Spelling(add_norm_swapped, "raise.add_rms_norm", "xrw"),
     "vllm_c_rms_norm": Spelling(vllm_c_rms_norm, "raise.vllm_c_rms_norm", "xw"),
-    "vllm_c_fused_add_rms_norm": Spelling(vllm_c_fused_add_rms_norm, "raise.vllm_c_fused_add_rms_norm", "xrw"),
+    "vllm_c_fused_add_rms_norm": Spelling(
+        vllm_c_fused_add_rms_norm, "raise.vllm_c_fused_add_rms_norm", "xrw"
+    ),
     "vllm_ir_rms_norm": Spelling(vllm_ir_rms_norm, "raise.vllm_ir_rms_norm", "xw"),
-    "vllm_ir_fused_add_rms_norm": Spelling(vllm_ir_fused_add_rms_norm, "raise.vllm_ir_fused_add_rms_norm", "xrw"),
+    "vllm_ir_fused_add_rms_norm": Spelling(
+        vllm_ir_fused_add_rms_norm, "raise.vllm_ir_fused_add_rms_norm", "xrw"
+    ),
 }
 QUANTS = {
     "fp8_div": Spelling(fp8_div, "raise.static_fp8_quant", "xs"),
@@ -202,8 +214,9 @@ COLLECTIVES = {
 }
 
 
-def make_inputs(kind: str, dtype: torch.dtype = F32, rows: int = 4, hidden: int = H,
-                seed: int = 0) -> tuple:
+def make_inputs(
+    kind: str, dtype: torch.dtype = F32, rows: int = 4, hidden: int = H, seed: int = 0
+) -> tuple:
     """Random inputs; weights near 1 and the scale such that some values clamp."""
     g = torch.Generator().manual_seed(seed)
 
@@ -255,8 +268,11 @@ def capture(fn: Callable, *args: torch.Tensor) -> GraphModule:
 
     spy = Capture()
     torch._dynamo.reset()
-    with (inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False), torch.no_grad(),
-          pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured")):
+    with (
+        inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False),
+        torch.no_grad(),
+        pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured"),
+    ):
         torch.compile(in_order, backend="inductor", fullgraph=True)(*args)
     assert spy.gm is not None
     return spy.gm
@@ -267,8 +283,10 @@ def fused_rms_norm_graph(x: torch.Tensor, w: torch.Tensor | None, eps: float | N
     decomposes it, on CUDA it can stay whole."""
     graph = torch.fx.Graph()
     inputs = [graph.placeholder("x")] + ([graph.placeholder("w")] if w is not None else [])
-    fused = graph.call_function(torch.ops.aten._fused_rms_norm.default,
-                                (inputs[0], [x.shape[-1]], inputs[1] if w is not None else None, eps))
+    fused = graph.call_function(
+        torch.ops.aten._fused_rms_norm.default,
+        (inputs[0], [x.shape[-1]], inputs[1] if w is not None else None, eps),
+    )
     graph.output((graph.call_function(operator.getitem, (fused, 0)),))
     gm = GraphModule({}, graph)
     FakeTensorProp(gm).propagate(*[t for t in (x, w) if t is not None])
@@ -287,11 +305,19 @@ def counts(reports: list) -> dict:
 class Block(nn.Module):
     """all_reduce → norm, then per layer: all_reduce(matmul) + residual → norm."""
 
-    def __init__(self, layers: int = 2, hidden: int = 8, prompt_embeds: bool = False, fp8: bool = False,
-                 graph_break: bool = False) -> None:
+    def __init__(
+        self,
+        layers: int = 2,
+        hidden: int = 8,
+        prompt_embeds: bool = False,
+        fp8: bool = False,
+        graph_break: bool = False,
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1))
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1)
+        )
         self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
         self.prompt_embeds, self.fp8, self.graph_break = prompt_embeds, fp8, graph_break
 
@@ -361,7 +387,9 @@ def last_op(fn, *shapes):
     """The last op node of fn's ATen graph (with fake-tensor meta; a getitem of it is not one),
     and the graph's inputs."""
     gm = make_fx(fn, tracing_mode="fake")(*(torch.randn(s) for s in shapes))
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+    ops = [
+        n for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem
+    ]
     return ops[-1], list(gm.graph.find_nodes(op="placeholder"))
 
 
@@ -376,12 +404,20 @@ class RowwiseStack(nn.Module):
     "token_mm" (a [T, T] matrix times the rows); or None.
     """
 
-    def __init__(self, embed: str | None = None, between: str | None = None, layers: int = 2,
-                 hidden: int = 8, tokens: int = 5) -> None:
+    def __init__(
+        self,
+        embed: str | None = None,
+        between: str | None = None,
+        layers: int = 2,
+        hidden: int = 8,
+        tokens: int = 5,
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed, self.between = embed, between
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden) / hidden) for _ in range(layers + 1))
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.randn(hidden, hidden) / hidden) for _ in range(layers + 1)
+        )
         self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
         self.mix = nn.Parameter(torch.randn(tokens, tokens))  # "token_mm" only
 
@@ -440,10 +476,16 @@ def dtensor_mlp() -> tuple:
     """(an MLPStack parallelised with DTensor's ColwiseParallel / RowwiseParallel, its 1-D CPU
     mesh over the default group)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    plan = {f"up.{i}": ColwiseParallel() for i in range(2)} | {f"down.{i}": RowwiseParallel() for i in range(2)}
+    plan = {f"up.{i}": ColwiseParallel() for i in range(2)} | {
+        f"down.{i}": RowwiseParallel() for i in range(2)
+    }
     return parallelize_module(MLPStack(), mesh, plan), mesh
 
 

@@ -20,15 +20,15 @@ from torch.fx import Graph
 
 import fxsp
 from fxsp.cleanup import noop_rules, remove_dead_code
-from fxsp.ir import lower_ir, raise_ir
-from fxsp.ir.kernels.flashinfer import FLASHINFER_ALLREDUCE, FLASHINFER_ALLREDUCE_PROVIDER
-from fxsp.ir.fused_ops import FUSED_IR_OPS
-from fxsp.ir.providers import choose, providers
-from fxsp.sp.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
-from fxsp.sp.rules import SPConfig, sp_rules
 from fxsp.compile.options import decide_allreduce_rms_fusion
+from fxsp.ir import lower_ir, raise_ir
+from fxsp.ir.fused_ops import FUSED_IR_OPS
+from fxsp.ir.kernels.flashinfer import FLASHINFER_ALLREDUCE, FLASHINFER_ALLREDUCE_PROVIDER
+from fxsp.ir.providers import choose, providers
 from fxsp.policy.fusion import FusionGate, allreduce_rms_fusion_gate
 from fxsp.policy.thresholds import DeviceInfo
+from fxsp.sp.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
+from fxsp.sp.rules import SPConfig, sp_rules
 from fxsp.testing.tp_llama import Spec, TPLlama
 from tests.support import Block, capture
 from tests.worlds import run_world
@@ -41,22 +41,42 @@ B200 = DeviceInfo("cuda", (10, 0), "NVIDIA B200")
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tp, pp, device, flashinfer, reason", [
-    (2, 1, H100, True, None),
-    (8, 1, B200, True, None),
-    (4, 1, DeviceInfo("cuda", (10, 3), "NVIDIA B300"), True, None),
-    (1, 1, H100, True, "tp_size=1: no all-reduce to fuse"),
-    (2, 2, H100, True, "pipeline_parallel_size=2: the fused kernel deadlocks"),
-    (2, 1, DeviceInfo("cuda", (8, 0), "NVIDIA A100"), True,
-     "device sm_80 (NVIDIA A100) is not SM90 or the SM100 family"),
-    (2, 1, DeviceInfo("cuda", (12, 0), "RTX 5090"), True, "device sm_120 (RTX 5090) is not SM90"),
-    (2, 1, DeviceInfo("rocm", (9, 0), "MI250"), True, "device rocm capability 9.0 (MI250) is not CUDA"),
-    (2, 1, DeviceInfo("cpu"), True, "device cpu is not CUDA"),
-    (2, 1, H100, False, "FlashInfer is not importable"),
-    # the first failed condition is the one named
-    (1, 2, DeviceInfo("cpu"), False, "tp_size=1"),
-    (2, 4, DeviceInfo("cpu"), False, "pipeline_parallel_size=4"),
-])
+@pytest.mark.parametrize(
+    "tp, pp, device, flashinfer, reason",
+    [
+        (2, 1, H100, True, None),
+        (8, 1, B200, True, None),
+        (4, 1, DeviceInfo("cuda", (10, 3), "NVIDIA B300"), True, None),
+        (1, 1, H100, True, "tp_size=1: no all-reduce to fuse"),
+        (2, 2, H100, True, "pipeline_parallel_size=2: the fused kernel deadlocks"),
+        (
+            2,
+            1,
+            DeviceInfo("cuda", (8, 0), "NVIDIA A100"),
+            True,
+            "device sm_80 (NVIDIA A100) is not SM90 or the SM100 family",
+        ),
+        (
+            2,
+            1,
+            DeviceInfo("cuda", (12, 0), "RTX 5090"),
+            True,
+            "device sm_120 (RTX 5090) is not SM90",
+        ),
+        (
+            2,
+            1,
+            DeviceInfo("rocm", (9, 0), "MI250"),
+            True,
+            "device rocm capability 9.0 (MI250) is not CUDA",
+        ),
+        (2, 1, DeviceInfo("cpu"), True, "device cpu is not CUDA"),
+        (2, 1, H100, False, "FlashInfer is not importable"),
+        # the first failed condition is the one named
+        (1, 2, DeviceInfo("cpu"), False, "tp_size=1"),
+        (2, 4, DeviceInfo("cpu"), False, "pipeline_parallel_size=4"),
+    ],
+)
 def test_gate(tp, pp, device, flashinfer, reason):
     enabled, why = allreduce_rms_fusion_gate(tp, pp, device, flashinfer)
     assert enabled == (reason is None), why
@@ -104,7 +124,10 @@ class ResidualFirst(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.w, self.norm_w = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))
+        self.w, self.norm_w = (
+            torch.nn.Parameter(torch.randn(8, 8)),
+            torch.nn.Parameter(torch.randn(8)),
+        )
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple:
         h = residual + funcol.all_reduce(x @ self.w, "sum", dist.group.WORLD)
@@ -121,10 +144,13 @@ class TestGoldenFusion(expecttest.TestCase):
     def test_first_and_fused_add_norms(self):
         gm = raised(Block(), torch.randn(4, 8))
         report = fused(gm, max_tokens=16)
-        self.assertEqual(nonzero(report), {"allreduce_norm.rms_norm": 1,
-                                           "allreduce_norm.fused_add_rms_norm": 2})
+        self.assertEqual(
+            nonzero(report), {"allreduce_norm.rms_norm": 1, "allreduce_norm.fused_add_rms_norm": 2}
+        )
         # The first all-reduce is also the residual: its readers take the fused op's [1].
-        self.assertExpectedInline(fxsp.golden(gm), """\
+        self.assertExpectedInline(
+            fxsp.golden(gm),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -143,14 +169,19 @@ class TestGoldenFusion(expecttest.TestCase):
 %15 = aten.mm.default(%13, %5)  : f32[4, 8]
 %16 = fxsp.allreduce_fused_add_rms_norm.default(%15, %14, %6, 1e-06, G0, 'c10d')  : (f32[4, 8], f32[4, 8])
 %17 = operator.getitem(%16, 0)  : f32[4, 8]
-return (%17,)""")
+return (%17,)""",
+        )
 
     def test_fp8_forms_quantise_the_norm_only(self):
         gm = raised(Block(layers=1, fp8=True), torch.randn(4, 8))
         report = fused(gm, max_tokens=16)
-        self.assertEqual(nonzero(report), {"allreduce_norm.rms_norm_fp8": 1,
-                                           "allreduce_norm.fused_add_rms_norm": 1})
-        self.assertExpectedInline(fxsp.golden(gm), """\
+        self.assertEqual(
+            nonzero(report),
+            {"allreduce_norm.rms_norm_fp8": 1, "allreduce_norm.fused_add_rms_norm": 1},
+        )
+        self.assertExpectedInline(
+            fxsp.golden(gm),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -166,14 +197,17 @@ return (%17,)""")
 %12 = aten.mm.default(%11, %3)  : f32[4, 8]
 %13 = fxsp.allreduce_fused_add_rms_norm.default(%12, %8, %4, 1e-06, G0, 'c10d')  : (f32[4, 8], f32[4, 8])
 %14 = operator.getitem(%13, 0)  : f32[4, 8]
-return (%14,)""")
+return (%14,)""",
+        )
 
     def test_all_reduce_as_second_operand(self):
         gm = raised(ResidualFirst(), torch.randn(4, 8), torch.randn(4, 8))
         self.assertIn("fxsp.fused_add_rms_norm.default(%1, %5, %3, 1e-05)", fxsp.golden(gm))
         report = fused(gm, max_tokens=16)
         self.assertEqual(nonzero(report), {"allreduce_norm.fused_add_rms_norm": 1})
-        self.assertExpectedInline(fxsp.golden(gm), """\
+        self.assertExpectedInline(
+            fxsp.golden(gm),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[8, 8]
@@ -182,14 +216,17 @@ return (%14,)""")
 %5 = fxsp.allreduce_fused_add_rms_norm.default(%4, %1, %3, 1e-05, G0, 'c10d')  : (f32[4, 8], f32[4, 8])
 %6 = operator.getitem(%5, 0)  : f32[4, 8]
 %7 = operator.getitem(%5, 1)  : f32[4, 8]
-return (%6, %7)""")
+return (%6, %7)""",
+        )
 
     def test_lowered_with_the_reference(self):
         gm = raised(Block(layers=0), torch.randn(4, 8))
         fused(gm, max_tokens=16)
         self.assertEqual(lower_ir(gm), {"aten": 1})
         gm.graph.lint()
-        self.assertExpectedInline(fxsp.golden(gm), """\
+        self.assertExpectedInline(
+            fxsp.golden(gm),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -202,7 +239,8 @@ return (%6, %7)""")
 %9 = aten.rsqrt.default(%8)  : f32[4, 1]
 %10 = aten.mul.Tensor(%5, %9)  : f32[4, 8]
 %11 = aten.mul.Tensor(%10, %2)  : f32[4, 8]
-return (%11,)""")
+return (%11,)""",
+        )
 
 
 def test_rows_above_the_limit_are_left_alone(world):
@@ -217,7 +255,9 @@ def test_rows_above_the_limit_are_left_alone(world):
 def test_auto_limit_has_no_number_on_cpu(world):
     report = fused(raised(Block(layers=1), torch.randn(4, 8)))  # max_tokens="auto"
     assert nonzero(report) == {}
-    assert "no AllReduce+RMSNorm fusion size for cpu" in str(report.misses["allreduce_norm.rms_norm"])
+    assert "no AllReduce+RMSNorm fusion size for cpu" in str(
+        report.misses["allreduce_norm.rms_norm"]
+    )
 
 
 def test_other_groups_are_never_fused(world):
@@ -231,11 +271,15 @@ def test_symbolic_rows_only_when_provably_small(world):
     torch._dynamo.mark_dynamic(x, 0)
     report = fused(raised(Block(layers=1), x), max_tokens=16)
     assert nonzero(report) == {}
-    assert "symbolic rows may exceed the fusion limit 16" in str(report.misses["allreduce_norm.rms_norm"])
+    assert "symbolic rows may exceed the fusion limit 16" in str(
+        report.misses["allreduce_norm.rms_norm"]
+    )
     x = torch.randn(4, 8)
     torch._dynamo.mark_dynamic(x, 0, min=2, max=16)
     assert nonzero(fused(raised(Block(layers=1), x), max_tokens=16)) == {
-        "allreduce_norm.rms_norm": 1, "allreduce_norm.fused_add_rms_norm": 1}
+        "allreduce_norm.rms_norm": 1,
+        "allreduce_norm.fused_add_rms_norm": 1,
+    }
 
 
 @pytest.mark.parametrize("rows, rule_set", [(4, "allreduce_norm"), (8, "sp")])
@@ -259,18 +303,28 @@ def test_fused_ops_lower_to_the_reference_on_cpu():
 
 def test_flashinfer_wrappers_compute_the_reference_where_the_kernel_cannot_run(world_of_one):
     x, residual = torch.randn(3, 16).bfloat16(), torch.randn(3, 16).bfloat16()
-    given = {"x": x, "residual": residual, "weight": torch.randn(16).bfloat16(), "eps": 1e-6,
-             "scale": torch.tensor(0.05), "fp8_dtype": torch.float8_e4m3fn,
-             "group_name": world_of_one.group_name, "flavor": "c10d"}
+    given = {
+        "x": x,
+        "residual": residual,
+        "weight": torch.randn(16).bfloat16(),
+        "eps": 1e-6,
+        "scale": torch.tensor(0.05),
+        "fp8_dtype": torch.float8_e4m3fn,
+        "group_name": world_of_one.group_name,
+        "flavor": "c10d",
+    }
     for op in FUSED_IR_OPS:
         args = [given[a.name] for a in op._schema.arguments]
         wrapper = FLASHINFER_ALLREDUCE_PROVIDER.impls[op]
         got, want = wrapper(*args), op(*args)  # on CPU: the reference
-        assert all(torch.equal(g.float(), w.float()) and g.dtype == w.dtype
-                   for g, w in zip(got, want, strict=True)), op
+        assert all(
+            torch.equal(g.float(), w.float()) and g.dtype == w.dtype
+            for g, w in zip(got, want, strict=True)
+        ), op
         with FakeTensorMode() as mode:
-            fakes = wrapper(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                              for a in args])
+            fakes = wrapper(
+                *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            )
         assert [(f.shape, f.dtype) for f in fakes] == [(w.shape, w.dtype) for w in want], op
 
 
@@ -333,23 +387,31 @@ def fuse_and_compare(rank: int, world: int, cases: list) -> tuple[list, dict]:
     eager = {
         "allreduce_rms_norm": torch.ops.fxsp.allreduce_rms_norm(x, w, 1e-6, group, "c10d"),
         "allreduce_fused_add_rms_norm": torch.ops.fxsp.allreduce_fused_add_rms_norm(
-            x, residual, w, 1e-6, group, "c10d"),
-        "allreduce_fused_add_rms_norm_static_fp8_quant":
-            torch.ops.fxsp.allreduce_fused_add_rms_norm_static_fp8_quant(
-                x, residual, None, 1e-6, scale, fp8, group, "c10d"),
+            x, residual, w, 1e-6, group, "c10d"
+        ),
+        "allreduce_fused_add_rms_norm_static_fp8_quant": torch.ops.fxsp.allreduce_fused_add_rms_norm_static_fp8_quant(
+            x, residual, None, 1e-6, scale, fp8, group, "c10d"
+        ),
     }
     unfused = {
         "allreduce_rms_norm": (torch.ops.fxsp.rms_norm(reduced, w, 1e-6), reduced),
         "allreduce_fused_add_rms_norm": torch.ops.fxsp.fused_add_rms_norm(
-            reduced, residual, w, 1e-6),
+            reduced, residual, w, 1e-6
+        ),
         "allreduce_fused_add_rms_norm_static_fp8_quant": (
             torch.ops.fxsp.static_fp8_quant(
-                torch.ops.fxsp.fused_add_rms_norm(reduced, residual, None, 1e-6)[0], scale, fp8),
-            reduced + residual),
+                torch.ops.fxsp.fused_add_rms_norm(reduced, residual, None, 1e-6)[0], scale, fp8
+            ),
+            reduced + residual,
+        ),
     }
-    same = {name: all(torch.equal(a.float(), b.float()) for a, b in zip(eager[name], unfused[name],
-                                                                         strict=True))
-            for name in eager}
+    same = {
+        name: all(
+            torch.equal(a.float(), b.float())
+            for a, b in zip(eager[name], unfused[name], strict=True)
+        )
+        for name in eager
+    }
     return out, same
 
 
@@ -365,15 +427,28 @@ class FakeFlashInferComm:
     def __init__(self) -> None:
         self.workspace_groups: list[str] = []
 
-    def trtllm_create_ipc_workspace_for_all_reduce_fusion(self, tp_rank, tp_size, max_token_num,
-                                                          hidden_dim, group=None):
+    def trtllm_create_ipc_workspace_for_all_reduce_fusion(
+        self, tp_rank, tp_size, max_token_num, hidden_dim, group=None
+    ):
         assert (dist.get_rank(group), dist.get_world_size(group)) == (tp_rank, tp_size)
         self.workspace_groups.append(group.group_name)
         return [], {"group": group}
 
-    def trtllm_allreduce_fusion(self, *, allreduce_in, workspace_ptrs, pattern_code, residual_in,
-                                residual_out, norm_out, quant_out, rms_gamma, rms_eps,
-                                scale_factor, **launch):
+    def trtllm_allreduce_fusion(
+        self,
+        *,
+        allreduce_in,
+        workspace_ptrs,
+        pattern_code,
+        residual_in,
+        residual_out,
+        norm_out,
+        quant_out,
+        rms_gamma,
+        rms_eps,
+        scale_factor,
+        **launch,
+    ):
         reduced = allreduce_in.clone()
         dist.all_reduce(reduced, group=workspace_ptrs["group"])
         residual_out.copy_(reduced + residual_in)
@@ -398,17 +473,31 @@ def flashinfer_plumbing(rank: int) -> tuple[list, list, str]:
     x, residual = torch.randn(2, 3, 16, generator=g).bfloat16(), torch.randn(2, 3, 16).bfloat16()
     w, scale, fp8 = torch.randn(16).bfloat16(), torch.tensor(0.05), torch.float8_e4m3fn
     calls = [
-        ((x, None, w, 1e-6, name), fused_ops.allreduce_rms_norm_reference(x, w, 1e-6, name, "c10d")),
-        ((x, residual, None, 1e-5, name), fused_ops.allreduce_fused_add_rms_norm_reference(
-            x, residual, None, 1e-5, name, "c10d")),
-        ((x, residual, w, 1e-6, name, scale, fp8),
-         fused_ops.allreduce_fused_add_rms_norm_static_fp8_quant_reference(
-             x, residual, w, 1e-6, scale, fp8, name, "c10d")),
+        (
+            (x, None, w, 1e-6, name),
+            fused_ops.allreduce_rms_norm_reference(x, w, 1e-6, name, "c10d"),
+        ),
+        (
+            (x, residual, None, 1e-5, name),
+            fused_ops.allreduce_fused_add_rms_norm_reference(x, residual, None, 1e-5, name, "c10d"),
+        ),
+        (
+            (x, residual, w, 1e-6, name, scale, fp8),
+            fused_ops.allreduce_fused_add_rms_norm_static_fp8_quant_reference(
+                x, residual, w, 1e-6, scale, fp8, name, "c10d"
+            ),
+        ),
     ]
-    same = [all(torch.equal(a.float(), b.float()) for a, b in zip(
-        flashinfer_provider._fused_kernel(*args), want, strict=True)) for args, want in calls]
-    too_many_rows = torch.zeros(flashinfer_provider.DEFAULT_WORKSPACE_TOKENS + 1, 16,
-                                dtype=torch.bfloat16)
+    same = [
+        all(
+            torch.equal(a.float(), b.float())
+            for a, b in zip(flashinfer_provider._fused_kernel(*args), want, strict=True)
+        )
+        for args, want in calls
+    ]
+    too_many_rows = torch.zeros(
+        flashinfer_provider.DEFAULT_WORKSPACE_TOKENS + 1, 16, dtype=torch.bfloat16
+    )
     same.append(flashinfer_provider._fused_kernel(too_many_rows, None, None, 1e-6, name) is None)
     return same, comm.workspace_groups, name
 
@@ -443,6 +532,8 @@ def test_fused_equals_eager_on_two_ranks():
             assert sum(counts.values()) == sites, f"{counts} at {where}"
             assert {name.split(".")[0] for name in counts} == {rule_set}, f"{counts} at {where}"
             if spec.fp8:
-                assert counts == {"allreduce_norm.rms_norm_fp8": 1,
-                                  "allreduce_norm.fused_add_rms_norm_fp8": sites - 2,
-                                  "allreduce_norm.fused_add_rms_norm": 1}, counts
+                assert counts == {
+                    "allreduce_norm.rms_norm_fp8": 1,
+                    "allreduce_norm.fused_add_rms_norm_fp8": sites - 2,
+                    "allreduce_norm.fused_add_rms_norm": 1,
+                }, counts

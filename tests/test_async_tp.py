@@ -40,8 +40,9 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x
         for norm, up, down in zip(self.norms, self.up, self.down):
-            residual = residual + funcol.all_reduce(torch.relu(norm(residual) @ up) @ down, "sum",
-                                                    dist.group.WORLD)
+            residual = residual + funcol.all_reduce(
+                torch.relu(norm(residual) @ up) @ down, "sum", dist.group.WORLD
+            )
         return self.norms[-1](residual)
 
 
@@ -105,17 +106,35 @@ TABLE = [
     ("DTensor parallelize_module", _dtensor_mlp, 37, False, 3),
     # x @ w0 → reduce-scatter, all-gather → @ w1; the reduce-scatter after w1 then follows a
     # fused all-gather + matmul: one matmul fuses with one collective.
-    ("all_gather → mm → reduce_scatter", lambda rows: (OneMatmulBlock(), torch.randn(rows, 16)), 5, False, 2),
+    (
+        "all_gather → mm → reduce_scatter",
+        lambda rows: (OneMatmulBlock(), torch.randn(rows, 16)),
+        5,
+        False,
+        2,
+    ),
     # Row-wise ops between the reduce-scatter and the norm (tests/test_sp_rowwise.py): a Granite
     # multiplier and a reshape to [1, T, H] run on the shard, after the fused reduce-scatter.
-    ("Granite multipliers", lambda rows: (RowwiseStack("granite", "granite", tokens=rows), torch.randn(rows, 8)),
-     37, False, 3),
-    ("MoE reshape to [1, T, H]", lambda rows: (RowwiseStack(None, "moe", tokens=rows), torch.randn(1, rows, 8)),
-     37, False, 3),
+    (
+        "Granite multipliers",
+        lambda rows: (RowwiseStack("granite", "granite", tokens=rows), torch.randn(rows, 8)),
+        37,
+        False,
+        3,
+    ),
+    (
+        "MoE reshape to [1, T, H]",
+        lambda rows: (RowwiseStack(None, "moe", tokens=rows), torch.randn(1, rows, 8)),
+        37,
+        False,
+        3,
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, build, rows, dynamic, fusable", TABLE, ids=[row[0] for row in TABLE])
+@pytest.mark.parametrize(
+    "name, build, rows, dynamic, fusable", TABLE, ids=[row[0] for row in TABLE]
+)
 def test_every_fusable_site_is_fused(name, build, rows, dynamic, fusable):
     model, inputs = build(rows)
     mesh = getattr(next(model.parameters()), "device_mesh", None)
@@ -131,7 +150,9 @@ class TestGoldenAsyncTP(expecttest.TestCase):
     def test_padded_rows_meet_their_matmuls(self):
         (report,) = compile_for_coverage(MLPBlock(layers=2), torch.randn(5, 16))
         self.assertEqual(str(report.async_tp), "async TP: 3 of 3 fusable sites fused")
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[16, 8]
 %1 = input('arg1_1')  : f32[8, 16]
 %2 = input('arg2_1')  : f32[5, 16]
@@ -166,12 +187,15 @@ class TestGoldenAsyncTP(expecttest.TestCase):
 %31 = _c10d_functional.all_gather_into_tensor.default(%30, 2, G0)  : f32[6, 16]
 %32 = _c10d_functional.wait_tensor.default(%31)  : f32[6, 16]
 %33 = aten.slice.Tensor(%32, 0, 0, 5)  : f32[5, 16]
-return (%33,)""")
+return (%33,)""",
+        )
 
     def test_batch_seq_hidden_gathers_rows_into_the_matmul(self):
         (report,) = compile_for_coverage(MLPBlock(layers=2), torch.randn(1, 5, 16))
         self.assertEqual(str(report.async_tp), "async TP: 3 of 3 fusable sites fused")
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[16, 8]
 %1 = input('arg1_1')  : f32[8, 16]
 %2 = input('arg2_1')  : f32[1, 5, 16]
@@ -213,27 +237,33 @@ return (%33,)""")
 %38 = _c10d_functional.wait_tensor.default(%37)  : f32[6, 16]
 %39 = aten.slice.Tensor(%38, 0, 0, 5)  : f32[5, 16]
 %40 = aten.view.default(%39, [1, 5, 16])  : f32[1, 5, 16]
-return (%40,)""")
+return (%40,)""",
+        )
 
 
 def test_explain_names_the_node_between_a_collective_and_its_matmul():
     """The layout before issue 11: a trim after the all-gather, a pad before the reduce-scatter."""
     graph = torch.fx.Graph()
     shard, w = graph.placeholder("shard"), graph.placeholder("w")
-    gathered = graph.call_function(c10d.wait_tensor.default,
-                                   (graph.call_function(c10d.all_gather_into_tensor.default, (shard, 2, "0")),))
+    gathered = graph.call_function(
+        c10d.wait_tensor.default,
+        (graph.call_function(c10d.all_gather_into_tensor.default, (shard, 2, "0")),),
+    )
     trimmed = graph.call_function(aten.slice.Tensor, (gathered, 0, 0, 5))
     product = graph.call_function(aten.mm.default, (trimmed, w))
     padded = graph.call_function(aten.constant_pad_nd.default, (product, [0, 0, 0, 1], 0.0))
-    scattered = graph.call_function(c10d.wait_tensor.default, (
-        graph.call_function(c10d.reduce_scatter_tensor.default, (padded, "sum", 2, "0")),))
+    scattered = graph.call_function(
+        c10d.wait_tensor.default,
+        (graph.call_function(c10d.reduce_scatter_tensor.default, (padded, "sum", 2, "0")),),
+    )
     graph.output(scattered)
     sites = async_tp_sites(graph)
     assert (sites.fusable, sites.fused) == (2, 0)
     assert sites.blocked == [
         f"all_gather {gathered.args[0].name} → {product.name}: aten.slice.Tensor {trimmed.name} sits between",
         f"{product.name} → reduce_scatter {scattered.args[0].name}: "
-        f"aten.constant_pad_nd.default {padded.name} sits between"]
+        f"aten.constant_pad_nd.default {padded.name} sits between",
+    ]
 
 
 def test_report_and_explain_say_what_was_fused():
@@ -252,7 +282,11 @@ def test_without_symmetric_memory_it_says_so_once_and_compiles_without(caplog):
         torch._dynamo.reset()
         torch.compile(MLPBlock(layers=1), backend=backend)(torch.randn(5, 16))
     lines = [r.getMessage() for r in caplog.records if "async_tp" in r.getMessage()]
-    why = "the TP group's backend is fake, not NCCL" if dist.is_nccl_available() else "this torch build has no NCCL"
+    why = (
+        "the TP group's backend is fake, not NCCL"
+        if dist.is_nccl_available()
+        else "this torch build has no NCCL"
+    )
     assert lines == [f"fxsp: async_tp off, compiling without micro-pipeline TP: {why}"]
     assert all(r.async_tp is None for r in backend.reports)
     assert backend.reports[-1].counts["sp.last"] == 1
@@ -266,8 +300,7 @@ def test_symmetric_memory_off_for_the_group_is_named():
     import fxsp.compile.async_tp
 
     backend = fxsp.backend(None, min_tokens=0, async_tp=True)
-    with _test_mode({"another group"}), torch.no_grad(), \
-            pytest.MonkeyPatch.context() as patch:
+    with _test_mode({"another group"}), torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(dist, "is_nccl_available", lambda: True)
         # As if enabling had worked, while the fusion finds symmetric memory off for the group.
         patch.setattr(fxsp.compile.async_tp, "enable_async_tp", lambda group: None)

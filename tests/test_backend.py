@@ -29,7 +29,9 @@ def test_bad_options_and_groups_are_clear_errors_at_construction():
     """No process group needed: a bad group or option fails in fxsp.backend(...), saying what is
     allowed, not later inside Dynamo's BackendCompilerFailed."""
     for group in (3, object(), "tp"):
-        with pytest.raises(TypeError, match="tp_group must be a ProcessGroup, a 1-D DeviceMesh or None"):
+        with pytest.raises(
+            TypeError, match="tp_group must be a ProcessGroup, a 1-D DeviceMesh or None"
+        ):
             fxsp.backend(group)
     with pytest.raises(ValueError, match="min_tokens must be 'auto' or an int >= 0, not -5"):
         fxsp.backend(None, min_tokens=-5)
@@ -46,7 +48,10 @@ def test_bad_options_and_groups_are_clear_errors_at_construction():
         fxsp.backend(None, inner="tvm")
     with pytest.raises(ValueError, match="pipeline_size must be an int >= 1, not 0"):
         fxsp.backend(None, pipeline_size=0)
-    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['min_token'\]; its options are min_tokens, fp8"):
+    with pytest.raises(
+        TypeError,
+        match=r"unexpected keyword arguments \['min_token'\]; its options are min_tokens, fp8",
+    ):
         fxsp.backend(None, min_token=3)
     with pytest.raises(TypeError, match="min_tokens must be"):
         fxsp.Options(min_tokens=2.0)  # the dataclass checks itself too
@@ -67,7 +72,10 @@ def test_vllm_pass_checks_its_options_at_construction():
         _FxspVllmPassImpl(dtype="bf16")
     with pytest.raises(TypeError, match="fp8 must be True or False"):
         Options(fp8=None)
-    assert _FxspVllmPassImpl(min_tokens=8, hidden_size=64, dtype=torch.bfloat16).options.min_tokens == 8
+    assert (
+        _FxspVllmPassImpl(min_tokens=8, hidden_size=64, dtype=torch.bfloat16).options.min_tokens
+        == 8
+    )
 
 
 def test_two_dimensional_mesh_is_refused(fake_pg):
@@ -94,8 +102,12 @@ def test_tp_size_one_rewrites_nothing_and_says_so_once(fake_pg, caplog):
         compiled = torch.compile(Block(layers=1), backend=backend)
         compiled(torch.randn(4, 8))
         compiled(torch.randn(6, 8))  # a recompile: still one message
-    assert [r.message for r in caplog.records].count("fxsp: TP size 1, sequence parallelism has nothing to do") == 1
-    assert all(not k.startswith("sp.") or v == 0 for r in backend.reports for k, v in r.counts.items())
+    assert [r.message for r in caplog.records].count(
+        "fxsp: TP size 1, sequence parallelism has nothing to do"
+    ) == 1
+    assert all(
+        not k.startswith("sp.") or v == 0 for r in backend.reports for k, v in r.counts.items()
+    )
 
 
 def test_report_surface(fake_pg):
@@ -121,7 +133,9 @@ def test_report_round_trips_through_json(fake_pg):
     assert back.to_json() == report.to_json()
     assert back.counts == report.counts and back.collectives == report.collectives
     assert back.explain() == report.explain() and back.after == report.after
-    assert {k: str(v) for k, v in back.misses.items()} == {k: str(v) for k, v in report.misses.items()}
+    assert {k: str(v) for k, v in back.misses.items()} == {
+        k: str(v) for k, v in report.misses.items()
+    }
     assert back.traffic_after == report.traffic_after
     assert back.traffic_after.per_layer(fake_pg) == report.traffic_after.per_layer(fake_pg)
 
@@ -137,8 +151,10 @@ def test_report_round_trips_through_json(fake_pg):
 def test_explain_option_logs_near_misses(fake_pg, caplog):
     with caplog.at_level(logging.INFO, logger="fxsp"):
         compile_block(torch.randn(4, 8), explain=True, min_tokens=64)
-    assert any("near-miss sp.first at" in r.message and "4 rows < min_tokens 64" in r.message
-               for r in caplog.records)
+    assert any(
+        "near-miss sp.first at" in r.message and "4 rows < min_tokens 64" in r.message
+        for r in caplog.records
+    )
 
 
 def test_cache_key_covers_rank_options_and_group(fake_pg):
@@ -189,7 +205,12 @@ def test_symbolic_rows_without_threshold_compile_once(fake_pg):
 def test_batch_invariant_turns_sp_and_fusion_off(fake_pg, caplog):
     with caplog.at_level(logging.INFO, logger="fxsp"):
         backend, _ = compile_block(torch.randn(4, 8), batch_invariant=True)
-    assert all(v == 0 for r in backend.reports for k, v in r.counts.items() if k.startswith(("sp.", "allreduce_norm.")))
+    assert all(
+        v == 0
+        for r in backend.reports
+        for k, v in r.counts.items()
+        if k.startswith(("sp.", "allreduce_norm."))
+    )
     assert backend.fusion_config() is None
     assert any("batch_invariant: sequence parallelism is off" in r.message for r in caplog.records)
 
@@ -197,7 +218,9 @@ def test_batch_invariant_turns_sp_and_fusion_off(fake_pg, caplog):
 def test_fusion_is_off_on_cpu_and_says_why(fake_pg, caplog):
     with caplog.at_level(logging.INFO, logger="fxsp"):
         assert fxsp.backend(None).fusion_config() is None
-    assert any("CUDA" in r.message or "cuda" in r.message for r in caplog.records), [r.message for r in caplog.records]
+    assert any("CUDA" in r.message or "cuda" in r.message for r in caplog.records), [
+        r.message for r in caplog.records
+    ]
 
 
 def test_floats_traced_as_inputs_are_named_with_the_fix(fake_pg, caplog):
@@ -223,8 +246,11 @@ def test_floats_traced_as_inputs_are_named_with_the_fix(fake_pg, caplog):
     torch._dynamo.reset()
     caplog.clear()
     backend = fxsp.backend(None, inner="eager")
-    with caplog.at_level(logging.WARNING, logger="fxsp"), torch.no_grad(), \
-            torch._dynamo.config.patch(specialize_float=True):
+    with (
+        caplog.at_level(logging.WARNING, logger="fxsp"),
+        torch.no_grad(),
+        torch._dynamo.config.patch(specialize_float=True),
+    ):
         torch.compile(model, backend=backend, dynamic=True)(model.example_input(8))
     assert not [r for r in caplog.records if "traced Python floats" in r.message]
     assert sp_matches(backend) == 3  # first, middle, last

@@ -26,8 +26,11 @@ def rewrite_and_compare(rank: int, world: int) -> list:
         gm = trace_ir_llama(LAYERS, prompt_embeds=prompt_embeds)
         matches = sp.apply(gm)
         gm.recompile()
-        scatters = len(gm.graph.find_nodes(op="call_function",
-                                           target=torch.ops._c10d_functional.reduce_scatter_tensor.default))
+        scatters = len(
+            gm.graph.find_nodes(
+                op="call_function", target=torch.ops._c10d_functional.reduce_scatter_tensor.default
+            )
+        )
         # A partial embedding sum differs per rank; prompt embeddings are the same everywhere.
         g = torch.Generator().manual_seed(100 + (0 if prompt_embeds else rank))
         embeds = torch.randn(ROWS, HIDDEN, generator=g)
@@ -59,8 +62,8 @@ def test_raw_baseline_rewrites_every_norm_like_fxsp(fake_pg, norm):
 
     from benchmarks.baseline_pattern_matcher import RawPatternMatcherSP
     from benchmarks.post_grad_llama import post_grad_graph
-    from fxsp.sp.rules import SPConfig
     from fxsp.compile.passes import run_passes
+    from fxsp.sp.rules import SPConfig
 
     c10d = torch.ops._c10d_functional
     group = dist.group.WORLD.group_name
@@ -71,8 +74,14 @@ def test_raw_baseline_rewrites_every_norm_like_fxsp(fake_pg, norm):
     run_passes(ours.graph, SPConfig(group=group, world=fake_pg, rank=0, min_tokens=0))
 
     def collectives(g) -> list:
-        return [len(g.graph.find_nodes(op="call_function", target=t)) for t in
-                (c10d.reduce_scatter_tensor.default, c10d.all_gather_into_tensor.default, c10d.all_reduce.default)]
+        return [
+            len(g.graph.find_nodes(op="call_function", target=t))
+            for t in (
+                c10d.reduce_scatter_tensor.default,
+                c10d.all_gather_into_tensor.default,
+                c10d.all_reduce.default,
+            )
+        ]
 
     assert matches == 2 * LAYERS + 1
     assert collectives(baseline) == collectives(ours) == [matches, matches, 0]

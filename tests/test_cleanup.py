@@ -24,7 +24,9 @@ def clean(fn, *inputs, tracing_mode: str = "fake") -> tuple:
 
 
 def targets(gm) -> list:
-    return [fxsp.dsl.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return [
+        fxsp.dsl.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"
+    ]
 
 
 def test_identity_views_slices_and_slice_scatter_go():
@@ -54,7 +56,9 @@ def test_shape_changing_ops_stay():
 
 def test_view_chain_folds_to_one_view_or_none():
     def f(x):
-        return aten.view.default(aten.view.default(x, [32]), [2, 16]), aten.view.default(aten.view.default(x, [32]), [4, 8])
+        return aten.view.default(aten.view.default(x, [32]), [2, 16]), aten.view.default(
+            aten.view.default(x, [32]), [4, 8]
+        )
 
     gm, report = clean(f, torch.randn(4, 8))
     assert report.counts["noop.view_chain"] == 2
@@ -71,7 +75,11 @@ def _assert_reshapes_match_a_dispatch(graph) -> list:
         with detect_fake_mode([x]):
             want = aten.reshape.default(x, shape)
         assert (val.shape, val.stride(), val.storage_offset(), val.dtype) == (
-            want.shape, want.stride(), want.storage_offset(), want.dtype), node.name
+            want.shape,
+            want.stride(),
+            want.storage_offset(),
+            want.dtype,
+        ), node.name
         storage = x.untyped_storage()._cdata
         shares = val.untyped_storage()._cdata == storage
         assert shares == (want.untyped_storage()._cdata == storage), node.name
@@ -92,8 +100,11 @@ def test_folded_view_chain_takes_the_chain_value(tracing_mode):
         return size_one, shifted
 
     gm = make_fx(f, tracing_mode=tracing_mode)(torch.randn(4, 8))
-    chain_values = [n.meta["val"] for n in gm.graph.nodes if n.target is aten.view.default
-                    and n.args[0].target is aten.view.default]
+    chain_values = [
+        n.meta["val"]
+        for n in gm.graph.nodes
+        if n.target is aten.view.default and n.args[0].target is aten.view.default
+    ]
     report = noop_rules().apply(gm, check=True)
     remove_dead_code(gm.graph)
     gm.recompile()
@@ -153,5 +164,8 @@ def test_dead_collectives_go_and_live_ones_stay(fake_pg):
     graph.eliminate_dead_code()  # torch's own DCE keeps the dead wait (side-effecting)
     assert "_c10d_functional.all_gather_into_tensor.default" in targets(gm)
     assert remove_dead_code(graph)
-    assert targets(gm) == ["_c10d_functional.all_reduce.default", "_c10d_functional.wait_tensor.default",
-                           "aten.add.Tensor"]
+    assert targets(gm) == [
+        "_c10d_functional.all_reduce.default",
+        "_c10d_functional.wait_tensor.default",
+        "aten.add.Tensor",
+    ]

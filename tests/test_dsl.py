@@ -71,8 +71,13 @@ def call(graph: Graph, target, *args, **kwargs):
 def matches(pattern, gm: GraphModule, **rule_options) -> list:
     """Every match of `pattern` in `gm`, found without rewriting anything."""
     rule = Rule("probe", pattern, lambda b, m: None, **rule_options)
-    return [m for n in gm.graph.nodes if n.op == "call_function"
-            for m in [rule.match_at(n, fxsp.dsl.match.Trace())] if m is not None]
+    return [
+        m
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        for m in [rule.match_at(n, fxsp.dsl.match.Trace())]
+        if m is not None
+    ]
 
 
 def near_miss(pattern, gm: GraphModule, **rule_options) -> str:
@@ -83,7 +88,9 @@ def near_miss(pattern, gm: GraphModule, **rule_options) -> str:
 
 
 def targets(gm: GraphModule) -> list[str]:
-    return [fxsp.dsl.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return [
+        fxsp.dsl.pattern.target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"
+    ]
 
 
 def hf_rms_norm(x, w, eps: float = 1e-6, rsqrt=torch.rsqrt):
@@ -105,8 +112,11 @@ def to_rms_norm(b: Builder, m) -> torch.fx.Node:
 
 
 RMS_RULE = Rule("hf_rms_norm", hf_rms_norm_pattern(), to_rms_norm)
-DOUBLE_RULE = Rule("x*2 -> x+x", op(aten.mul.Tensor, tensor("x"), 2),
-                   lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]))
+DOUBLE_RULE = Rule(
+    "x*2 -> x+x",
+    op(aten.mul.Tensor, tensor("x"), 2),
+    lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +136,9 @@ class _RecordOps(TorchDispatchMode):
 
 def test_building_patterns_and_rules_runs_no_op():
     with _RecordOps() as recorder:
-        rules = RuleSet("norms", [Rule(f"rms{i}", hf_rms_norm_pattern(), to_rms_norm)
-                                  for i in range(5)])
+        rules = RuleSet(
+            "norms", [Rule(f"rms{i}", hf_rms_norm_pattern(), to_rms_norm) for i in range(5)]
+        )
     assert recorder.ops == []
     assert rules.rules[0].anchors() == MUL
 
@@ -175,7 +186,8 @@ def test_scalar_predicate_rejects_eps_out_of_range():
     assert matches(hf_rms_norm_pattern(), gm) == []
     assert near_miss(hf_rms_norm_pattern(), gm) == (
         "probe at mul_1: arg 1 (mul) → arg 1 (rsqrt) → arg 0 (add) → arg 1: "
-        "expected scalar eps in (0.0, 0.01], got 0.1")
+        "expected scalar eps in (0.0, 0.01], got 0.1"
+    )
 
 
 def test_scalar_where_predicate_and_doc():
@@ -183,7 +195,8 @@ def test_scalar_where_predicate_and_doc():
     pattern = op(aten.mul.Tensor, tensor("x"), power_of_two)
     assert len(matches(pattern, trace(lambda x: x * 4, (3,)))) == 1
     assert near_miss(pattern, trace(lambda x: x * 3, (3,))) == (
-        "probe at mul: arg 1: expected scalar k a power of two, got 3")
+        "probe at mul: arg 1: expected scalar k a power of two, got 3"
+    )
 
 
 def test_scalar_does_not_accept_a_tensor_or_a_bool():
@@ -200,17 +213,23 @@ def test_name_bound_twice_must_bind_the_same_node():
     assert matches(pattern, gm) == []
     # Tried in both orders (add is commutative); both fail the same way at the same depth.
     assert near_miss(pattern, gm) == (
-        "probe at add: arg 1 (y_1): expected x = x_1 (bound earlier), got y_1")
+        "probe at add: arg 1 (y_1): expected x = x_1 (bound earlier), got y_1"
+    )
 
 
 def test_name_bound_twice_in_a_deep_pattern():
     # Same chain as RMSNorm, but the variance is taken of another tensor.
-    gm = trace(lambda x, y, w: w * (x * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)),
-               (4, 8), (4, 8), (8,))
+    gm = trace(
+        lambda x, y, w: w * (x * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)),
+        (4, 8),
+        (4, 8),
+        (8,),
+    )
     assert matches(hf_rms_norm_pattern(), gm) == []
     assert near_miss(hf_rms_norm_pattern(), gm) == (
         "probe at mul_1: arg 1 (mul) → arg 1 (rsqrt) → arg 0 (add) → arg 0 (mean) → "
-        "arg 0 (pow_1) → arg 0 (y_1): expected x = x_1 (bound earlier), got y_1")
+        "arg 0 (pow_1) → arg 0 (y_1): expected x = x_1 (bound earlier), got y_1"
+    )
 
 
 def square_of_negation(x):
@@ -233,7 +252,8 @@ def test_dtype_capture_with_allowed_set():
     gm = trace(lambda x: x.double(), (3,), dtype=torch.float16)
     assert matches(pattern, gm) == []
     assert near_miss(pattern, gm) == (
-        "probe at _to_copy: dtype: expected dtype in {torch.float32} to, got torch.float64")
+        "probe at _to_copy: dtype: expected dtype in {torch.float32} to, got torch.float64"
+    )
 
 
 def test_tensor_dtype_restriction():
@@ -242,7 +262,8 @@ def test_tensor_dtype_restriction():
     assert matches(pattern, trace(lambda x: -x, (3,))) == []
     assert near_miss(pattern, trace(lambda x: -x, (3,))) == (
         "probe at neg: arg 0 (x_1): expected tensor x of dtype in {torch.bfloat16, torch.float16}, "
-        "got x_1")
+        "got x_1"
+    )
 
 
 def test_tensor_where_predicate_and_doc():
@@ -250,7 +271,10 @@ def test_tensor_where_predicate_and_doc():
     pattern = op(aten.neg.default, is_input)
     assert len(matches(pattern, trace(lambda x: -x, (3,)))) == 1
     gm = trace(lambda x: -(x + 1), (3,))
-    assert near_miss(pattern, gm) == "probe at neg: arg 0 (add): expected tensor x (a graph input), got add"
+    assert (
+        near_miss(pattern, gm)
+        == "probe at neg: arg 0 (add): expected tensor x (a graph input), got add"
+    )
 
 
 def test_such_that_asks_the_node_before_its_arguments():
@@ -260,16 +284,20 @@ def test_such_that_asks_the_node_before_its_arguments():
         asked.append(node.name)
         return len(node.users) == 1
 
-    pattern = such_that(op(aten.neg.default, op(aten.exp.default, tensor("x"))), single_user,
-                        "(read once)")
+    pattern = such_that(
+        op(aten.neg.default, op(aten.exp.default, tensor("x"))), single_user, "(read once)"
+    )
     assert len(matches(pattern, trace(lambda x: -x.exp(), (3,)))) == 1
     gm = trace(lambda x: (lambda n: (n.exp(), n.sin()))(-x), (3,))
     asked.clear()
     assert near_miss(pattern, gm) == "probe at neg: expected aten.neg.default (read once), got neg"
     assert asked == ["neg"]  # refused before its argument, a neg and no exp, was looked at
     # On alternatives, every option asks.
-    either = such_that(alt(op(aten.neg.default, tensor("x")), op(aten.exp.default, tensor("x"))),
-                       single_user, "(read once)")
+    either = such_that(
+        alt(op(aten.neg.default, tensor("x")), op(aten.exp.default, tensor("x"))),
+        single_user,
+        "(read once)",
+    )
     assert len(matches(either, trace(lambda x: -x.exp(), (3,)))) == 2
 
 
@@ -277,8 +305,10 @@ def test_string_capture_reads_group_names():
     def all_reduce(g, x):
         return call(g, c10d.wait_tensor.default, call(g, c10d.all_reduce.default, x, "sum", "tp0"))
 
-    pattern = op(c10d.wait_tensor.default,
-                 op(c10d.all_reduce.default, tensor("x"), string(allowed={"sum"}), string("group")))
+    pattern = op(
+        c10d.wait_tensor.default,
+        op(c10d.all_reduce.default, tensor("x"), string(allowed={"sum"}), string("group")),
+    )
     [m] = matches(pattern, hand_graph(all_reduce, (4, 8)))
     assert m["group"] == "tp0"
 
@@ -287,7 +317,8 @@ def test_string_capture_reads_group_names():
 
     assert near_miss(pattern, hand_graph(all_reduce_max, (4, 8))) == (
         "probe at wait_tensor_default: arg 0 (all_reduce_default) → arg 1: expected str in {'sum'}, "
-        "got 'max'")
+        "got 'max'"
+    )
 
 
 def test_literals_compare_by_value_and_type():
@@ -296,8 +327,13 @@ def test_literals_compare_by_value_and_type():
     assert matches(op(aten.mul.Tensor, tensor(), 2), trace(lambda x: x * 3, (3,))) == []
     assert len(matches(op(aten.mul.Tensor, tensor(), 2.0), trace(lambda x: x * 2, (3,)))) == 1
     # A bool is not the int 1.
-    assert matches(op(aten.mul.Tensor, tensor(), 1),
-                   hand_graph(lambda g, x: call(g, aten.mul.Tensor, x, True), (3,))) == []
+    assert (
+        matches(
+            op(aten.mul.Tensor, tensor(), 1),
+            hand_graph(lambda g, x: call(g, aten.mul.Tensor, x, True), (3,)),
+        )
+        == []
+    )
 
 
 def test_anything_accepts_any_argument():
@@ -324,7 +360,8 @@ def test_dims_differ_on_another_rank():
     gm = trace(lambda x: x.mean(-1, keepdim=True), (2, 4, 8))
     assert matches(op(aten.mean.dim, tensor(), dims([1]), True), gm) == []
     assert near_miss(op(aten.mean.dim, tensor(), dims([1]), True), gm) == (
-        "probe at mean: arg 1: expected dims [1], got [-1]")
+        "probe at mean: arg 1: expected dims [1], got [-1]"
+    )
 
 
 def test_schema_arguments_left_out_must_be_at_their_defaults():
@@ -333,7 +370,8 @@ def test_schema_arguments_left_out_must_be_at_their_defaults():
     assert len(matches(pattern, trace(lambda x: x.mean(-1, keepdim=True), (4, 8)))) == 1
     assert matches(pattern, with_dtype) == []
     assert near_miss(pattern, with_dtype) == (
-        "probe at mean: dtype: expected None, got torch.float32")
+        "probe at mean: dtype: expected None, got torch.float32"
+    )
     # Unless the pattern says what the argument may be.
     [m] = matches(op(aten.mean.dim, tensor("x"), dims([-1]), True, dtype=dtype("acc")), with_dtype)
     assert m["acc"] is torch.float32
@@ -365,21 +403,25 @@ def test_alternative_targets_for_one_node():
     assert len(matches(pattern, trace(lambda x: x + 1, (3,)))) == 1  # add.Tensor(x, 1)
     assert len(matches(pattern, hand_graph(lambda g, x: call(g, aten.add.Scalar, x, 1), (3,)))) == 1
     assert matches(pattern, trace(lambda x: x - 1, (3,))) == []
-    assert near_miss(op(aten.add.Tensor, tensor("x"), 1),
-                     hand_graph(lambda g, x: call(g, aten.sub.Tensor, x, 1), (3,))) == (
-        "probe at -: expected an anchor node (aten.add.Tensor), got none in graph")
+    assert near_miss(
+        op(aten.add.Tensor, tensor("x"), 1),
+        hand_graph(lambda g, x: call(g, aten.sub.Tensor, x, 1), (3,)),
+    ) == ("probe at -: expected an anchor node (aten.add.Tensor), got none in graph")
 
 
 def test_whole_subpattern_alternation():
     variance = op(aten.mean.dim, op(aten.pow.Tensor_Scalar, tensor("x"), 2), dims([-1]), True)
     shifted = op(ADD, variance, scalar("eps"))
-    inv_rms = alt(op(aten.rsqrt.default, shifted),
-                  op(aten.reciprocal.default, op(aten.sqrt.default, shifted)),
-                  name="inv_rms")
+    inv_rms = alt(
+        op(aten.rsqrt.default, shifted),
+        op(aten.reciprocal.default, op(aten.sqrt.default, shifted)),
+        name="inv_rms",
+    )
     pattern = op(MUL, tensor("x"), inv_rms)
     rsqrt_graph = trace(lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), (4, 8))
     sqrt_graph = trace(
-        lambda x: x * torch.reciprocal(torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)), (4, 8))
+        lambda x: x * torch.reciprocal(torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)), (4, 8)
+    )
     [a] = matches(pattern, rsqrt_graph)
     [b] = matches(pattern, sqrt_graph)
     assert a["inv_rms"].target is aten.rsqrt.default
@@ -395,14 +437,17 @@ def neg_then(mid):
     return lambda x: torch.relu(mid(-x))
 
 
-@pytest.mark.parametrize("name, mid", [
-    ("none", lambda t: t),
-    ("clone", torch.clone),
-    ("cast", lambda t: t.to(torch.float16)),
-    ("cast twice", lambda t: t.double().float()),
-    ("identity view", lambda t: t.view(4, 8)),
-    ("identity reshape then clone", lambda t: t.reshape(4, 8).clone()),
-])
+@pytest.mark.parametrize(
+    "name, mid",
+    [
+        ("none", lambda t: t),
+        ("clone", torch.clone),
+        ("cast", lambda t: t.to(torch.float16)),
+        ("cast twice", lambda t: t.double().float()),
+        ("identity view", lambda t: t.view(4, 8)),
+        ("identity reshape then clone", lambda t: t.reshape(4, 8).clone()),
+    ],
+)
 def test_through_skips_pass_through_nodes(name, mid):
     gm = trace(neg_then(mid), (4, 8))
     [m] = matches(op(aten.relu.default, through(op(aten.neg.default, tensor("x")), name="fed")), gm)
@@ -427,7 +472,8 @@ def test_non_identity_view_does_not_pass_through():
     pattern = op(aten.relu.default, through(op(aten.neg.default, tensor("x"))))
     assert matches(pattern, gm) == []
     assert near_miss(pattern, gm) == (
-        "probe at relu: arg 0 (view): expected aten.neg.default, got aten.view.default")
+        "probe at relu: arg 0 (view): expected aten.neg.default, got aten.view.default"
+    )
 
 
 def test_through_only_skips_the_listed_targets():
@@ -471,8 +517,9 @@ def test_non_commutative_operands_keep_their_order():
 # Containment: named outputs, cycles, `where`
 # ---------------------------------------------------------------------------------------------
 
-PRODUCT_PLUS = op(aten.add.Tensor, op(aten.mul.Tensor, tensor("a"), tensor("b"), name="product"),
-                  tensor("c"))
+PRODUCT_PLUS = op(
+    aten.add.Tensor, op(aten.mul.Tensor, tensor("a"), tensor("b"), name="product"), tensor("c")
+)
 
 
 def fused_multiply_add(b: Builder, m):
@@ -490,7 +537,8 @@ def test_interior_node_used_outside_blocks_the_match():
     gm = trace(product_used_outside, (3,), (3,), (3,))
     assert matches(PRODUCT_PLUS, gm) == []
     assert near_miss(PRODUCT_PLUS, gm) == (
-        "probe at add: expected a self-contained match, got mul also used by relu")
+        "probe at add: expected a self-contained match, got mul also used by relu"
+    )
 
 
 def test_declared_output_may_be_used_outside_and_rewritten():
@@ -511,7 +559,8 @@ def test_declared_output_whose_user_feeds_the_match_is_a_cycle():
     gm = trace(fn, (3,), (3,))
     assert matches(PRODUCT_PLUS, gm, outputs=("product",)) == []
     assert near_miss(PRODUCT_PLUS, gm, outputs=("product",)) == (
-        "probe at add: expected a self-contained match, got rewrite would create a cycle")
+        "probe at add: expected a self-contained match, got rewrite would create a cycle"
+    )
 
 
 def test_replaced_output_users_move_after_the_replacement():
@@ -543,9 +592,11 @@ def test_where_vetoes_a_match_with_a_reason():
     pattern = op(aten.mul.Tensor, tensor("x"), 2)
     assert len(matches(pattern, trace(lambda x: x * 2, (3,)), where=small_only)) == 1
     assert near_miss(pattern, trace(lambda x: x * 2, (30,)), where=small_only) == (
-        "probe at mul: expected the rule's condition, got x_1 is too large")
+        "probe at mul: expected the rule's condition, got x_1 is too large"
+    )
     assert near_miss(pattern, trace(lambda x: x * 2, (3,)), where=lambda m: False) == (
-        "probe at mul: expected the rule's condition, got `where` rejected the match")
+        "probe at mul: expected the rule's condition, got `where` rejected the match"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,8 +608,9 @@ def remove_double_negation(b: Builder, m):
     return m["x"]
 
 
-DOUBLE_NEG = Rule("--x -> x", op(aten.neg.default, op(aten.neg.default, tensor("x"))),
-                  remove_double_negation)
+DOUBLE_NEG = Rule(
+    "--x -> x", op(aten.neg.default, op(aten.neg.default, tensor("x"))), remove_double_negation
+)
 SPOILED = "expected an unchanged root, got a root erased by an earlier rewrite"
 
 
@@ -570,28 +622,36 @@ def test_overlapping_matches_first_in_topological_order_wins():
     assert report.counts == {"--x -> x": 1}
     assert targets(gm) == ["aten.neg.default"]
     assert [str(f) for f in report.failures] == [
-        "--x -> x at neg_2: arg 0 (x_1): expected aten.neg.default, got x_1"]
+        "--x -> x at neg_2: arg 0 (x_1): expected aten.neg.default, got x_1"
+    ]
     torch.testing.assert_close(gm(torch.ones(3)), -torch.ones(3))
 
 
-RELU_OF_DOUBLE = Rule("relu(x*2)", op(aten.relu.default, op(aten.mul.Tensor, tensor("x"), 2)),
-                      lambda b, m: b.call(aten.mul.Tensor, b.call(aten.relu.default, m["x"]), 2))
+RELU_OF_DOUBLE = Rule(
+    "relu(x*2)",
+    op(aten.relu.default, op(aten.mul.Tensor, tensor("x"), 2)),
+    lambda b, m: b.call(aten.mul.Tensor, b.call(aten.relu.default, m["x"]), 2),
+)
 
 
 def test_overlap_is_decided_by_where_matches_begin():
     # relu(exp(x)*2) begins at the exp, before the doubling rule's match begins (at the mul):
     # it wins although listed second, and the doubling match it spoils is reported.
     gm = trace(lambda x: torch.relu(x.exp() * 2), (3,))
-    relu_then_double = Rule("relu(exp(x)*2)", op(aten.relu.default, op(aten.mul.Tensor, op(
-        aten.exp.default, tensor("x")), 2)), lambda b, m: b.call(aten.relu.default, m["x"]))
+    relu_then_double = Rule(
+        "relu(exp(x)*2)",
+        op(aten.relu.default, op(aten.mul.Tensor, op(aten.exp.default, tensor("x")), 2)),
+        lambda b, m: b.call(aten.relu.default, m["x"]),
+    )
     report = RuleSet("overlap", [DOUBLE_RULE, relu_then_double]).apply(gm, check=True)
     assert report.counts == {"x*2 -> x+x": 0, "relu(exp(x)*2)": 1}
     assert targets(gm) == ["aten.relu.default"]
     assert [str(f) for f in report.failures] == [f"x*2 -> x+x at mul: {SPOILED}"]
 
 
-@pytest.mark.parametrize("first, second",
-                         [(RELU_OF_DOUBLE, DOUBLE_RULE), (DOUBLE_RULE, RELU_OF_DOUBLE)])
+@pytest.mark.parametrize(
+    "first, second", [(RELU_OF_DOUBLE, DOUBLE_RULE), (DOUBLE_RULE, RELU_OF_DOUBLE)]
+)
 def test_rule_order_breaks_ties_between_matches_beginning_at_the_same_node(first, second):
     gm = trace(lambda x: torch.relu(x * 2), (3,))
     inputs = torch.randn(3)
@@ -603,18 +663,27 @@ def test_rule_order_breaks_ties_between_matches_beginning_at_the_same_node(first
     if first is DOUBLE_RULE:
         assert targets(gm) == ["aten.add.Tensor", "aten.relu.default"]
         assert str(report.misses[second.name]) == (
-            "relu(x*2) at relu: arg 0 (add_tensor): expected aten.mul.Tensor, got aten.add.Tensor")
+            "relu(x*2) at relu: arg 0 (add_tensor): expected aten.mul.Tensor, got aten.add.Tensor"
+        )
     else:
         assert targets(gm) == ["aten.relu.default", "aten.mul.Tensor"]
 
 
 def test_rule_order_breaks_ties_at_the_same_root():
-    as_add = Rule("as add", op(aten.mul.Tensor, tensor("x"), 2),
-                  lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]))
-    as_scalar_mul = Rule("as mul.Scalar", op(aten.mul.Tensor, tensor("x"), scalar("k")),
-                         lambda b, m: b.call(aten.mul.Scalar, m["x"], m["k"]))
-    for first, second, target in [(as_add, as_scalar_mul, "aten.add.Tensor"),
-                                  (as_scalar_mul, as_add, "aten.mul.Scalar")]:
+    as_add = Rule(
+        "as add",
+        op(aten.mul.Tensor, tensor("x"), 2),
+        lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]),
+    )
+    as_scalar_mul = Rule(
+        "as mul.Scalar",
+        op(aten.mul.Tensor, tensor("x"), scalar("k")),
+        lambda b, m: b.call(aten.mul.Scalar, m["x"], m["k"]),
+    )
+    for first, second, target in [
+        (as_add, as_scalar_mul, "aten.add.Tensor"),
+        (as_scalar_mul, as_add, "aten.mul.Scalar"),
+    ]:
         gm = trace(lambda x: x * 2, (3,))
         report = RuleSet("tie", [first, second]).apply(gm, check=True)
         assert report.counts == {first.name: 1, second.name: 0}
@@ -627,9 +696,12 @@ def test_a_match_nothing_changed_is_not_matched_again():
     # its checks run again (the leaf predicate counts the matching, `where` the checks).
     looked_at, checked = [], []
     k = scalar("k", where=lambda v: looked_at.append(v) or True)
-    rule = Rule("x*k -> x+x", op(aten.mul.Tensor, tensor("x"), k),
-                lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]),
-                where=lambda m: checked.append(m.root.name) or True)
+    rule = Rule(
+        "x*k -> x+x",
+        op(aten.mul.Tensor, tensor("x"), k),
+        lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]),
+        where=lambda m: checked.append(m.root.name) or True,
+    )
     gm = trace(lambda x, y: (x * 2, y * 2), (3,), (3,))
     assert RuleSet("once", [rule]).apply(gm, check=True).counts == {rule.name: 2}
     assert len(looked_at) == 2 and checked == ["mul", "mul_1", "mul", "mul_1"]
@@ -638,8 +710,11 @@ def test_a_match_nothing_changed_is_not_matched_again():
 def test_a_match_an_earlier_rewrite_changed_is_matched_again():
     # neg(neg(x)) then neg(neg(that)) share nothing, but the first rewrite replaces the second
     # match's input: matched again, it binds the new node.
-    double_neg = Rule("--x -> x", op(aten.neg.default, op(aten.neg.default, tensor("x"))),
-                      lambda b, m: b.call(aten.relu.default, m["x"]))
+    double_neg = Rule(
+        "--x -> x",
+        op(aten.neg.default, op(aten.neg.default, tensor("x"))),
+        lambda b, m: b.call(aten.relu.default, m["x"]),
+    )
     gm = trace(lambda x: torch.neg(torch.neg(torch.neg(torch.neg(x)))), (3,))
     report = RuleSet("negations", [double_neg]).apply(gm, check=True)
     assert report.counts == {"--x -> x": 2}
@@ -649,8 +724,11 @@ def test_a_match_an_earlier_rewrite_changed_is_matched_again():
 
 def test_all_matches_are_collected_before_any_rewrite():
     # The rewrite produces a new x*2, which must not be matched again in the same pass.
-    again = Rule("x*2 -> (x*2)+0", op(aten.mul.Tensor, tensor("x"), 2),
-                 lambda b, m: b.call(aten.add.Tensor, b.call(aten.mul.Tensor, m["x"], 2), 0))
+    again = Rule(
+        "x*2 -> (x*2)+0",
+        op(aten.mul.Tensor, tensor("x"), 2),
+        lambda b, m: b.call(aten.add.Tensor, b.call(aten.mul.Tensor, m["x"], 2), 0),
+    )
     gm = trace(lambda x: x * 2, (3,))
     assert RuleSet("once", [again]).apply(gm, check=True).counts == {"x*2 -> (x*2)+0": 1}
     assert targets(gm) == ["aten.mul.Tensor", "aten.add.Tensor"]
@@ -740,8 +818,18 @@ def test_create_call_names_nodes_as_create_node_does():
     def layer_2(x):
         return x
 
-    targets = [aten.add.Tensor, operator.getitem, max, layer_2, lambda x: x, aten.add.Tensor,
-               max, layer_2, operator.getitem, aten.mm.default] * 3
+    targets = [
+        aten.add.Tensor,
+        operator.getitem,
+        max,
+        layer_2,
+        lambda x: x,
+        aten.add.Tensor,
+        max,
+        layer_2,
+        operator.getitem,
+        aten.mm.default,
+    ] * 3
     plain, fast = Graph(), Graph()
     for graph in (plain, fast):
         graph.placeholder("x")
@@ -805,13 +893,15 @@ def test_explain_rms_norm_near_miss_points_into_the_pattern():
     assert report.counts == {"hf_rms_norm": 0}
     assert str(report.misses["hf_rms_norm"]) == (
         "hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, "
-        "got aten.sqrt.default")
+        "got aten.sqrt.default"
+    )
     miss = report.misses["hf_rms_norm"].miss
     assert miss.node.target is aten.sqrt.default
     assert report.explain() == (
         "norms: hf_rms_norm=0\n"
         "  near-miss hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, "
-        "got aten.sqrt.default")
+        "got aten.sqrt.default"
+    )
 
 
 def test_report_counts_misses_and_explain():
@@ -823,7 +913,8 @@ def test_report_counts_misses_and_explain():
     assert report.explain() == (
         "pass: hf_rms_norm=1, x*2 -> x+x=1, never=0\n"
         "  near-miss never at -: expected an anchor node (aten.cos.default), "
-        "got none in graph")
+        "got none in graph"
+    )
     assert report.seconds > 0
 
 
@@ -835,7 +926,8 @@ def test_report_keeps_the_deepest_near_miss_per_rule():
     report = RuleSet("norms", [RMS_RULE]).apply(trace(fn, (4, 8), (8,)))
     assert str(report.misses["hf_rms_norm"]) == (
         "hf_rms_norm at mul_2: arg 1 (mul_1) → arg 1 (rsqrt) → arg 0 (add) → arg 1: "
-        "expected scalar eps in (0.0, 0.01], got 0.5")
+        "expected scalar eps in (0.0, 0.01], got 0.5"
+    )
     assert len(report.failures) == 3  # every MUL anchor that did not match
 
 
@@ -848,8 +940,14 @@ def test_logging_info_per_pass_and_debug_near_misses(caplog):
     assert (level, logger) == ("INFO", "fxsp")
     assert re.fullmatch(r"norms: hf_rms_norm=0, x\*2 -> x\+x=1 \(\d+\.\d ms\)", message)
     assert records[1:] == [
-        ("DEBUG", "fxsp", ("near-miss hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): "
-                           "expected aten.rsqrt.default, got aten.sqrt.default")),
+        (
+            "DEBUG",
+            "fxsp",
+            (
+                "near-miss hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): "
+                "expected aten.rsqrt.default, got aten.sqrt.default"
+            ),
+        ),
         ("DEBUG", "fxsp", "near-miss x*2 -> x+x at mul: arg 1 (sqrt): expected 2, got sqrt"),
     ]
 

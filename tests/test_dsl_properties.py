@@ -12,14 +12,19 @@ from fxsp import Rule, RuleSet, op, tensor
 
 aten = torch.ops.aten
 
-DOUBLE = Rule("x*2 -> x+x", op(aten.mul.Tensor, tensor("x"), 2),
-              lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]))
+DOUBLE = Rule(
+    "x*2 -> x+x",
+    op(aten.mul.Tensor, tensor("x"), 2),
+    lambda b, m: b.call(aten.add.Tensor, m["x"], m["x"]),
+)
 
 # (op name, other operand, literal first): "y" is a second input that broadcasts against the
 # first; 2.0 equals the literal 2, so it counts as a doubling too.
-steps = st.tuples(st.sampled_from(["add", "sub", "mul", "neg", "relu"]),
-                  st.sampled_from([2, 2.0, 3, -1.5, "y"]),
-                  st.booleans())
+steps = st.tuples(
+    st.sampled_from(["add", "sub", "mul", "neg", "relu"]),
+    st.sampled_from([2, 2.0, 3, -1.5, "y"]),
+    st.booleans(),
+)
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3)
 
 
@@ -30,6 +35,7 @@ def is_doubling(step) -> bool:
 
 def chain(program):
     """The function that applies `program` to x, with y as the tensor operand."""
+
     def fn(x, y):
         h = x
         for name, other, literal_first in program:
@@ -43,19 +49,28 @@ def chain(program):
             else:
                 h = getattr(torch, name)(h, operand)
         return h
+
     return fn
 
 
 @settings(max_examples=50, deadline=None)
 # Both operand orders, for sure: `2 * h` written as mul.Tensor(2, h), and 2.0 after.
-@example(program=[("mul", 2, True), ("relu", 3, False), ("mul", 2.0, False)],
-         shape=[2, 3], suffix=1, seed=0)
-@given(program=st.lists(steps, min_size=1, max_size=8), shape=shapes, suffix=st.integers(0, 3),
-       seed=st.integers(0, 2**16))
+@example(
+    program=[("mul", 2, True), ("relu", 3, False), ("mul", 2.0, False)],
+    shape=[2, 3],
+    suffix=1,
+    seed=0,
+)
+@given(
+    program=st.lists(steps, min_size=1, max_size=8),
+    shape=shapes,
+    suffix=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_double_to_add_keeps_numerics(program, shape, suffix, seed):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator)
-    y = torch.randn(shape[len(shape) - min(suffix, len(shape)):], generator=generator)
+    y = torch.randn(shape[len(shape) - min(suffix, len(shape)) :], generator=generator)
     gm = make_fx(chain(program))(x, y)
     expected = gm(x, y)
 

@@ -18,8 +18,11 @@ c10d = torch.ops._c10d_functional
 
 def _inputs(symbolic: bool) -> tuple[FakeTensorMode, dict]:
     mode = FakeTensorMode(shape_env=ShapeEnv())
-    context = (StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
-               if symbolic else None)
+    context = (
+        StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+        if symbolic
+        else None
+    )
     base = mode.from_tensor(torch.empty(12, 8), symbolic_context=context)
     with mode:
         wide = torch.empty(12, 16, dtype=torch.bfloat16)
@@ -46,8 +49,11 @@ def test_direct_results_match_the_dispatch(fake_pg, symbolic):
     mode, inputs = _inputs(symbolic)
     graph = Graph()
     # fxsp/ir/collectives.py registers its ops' direct results.
-    assert {c10d.wait_tensor.default, c10d.all_gather_into_tensor.default,
-            c10d.reduce_scatter_tensor.default} <= set(FRESH_RESULTS)
+    assert {
+        c10d.wait_tensor.default,
+        c10d.all_gather_into_tensor.default,
+        c10d.reduce_scatter_tensor.default,
+    } <= set(FRESH_RESULTS)
     for target in FRESH_RESULTS:
         for name, x in inputs.items():
             node = graph.placeholder(name)
@@ -69,7 +75,12 @@ def _placeholder(graph: Graph, name: str, val: torch.Tensor):
 
 def _same_metadata(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.shape, a.stride(), a.storage_offset(), a.dtype, a.device) == (
-        b.shape, b.stride(), b.storage_offset(), b.dtype, b.device)
+        b.shape,
+        b.stride(),
+        b.storage_offset(),
+        b.dtype,
+        b.device,
+    )
 
 
 @pytest.mark.parametrize("symbolic", [False, True])
@@ -80,12 +91,17 @@ def test_repeated_results_are_fresh_tensors_like_the_dispatch(symbolic):
     with mode:
         weight = torch.empty(16, dtype=torch.bfloat16)
     graph = Graph()
-    x, wide = _placeholder(graph, "x", inputs["contiguous"]), _placeholder(graph, "wide", inputs["bf16"])
+    x, wide = (
+        _placeholder(graph, "x", inputs["contiguous"]),
+        _placeholder(graph, "wide", inputs["bf16"]),
+    )
     w = _placeholder(graph, "w", weight)
-    cases = [(torch.ops.aten.mul.Tensor, (x, x)),
-             (torch.ops.aten.sum.dim_IntList, (x, [1], True)),
-             (torch.ops.prims.convert_element_type.default, (wide, torch.float32)),
-             (torch.ops.fxsp.fused_add_rms_norm.default, (wide, wide, w, 1e-6))]  # a tuple
+    cases = [
+        (torch.ops.aten.mul.Tensor, (x, x)),
+        (torch.ops.aten.sum.dim_IntList, (x, [1], True)),
+        (torch.ops.prims.convert_element_type.default, (wide, torch.float32)),
+        (torch.ops.fxsp.fused_add_rms_norm.default, (wide, wide, w, 1e-6)),
+    ]  # a tuple
     for target, args in cases:
         first, second = fake_value(target, args, {}), fake_value(target, args, {})
         with mode:
@@ -94,7 +110,9 @@ def test_repeated_results_are_fresh_tensors_like_the_dispatch(symbolic):
         for one, two, want in zip(*results, strict=True):
             assert isinstance(two, FakeTensor) and two.fake_mode is mode, target
             assert _same_metadata(two, want) and _same_metadata(one, want), target
-            assert two is not one and two.untyped_storage()._cdata != one.untyped_storage()._cdata, target
+            assert (
+                two is not one and two.untyped_storage()._cdata != one.untyped_storage()._cdata
+            ), target
 
 
 def test_views_are_dispatched_every_time():
@@ -120,9 +138,15 @@ def test_lowering_stamps_one_trace_with_values_of_their_own():
     def two_norms(x, y, w):
         return ir.rms_norm(x, w, 1e-6) + ir.rms_norm(y, w, 1e-6)
 
-    gm = make_fx(two_norms, tracing_mode="fake")(torch.randn(4, 8), torch.randn(4, 8), torch.randn(8))
+    gm = make_fx(two_norms, tracing_mode="fake")(
+        torch.randn(4, 8), torch.randn(4, 8), torch.randn(8)
+    )
     lower_ir(gm)
-    inlined = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not torch.ops.aten.add.Tensor]
+    inlined = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is not torch.ops.aten.add.Tensor
+    ]
     assert len(inlined) % 2 == 0 and inlined, gm.graph
     half = len(inlined) // 2
     for one, two in zip(inlined[:half], inlined[half:], strict=True):

@@ -30,22 +30,26 @@ def nothing_left_installed(monkeypatch):
 
 # ---- the cost model -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("total_read_bytes, output_bytes, users, reads, expected", [
-    # inline costs reads*users, realize costs reads + out*(1+users): realize when inline >= realize
-    (3000, 1000, 2, 1, True),      # 3000*1 == 1000*3: equality realizes
-    (2999, 1000, 2, 9, False),     # just below; with sizes known the read count is unused
-    (2000, 1000, 3, 1, True),      # 2000*2 == 1000*4
-    (1999, 1000, 3, 1, False),
-    (1000, 1000, 100, 1, False),   # one same-size input: recomputing is never worse
-    (1100, 1000, 21, 1, True),     # 1100*20 == 1000*22
-    (10**9, 1, 1, 99, False),      # a single user never gains from a buffer
-    (10**9, 1, 0, 99, False),
-    (0, 1000, 2, 5, True),         # read size unknown: 2.11's rule, reads > threshold
-    (0, 1000, 2, 4, False),        # ... strictly greater
-    (3000, 0, 2, 5, True),         # output size unknown: same fallback
-    (3000, 0, 2, 4, False),
-    (0, 0, 1, 50, False),          # the fallback also needs more than one user
-])
+
+@pytest.mark.parametrize(
+    "total_read_bytes, output_bytes, users, reads, expected",
+    [
+        # inline costs reads*users, realize costs reads + out*(1+users): realize when inline >= realize
+        (3000, 1000, 2, 1, True),  # 3000*1 == 1000*3: equality realizes
+        (2999, 1000, 2, 9, False),  # just below; with sizes known the read count is unused
+        (2000, 1000, 3, 1, True),  # 2000*2 == 1000*4
+        (1999, 1000, 3, 1, False),
+        (1000, 1000, 100, 1, False),  # one same-size input: recomputing is never worse
+        (1100, 1000, 21, 1, True),  # 1100*20 == 1000*22
+        (10**9, 1, 1, 99, False),  # a single user never gains from a buffer
+        (10**9, 1, 0, 99, False),
+        (0, 1000, 2, 5, True),  # read size unknown: 2.11's rule, reads > threshold
+        (0, 1000, 2, 4, False),  # ... strictly greater
+        (3000, 0, 2, 5, True),  # output size unknown: same fallback
+        (3000, 0, 2, 4, False),
+        (0, 0, 1, 50, False),  # the fallback also needs more than one user
+    ],
+)
 def test_cost_model(total_read_bytes, output_bytes, users, reads, expected):
     decision = should_realize(total_read_bytes, output_bytes, users, reads, reads_threshold=4)
     assert decision is expected
@@ -54,8 +58,11 @@ def test_cost_model(total_read_bytes, output_bytes, users, reads, expected):
 # ---- on the torch this runs on: the real patch on 2.11, nothing on 2.12+ --------------------
 
 TORCH_2_11 = inductor_reuse._torch_needs_patch(torch.__version__)
-only_on_2_11 = pytest.mark.skipif(not TORCH_2_11, reason=f"torch {torch.__version__} is not 2.11: "
-                                  "no patch to install (`make test` also runs torch 2.11)")
+only_on_2_11 = pytest.mark.skipif(
+    not TORCH_2_11,
+    reason=f"torch {torch.__version__} is not 2.11: "
+    "no patch to install (`make test` also runs torch 2.11)",
+)
 only_after_2_11 = pytest.mark.skipif(TORCH_2_11, reason="torch 2.11 is patched: see the 2.11 tests")
 
 
@@ -90,8 +97,10 @@ def test_compiled_code_with_the_real_patch_equals_eager():
 
 @only_after_2_11
 def test_install_on_torch_2_12_and_later_is_a_noop_that_touches_nothing():
-    before = {name: ir.StorageBox.__dict__.get(name)
-              for name in (METHOD, "mark_reuse", "num_reads", "realize_hint")}
+    before = {
+        name: ir.StorageBox.__dict__.get(name)
+        for name in (METHOD, "mark_reuse", "num_reads", "realize_hint")
+    }
     assert install() is False
     assert install(enabled=True) is False
     after = {name: ir.StorageBox.__dict__.get(name) for name in before}
@@ -101,16 +110,27 @@ def test_install_on_torch_2_12_and_later_is_a_noop_that_touches_nothing():
     assert uninstall() is False
 
 
-@pytest.mark.parametrize("version, needed", [
-    ("2.11.0", True), ("2.11.1", True), ("2.11.0+cu128", True), ("2.11.0a0+git70d99e9", True),
-    ("2.12.0", False), ("2.13.0+cpu", False), ("2.10.0", False), ("2.1.0", False),
-    ("3.11.0", False), ("unknown", False),
-])
+@pytest.mark.parametrize(
+    "version, needed",
+    [
+        ("2.11.0", True),
+        ("2.11.1", True),
+        ("2.11.0+cu128", True),
+        ("2.11.0a0+git70d99e9", True),
+        ("2.12.0", False),
+        ("2.13.0+cpu", False),
+        ("2.10.0", False),
+        ("2.1.0", False),
+        ("3.11.0", False),
+        ("unknown", False),
+    ],
+)
 def test_only_torch_2_11_needs_the_patch(version, needed):
     assert inductor_reuse._torch_needs_patch(version) is needed
 
 
 # ---- install / uninstall, with torch 2.11 simulated -----------------------------------------
+
 
 def _original_decision(self, users):
     return "original"
@@ -137,6 +157,7 @@ def torch_2_11(monkeypatch):
 
     def target(cls):
         monkeypatch.setattr(inductor_reuse, "_storage_box_class", lambda: cls)
+
     return target
 
 
@@ -220,13 +241,23 @@ def test_refuses_the_real_storage_box_of_torch_2_12_and_later(torch_2_11):
 
 # ---- the patched decision, on stand-in Inductor objects -------------------------------------
 
+
 class FakeDep:
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
 
 
-def fake_pointwise(read_bytes, numel, *, num_reads=None, dtype=torch.bfloat16, device="cuda",
-                   large=False, used_ops=(), broken=False):
+def fake_pointwise(
+    read_bytes,
+    numel,
+    *,
+    num_reads=None,
+    dtype=torch.bfloat16,
+    device="cuda",
+    large=False,
+    used_ops=(),
+    broken=False,
+):
     """A real `ir.Pointwise` subclass (so isinstance checks pass) answering from arguments."""
 
     class FakePointwise(ir.Pointwise):
@@ -314,6 +345,7 @@ def test_patched_decision_falls_back_to_inductor_if_internals_break(patched):
 
 
 # ---- the decision against real Inductor objects ---------------------------------------------
+
 
 def _lowered_buffers(fn, inputs) -> list[str]:
     """Lower `fn` with Inductor (no code generation) and name the buffers it decided to write."""

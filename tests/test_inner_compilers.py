@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
 
 import fxsp
@@ -23,7 +22,9 @@ class DropoutBlock(nn.Module):
     def __init__(self, between: str, layers: int = 2, hidden: int = 8) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1))
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1)
+        )
         self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
         self.dropout = nn.Dropout(0.1)
         self.between = between
@@ -42,7 +43,10 @@ class DropoutBlock(nn.Module):
         h = self.stand_between(funcol.all_reduce(x @ self.w[0], "sum", dist.group.WORLD))
         out, residual = self.norm(0, h), h
         for i in range(1, len(self.w)):
-            residual = self.stand_between(funcol.all_reduce(out @ self.w[i], "sum", dist.group.WORLD)) + residual
+            residual = (
+                self.stand_between(funcol.all_reduce(out @ self.w[i], "sum", dist.group.WORLD))
+                + residual
+            )
             out = self.norm(i, residual)
         return out
 

@@ -73,8 +73,11 @@ def compile_and_compare(model, *args, dynamic_rows: bool = False) -> RaiseAndLow
     with inductor_config.patch(post_grad_custom_pre_pass=spy), torch.no_grad():
         want = model(*[a.clone() for a in args])
         got = torch.compile(model, backend="inductor", fullgraph=True)(*[a.clone() for a in args])
-    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,),
-                    strict=True):
+    for w, g in zip(
+        want if isinstance(want, tuple) else (want,),
+        got if isinstance(got, tuple) else (got,),
+        strict=True,
+    ):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g.float(), w.float(), **TOLERANCE[w.dtype])
     return spy
@@ -83,12 +86,17 @@ def compile_and_compare(model, *args, dynamic_rows: bool = False) -> RaiseAndLow
 class HFLlamaBlocks(nn.Module):
     """Pre-norm blocks the HF way: h = h + mlp(norm(h)); final norm."""
 
-    def __init__(self, layers: int = 2, hidden: int = 16, dtype: torch.dtype = F32, eps: float = 1e-6):
+    def __init__(
+        self, layers: int = 2, hidden: int = 16, dtype: torch.dtype = F32, eps: float = 1e-6
+    ):
         super().__init__()
         torch.manual_seed(0)
-        self.mlps = nn.ModuleList(nn.Linear(hidden, hidden, bias=False, dtype=dtype) for _ in range(layers))
-        self.weights = nn.ParameterList(nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=dtype))
-                                        for _ in range(layers + 1))
+        self.mlps = nn.ModuleList(
+            nn.Linear(hidden, hidden, bias=False, dtype=dtype) for _ in range(layers)
+        )
+        self.weights = nn.ParameterList(
+            nn.Parameter(1 + 0.1 * torch.randn(hidden, dtype=dtype)) for _ in range(layers + 1)
+        )
         self.eps = eps
 
     def forward(self, h):
@@ -135,7 +143,11 @@ class TorchNorms(nn.Module):
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
 def test_torch_norms(dtype):
     spy = compile_and_compare(TorchNorms(dtype=dtype), torch.randn(5, 16, dtype=dtype))
-    assert spy.raised == {"raise.rms_norm": 3, "raise.rms_norm_unweighted": 1, "raise.add_rms_norm": 1}
+    assert spy.raised == {
+        "raise.rms_norm": 3,
+        "raise.rms_norm_unweighted": 1,
+        "raise.add_rms_norm": 1,
+    }
 
 
 def test_norm_whose_round_trip_torch_2_11_folds():
@@ -195,7 +207,9 @@ class VllmOps(nn.Module):
         torch.ops._C.fused_add_rms_norm(h, residual, self.w2, 1e-6)  # h ← norm(h + r), r ← h + r
         out, residual = torch.ops.vllm_ir.fused_add_rms_norm(h * 3, residual, self.w1, 1e-5)
         q = torch.empty(out.shape, dtype=E4M3)
-        torch.ops._C.static_scaled_fp8_quant(q, torch.ops.vllm_ir.rms_norm(out, self.w2, 1e-5), self.scale)
+        torch.ops._C.static_scaled_fp8_quant(
+            q, torch.ops.vllm_ir.rms_norm(out, self.w2, 1e-5), self.scale
+        )
         return q, residual
 
 
@@ -203,8 +217,11 @@ def test_vllm_ops():
     x, residual = torch.randn(6, 16, dtype=BF16), torch.randn(6, 16, dtype=BF16)
     spy = compile_and_compare(VllmOps(), x, residual)
     assert spy.raised == {
-        "raise.vllm_c_rms_norm": 1, "raise.vllm_c_fused_add_rms_norm": 1, "raise.vllm_ir_rms_norm": 1,
-        "raise.vllm_ir_fused_add_rms_norm": 1, "raise.vllm_c_static_fp8_quant": 1,
+        "raise.vllm_c_rms_norm": 1,
+        "raise.vllm_c_fused_add_rms_norm": 1,
+        "raise.vllm_ir_rms_norm": 1,
+        "raise.vllm_ir_fused_add_rms_norm": 1,
+        "raise.vllm_c_static_fp8_quant": 1,
     }
     assert spy.lowered == {"aten": 3, "vllm_ir": 2}  # vLLM's IR ops stay vLLM's
 
@@ -234,8 +251,12 @@ class TPBlock(nn.Module):
 @pytest.mark.usefixtures("world_of_one")
 def test_collectives():
     spy = compile_and_compare(TPBlock(), torch.randn(4, 16))
-    assert spy.raised == {"raise.c10d_all_reduce": 2, "raise.vllm_all_reduce": 1, "raise.rms_norm": 3,
-                          "raise.add_rms_norm": 3}
+    assert spy.raised == {
+        "raise.c10d_all_reduce": 2,
+        "raise.vllm_all_reduce": 1,
+        "raise.rms_norm": 3,
+        "raise.add_rms_norm": 3,
+    }
     assert spy.lowered == {"all_reduce": 3, "aten": 3}
 
 
@@ -272,12 +293,20 @@ def test_raise_and_lower_stay_within_plain_inductors_error(dtype):
             for name in errors:
                 spy = RaiseAndLower()
                 torch._dynamo.reset()
-                with inductor_config.patch(post_grad_custom_pre_pass=spy if name == "fxsp" else None,
-                                           fx_graph_cache=False):  # the pass must run every time
+                with inductor_config.patch(
+                    post_grad_custom_pre_pass=spy if name == "fxsp" else None, fx_graph_cache=False
+                ):  # the pass must run every time
                     got = torch.compile(model, backend="inductor", fullgraph=True)(*args)
-                errors[name].append([(g.float() - w.float()).abs().max().item() for g, w in zip(got, want)])
-        assert spy.raised == {"raise.rms_norm": 3, "raise.add_rms_norm": 1, "raise.vllm_ir_rms_norm": 1,
-                              "raise.vllm_ir_fused_add_rms_norm": 1, "raise.static_fp8_quant": 1}
+                errors[name].append(
+                    [(g.float() - w.float()).abs().max().item() for g, w in zip(got, want)]
+                )
+        assert spy.raised == {
+            "raise.rms_norm": 3,
+            "raise.add_rms_norm": 1,
+            "raise.vllm_ir_rms_norm": 1,
+            "raise.vllm_ir_fused_add_rms_norm": 1,
+            "raise.static_fp8_quant": 1,
+        }
     for output in range(3):
         bar = max(e[output] for e in errors["plain"])
         assert max(e[output] for e in errors["fxsp"]) <= bar, errors

@@ -46,11 +46,15 @@ def raise_and_lower(gm: GraphModule, providers: tuple | None = ()) -> tuple[Grap
     new.graph.lint()
     new.recompile()
     assert not [n for n in new.graph.nodes if n.op == "call_function" and n.target in IR_OPS]
-    assert all("val" in n.meta for n in new.graph.nodes if n.op == "call_function"), fxsp.golden(new)
+    assert all("val" in n.meta for n in new.graph.nodes if n.op == "call_function"), fxsp.golden(
+        new
+    )
     return new, fired
 
 
-def assert_same_values(original: GraphModule, lowered: GraphModule, args: tuple, rtol: float, atol: float):
+def assert_same_values(
+    original: GraphModule, lowered: GraphModule, args: tuple, rtol: float, atol: float
+):
     for want, got in zip(original(*args), lowered(*args), strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
@@ -102,7 +106,9 @@ def test_norms_on_random_shapes(name, dtype, leading, hidden, eps, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*leading, hidden, generator=g).to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
-    args = (x, w) if spelling.inputs == "xw" else (x, torch.randn(x.shape, generator=g).to(dtype), w)
+    args = (
+        (x, w) if spelling.inputs == "xw" else (x, torch.randn(x.shape, generator=g).to(dtype), w)
+    )
     original = capture(spelling.build(eps), *args)
     lowered, fired = raise_and_lower(original)
     assert fired.get(spelling.rule, 0) >= 1, fired
@@ -161,8 +167,11 @@ class TestLoweringGolden(expecttest.TestCase):
         def block(x, residual, w, scale):
             out, h = NORMS["add_norm"].build(1e-6)(x, residual, w)
             return QUANTS["fp8_div"].build(E4M3)(out, scale), h
+
         args = (*make_inputs("xrw", BF16), torch.tensor(0.5))
-        self.assertExpectedInline(lowered_text(capture(block, *args)), """\
+        self.assertExpectedInline(
+            lowered_text(capture(block, *args)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[4, 8]
 %2 = input('arg2_1')  : bf16[8]
@@ -191,18 +200,23 @@ return (%6, %7)
 %15 = aten.clamp_min.default(%14, -448.0)  : f32[4, 8]
 %16 = aten.clamp_max.default(%15, 448.0)  : f32[4, 8]
 %17 = prims.convert_element_type.default(%16, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%17, %4)""")
+return (%17, %4)""",
+        )
 
     def test_all_reduce_flavors(self):
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         try:
+
             def both(x, w):
                 y = COLLECTIVES["funcol_all_reduce"].build(dist.group.WORLD)(x, w)
                 return COLLECTIVES["vllm_all_reduce"].build(dist.group.WORLD)(y, w)
+
             gm = capture(both, *make_inputs("xm"))
         finally:
             dist.destroy_process_group()
-        self.assertExpectedInline(lowered_text(gm), """\
+        self.assertExpectedInline(
+            lowered_text(gm),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8, 8]
 %2 = aten.mm.default(%0, %1)  : f32[4, 8]
@@ -222,7 +236,8 @@ return (%7,)
 %6 = aten.mm.default(%5, %1)  : f32[4, 8]
 %7 = vllm.all_reduce.default(%6, G0)  : f32[4, 8]
 %8 = aten.add.Tensor(%7, 1)  : f32[4, 8]
-return (%8,)""")
+return (%8,)""",
+        )
 
 
 def test_lowering_then_raising_gives_the_ir_back():
@@ -230,6 +245,7 @@ def test_lowering_then_raising_gives_the_ir_back():
         out, h = NORMS["add_norm"].build(1e-5)(x, residual, w)
         normed = NORMS["torch_rms_norm_no_weight"].build(0.1)(h)
         return QUANTS["fp8_reciprocal"].build(E4M3_FNUZ)(out, scale), normed
+
     gm = capture(block, *make_inputs("xrw", F16), torch.tensor(0.5))
     raise_ir(gm)
     raised = fxsp.golden(gm)
@@ -248,14 +264,18 @@ def test_provider():
     lib.define("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor")
     lib.impl("rms_norm", _rms_norm_kernel, "CompositeExplicitAutograd")
     kernel = torch.ops.fxsp_test_provider.rms_norm.default
-    register_provider(Provider("test", {RMS_NORM: kernel}, frozenset({"cpu"}), frozenset({BF16}), priority=5))
+    register_provider(
+        Provider("test", {RMS_NORM: kernel}, frozenset({"cpu"}), frozenset({BF16}), priority=5)
+    )
     yield kernel
     unregister_provider("test")
 
 
 def test_provider_kernel_replaces_the_target(test_provider):
     def two(x, residual, w):
-        return NORMS["hf"].build(1e-6)(x, w), NORMS["vllm_ir_fused_add_rms_norm"].build(1e-6)(x, residual, w)
+        return NORMS["hf"].build(1e-6)(x, w), NORMS["vllm_ir_fused_add_rms_norm"].build(1e-6)(
+            x, residual, w
+        )
 
     args = make_inputs("xrw", BF16)
     gm = capture(two, *args)
@@ -297,10 +317,15 @@ def vllm_c_fused_add_norm_quant(x, residual, w, scale):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fn", [vllm_c_norm_quant, vllm_c_fused_add_norm_quant], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn", [vllm_c_norm_quant, vllm_c_fused_add_norm_quant], ids=lambda f: f.__name__
+)
 def test_vllm_fused_norm_quant_is_raised_and_keeps_its_values(fn, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    x, residual = (10 * torch.randn(8, 16, generator=g)).to(dtype), torch.randn(8, 16, generator=g).to(dtype)
+    x, residual = (
+        (10 * torch.randn(8, 16, generator=g)).to(dtype),
+        torch.randn(8, 16, generator=g).to(dtype),
+    )
     w, scale = (1 + 0.1 * torch.randn(16, generator=g)).to(dtype), torch.tensor([0.004])
     args = (x, residual, w, scale) if fn is vllm_c_fused_add_norm_quant else (x, w, scale)
     original = capture(fn, *args)

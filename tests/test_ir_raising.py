@@ -27,10 +27,10 @@ from tests.support import (
     E4M3_FNUZ,
     F16,
     F32,
-    H,
     NORMS,
     QUANTS,
     Capture,
+    H,
     Spelling,
     add_norm,
     capture,
@@ -74,7 +74,9 @@ def spelled(spelling: Spelling, arg, dtype: torch.dtype = F32) -> GraphModule:
 
 class TestRaiseNorms(expecttest.TestCase):
     def test_hf_fp32_weight_left(self):
-        self.assertExpectedInline(raised(spelled(NORMS["hf"], 1e-6)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["hf"], 1e-6)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8]
 %2 = aten.pow.Tensor_Scalar(%0, 2)  : f32[4, 8]
@@ -88,10 +90,13 @@ return (%7,)
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : f32[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_hf_fp32_weight_right(self):
-        self.assertExpectedInline(raised(spelled(NORMS["hf_weight_right"], 1e-6)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["hf_weight_right"], 1e-6)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8]
 %2 = aten.pow.Tensor_Scalar(%0, 2)  : f32[4, 8]
@@ -105,10 +110,13 @@ return (%7,)
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : f32[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_hf_bf16_down_cast_before_weight(self):
-        self.assertExpectedInline(raised(spelled(NORMS["hf"], 1e-5, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["hf"], 1e-5, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -124,10 +132,13 @@ return (%9,)
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-05)  : bf16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_hf_fp16_down_cast_after_weight(self):
-        self.assertExpectedInline(raised(spelled(NORMS["hf_down_after"], 1e-5, F16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["hf_down_after"], 1e-5, F16)),
+            """\
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f16[8]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -143,10 +154,13 @@ return (%9,)
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-05)  : f16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_hf_bf16_no_weight(self):
-        self.assertExpectedInline(raised(spelled(NORMS["hf_no_weight"], 1e-6, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["hf_no_weight"], 1e-6, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
 %2 = aten.pow.Tensor_Scalar(%1, 2)  : f32[4, 8]
@@ -159,11 +173,14 @@ return (%7,)
 --- raise.rms_norm_unweighted=1
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = fxsp.rms_norm.default(%0, None, 1e-06)  : bf16[4, 8]
-return (%1,)""")
+return (%1,)""",
+        )
 
     def test_torch_rms_norm_fp32(self):
         # positive mean dim, add.Scalar with eps rounded to fp32, weight on the right
-        self.assertExpectedInline(raised(spelled(NORMS["torch_rms_norm"], 1e-6)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["torch_rms_norm"], 1e-6)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8]
 %2 = aten.pow.Tensor_Scalar(%0, 2)  : f32[4, 8]
@@ -177,10 +194,13 @@ return (%7,)
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8]
 %2 = fxsp.rms_norm.default(%0, %1, 9.999999974752427e-07)  : f32[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_torch_rms_norm_bf16(self):
-        self.assertExpectedInline(raised(spelled(NORMS["torch_rms_norm"], 1e-6, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["torch_rms_norm"], 1e-6, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -196,10 +216,13 @@ return (%9,)
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 9.999999974752427e-07)  : bf16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_torch_rms_norm_no_weight_fp16(self):
-        self.assertExpectedInline(raised(spelled(NORMS["torch_rms_norm_no_weight"], 0.1, F16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["torch_rms_norm_no_weight"], 0.1, F16)),
+            """\
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
 %2 = aten.pow.Tensor_Scalar(%1, 2)  : f32[4, 8]
@@ -212,10 +235,13 @@ return (%7,)
 --- raise.rms_norm_unweighted=1
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = fxsp.rms_norm.default(%0, None, 0.10000000149011612)  : f16[4, 8]
-return (%1,)""")
+return (%1,)""",
+        )
 
     def test_nn_rms_norm_bf16(self):
-        self.assertExpectedInline(raised(spelled(NORMS["nn_rms_norm"], 1e-5, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["nn_rms_norm"], 1e-5, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -231,12 +257,15 @@ return (%9,)
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 9.999999747378752e-06)  : bf16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_torch_rms_norm_bf16_with_fp32_weight(self):
         # torch keeps the input dtype: fxsp.rms_norm's fp32 result is cast back
         gm = capture(torch_rms_norm(1e-6), make_inputs("x", BF16)[0], torch.ones(H))
-        self.assertExpectedInline(raised(gm), """\
+        self.assertExpectedInline(
+            raised(gm),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : f32[8]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -253,11 +282,14 @@ return (%9,)
 %1 = input('arg1_1')  : f32[8]
 %2 = fxsp.rms_norm.default(%0, %1, 9.999999974752427e-07)  : f32[4, 8]
 %3 = prims.convert_element_type.default(%2, torch.bfloat16)  : bf16[4, 8]
-return (%3,)""")
+return (%3,)""",
+        )
 
     def test_gemma_one_plus_weight(self):
         # raised as a correct variant: the weight is the computed (1 + w)
-        self.assertExpectedInline(raised(spelled(NORMS["gemma"], 1e-6, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["gemma"], 1e-6, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -278,13 +310,19 @@ return (%11,)
 %3 = aten.add.Tensor(%2, 1.0)  : f32[8]
 %4 = fxsp.rms_norm.default(%0, %3, 1e-06)  : f32[4, 8]
 %5 = prims.convert_element_type.default(%4, torch.bfloat16)  : bf16[4, 8]
-return (%5,)""")
+return (%5,)""",
+        )
 
     def test_torch_rms_norm_bf16_non_contiguous_input(self):
         # torch's decomposition clones the fp32 result to make it contiguous
-        gm = capture(lambda x, w: F.rms_norm(x.t(), (H,), w, 1e-6), make_inputs("x", BF16, rows=H, hidden=4)[0],
-                     torch.ones(H, dtype=BF16))
-        self.assertExpectedInline(raised(gm), """\
+        gm = capture(
+            lambda x, w: F.rms_norm(x.t(), (H,), w, 1e-6),
+            make_inputs("x", BF16, rows=H, hidden=4)[0],
+            torch.ones(H, dtype=BF16),
+        )
+        self.assertExpectedInline(
+            raised(gm),
+            """\
 %0 = input('arg0_1')  : bf16[8, 4]
 %1 = input('arg1_1')  : bf16[8]
 %2 = aten.permute.default(%0, [1, 0])  : bf16[4, 8]
@@ -303,12 +341,15 @@ return (%11,)
 %1 = input('arg1_1')  : bf16[8]
 %2 = aten.permute.default(%0, [1, 0])  : bf16[4, 8]
 %3 = fxsp.rms_norm.default(%2, %1, 9.999999974752427e-07)  : bf16[4, 8]
-return (%3,)""")
+return (%3,)""",
+        )
 
     def test_undecomposed_fused_rms_norm(self):
         # torch's fused op, kept whole (export; torch versions or backends without its
         # decomposition): its default eps is fp32's machine epsilon
-        self.assertExpectedInline(raised(fused_rms_norm_graph(*make_inputs("xw", BF16), None)), """\
+        self.assertExpectedInline(
+            raised(fused_rms_norm_graph(*make_inputs("xw", BF16), None)),
+            """\
 %0 = input('x')  : bf16[4, 8]
 %1 = input('w')  : bf16[8]
 %2 = aten._fused_rms_norm.default(%0, [8], %1, None)  : (bf16[4, 8], f32[4, 1])
@@ -318,7 +359,8 @@ return (%3,)
 %0 = input('x')  : bf16[4, 8]
 %1 = input('w')  : bf16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1.1920928955078125e-07)  : bf16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_two_norms_share_an_upcast(self):
         # one fp32 copy of x read by both norms: the first raise keeps it for the second
@@ -327,7 +369,10 @@ return (%2,)""")
             a = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
             b = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
             return w * a.to(x.dtype), (b * w).to(x.dtype)
-        self.assertExpectedInline(raised(capture(two, *make_inputs("xw", F16))), """\
+
+        self.assertExpectedInline(
+            raised(capture(two, *make_inputs("xw", F16))),
+            """\
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f16[8]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -351,12 +396,15 @@ return (%9, %16)
 %1 = input('arg1_1')  : f16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-05)  : f16[4, 8]
 %3 = fxsp.rms_norm.default(%0, %1, 1e-06)  : f16[4, 8]
-return (%3, %2)""")
+return (%3, %2)""",
+        )
 
 
 class TestRaiseResidualAdd(expecttest.TestCase):
     def test_add_then_norm(self):
-        self.assertExpectedInline(raised(spelled(NORMS["add_norm"], 1e-6, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["add_norm"], 1e-6, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[4, 8]
 %2 = input('arg2_1')  : bf16[8]
@@ -377,10 +425,13 @@ return (%11, %3)
 %3 = fxsp.fused_add_rms_norm.default(%0, %1, %2, 1e-06)  : (bf16[4, 8], bf16[4, 8])
 %4 = operator.getitem(%3, 0)  : bf16[4, 8]
 %5 = operator.getitem(%3, 1)  : bf16[4, 8]
-return (%4, %5)""")
+return (%4, %5)""",
+        )
 
     def test_add_swapped_then_norm(self):
-        self.assertExpectedInline(raised(spelled(NORMS["add_norm_swapped"], 1e-6)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["add_norm_swapped"], 1e-6)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -399,14 +450,18 @@ return (%9, %3)
 %3 = fxsp.fused_add_rms_norm.default(%1, %0, %2, 9.999999974752427e-07)  : (f32[4, 8], f32[4, 8])
 %4 = operator.getitem(%3, 0)  : f32[4, 8]
 %5 = operator.getitem(%3, 1)  : f32[4, 8]
-return (%4, %5)""")
+return (%4, %5)""",
+        )
 
     def test_two_layers(self):
         # the residual stream threads through both fused ops
         def layers(x, residual, w):
             out, h = add_norm(1e-6)(x, residual, w)
             return add_norm(1e-6)(out * 2, h, w)
-        self.assertExpectedInline(raised(capture(layers, *make_inputs("xrw"))), """\
+
+        self.assertExpectedInline(
+            raised(capture(layers, *make_inputs("xrw"))),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -437,12 +492,15 @@ return (%17, %11)
 %7 = fxsp.fused_add_rms_norm.default(%6, %5, %2, 1e-06)  : (f32[4, 8], f32[4, 8])
 %8 = operator.getitem(%7, 0)  : f32[4, 8]
 %9 = operator.getitem(%7, 1)  : f32[4, 8]
-return (%8, %9)""")
+return (%8, %9)""",
+        )
 
 
 class TestRaiseVllm(expecttest.TestCase):
     def test_c_rms_norm_auto_functionalized_v2(self):
-        self.assertExpectedInline(raised(spelled(NORMS["vllm_c_rms_norm"], 1e-6, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["vllm_c_rms_norm"], 1e-6, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
@@ -454,12 +512,15 @@ return (%4,)
 %1 = input('arg1_1')  : bf16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
 %3 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_c_rms_norm_auto_functionalized_v1(self):
         with inductor_config.patch(enable_auto_functionalized_v2=False):
             gm = spelled(NORMS["vllm_c_rms_norm"], 1e-6, BF16)
-        self.assertExpectedInline(raised(gm), """\
+        self.assertExpectedInline(
+            raised(gm),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
@@ -471,10 +532,13 @@ return (%4,)
 %1 = input('arg1_1')  : bf16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
 %3 = aten.empty.memory_format([4, 8], dtype=torch.bfloat16)  : bf16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_c_fused_add_rms_norm_v2(self):
-        self.assertExpectedInline(raised(spelled(NORMS["vllm_c_fused_add_rms_norm"], 1e-5, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["vllm_c_fused_add_rms_norm"], 1e-5, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[4, 8]
 %2 = input('arg2_1')  : bf16[8]
@@ -493,12 +557,15 @@ return (%6, %7)
 %5 = fxsp.fused_add_rms_norm.default(%3, %4, %2, 1e-05)  : (bf16[4, 8], bf16[4, 8])
 %6 = operator.getitem(%5, 0)  : bf16[4, 8]
 %7 = operator.getitem(%5, 1)  : bf16[4, 8]
-return (%6, %7)""")
+return (%6, %7)""",
+        )
 
     def test_c_fused_add_rms_norm_v1(self):
         with inductor_config.patch(enable_auto_functionalized_v2=False):
             gm = spelled(NORMS["vllm_c_fused_add_rms_norm"], 1e-5, BF16)
-        self.assertExpectedInline(raised(gm), """\
+        self.assertExpectedInline(
+            raised(gm),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[4, 8]
 %2 = input('arg2_1')  : bf16[8]
@@ -517,10 +584,13 @@ return (%6, %7)
 %5 = fxsp.fused_add_rms_norm.default(%3, %4, %2, 1e-05)  : (bf16[4, 8], bf16[4, 8])
 %6 = operator.getitem(%5, 0)  : bf16[4, 8]
 %7 = operator.getitem(%5, 1)  : bf16[4, 8]
-return (%6, %7)""")
+return (%6, %7)""",
+        )
 
     def test_ir_rms_norm(self):
-        self.assertExpectedInline(raised(spelled(NORMS["vllm_ir_rms_norm"], 1e-6, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["vllm_ir_rms_norm"], 1e-6, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = vllm_ir.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
@@ -529,10 +599,13 @@ return (%2,)
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_ir_fused_add_rms_norm(self):
-        self.assertExpectedInline(raised(spelled(NORMS["vllm_ir_fused_add_rms_norm"], 1e-6, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(NORMS["vllm_ir_fused_add_rms_norm"], 1e-6, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[4, 8]
 %2 = input('arg2_1')  : bf16[8]
@@ -547,10 +620,13 @@ return (%4, %5)
 %3 = fxsp.fused_add_rms_norm.default(%0, %1, %2, 1e-06)  : (bf16[4, 8], bf16[4, 8])
 %4 = operator.getitem(%3, 0)  : bf16[4, 8]
 %5 = operator.getitem(%3, 1)  : bf16[4, 8]
-return (%4, %5)""")
+return (%4, %5)""",
+        )
 
     def test_c_static_scaled_fp8_quant(self):
-        self.assertExpectedInline(raised(spelled(QUANTS["vllm_c_fp8"], E4M3, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(QUANTS["vllm_c_fp8"], E4M3, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : f32[]
 %2 = aten.empty.memory_format([4, 8], dtype=torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
@@ -562,12 +638,15 @@ return (%4,)
 %1 = input('arg1_1')  : f32[]
 %2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
 %3 = aten.empty.memory_format([4, 8], dtype=torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
 
 class TestRaiseFp8(expecttest.TestCase):
     def test_div_e4m3fn(self):
-        self.assertExpectedInline(raised(spelled(QUANTS["fp8_div"], E4M3, BF16)), """\
+        self.assertExpectedInline(
+            raised(spelled(QUANTS["fp8_div"], E4M3, BF16)),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : f32[]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -580,10 +659,13 @@ return (%6,)
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : f32[]
 %2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_reciprocal_e4m3fnuz(self):
-        self.assertExpectedInline(raised(spelled(QUANTS["fp8_reciprocal"], E4M3_FNUZ)), """\
+        self.assertExpectedInline(
+            raised(spelled(QUANTS["fp8_reciprocal"], E4M3_FNUZ)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[]
 %2 = aten.reciprocal.default(%1)  : f32[]
@@ -596,10 +678,13 @@ return (%6,)
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[]
 %2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fnuz)  : f8e4m3fnuz[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_one_over_scale(self):
-        self.assertExpectedInline(raised(spelled(QUANTS["fp8_one_over"], E4M3, F16)), """\
+        self.assertExpectedInline(
+            raised(spelled(QUANTS["fp8_one_over"], E4M3, F16)),
+            """\
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f32[]
 %2 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
@@ -614,14 +699,18 @@ return (%8,)
 %0 = input('arg0_1')  : f16[4, 8]
 %1 = input('arg1_1')  : f32[]
 %2 = fxsp.static_fp8_quant.default(%0, %1, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%2,)""")
+return (%2,)""",
+        )
 
     def test_norm_then_quant(self):
         # what the SP FP8 rules look for: static_fp8_quant(rms_norm(...))
         def norm_quant(x, w, scale):
             return fp8_div(E4M3)(hf(1e-6)(x, w), scale)
+
         x, w = make_inputs("xw", BF16)
-        self.assertExpectedInline(raised(capture(norm_quant, x, w, torch.tensor(0.5))), """\
+        self.assertExpectedInline(
+            raised(capture(norm_quant, x, w, torch.tensor(0.5))),
+            """\
 %0 = input('arg0_1')  : bf16[4, 8]
 %1 = input('arg1_1')  : bf16[8]
 %2 = input('arg2_1')  : f32[]
@@ -645,13 +734,16 @@ return (%15,)
 %2 = input('arg2_1')  : f32[]
 %3 = fxsp.rms_norm.default(%0, %1, 1e-06)  : bf16[4, 8]
 %4 = fxsp.static_fp8_quant.default(%3, %2, torch.float8_e4m3fn)  : f8e4m3fn[4, 8]
-return (%4,)""")
+return (%4,)""",
+        )
 
 
 @pytest.mark.usefixtures("world_of_one")
 class TestRaiseCollectives(expecttest.TestCase):
     def test_functional_all_reduce(self):
-        self.assertExpectedInline(raised(spelled(COLLECTIVES["funcol_all_reduce"], dist.group.WORLD)), """\
+        self.assertExpectedInline(
+            raised(spelled(COLLECTIVES["funcol_all_reduce"], dist.group.WORLD)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8, 8]
 %2 = aten.mm.default(%0, %1)  : f32[4, 8]
@@ -665,10 +757,13 @@ return (%5,)
 %2 = aten.mm.default(%0, %1)  : f32[4, 8]
 %3 = fxsp.all_reduce.default(%2, G0, 'c10d')  : f32[4, 8]
 %4 = aten.add.Tensor(%3, 1)  : f32[4, 8]
-return (%4,)""")
+return (%4,)""",
+        )
 
     def test_in_place_dist_all_reduce(self):
-        self.assertExpectedInline(raised(spelled(COLLECTIVES["dist_all_reduce"], dist.group.WORLD)), """\
+        self.assertExpectedInline(
+            raised(spelled(COLLECTIVES["dist_all_reduce"], dist.group.WORLD)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8, 8]
 %2 = aten.mm.default(%0, %1)  : f32[4, 8]
@@ -682,10 +777,13 @@ return (%5,)
 %2 = aten.mm.default(%0, %1)  : f32[4, 8]
 %3 = fxsp.all_reduce.default(%2, G0, 'c10d')  : f32[4, 8]
 %4 = aten.add.Tensor(%3, 1)  : f32[4, 8]
-return (%4,)""")
+return (%4,)""",
+        )
 
     def test_vllm_all_reduce(self):
-        self.assertExpectedInline(raised(spelled(COLLECTIVES["vllm_all_reduce"], dist.group.WORLD)), """\
+        self.assertExpectedInline(
+            raised(spelled(COLLECTIVES["vllm_all_reduce"], dist.group.WORLD)),
+            """\
 %0 = input('arg0_1')  : f32[4, 8]
 %1 = input('arg1_1')  : f32[8, 8]
 %2 = aten.mm.default(%0, %1)  : f32[4, 8]
@@ -698,7 +796,8 @@ return (%4,)
 %2 = aten.mm.default(%0, %1)  : f32[4, 8]
 %3 = fxsp.all_reduce.default(%2, G0, 'vllm')  : f32[4, 8]
 %4 = aten.add.Tensor(%3, 1)  : f32[4, 8]
-return (%4,)""")
+return (%4,)""",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,22 +836,54 @@ LOOK_ALIKES = {
     "cohere_layer_norm": (_cohere_layer_norm, "xw", F32, CENTRED),
     "cohere_layer_norm_bf16": (_cohere_layer_norm, "xw", BF16, CENTRED),
     "var_layer_norm": (_var_layer_norm, "xw", F32, CENTRED),
-    "eps_after_rsqrt": (lambda x, w: w * (x * (torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)), "xw", F32,
-                        "expected aten.rsqrt.default, got aten.add.Tensor"),
-    "norm_over_rows": (lambda x: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-6), "x", F32,
-                       "expected dims [-1], got [0]"),
-    "norm_computed_in_bf16": (lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
-                              "xw", BF16, "expected tensor x of dtype in {torch.float32}"),
-    "result_left_in_fp32": (lambda x, w: normed(x, 1e-6) * w.float(), "xw", BF16,
-                            "the fp32 result of a bfloat16 norm is never cast back to bfloat16"),
-    "cast_to_another_dtype": (lambda x: normed(x, 1e-6).to(BF16), "x", F16,
-                              "the result is cast to bfloat16, not to the input's float16"),
-    "fp8_clamp_not_the_dtype_range": (lambda x, s: (x.float() / s).clamp(-240.0, 240.0).to(E4M3), "xs", F32,
-                                      "clamp to [-240.0, 240.0] is not torch.float8_e4m3fn's range ±448.0"),
-    "fp8_quotient_in_bf16": (lambda x, s: (x / s).clamp(-448.0, 448.0).to(E4M3), "xs", BF16,
-                             "expected aten.div.Tensor, got prims.convert_element_type.default"),
-    "vllm_c_fp8_fnuz": (vllm_c_fp8(E4M3_FNUZ), "xs", BF16,
-                        "result buffer of dtype torch.float8_e4m3fnuz: vLLM's fnuz kernels clamp at 224"),
+    "eps_after_rsqrt": (
+        lambda x, w: w * (x * (torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)),
+        "xw",
+        F32,
+        "expected aten.rsqrt.default, got aten.add.Tensor",
+    ),
+    "norm_over_rows": (
+        lambda x: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-6),
+        "x",
+        F32,
+        "expected dims [-1], got [0]",
+    ),
+    "norm_computed_in_bf16": (
+        lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
+        "xw",
+        BF16,
+        "expected tensor x of dtype in {torch.float32}",
+    ),
+    "result_left_in_fp32": (
+        lambda x, w: normed(x, 1e-6) * w.float(),
+        "xw",
+        BF16,
+        "the fp32 result of a bfloat16 norm is never cast back to bfloat16",
+    ),
+    "cast_to_another_dtype": (
+        lambda x: normed(x, 1e-6).to(BF16),
+        "x",
+        F16,
+        "the result is cast to bfloat16, not to the input's float16",
+    ),
+    "fp8_clamp_not_the_dtype_range": (
+        lambda x, s: (x.float() / s).clamp(-240.0, 240.0).to(E4M3),
+        "xs",
+        F32,
+        "clamp to [-240.0, 240.0] is not torch.float8_e4m3fn's range ±448.0",
+    ),
+    "fp8_quotient_in_bf16": (
+        lambda x, s: (x / s).clamp(-448.0, 448.0).to(E4M3),
+        "xs",
+        BF16,
+        "expected aten.div.Tensor, got prims.convert_element_type.default",
+    ),
+    "vllm_c_fp8_fnuz": (
+        vllm_c_fp8(E4M3_FNUZ),
+        "xs",
+        BF16,
+        "result buffer of dtype torch.float8_e4m3fnuz: vLLM's fnuz kernels clamp at 224",
+    ),
 }
 
 
@@ -769,7 +900,9 @@ def test_look_alike_is_not_raised(name):
 
 @pytest.mark.parametrize("reduce_op", ["avg", "max"])
 def test_non_sum_all_reduce_is_not_raised(reduce_op, world_of_one):
-    gm = capture(lambda x: funcol.all_reduce(x, reduce_op, dist.group.WORLD) + 1, make_inputs("x")[0])
+    gm = capture(
+        lambda x: funcol.all_reduce(x, reduce_op, dist.group.WORLD) + 1, make_inputs("x")[0]
+    )
     reports = raise_ir(gm)
     assert counts(reports) == {}
     assert f"expected 'sum', got '{reduce_op}'" in explain(reports)
@@ -788,8 +921,10 @@ def test_training_graph_keeps_the_saved_rsqrt():
     module = nn.RMSNorm(H, eps=1e-6)
     spy = Capture()
     torch._dynamo.reset()
-    with (inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False),
-          pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured")):
+    with (
+        inductor_config.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False),
+        pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Captured"),
+    ):
         torch.compile(module, backend="inductor")(make_inputs("x")[0].requires_grad_())
     reports = raise_ir(spy.gm)
     assert counts(reports) == {}

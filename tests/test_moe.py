@@ -28,7 +28,7 @@ def expected_counts(spec: MoESpec) -> dict:
     is attention, then the post norm; then the final norm)."""
     sources, last = [], "embedding"
     for _ in range(spec.layers):
-        for block in (("attention", "moe") if spec.attention else ("moe",)):
+        for block in ("attention", "moe") if spec.attention else ("moe",):
             sources.append(last)
             last = block
     sources.append(last)
@@ -85,8 +85,11 @@ def check(results_by_rank: list) -> None:
 def test_moe_two_ranks_equals_eager():
     cases = [
         (BASE, [5, 16], "eager", True),  # symbolic rows: one graph, two row counts
-        (BASE.with_(dispatch="dense", shared_expert=True, norm_topk_prob=False, batched=True),
-         [6], "eager"),
+        (
+            BASE.with_(dispatch="dense", shared_expert=True, norm_topk_prob=False, batched=True),
+            [6],
+            "eager",
+        ),
         # an all-reduce of rows reshaped after (rewritten), a shared expert reduced apart (left alone)
         (BASE.with_(batched=True, reduce_rows=True), [6], "eager"),
         (BASE.with_(attention=False, shared_expert=True, shared_all_reduce=True), [5], "eager"),
@@ -103,11 +106,18 @@ def test_moe_three_ranks_equals_eager():
 def test_expected_counts():
     assert expected_counts(BASE) == {"sp.first": 1, "sp.middle": 3, "sp.last": 1}
     assert expected_counts(BASE.with_(attention=False, layers=3)) == {
-        "sp.first": 1, "sp.middle": 2, "sp.last": 1}
+        "sp.first": 1,
+        "sp.middle": 2,
+        "sp.last": 1,
+    }
     assert expected_counts(BASE.with_(batched=True, reduce_rows=True)) == {
-        "sp.first": 1, "sp.middle": 3, "sp.last": 1}
-    assert expected_counts(BASE.with_(attention=False, shared_expert=True,
-                                      shared_all_reduce=True)) == {"sp.first": 1}
+        "sp.first": 1,
+        "sp.middle": 3,
+        "sp.last": 1,
+    }
+    assert expected_counts(
+        BASE.with_(attention=False, shared_expert=True, shared_all_reduce=True)
+    ) == {"sp.first": 1}
 
 
 # --- vLLM's MoE SP case: the chunk after the norm folds into the shard --------------------------
@@ -130,10 +140,15 @@ def chunk_models_equal_eager(rank: int, world: int, cases: list) -> list:
             for arg in (x, residual) if dynamic else ():
                 torch._dynamo.mark_dynamic(arg, 0)
             with torch.no_grad():
-                want, got = model(x, residual), torch.compile(model, backend=backend, fullgraph=True)(x, residual)
+                want, got = (
+                    model(x, residual),
+                    torch.compile(model, backend=backend, fullgraph=True)(x, residual),
+                )
             pairs = zip(got, want, strict=True) if with_residual else [(got, want)]
             errors[name] = max((g.float() - w.float()).abs().max().item() for g, w in pairs)
-        folds = sum(n for r in backend.reports for name, n in r.counts.items() if name.startswith("chunk."))
+        folds = sum(
+            n for r in backend.reports for name, n in r.counts.items() if name.startswith("chunk.")
+        )
         gathers = sum(r.after.count("all_gather_into_tensor.default(") for r in backend.reports)
         out.append((dtype, seq_len, with_residual, spelling, dynamic, errors, folds, gathers))
     return out
@@ -144,13 +159,19 @@ def test_moe_chunk_folds_into_the_shard_and_equals_eager(tmp_path):
     rank's x differs (it is all-reduced)."""
     f16, bf16 = torch.float16, torch.bfloat16
     cases_by_world = {  # (dtype, rows, with_residual, spelling, symbolic rows); 2 cores: few
-        2: [(f16, 15, False, "vllm", False), (bf16, 16, True, "torch", False),
-            (f16, 15, True, "torch", False), (bf16, 15, True, "vllm", True)],
+        2: [
+            (f16, 15, False, "vllm", False),
+            (bf16, 16, True, "torch", False),
+            (f16, 15, True, "torch", False),
+            (bf16, 15, True, "vllm", True),
+        ],
         3: [(bf16, 16, True, "vllm", False), (f16, 16, False, "torch", False)],
     }
     for world, cases in cases_by_world.items():
         # A cache per world: plain Inductor's cache key does not know the world size.
-        by_rank = run_world(world, chunk_models_equal_eager, cases, cache_dir=str(tmp_path / str(world)))
+        by_rank = run_world(
+            world, chunk_models_equal_eager, cases, cache_dir=str(tmp_path / str(world))
+        )
         results = [r for rank_results in by_rank for r in rank_results]
         for dtype in (torch.float16, torch.bfloat16):
             mine = [r for r in results if r[0] == dtype]

@@ -12,8 +12,7 @@ from torch import nn
 
 import fxsp
 from fxsp.runtime import gather_rows
-from fxsp.sp.layout import padded_block_rows
-from fxsp.sp.layout import block_bounds
+from fxsp.sp.layout import block_bounds, padded_block_rows
 from fxsp.testing.tp_llama import Spec, TPLlama
 from tests.worlds import run_world
 
@@ -52,7 +51,10 @@ def two_stages(rank: int, world: int) -> float:
         if stage == 0:
             backend = fxsp.backend(tp_group, inner="eager", shard_outputs=True)
             hidden, residual_rows = torch.compile(FirstStage(model), backend=backend)(tokens)
-            assert residual_rows.shape == (padded_block_rows(ROWS, 2), SPEC.hidden)  # never gathered
+            assert residual_rows.shape == (
+                padded_block_rows(ROWS, 2),
+                SPEC.hidden,
+            )  # never gathered
             assert backend.reports[-1].counts["sp.sharded_outputs"] == 1
             dist.send(hidden.contiguous(), peer)
             dist.send(residual_rows.contiguous(), peer)
@@ -62,7 +64,9 @@ def two_stages(rank: int, world: int) -> float:
         dist.recv(hidden, peer)
         dist.recv(residual_rows, peer)
         residual = gather_rows(residual_rows, (ROWS, SPEC.hidden), tp_group)
-        result = torch.compile(SecondStage(model), backend=fxsp.backend(tp_group, inner="eager"))(hidden, residual)
+        result = torch.compile(SecondStage(model), backend=fxsp.backend(tp_group, inner="eager"))(
+            hidden, residual
+        )
         reference = model(tokens)  # the unsplit model on this stage's TP group, eager
         return (result - reference).abs().max().item()
 

@@ -78,10 +78,16 @@ def diverge_on_warm_cache(rank: int, world: int, patch: bool) -> tuple:
 def test_divergent_ranks_fail_on_a_warm_cache_too(tmp_path):
     """Rank 1's divergent graph went into the cache. A later run whose code is fine hits that
     entry without running the pass: the guard compares the decisions saved with it."""
-    for error, cached in run_world(2, diverge_on_warm_cache, True, cache_dir=str(tmp_path), timeout=300):
+    for error, cached in run_world(
+        2, diverge_on_warm_cache, True, cache_dir=str(tmp_path), timeout=300
+    ):
         assert error is not None and "rewrite decisions" in error and cached == [False]
-    for error, cached in run_world(2, diverge_on_warm_cache, False, cache_dir=str(tmp_path), timeout=300):
-        assert error is not None and "ranks [1]" in error and "from the same inputs/options" in error
+    for error, cached in run_world(
+        2, diverge_on_warm_cache, False, cache_dir=str(tmp_path), timeout=300
+    ):
+        assert (
+            error is not None and "ranks [1]" in error and "from the same inputs/options" in error
+        )
         assert cached == [True]
 
 
@@ -97,14 +103,20 @@ class LayerNormTP(nn.Module):
         self.vocab_start = sum(len(shard) for shard in shards[:rank])
         self.embed = nn.Parameter(shards[rank].clone())
         self.norm, self.final_norm = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.up = nn.Parameter((torch.randn(inter, hidden) / hidden**0.5).chunk(tp, 0)[rank].clone())
-        self.down = nn.Parameter((torch.randn(hidden, inter) / inter**0.5).chunk(tp, 1)[rank].clone())
+        self.up = nn.Parameter(
+            (torch.randn(inter, hidden) / hidden**0.5).chunk(tp, 0)[rank].clone()
+        )
+        self.down = nn.Parameter(
+            (torch.randn(hidden, inter) / inter**0.5).chunk(tp, 1)[rank].clone()
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = self.embed.shape[0]
         local = tokens - self.vocab_start
         mine = ((local >= 0) & (local < rows)).unsqueeze(-1).to(self.embed.dtype)
-        h = funcol.all_reduce(F.embedding(local.clamp(0, rows - 1), self.embed) * mine, "sum", dist.group.WORLD)
+        h = funcol.all_reduce(
+            F.embedding(local.clamp(0, rows - 1), self.embed) * mine, "sum", dist.group.WORLD
+        )
         mlp = F.linear(F.gelu(F.linear(self.norm(h), self.up)), self.down)
         return self.final_norm(h + funcol.all_reduce(mlp, "sum", dist.group.WORLD))
 
@@ -125,7 +137,12 @@ def uneven_vocab(rank: int, world: int, kind: str) -> tuple:
     (guard,) = guards
     assert isinstance(guard, RankGuard)
     sp = sum(v for r in backend.reports for k, v in r.counts.items() if k.startswith("sp."))
-    return (got - expected).abs().max().item(), sp, (guard.facts, guard.decisions), model.embed.shape[0]
+    return (
+        (got - expected).abs().max().item(),
+        sp,
+        (guard.facts, guard.decisions),
+        model.embed.shape[0],
+    )
 
 
 def test_uneven_shards_run_where_decisions_agree():
@@ -136,7 +153,9 @@ def test_uneven_shards_run_where_decisions_agree():
         assert [rows for *_, rows in results] == [43, 43, 42]
         facts = {fingerprints[0] for _, _, fingerprints, _ in results}
         decisions = {fingerprints[1] for _, _, fingerprints, _ in results}
-        assert len(facts) == 2 and len(decisions) == 1, kind  # rank 2's facts differ, not its decisions
+        assert len(facts) == 2 and len(decisions) == 1, (
+            kind
+        )  # rank 2's facts differ, not its decisions
         for error, sp, _, _ in results:
             assert error < 1e-5, (kind, error)
             assert (sp > 0) == rewritten, (kind, sp)

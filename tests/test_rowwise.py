@@ -15,7 +15,7 @@ T, H = 6, 8
 
 ROW_WISE = {
     "scalar_multiplier": (lambda x: x * 0.22, [(T, H)]),
-    "embedding_scale_tensor": (lambda x: x * torch.tensor(H ** 0.5), [(T, H)]),
+    "embedding_scale_tensor": (lambda x: x * torch.tensor(H**0.5), [(T, H)]),
     "per_feature_weight": (lambda x, w: x * w, [(T, H), (H,)]),
     "per_feature_weight_1h": (lambda x, w: w + x, [(1, T, H), (1, 1, H)]),
     "unary": (lambda x: F.silu(x), [(T, H)]),
@@ -39,18 +39,35 @@ NOT_ROW_WISE = {
     "mean_over_sequence": (lambda x: x.mean(1), [(2, T, H)], "across the token dims"),
     "full_sum": (lambda x: x.sum(), [(T, H)], "every dim"),
     "attention_scores": (lambda x: x @ x.t(), [(T, H)], "contracts over the hidden dim"),
-    "contract_over_tokens": (lambda x, y: torch.ops.aten.mm.default(y, x), [(T, H), (H, T)],
-                             "contracts over the token dim", 0),
-    "bmm_over_tokens": (lambda x, y: torch.bmm(y, x), [(1, T, H), (1, H, T)], "contracts over the token dim", 0),
+    "contract_over_tokens": (
+        lambda x, y: torch.ops.aten.mm.default(y, x),
+        [(T, H), (H, T)],
+        "contracts over the token dim",
+        0,
+    ),
+    "bmm_over_tokens": (
+        lambda x, y: torch.bmm(y, x),
+        [(1, T, H), (1, H, T)],
+        "contracts over the token dim",
+        0,
+    ),
     "sdpa": (lambda x: F.scaled_dot_product_attention(x, x, x), [(1, 2, T, H)], "may mix rows"),
     "split_hidden": (lambda x: x.view(T, 2, H // 2), [(T, H)], "mixes rows and hidden"),
     "flatten": (lambda x: x.reshape(-1), [(T, H)], "mixes rows and hidden"),
     "transpose": (lambda x: x.transpose(0, 1), [(2, T, H)], "may mix rows"),
     "other_operand_with_rows": (lambda x, y: x + y, [(T, H), (T, H)], "has rows of its own"),
     "per_row_scale": (lambda x, s: x * s, [(T, H), (T, 1)], "has rows of its own"),
-    "broadcast_up": (lambda x, y: x + y, [(1, H), (T, H)], "broadcasts its input [1, 8] to [6, 8]", 0),
-    "dropout_in_training": (lambda x: torch.ops.aten.native_dropout.default(x, 0.1, True)[0], [(T, H)],
-                            "random numbers"),
+    "broadcast_up": (
+        lambda x, y: x + y,
+        [(1, H), (T, H)],
+        "broadcasts its input [1, 8] to [6, 8]",
+        0,
+    ),
+    "dropout_in_training": (
+        lambda x: torch.ops.aten.native_dropout.default(x, 0.1, True)[0],
+        [(T, H)],
+        "random numbers",
+    ),
 }
 
 
@@ -82,5 +99,7 @@ def test_cast_to_another_device_is_not_row_wise():
 
 def test_symbolic_rows():
     gm = make_fx(lambda x: (x * 2.0).view(1, -1, H), tracing_mode="symbolic")(torch.randn(T, H))
-    mul, view = [n for n in gm.graph.nodes if n.op == "call_function" and "sym_size" not in str(n.target)]
+    mul, view = [
+        n for n in gm.graph.nodes if n.op == "call_function" and "sym_size" not in str(n.target)
+    ]
     assert acts_per_row(mul) is True and acts_per_row(view) is True

@@ -26,7 +26,9 @@ class TestGoldenSP(expecttest.TestCase):
     def test_two_layers_rows(self):
         (report,) = compile_reports(Block(), torch.randn(4, 8))
         self.assertEqual(report.counts["sp.first"], 1)
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -55,11 +57,14 @@ class TestGoldenSP(expecttest.TestCase):
 %25 = operator.getitem(%24, 0)  : f32[2, 8]
 %26 = _c10d_functional.all_gather_into_tensor.default(%25, 2, G0)  : f32[4, 8]
 %27 = _c10d_functional.wait_tensor.default(%26)  : f32[4, 8]
-return (%27,)""")
+return (%27,)""",
+        )
 
     def test_rows_not_divisible_are_padded_and_trimmed(self):
         (report,) = compile_reports(Block(layers=1), torch.randn(5, 8))
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[5, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -80,11 +85,14 @@ return (%27,)""")
 %17 = _c10d_functional.all_gather_into_tensor.default(%16, 2, G0)  : f32[6, 8]
 %18 = _c10d_functional.wait_tensor.default(%17)  : f32[6, 8]
 %19 = aten.slice.Tensor(%18, 0, 0, 5)  : f32[5, 8]
-return (%19,)""")
+return (%19,)""",
+        )
 
     def test_batch_seq_hidden(self):
         (report,) = compile_reports(Block(layers=1), torch.randn(2, 3, 8))
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[2, 3, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -105,12 +113,15 @@ return (%19,)""")
 %17 = _c10d_functional.all_gather_into_tensor.default(%16, 2, G0)  : f32[6, 8]
 %18 = _c10d_functional.wait_tensor.default(%17)  : f32[6, 8]
 %19 = aten.view.default(%18, [2, 3, 8])  : f32[2, 3, 8]
-return (%19,)""")
+return (%19,)""",
+        )
 
     def test_prompt_embeds_residual_is_sliced(self):
         (report,) = compile_reports(Block(layers=1, prompt_embeds=True), torch.randn(4, 8))
         self.assertEqual(report.counts["sp.first"], 0)
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[8, 8]
@@ -124,12 +135,15 @@ return (%19,)""")
 %10 = operator.getitem(%9, 0)  : f32[2, 8]
 %11 = _c10d_functional.all_gather_into_tensor.default(%10, 2, G0)  : f32[4, 8]
 %12 = _c10d_functional.wait_tensor.default(%11)  : f32[4, 8]
-return (%12,)""")
+return (%12,)""",
+        )
 
     def test_fp8_gathers_bytes(self):
         (report,) = compile_reports(Block(layers=1, fp8=True), torch.randn(4, 8))
         self.assertEqual(report.counts["sp.first_fp8"], 1)
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -154,11 +168,14 @@ return (%12,)""")
 %21 = operator.getitem(%20, 0)  : f32[2, 8]
 %22 = _c10d_functional.all_gather_into_tensor.default(%21, 2, G0)  : f32[4, 8]
 %23 = _c10d_functional.wait_tensor.default(%22)  : f32[4, 8]
-return (%23,)""")
+return (%23,)""",
+        )
 
     def test_dynamic_rows(self):
         (report,) = compile_reports(Block(layers=1), torch.randn(6, 8), dynamic=True)
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : SymInt
 %2 = input('arg2_1')  : f32[s77, 8]
@@ -185,11 +202,14 @@ return (%23,)""")
 %23 = _c10d_functional.all_gather_into_tensor.default(%22, 2, G0)  : f32[2*(((s77 + 1)//2)), 8]
 %24 = _c10d_functional.wait_tensor.default(%23)  : f32[2*(((s77 + 1)//2)), 8]
 %25 = aten.as_strided.default(%24, [%6, 8], [8, 1], 0)  : f32[s77, 8]
-return (%25,)""")
+return (%25,)""",
+        )
 
     def test_graph_break_keeps_outputs_full_size(self):
         first, second = compile_reports(Block(layers=2, graph_break=True), torch.randn(4, 8))
-        self.assertExpectedInline(first.rewritten, """\
+        self.assertExpectedInline(
+            first.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -211,8 +231,11 @@ return (%25,)""")
 %18 = _c10d_functional.wait_tensor.default(%17)  : f32[4, 8]
 %19 = _c10d_functional.all_gather_into_tensor.default(%16, 2, G0)  : f32[4, 8]
 %20 = _c10d_functional.wait_tensor.default(%19)  : f32[4, 8]
-return (%18, %20)""")
-        self.assertExpectedInline(second.rewritten, """\
+return (%18, %20)""",
+        )
+        self.assertExpectedInline(
+            second.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[4, 8]
 %2 = input('arg2_1')  : f32[4, 8]
@@ -225,7 +248,8 @@ return (%18, %20)""")
 %9 = operator.getitem(%8, 0)  : f32[2, 8]
 %10 = _c10d_functional.all_gather_into_tensor.default(%9, 2, G0)  : f32[4, 8]
 %11 = _c10d_functional.wait_tensor.default(%10)  : f32[4, 8]
-return (%11,)""")
+return (%11,)""",
+        )
 
     def test_min_tokens_keeps_small_batches(self):
         (report,) = compile_reports(Block(layers=1), torch.randn(4, 8), min_tokens=8)

@@ -25,8 +25,11 @@ def expected_counts(spec: Spec) -> dict:
     previous graph, so stays as it is; the final norm's residual output is dead."""
     fp8 = "_fp8" if spec.fp8 else ""
     middle = 2 * spec.layers - 1 - (1 if spec.graph_break else 0)
-    return {f"sp.first{fp8}": 0 if spec.prompt_embeds else 1, f"sp.middle{fp8}": middle,
-            "sp.last": 1 if spec.final_norm else 0}
+    return {
+        f"sp.first{fp8}": 0 if spec.prompt_embeds else 1,
+        f"sp.middle{fp8}": middle,
+        "sp.last": 1 if spec.final_norm else 0,
+    }
 
 
 def compile_and_compare(rank: int, world: int, cases: list) -> list:
@@ -70,8 +73,11 @@ def check(results_by_rank: list) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_llama_row_counts_equal_eager(world):
     rows = sorted({1, world - 1, 2 * world + 1, 64})
-    cases = [(BASE, rows, "eager", False), (BASE.with_(batched=True), [2 * world + 2, 64], "eager", False),
-             (BASE, [2 * world + 1], "inductor", False)]
+    cases = [
+        (BASE, rows, "eager", False),
+        (BASE.with_(batched=True), [2 * world + 2, 64], "eager", False),
+        (BASE, [2 * world + 1], "inductor", False),
+    ]
     check(run_world(world, compile_and_compare, cases))
 
 
@@ -109,7 +115,9 @@ def dtensor_compare(rank: int, world: int, rows: int) -> tuple:
     x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference, result = model(x), torch.compile(model, backend=backend)(x)
-    counts = {k: v for r in backend.reports for k, v in r.counts.items() if v and k.startswith("sp.")}
+    counts = {
+        k: v for r in backend.reports for k, v in r.counts.items() if v and k.startswith("sp.")
+    }
     return (result - reference).abs().max().item(), counts
 
 
@@ -129,7 +137,9 @@ def compare_with_cache(rank: int, world: int) -> tuple:
     inputs = model.example_input(5)
     with torch.no_grad():
         reference, result = model(inputs), torch.compile(model, backend=fxsp.backend(None))(inputs)
-    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    hits = (
+        counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    )
     return (result - reference).abs().max().item(), hits
 
 

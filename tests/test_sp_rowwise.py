@@ -9,7 +9,6 @@ Golden graphs on the fake process group; numerics on gloo worlds of 2 and 3 rank
 
 from __future__ import annotations
 
-
 import expecttest
 import pytest
 import torch
@@ -21,7 +20,9 @@ from tests.support import RowwiseStack, compile_reports, last_op
 from tests.worlds import run_world
 
 
-def rewrite(model: nn.Module, x: torch.Tensor, inner: str = "eager") -> fxsp.compile.report.GraphReport:
+def rewrite(
+    model: nn.Module, x: torch.Tensor, inner: str = "eager"
+) -> fxsp.compile.report.GraphReport:
     (report,) = compile_reports(model, x, inner=inner)
     return report
 
@@ -41,7 +42,9 @@ class TestGoldenRowwise(expecttest.TestCase):
         """The embedding multiplier and the residual multiplier run on the shard."""
         report = rewrite(RowwiseStack("granite", "granite", layers=1), torch.randn(5, 8))
         self.assertEqual(sp_counts(report), {"sp.first": 1, "sp.last": 1})
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[5, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -64,14 +67,17 @@ class TestGoldenRowwise(expecttest.TestCase):
 %19 = _c10d_functional.all_gather_into_tensor.default(%18, 2, G0)  : f32[6, 8]
 %20 = _c10d_functional.wait_tensor.default(%19)  : f32[6, 8]
 %21 = aten.slice.Tensor(%20, 0, 0, 5)  : f32[5, 8]
-return (%21,)""")
+return (%21,)""",
+        )
 
     def test_gemma_embedding_scale(self):
         """The scaled value is the first norm's input and the residual: the residual takes the
         scaled shard."""
         report = rewrite(RowwiseStack("gemma", layers=1), torch.randn(5, 8))
         self.assertEqual(sp_counts(report), {"sp.first": 1, "sp.last": 1})
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[5, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -94,13 +100,16 @@ return (%21,)""")
 %19 = _c10d_functional.all_gather_into_tensor.default(%18, 2, G0)  : f32[6, 8]
 %20 = _c10d_functional.wait_tensor.default(%19)  : f32[6, 8]
 %21 = aten.slice.Tensor(%20, 0, 0, 5)  : f32[5, 8]
-return (%21,)""")
+return (%21,)""",
+        )
 
     def test_moe_reshape_to_batch(self):
         """The experts' all-reduce on [T, H] viewed as [1, T, H]: the identity on the shard."""
         report = rewrite(RowwiseStack(between="moe", layers=1), torch.randn(1, 5, 8))
         self.assertEqual(sp_counts(report), {"sp.first": 1, "sp.last": 1})
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('arg0_1')  : f32[8, 8]
 %1 = input('arg1_1')  : f32[1, 5, 8]
 %2 = input('arg2_1')  : f32[8]
@@ -123,7 +132,8 @@ return (%21,)""")
 %19 = _c10d_functional.wait_tensor.default(%18)  : f32[6, 8]
 %20 = aten.slice.Tensor(%19, 0, 0, 5)  : f32[5, 8]
 %21 = aten.view.default(%20, [1, 5, 8])  : f32[1, 5, 8]
-return (%21,)""")
+return (%21,)""",
+        )
 
     def test_clone(self):
         """Eval-mode dropout's clone, where no joint-graph pass removed it (make_fx here)."""
@@ -143,7 +153,9 @@ return (%21,)""")
         assert any(n.target is torch.ops.aten.clone.default for n in gm.graph.nodes)
         report = run_passes(gm.graph, SPConfig(dist.group.WORLD.group_name, 2, 0))
         self.assertEqual(sp_counts(report), {"sp.first": 1, "sp.last": 1})
-        self.assertExpectedInline(report.rewritten, """\
+        self.assertExpectedInline(
+            report.rewritten,
+            """\
 %0 = input('x_1')  : f32[5, 8]
 %1 = input('params_1')  : f32[5, 5]
 %2 = input('params_2')  : f32[8, 8]
@@ -166,7 +178,8 @@ return (%21,)""")
 %19 = _c10d_functional.all_gather_into_tensor.default(%18, 2, G0)  : f32[6, 8]
 %20 = _c10d_functional.wait_tensor.default(%19)  : f32[6, 8]
 %21 = aten.slice.Tensor(%20, 0, 0, 5)  : f32[5, 8]
-return [%21]""")
+return [%21]""",
+        )
 
 
 # op between the all-reduce and the add: the op the near-miss must name
@@ -188,11 +201,19 @@ def test_row_mixing_ops_are_not_crossed(world, between):
 
 
 def test_inner_compilers_count_the_same(world):
-    for embed, between, x in [("granite", "granite", torch.randn(5, 8)), ("gemma", None, torch.randn(5, 8)),
-                              (None, "moe", torch.randn(1, 5, 8))]:
-        counts = {inner: sp_counts(rewrite(RowwiseStack(embed, between), x, inner)) for inner in ("eager", "inductor")}
+    for embed, between, x in [
+        ("granite", "granite", torch.randn(5, 8)),
+        ("gemma", None, torch.randn(5, 8)),
+        (None, "moe", torch.randn(1, 5, 8)),
+    ]:
+        counts = {
+            inner: sp_counts(rewrite(RowwiseStack(embed, between), x, inner))
+            for inner in ("eager", "inductor")
+        }
         torch._dynamo.reset()
-        assert counts["eager"] == counts["inductor"] == {"sp.first": 1, "sp.middle": 1, "sp.last": 1}, counts
+        assert (
+            counts["eager"] == counts["inductor"] == {"sp.first": 1, "sp.middle": 1, "sp.last": 1}
+        ), counts
 
 
 # --- numerics on gloo -------------------------------------------------------------------------
@@ -212,8 +233,15 @@ def compare(rank: int, world: int, rows_list: list) -> list:
                 backend = fxsp.backend(None, inner=inner)
                 with torch.no_grad():
                     reference, result = model(x), torch.compile(model, backend=backend)(x)
-                counts = {k: v for r in backend.reports for k, v in r.counts.items() if k.startswith("sp.") and v}
-                out.append(((embed, between, inner, rows), (result - reference).abs().max().item(), counts))
+                counts = {
+                    k: v
+                    for r in backend.reports
+                    for k, v in r.counts.items()
+                    if k.startswith("sp.") and v
+                }
+                out.append(
+                    ((embed, between, inner, rows), (result - reference).abs().max().item(), counts)
+                )
     return out
 
 
@@ -227,6 +255,7 @@ def test_rowwise_models_equal_eager(world_size):
 
 
 # --- rowwise.row_input: the input a node passes rows on from, or why not ----------------------
+
 
 def test_row_input_follows_the_rows_operand():
     from fxsp.sp.rowwise import row_input
@@ -244,7 +273,11 @@ def test_row_input_follows_the_rows_operand():
     refused = {
         "mean over tokens": (lambda x: x - x.mean(0, keepdim=True), [(5, 8)], "aten.mean.dim"),
         "cumsum over tokens": (lambda x: x.cumsum(0), [(5, 8)], "across the token dims"),
-        "mean over hidden": (lambda x: x.mean(-1, keepdim=True), [(5, 8)], "not rows of the same size"),
+        "mean over hidden": (
+            lambda x: x.mean(-1, keepdim=True),
+            [(5, 8)],
+            "not rows of the same size",
+        ),
         "rows of its own": (lambda x, y: x + y, [(5, 8), (5, 8)], "has rows of its own"),
     }
     for name, (fn, shapes, why) in refused.items():

@@ -27,8 +27,9 @@ class Layers(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.flavor = flavor
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden, hidden))
-                                  for _ in range(layers + 1))
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.randn(hidden, hidden)) for _ in range(layers + 1)
+        )
         self.norm_w = nn.ParameterList(nn.Parameter(torch.randn(hidden)) for _ in range(layers + 1))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,17 +63,27 @@ def test_traffic_of_an_sp_graph_counts_the_new_collectives(fake_pg, flavor):
     assert report.traffic_after.bytes == {"reduce_scatter": 3 * payload, "all_gather": 3 * payload}
     assert report.traffic_after.sites == report.traffic_before.sites == 3
     assert report.traffic_after.norm_rows == [rows // fake_pg] * 3
-    ops = {"c10d": ["_c10d_functional.reduce_scatter_tensor.default",
-                    "_c10d_functional.all_gather_into_tensor.default"],
-           "vllm": ["vllm.reduce_scatter.default", "vllm.all_gather.default"]}[flavor]
+    ops = {
+        "c10d": [
+            "_c10d_functional.reduce_scatter_tensor.default",
+            "_c10d_functional.all_gather_into_tensor.default",
+        ],
+        "vllm": ["vllm.reduce_scatter.default", "vllm.all_gather.default"],
+    }[flavor]
     assert [op for op, _, group in report.collectives] == ops * 3
     assert {group for _, _, group in report.collectives} == {0}
 
 
 def test_kind_reads_both_flavours():
-    assert [kind(t) for t in (c10d.all_reduce.default, c10d.reduce_scatter_tensor.default,
-                              c10d.all_gather_into_tensor.default, c10d.wait_tensor.default)] == [
-        "all_reduce", "reduce_scatter", "all_gather", "wait"]
+    assert [
+        kind(t)
+        for t in (
+            c10d.all_reduce.default,
+            c10d.reduce_scatter_tensor.default,
+            c10d.all_gather_into_tensor.default,
+            c10d.wait_tensor.default,
+        )
+    ] == ["all_reduce", "reduce_scatter", "all_gather", "wait"]
     vllm_ops = (vllm.all_reduce.default, vllm.reduce_scatter.default, vllm.all_gather.default)
     assert [kind(t) for t in vllm_ops] == ["all_reduce", "reduce_scatter", "all_gather"]
     assert kind(c10d.all_to_all_single.default) == "other"

@@ -57,11 +57,14 @@ def test_hidden_below_8192_is_off_by_default_and_says_why():
     assert "2048" in threshold.reason  # what the formula would have given
 
 
-@pytest.mark.parametrize("device, label", [
-    (A100, "sm_80 (NVIDIA A100-SXM4-80GB)"),
-    (GB10, "sm_121 (NVIDIA GB10)"),
-    (DeviceInfo("cuda", (8, 9)), "sm_89"),
-])
+@pytest.mark.parametrize(
+    "device, label",
+    [
+        (A100, "sm_80 (NVIDIA A100-SXM4-80GB)"),
+        (GB10, "sm_121 (NVIDIA GB10)"),
+        (DeviceInfo("cuda", (8, 9)), "sm_89"),
+    ],
+)
 def test_cuda_device_missing_from_table_is_named_not_blamed_on_hidden_size(device, label):
     threshold = sp_min_tokens(8192, 4, torch.bfloat16, device)
     assert threshold.min_tokens is None
@@ -108,22 +111,32 @@ def test_use_sp_is_inclusive_at_the_threshold():
     assert threshold.use_sp(1024)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: sp_min_tokens(0, 2, torch.bfloat16, H100),
-    lambda: sp_min_tokens(8192, 0, torch.bfloat16, H100),
-    lambda: sp_min_tokens(8192, 2, torch.bfloat16, H100, min_tokens=-1),
-    lambda: allreduce_rms_max_tokens(8192, 2, torch.bfloat16, H100, max_tokens=-1),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: sp_min_tokens(0, 2, torch.bfloat16, H100),
+        lambda: sp_min_tokens(8192, 0, torch.bfloat16, H100),
+        lambda: sp_min_tokens(8192, 2, torch.bfloat16, H100, min_tokens=-1),
+        lambda: allreduce_rms_max_tokens(8192, 2, torch.bfloat16, H100, max_tokens=-1),
+    ],
+)
 def test_invalid_arguments_raise(call):
     with pytest.raises(ValueError):
         call()
 
 
-@pytest.mark.parametrize("device, tp, expected", [
-    # MiB * MiB // (8192 * 2): 64 -> 4096, 2 -> 128, 0.5 -> 32, 32 -> 2048, 1 -> 64
-    (H100, 2, 4096), (H100, 4, 128), (H100, 8, 32),
-    (B200, 2, 4096), (B200, 4, 2048), (B200, 8, 64),
-])
+@pytest.mark.parametrize(
+    "device, tp, expected",
+    [
+        # MiB * MiB // (8192 * 2): 64 -> 4096, 2 -> 128, 0.5 -> 32, 32 -> 2048, 1 -> 64
+        (H100, 2, 4096),
+        (H100, 4, 128),
+        (H100, 8, 32),
+        (B200, 2, 4096),
+        (B200, 4, 2048),
+        (B200, 8, 64),
+    ],
+)
 def test_allreduce_rms_fusion_size_table(device, tp, expected):
     limit = allreduce_rms_max_tokens(8192, tp, torch.bfloat16, device)
     assert limit.max_tokens == expected

@@ -25,8 +25,8 @@ if DEVICE == "cpu" and "triton" not in sys.modules:
 triton = pytest.importorskip("triton")
 
 from fxsp.ir import ops, providers
-from fxsp.ir.kernels import load_gpu_providers
 from fxsp.ir.kernels import flashinfer as flashinfer_provider
+from fxsp.ir.kernels import load_gpu_providers
 from fxsp.ir.kernels import triton as triton_kernels
 from fxsp.ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 
@@ -46,7 +46,8 @@ KERNELS_RUN_HERE = _kernels_run_here()
 needs_kernels = pytest.mark.skipif(
     not KERNELS_RUN_HERE,
     reason="Triton was imported before TRITON_INTERPRET=1 could be set; "
-           "test_kernels_in_a_fresh_process runs these")
+    "test_kernels_in_a_fresh_process runs these",
+)
 
 
 def _inputs(rows, hidden, dtype, seed=0):
@@ -71,8 +72,9 @@ def _assert_close_to_reference(actual, expected, rounded_to=None):
 def _assert_fp8_close(actual, expected):
     """FP8 results whose inputs may differ by an ulp: at most one FP8 step apart."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-3,
-                               atol=torch.finfo(expected.dtype).tiny)
+    torch.testing.assert_close(
+        actual.float(), expected.float(), rtol=2**-3, atol=torch.finfo(expected.dtype).tiny
+    )
 
 
 def _fp8_bits(t):
@@ -83,15 +85,19 @@ def test_custom_ops_have_the_ir_signatures():
     for name in ("rms_norm", "fused_add_rms_norm"):
         ir_schema = str(getattr(torch.ops.fxsp, name).default._schema)
         assert str(getattr(fxsp_triton, name).default._schema) == ir_schema.replace(
-            "fxsp::", "fxsp_triton::")
+            "fxsp::", "fxsp_triton::"
+        )
         assert str(getattr(torch.ops.fxsp_flashinfer, name).default._schema) == ir_schema.replace(
-            "fxsp::", "fxsp_flashinfer::")
+            "fxsp::", "fxsp_flashinfer::"
+        )
     assert str(fxsp_triton.rms_norm_static_fp8_quant.default._schema) == (
         "fxsp_triton::rms_norm_static_fp8_quant(Tensor x, Tensor? weight, float eps, "
-        "Tensor scale, ScalarType fp8_dtype) -> Tensor")
+        "Tensor scale, ScalarType fp8_dtype) -> Tensor"
+    )
     assert str(fxsp_triton.fused_add_rms_norm_static_fp8_quant.default._schema) == (
         "fxsp_triton::fused_add_rms_norm_static_fp8_quant(Tensor x, Tensor residual, "
-        "Tensor? weight, float eps, Tensor scale, ScalarType fp8_dtype) -> (Tensor, Tensor)")
+        "Tensor? weight, float eps, Tensor scale, ScalarType fp8_dtype) -> (Tensor, Tensor)"
+    )
 
 
 # --- Kernels against the references --------------------------------------------------------
@@ -106,12 +112,14 @@ def test_norms_match_reference(dtype, hidden, rows, with_weight):
     x, residual, weight = _inputs(rows, hidden, dtype)
     weight = weight if with_weight else None
 
-    _assert_close_to_reference(fxsp_triton.rms_norm(x, weight, 1e-6),
-                               ops.rms_norm_reference(x, weight, 1e-6))
+    _assert_close_to_reference(
+        fxsp_triton.rms_norm(x, weight, 1e-6), ops.rms_norm_reference(x, weight, 1e-6)
+    )
 
     out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
-    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
-                                                                           1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(
+        x, residual, weight, 1e-6
+    )
     assert torch.equal(residual_out, expected_residual_out)  # one rounded add: exact
     _assert_close_to_reference(out, expected_out)
 
@@ -121,8 +129,9 @@ def test_norms_match_reference(dtype, hidden, rows, with_weight):
 def test_norm_of_other_row_lengths(hidden):
     x, residual, weight = _inputs(2, hidden, torch.bfloat16, seed=1)
     out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-5)
-    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
-                                                                           1e-5)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(
+        x, residual, weight, 1e-5
+    )
     assert torch.equal(residual_out, expected_residual_out)
     _assert_close_to_reference(out, expected_out)
 
@@ -132,24 +141,29 @@ def test_norm_of_other_row_lengths(hidden):
 def test_eps(eps):
     x, _, weight = _inputs(3, 96, torch.float32, seed=2)
     x = x * 1e-3  # small enough that a large eps matters
-    _assert_close_to_reference(fxsp_triton.rms_norm(x, weight, eps),
-                               ops.rms_norm_reference(x, weight, eps))
+    _assert_close_to_reference(
+        fxsp_triton.rms_norm(x, weight, eps), ops.rms_norm_reference(x, weight, eps)
+    )
 
 
 @needs_kernels
-@pytest.mark.parametrize("x_dtype, residual_dtype, weight_dtype", [
-    (torch.bfloat16, torch.bfloat16, torch.float32),  # result in fp32
-    (torch.float32, torch.float32, torch.bfloat16),
-    (torch.float16, torch.float16, torch.bfloat16),  # promotes to fp32
-    (torch.bfloat16, torch.float32, torch.bfloat16),  # residual_out in fp32
-])
+@pytest.mark.parametrize(
+    "x_dtype, residual_dtype, weight_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # result in fp32
+        (torch.float32, torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16, torch.bfloat16),  # promotes to fp32
+        (torch.bfloat16, torch.float32, torch.bfloat16),  # residual_out in fp32
+    ],
+)
 def test_mixed_dtypes_promote_like_the_reference(x_dtype, residual_dtype, weight_dtype):
     x = _inputs(3, 96, x_dtype)[0]
     residual = _inputs(3, 96, residual_dtype, seed=1)[1]
     weight = _inputs(3, 96, weight_dtype, seed=2)[2]
     out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
-    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
-                                                                           1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(
+        x, residual, weight, 1e-6
+    )
     assert torch.equal(residual_out, expected_residual_out)
     _assert_close_to_reference(out, expected_out, rounded_to=residual_out.dtype)
 
@@ -160,11 +174,14 @@ def test_any_leading_shape_and_no_rows():
     x3, residual3 = x.reshape(2, 3, 96), residual.reshape(2, 3, 96)
     out, residual_out = fxsp_triton.fused_add_rms_norm(x3, residual3, weight, 1e-6)
     assert out.shape == residual_out.shape == (2, 3, 96)
-    assert torch.equal(out.reshape(6, 96), fxsp_triton.fused_add_rms_norm(x, residual, weight,
-                                                                          1e-6)[0])
+    assert torch.equal(
+        out.reshape(6, 96), fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)[0]
+    )
     # A non-contiguous input gives the same rows.
-    assert torch.equal(fxsp_triton.rms_norm(x.t().contiguous().t(), weight, 1e-6),
-                       fxsp_triton.rms_norm(x, weight, 1e-6))
+    assert torch.equal(
+        fxsp_triton.rms_norm(x.t().contiguous().t(), weight, 1e-6),
+        fxsp_triton.rms_norm(x, weight, 1e-6),
+    )
 
     empty = x[:0]
     out, residual_out = fxsp_triton.fused_add_rms_norm(empty, empty, weight, 1e-6)
@@ -179,15 +196,22 @@ def test_rows_longer_than_one_pass(monkeypatch, hidden, block):
     monkeypatch.setattr(triton_kernels, "MULTI_PASS_BLOCK", block)
     x, residual, weight = _inputs(3, hidden, torch.bfloat16)
     out, residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
-    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
-                                                                           1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(
+        x, residual, weight, 1e-6
+    )
     assert torch.equal(residual_out, expected_residual_out)
     _assert_close_to_reference(out, expected_out)
 
     scale = torch.tensor(0.05, device=DEVICE)
     quantized = fxsp_triton.rms_norm_static_fp8_quant(x, weight, 1e-6, scale, torch.float8_e4m3fn)
-    assert torch.equal(_fp8_bits(quantized), _fp8_bits(ops.static_fp8_quant_reference(
-        fxsp_triton.rms_norm(x, weight, 1e-6), scale, torch.float8_e4m3fn)))
+    assert torch.equal(
+        _fp8_bits(quantized),
+        _fp8_bits(
+            ops.static_fp8_quant_reference(
+                fxsp_triton.rms_norm(x, weight, 1e-6), scale, torch.float8_e4m3fn
+            )
+        ),
+    )
 
 
 # --- Static FP8 quant forms ----------------------------------------------------------------
@@ -204,20 +228,29 @@ def test_quant_forms_match_reference(fp8_dtype, dtype, with_weight):
 
     quantized = fxsp_triton.rms_norm_static_fp8_quant(x, weight, 1e-6, scale, fp8_dtype)
     # Against the reference quant of the kernel's own norm the bytes are exact ...
-    assert torch.equal(_fp8_bits(quantized), _fp8_bits(ops.static_fp8_quant_reference(
-        fxsp_triton.rms_norm(x, weight, 1e-6), scale, fp8_dtype)))
+    assert torch.equal(
+        _fp8_bits(quantized),
+        _fp8_bits(
+            ops.static_fp8_quant_reference(fxsp_triton.rms_norm(x, weight, 1e-6), scale, fp8_dtype)
+        ),
+    )
     # ... against the full reference, an ulp in the norm may move a value one FP8 step.
-    _assert_fp8_close(quantized, ops.static_fp8_quant_reference(
-        ops.rms_norm_reference(x, weight, 1e-6), scale, fp8_dtype))
+    _assert_fp8_close(
+        quantized,
+        ops.static_fp8_quant_reference(ops.rms_norm_reference(x, weight, 1e-6), scale, fp8_dtype),
+    )
 
     quantized, residual_out = fxsp_triton.fused_add_rms_norm_static_fp8_quant(
-        x, residual, weight, 1e-6, scale, fp8_dtype)
+        x, residual, weight, 1e-6, scale, fp8_dtype
+    )
     out, expected_residual_out = fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6)
     assert torch.equal(residual_out, expected_residual_out)
-    assert torch.equal(_fp8_bits(quantized),
-                       _fp8_bits(ops.static_fp8_quant_reference(out, scale, fp8_dtype)))
-    reference_out, reference_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
-                                                                             1e-6)
+    assert torch.equal(
+        _fp8_bits(quantized), _fp8_bits(ops.static_fp8_quant_reference(out, scale, fp8_dtype))
+    )
+    reference_out, reference_residual_out = ops.fused_add_rms_norm_reference(
+        x, residual, weight, 1e-6
+    )
     assert torch.equal(residual_out, reference_residual_out)
     _assert_fp8_close(quantized, ops.static_fp8_quant_reference(reference_out, scale, fp8_dtype))
 
@@ -230,12 +263,35 @@ def _fp8_rounding_cases(fp8_dtype):
     midpoints = (finite[1:] + finite[:-1]) / 2
     inf = torch.tensor(float("inf"))
     bound, tiny = ops.fp8_max(fp8_dtype), float(finite[finite > 0].min())
-    special = torch.tensor([bound * 1.01, bound + 8, 1e30, float("inf"), 0.0, float("nan"),
-                            1e-30, tiny / 2, tiny / 2 * 1.001, tiny * 1.5, tiny * 2.5])
+    special = torch.tensor(
+        [
+            bound * 1.01,
+            bound + 8,
+            1e30,
+            float("inf"),
+            0.0,
+            float("nan"),
+            1e-30,
+            tiny / 2,
+            tiny / 2 * 1.001,
+            tiny * 1.5,
+            tiny * 2.5,
+        ]
+    )
     spread = torch.randn(2000, generator=torch.Generator().manual_seed(3)) * torch.exp(
-        torch.randn(2000, generator=torch.Generator().manual_seed(4)) * 4)
-    return torch.cat([finite, midpoints, torch.nextafter(midpoints, inf),
-                      torch.nextafter(midpoints, -inf), special, -special, spread])
+        torch.randn(2000, generator=torch.Generator().manual_seed(4)) * 4
+    )
+    return torch.cat(
+        [
+            finite,
+            midpoints,
+            torch.nextafter(midpoints, inf),
+            torch.nextafter(midpoints, -inf),
+            special,
+            -special,
+            spread,
+        ]
+    )
 
 
 @needs_kernels
@@ -249,16 +305,17 @@ def test_fp8_rounding_is_exact(fp8_dtype, scale):
     scale = torch.tensor(scale, device=DEVICE)
     quantized = fxsp_triton.rms_norm_static_fp8_quant(ones, values, 0.0, scale, fp8_dtype)
     expected = ops.static_fp8_quant_reference(values, scale, fp8_dtype)
-    assert torch.equal(fxsp_triton.rms_norm(ones, values, 0.0)[0].nan_to_num(),
-                       values.nan_to_num())
+    assert torch.equal(fxsp_triton.rms_norm(ones, values, 0.0)[0].nan_to_num(), values.nan_to_num())
     # NaN's sign bit is not meaningful (e4m3fn has two NaNs): only NaN-ness is compared.
     assert torch.equal(quantized[0].float().isnan(), expected.float().isnan())
     numbers = ~expected.float().isnan()
     actual_bits, expected_bits = _fp8_bits(quantized[0])[numbers], _fp8_bits(expected)[numbers]
     mismatches = (actual_bits != expected_bits).nonzero().flatten()
-    assert mismatches.numel() == 0, (values[numbers][mismatches][:8].tolist(),
-                                     actual_bits[mismatches][:8].tolist(),
-                                     expected_bits[mismatches][:8].tolist())
+    assert mismatches.numel() == 0, (
+        values[numbers][mismatches][:8].tolist(),
+        actual_bits[mismatches][:8].tolist(),
+        expected_bits[mismatches][:8].tolist(),
+    )
 
 
 # --- Tracing and Inductor ------------------------------------------------------------------
@@ -273,17 +330,20 @@ def test_fake_impls_give_the_real_shapes_and_dtypes():
             fxsp_triton.rms_norm(x, None, 1e-6),
             *fxsp_triton.fused_add_rms_norm(x, residual, weight, 1e-6),
             fxsp_triton.rms_norm_static_fp8_quant(x, weight, 1e-6, scale, torch.float8_e4m3fnuz),
-            *fxsp_triton.fused_add_rms_norm_static_fp8_quant(x, residual, None, 1e-6, scale,
-                                                             torch.float8_e4m3fn),
+            *fxsp_triton.fused_add_rms_norm_static_fp8_quant(
+                x, residual, None, 1e-6, scale, torch.float8_e4m3fn
+            ),
             torch.ops.fxsp_flashinfer.rms_norm(x, weight, 1e-6),
             *torch.ops.fxsp_flashinfer.fused_add_rms_norm(x, residual, weight, 1e-6),
         ]
 
     def make_args():
-        return (torch.ones(2, 3, 8, dtype=torch.bfloat16, device=DEVICE),
-                torch.ones(2, 3, 8, dtype=torch.float32, device=DEVICE),
-                torch.ones(8, dtype=torch.float16, device=DEVICE),
-                torch.ones((), device=DEVICE))
+        return (
+            torch.ones(2, 3, 8, dtype=torch.bfloat16, device=DEVICE),
+            torch.ones(2, 3, 8, dtype=torch.float32, device=DEVICE),
+            torch.ones(8, dtype=torch.float16, device=DEVICE),
+            torch.ones((), device=DEVICE),
+        )
 
     with FakeTensorMode():
         fake = [(t.shape, t.dtype) for t in calls(*make_args())]
@@ -326,9 +386,12 @@ def test_triton_is_chosen_for_cuda_only_when_available(monkeypatch):
             assert providers.choose(op, "cuda", dtype).name == "triton"
     chosen = providers.choose((RMS_NORM, STATIC_FP8_QUANT), "cuda", torch.bfloat16)
     assert chosen.impls[(RMS_NORM, STATIC_FP8_QUANT)] == (
-        fxsp_triton.rms_norm_static_fp8_quant.default)
-    assert providers.choose((FUSED_ADD_RMS_NORM, STATIC_FP8_QUANT), "cuda",
-                            torch.bfloat16).name == "triton"
+        fxsp_triton.rms_norm_static_fp8_quant.default
+    )
+    assert (
+        providers.choose((FUSED_ADD_RMS_NORM, STATIC_FP8_QUANT), "cuda", torch.bfloat16).name
+        == "triton"
+    )
     assert providers.choose(RMS_NORM, "cuda", torch.float64) is None
     assert providers.choose(STATIC_FP8_QUANT, "cuda", torch.bfloat16) is None  # Inductor's
 
@@ -356,7 +419,8 @@ class _InPlaceFlashInferNorm(types.SimpleNamespace):
     def rmsnorm(x, weight, eps):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(
-            x.dtype)
+            x.dtype
+        )
 
     @staticmethod
     def fused_add_rmsnorm(x, residual, weight, eps):
@@ -372,21 +436,25 @@ def test_flashinfer_wrappers_are_functional(monkeypatch):
 
     out, residual_out = torch.ops.fxsp_flashinfer.fused_add_rms_norm(x, residual, weight, 1e-6)
     assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
-    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
-                                                                           1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(
+        x, residual, weight, 1e-6
+    )
     assert torch.equal(residual_out, expected_residual_out)
     _assert_close_to_reference(out, expected_out)  # FlashInfer rounds once, not twice
-    _assert_close_to_reference(torch.ops.fxsp_flashinfer.rms_norm(x, None, 1e-6),
-                               ops.rms_norm_reference(x, None, 1e-6))
+    _assert_close_to_reference(
+        torch.ops.fxsp_flashinfer.rms_norm(x, None, 1e-6), ops.rms_norm_reference(x, None, 1e-6)
+    )
 
 
 def test_flashinfer_falls_back_to_the_reference_where_it_cannot_run():
     x, residual, weight = (t.cpu() for t in _inputs(3, 96, torch.float32))
-    assert torch.equal(torch.ops.fxsp_flashinfer.rms_norm(x, weight, 1e-6),
-                       ops.rms_norm_reference(x, weight, 1e-6))
+    assert torch.equal(
+        torch.ops.fxsp_flashinfer.rms_norm(x, weight, 1e-6), ops.rms_norm_reference(x, weight, 1e-6)
+    )
     out, residual_out = torch.ops.fxsp_flashinfer.fused_add_rms_norm(x, residual, weight, 1e-6)
-    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(x, residual, weight,
-                                                                           1e-6)
+    expected_out, expected_residual_out = ops.fused_add_rms_norm_reference(
+        x, residual, weight, 1e-6
+    )
     assert torch.equal(out, expected_out) and torch.equal(residual_out, expected_residual_out)
 
 
@@ -396,8 +464,10 @@ def test_flashinfer_is_chosen_below_triton_when_available(monkeypatch):
     monkeypatch.setitem(providers._providers, "flashinfer", flashinfer_provider.FLASHINFER_PROVIDER)
     only_flashinfer = ("flashinfer",)
     assert providers.choose(RMS_NORM, "cuda", torch.bfloat16, only_flashinfer).name == "flashinfer"
-    assert providers.choose(FUSED_ADD_RMS_NORM, "cuda", torch.float16,
-                            only_flashinfer).name == "flashinfer"
+    assert (
+        providers.choose(FUSED_ADD_RMS_NORM, "cuda", torch.float16, only_flashinfer).name
+        == "flashinfer"
+    )
     assert providers.choose(RMS_NORM, "cuda", torch.float32, only_flashinfer) is None
     assert providers.choose(RMS_NORM, "cpu", torch.bfloat16, only_flashinfer) is None
     assert providers.choose(RMS_NORM, "cuda", torch.bfloat16).name == "triton"  # priority 10 > 5
@@ -413,8 +483,15 @@ def _run_python(code: str, **env_changes: str | None) -> subprocess.CompletedPro
             env.pop(key, None)
         else:
             env[key] = value
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_without_triton_or_flashinfer_nothing_is_registered():
@@ -430,7 +507,8 @@ def test_without_triton_or_flashinfer_nothing_is_registered():
         "except RuntimeError as error:\n"
         "    assert 'Triton' in str(error)\n"
         "else:\n"
-        "    raise AssertionError('ran without Triton')\n")
+        "    raise AssertionError('ran without Triton')\n"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -471,7 +549,9 @@ def launch_arguments(launch):
     return {**launch.kwargs["kwargs"], **constants}
 """
 
-TRACE_THE_OPS = STAND_IN_SM90 + """
+TRACE_THE_OPS = (
+    STAND_IN_SM90
+    + """
 
 def trace(fn, *args):
     return make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
@@ -524,6 +604,7 @@ launch, = graph.find_nodes(op="call_function", target=higher_order.triton_kernel
 rows = launch.kwargs["grid"][0][0]
 assert isinstance(rows, torch.fx.Node) and isinstance(rows.meta["val"], torch.SymInt), rows
 """
+)
 
 
 def test_lowering_splices_the_kernel_launch_in():
@@ -537,7 +618,9 @@ def test_lowering_splices_the_kernel_launch_in():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-LOWER_TO_THE_KERNEL = STAND_IN_SM90 + """
+LOWER_TO_THE_KERNEL = (
+    STAND_IN_SM90
+    + """
 import dataclasses
 import inspect
 import operator
@@ -647,6 +730,7 @@ gm = graph_of(lambda x, w: ir.rms_norm(x, w, 1e-6), (6, 96), (96,))
 assert lower_ir(gm, providers=("opaque",)) == {"opaque": 1}
 assert len(calls(gm.graph, torch.ops.fxsp_flashinfer.rms_norm.default)) == 1, gm.graph
 """
+)
 
 
 @needs_kernels
@@ -662,8 +746,9 @@ def test_lowered_provider_numerics():
         h, residual = torch.ops.fxsp.fused_add_rms_norm(x, residual, weight, 1e-6)
         return torch.ops.fxsp.rms_norm(h, None, 1e-5), residual
 
-    stand_in = providers.Provider(f"triton_on_{DEVICE}", dict(triton_kernels.TRITON_PROVIDER.impls),
-                                  frozenset({DEVICE}))
+    stand_in = providers.Provider(
+        f"triton_on_{DEVICE}", dict(triton_kernels.TRITON_PROVIDER.impls), frozenset({DEVICE})
+    )
     providers.register_provider(stand_in)
     try:
         for dtype, shape in ((torch.bfloat16, (2, 3, 96)), (torch.float32, (5, 1000))):
@@ -674,14 +759,24 @@ def test_lowered_provider_numerics():
             gm.graph.lint()
             gm.recompile()
             if triton_kernels.runs_interpreted():
-                assert len([n for n in gm.graph.nodes
-                            if str(n.target).startswith("fxsp_triton.")]) == 2, gm.graph
+                assert (
+                    len([n for n in gm.graph.nodes if str(n.target).startswith("fxsp_triton.")])
+                    == 2
+                ), gm.graph
             else:
-                assert len(gm.graph.find_nodes(
-                    op="call_function",
-                    target=torch.ops.higher_order.triton_kernel_wrapper_functional)) == 2, gm.graph
+                assert (
+                    len(
+                        gm.graph.find_nodes(
+                            op="call_function",
+                            target=torch.ops.higher_order.triton_kernel_wrapper_functional,
+                        )
+                    )
+                    == 2
+                ), gm.graph
             (out, residual_out), (expected_out, expected_residual_out) = (
-                gm(x, residual, weight), block(x, residual, weight))
+                gm(x, residual, weight),
+                block(x, residual, weight),
+            )
             assert torch.equal(residual_out, expected_residual_out)
             _assert_close_to_reference(out, expected_out)
     finally:
@@ -738,8 +833,22 @@ if "amd" in triton.backends.backends:
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests ran in this process")
 def test_kernels_in_a_fresh_process():
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not test_kernels_compile_for_gpus and not test_without_triton"],
-        cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-        timeout=600, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "not test_kernels_compile_for_gpus and not test_without_triton",
+        ],
+        cwd=REPO,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-5000:]

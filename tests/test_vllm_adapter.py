@@ -31,7 +31,8 @@ from tests.worlds import run_world
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
     reason=f"vLLM is not installed here (torch {torch.__version__}); `make test` installs it in "
-           ".venv only, the torch 2.13 venv: vLLM 0.32 is built against torch 2.13")
+    ".venv only, the torch 2.13 venv: vLLM 0.32 is built against torch 2.13",
+)
 
 HIDDEN = 16
 SP_MIN_TOKENS = 8
@@ -106,11 +107,14 @@ def test_the_llm_compilation_config_of_docs_vllm_md():
     from fxsp.adapters.vllm import FxspVllmPass
 
     graph_pass = FxspVllmPass(min_tokens=1024)
-    config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=2), compilation_config={
-        "use_inductor_graph_partition": True,
-        "compile_ranges_endpoints": [1024 - 1],
-        "inductor_compile_config": {PASS_KEY: graph_pass},
-    })
+    config = VllmConfig(
+        parallel_config=ParallelConfig(tensor_parallel_size=2),
+        compilation_config={
+            "use_inductor_graph_partition": True,
+            "compile_ranges_endpoints": [1024 - 1],
+            "inductor_compile_config": {PASS_KEY: graph_pass},
+        },
+    )
     compilation = config.compilation_config
     assert compilation.inductor_compile_config[PASS_KEY] is graph_pass
     assert [(r.start, r.end) for r in compilation.get_compile_ranges()] == [(1, 1023), (1024, 2048)]
@@ -195,11 +199,17 @@ def test_a_pass_installed_by_hand_refuses_fx_level_piecewise_splitting(vllm_conf
     piecewise = _as_on_gpu(vllm_config, ATTENTION)
     piecewise.compilation_config.inductor_compile_config[PASS_KEY] = graph_pass
     with set_current_vllm_config(piecewise):
-        with pytest.raises(ValueError, match="splits the model's graph.*use_inductor_graph_partition"):
+        with pytest.raises(
+            ValueError, match="splits the model's graph.*use_inductor_graph_partition"
+        ):
             graph_pass.is_applicable_for_range(Range(start=8, end=8))
-        with pytest.raises(ValueError, match="splits the model's graph.*use_inductor_graph_partition"):
+        with pytest.raises(
+            ValueError, match="splits the model's graph.*use_inductor_graph_partition"
+        ):
             graph_pass(torch.fx.Graph())
-    with set_current_vllm_config(_as_on_gpu(copy.deepcopy(vllm_config), ATTENTION, graph_partition=True)):
+    with set_current_vllm_config(
+        _as_on_gpu(copy.deepcopy(vllm_config), ATTENTION, graph_partition=True)
+    ):
         assert not graph_pass.is_applicable_for_range(Range(start=8, end=8))  # no TP group here
 
 
@@ -266,8 +276,10 @@ def _define_missing_c_ops() -> None:
     kernels (`vllm._C`) do not load on a CPU-only torch: a schema-only placeholder stands in."""
     if not hasattr(torch.ops._C, "rotary_embedding"):
         lib = torch.library.Library("_C", "FRAGMENT")  # noqa: TOR901 - another project's namespace
-        lib.define("rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
-                   "Tensor cos_sin_cache, bool is_neox) -> ()")
+        lib.define(
+            "rotary_embedding(Tensor positions, Tensor! query, Tensor!? key, int head_size, "
+            "Tensor cos_sin_cache, bool is_neox) -> ()"
+        )
         _define_missing_c_ops.library = lib  # keep the registration alive
 
 
@@ -354,10 +366,15 @@ def _on_rank(rank: int, world: int) -> dict:
         backend = VllmBackend(config)
         backend.configure_post_pass()  # takes the pass from inductor_compile_config, as vLLM does
         result["pass_in_manager"] = graph_pass in backend.pass_manager.passes
-        result["applicable"] = {(r.start, r.end): graph_pass.is_applicable_for_range(r)
-                                for r in [*ranges, Range(7, 64), Range(8, 8), Range(1, 1)]}
-        result["uuids"] = [graph_pass.uuid(), copy.deepcopy(graph_pass).uuid(),
-                           pickle.loads(pickle.dumps(graph_pass)).uuid()]
+        result["applicable"] = {
+            (r.start, r.end): graph_pass.is_applicable_for_range(r)
+            for r in [*ranges, Range(7, 64), Range(8, 8), Range(1, 1)]
+        }
+        result["uuids"] = [
+            graph_pass.uuid(),
+            copy.deepcopy(graph_pass).uuid(),
+            pickle.loads(pickle.dumps(graph_pass)).uuid(),
+        ]
 
         model, errors = _vllm_model(tp_group.unique_name), {}
         inductor_config = backend.inductor_config
@@ -499,8 +516,9 @@ def _vllm_sp_numerics_on_rank(rank: int, world: int, dtypes: list, seeds: list) 
                                 outputs[(name, str(dtype), seed)] = got
                                 if name == "fxsp":
                                     plain = outputs[("plain", str(dtype), seed)]
-                                    result["vs_plain"][(str(dtype), seed)] = \
+                                    result["vs_plain"][(str(dtype), seed)] = (
                                         (got.float() - plain.float()).abs().max().item()
+                                    )
                     if name == "fxsp":
                         graph_pass = config.compilation_config.inductor_compile_config[PASS_KEY]
                         result["reports"] = [(r.counts, r.after) for r in graph_pass.reports]
@@ -514,7 +532,9 @@ def test_vllms_sp_model_keeps_vllms_ops_and_numerics(tmp_path):
     and vLLM's norm ops still in the graph. fxsp must also compute what the unrewritten model
     computes, within the tolerance vLLM's pass manager without fxsp meets (fp16, bf16, seeds)."""
     dtypes, seeds = [torch.float16, torch.bfloat16], [0, 1, 2]
-    ranks = run_world(2, _vllm_sp_numerics_on_rank, dtypes, seeds, cache_dir=str(tmp_path / "inductor"))
+    ranks = run_world(
+        2, _vllm_sp_numerics_on_rank, dtypes, seeds, cache_dir=str(tmp_path / "inductor")
+    )
     for rank, result in enumerate(ranks):
         errors = result["error"]
         for dtype in map(str, dtypes):
@@ -570,7 +590,9 @@ def _async_tp_on_rank(rank: int, world: int) -> dict:
                 torch._dynamo.mark_dynamic(x, 0)
                 errors[tokens] = (compiled(x) - model(x)).abs().max().item()
         result["errors"] = errors
-        result["sites"] = [(r.async_tp.fusable, r.async_tp.fused, r.after) for r in graph_pass.reports]
+        result["sites"] = [
+            (r.async_tp.fusable, r.async_tp.fused, r.after) for r in graph_pass.reports
+        ]
 
         cpu_config = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=world))
         configure(cpu_config, min_tokens=SP_MIN_TOKENS, async_tp=True)
@@ -580,7 +602,12 @@ def _async_tp_on_rank(rank: int, world: int) -> dict:
         with mocked_symmetric_memory():
             torch._dynamo.reset()
             x = _inputs(9, rank)
-            result["cpu_error"] = (torch.compile(model, fullgraph=True, options=options)(x) - model(x)).abs().max().item()
+            result["cpu_error"] = (
+                (torch.compile(model, fullgraph=True, options=options)(x) - model(x))
+                .abs()
+                .max()
+                .item()
+            )
         result["cpu_sites"] = [(r.async_tp.fusable, r.async_tp.fused) for r in cpu_pass.reports]
     destroy_model_parallel()
     return result
@@ -590,12 +617,16 @@ def _async_tp_on_rank(rank: int, world: int) -> dict:
 def test_async_tp_inside_vllm_fuses_every_site(tmp_path):
     """vLLM runs fxsp after Inductor's micro-pipeline TP, so the adapter runs it right after SP,
     over c10d collectives on the TP device group (vLLM's own are unknown to it)."""
-    for rank, result in enumerate(run_world(2, _async_tp_on_rank, cache_dir=str(tmp_path / "inductor"))):
+    for rank, result in enumerate(
+        run_world(2, _async_tp_on_rank, cache_dir=str(tmp_path / "inductor"))
+    ):
         assert max(result["errors"].values()) < 1e-5, (rank, result["errors"])
         ((fusable, fused, after),) = result["sites"]
         # x @ w0 → reduce-scatter, all-gather → @ w1, all-gather → @ w2; the reduce-scatters
         # after w1 and w2 follow an all-gather fused with their matmul, so stay as they are.
         assert fusable == fused == 3, (rank, result["sites"])
-        assert "_c10d_functional.reduce_scatter_tensor" in after and "vllm.reduce_scatter" not in after
+        assert (
+            "_c10d_functional.reduce_scatter_tensor" in after and "vllm.reduce_scatter" not in after
+        )
         assert result["cpu_error"] < 1e-5, rank
         assert result["cpu_sites"] == [(2, 2)], (rank, result["cpu_sites"])

@@ -37,8 +37,12 @@ class AllReduceRMSNormModel(nn.Module):
 
     def __init__(self, dtype: torch.dtype, fp8: bool = False, fused_norm_quant: bool = False):
         super().__init__()
-        self.w = nn.ParameterList(nn.Parameter(torch.rand(HIDDEN, HIDDEN, dtype=dtype) / 4) for _ in range(3))
-        self.norm_w = nn.ParameterList(nn.Parameter(1 + 0.1 * torch.randn(HIDDEN, dtype=dtype)) for _ in range(4))
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.rand(HIDDEN, HIDDEN, dtype=dtype) / 4) for _ in range(3)
+        )
+        self.norm_w = nn.ParameterList(
+            nn.Parameter(1 + 0.1 * torch.randn(HIDDEN, dtype=dtype)) for _ in range(4)
+        )
         self.register_buffer("scale", torch.tensor([0.05]))
         self.fp8, self.fused_norm_quant, self.dtype = fp8, fused_norm_quant, dtype
 
@@ -55,7 +59,9 @@ class AllReduceRMSNormModel(nn.Module):
             if residual is None:
                 torch.ops._C.rms_norm_static_fp8_quant(out, x, self.norm_w[i], self.scale, 1e-6)
                 return out, x
-            torch.ops._C.fused_add_rms_norm_static_fp8_quant(out, x, residual, self.norm_w[i], self.scale, 1e-6)
+            torch.ops._C.fused_add_rms_norm_static_fp8_quant(
+                out, x, residual, self.norm_w[i], self.scale, 1e-6
+            )
             return out, residual
         h = x if residual is None else x + residual
         y = rms_norm(h, self.norm_w[i])
@@ -69,7 +75,9 @@ class AllReduceRMSNormModel(nn.Module):
         return y
 
 
-def rewrite(model: nn.Module, *args: torch.Tensor, dynamic: bool = False) -> fxsp.compile.report.GraphReport:
+def rewrite(
+    model: nn.Module, *args: torch.Tensor, dynamic: bool = False
+) -> fxsp.compile.report.GraphReport:
     backend = fxsp.backend(None, inner="eager", min_tokens=0)
     for arg in args if dynamic else ():
         torch._dynamo.mark_dynamic(arg, 0)
@@ -92,7 +100,9 @@ def world(fake_pg):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_sequence_parallelism_pass(dtype, dynamic):
     torch.manual_seed(0)
-    report = rewrite(AllReduceRMSNormModel(dtype), torch.randn(8 * 16, HIDDEN, dtype=dtype), dynamic=dynamic)
+    report = rewrite(
+        AllReduceRMSNormModel(dtype), torch.randn(8 * 16, HIDDEN, dtype=dtype), dynamic=dynamic
+    )
     counts = report.counts
     assert (counts["sp.first"], counts["sp.middle"], counts["sp.last"]) == (1, 2, 1)
     assert ops_after(report, "_c10d_functional.reduce_scatter_tensor") == 4
@@ -111,7 +121,9 @@ def test_sequence_parallelism_pass_fp8(dtype, dynamic, fused_norm_quant):
     model = AllReduceRMSNormModel(dtype, fp8=True, fused_norm_quant=fused_norm_quant)
     report = rewrite(model, torch.randn(8 * 16, HIDDEN, dtype=dtype), dynamic=dynamic)
     counts = report.counts
-    assert (counts["sp.first_fp8"], counts["sp.middle_fp8"], counts["sp.last"]) == (1, 2, 1), report.explain()
+    assert (counts["sp.first_fp8"], counts["sp.middle_fp8"], counts["sp.last"]) == (1, 2, 1), (
+        report.explain()
+    )
     assert ops_after(report, "_c10d_functional.reduce_scatter_tensor") == 4
     assert ops_after(report, "_c10d_functional.all_gather_into_tensor") == 4
     assert ops_after(report, "_c10d_functional.all_reduce") == 0
@@ -129,9 +141,15 @@ def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog):
         for _ in range(2):
             torch._dynamo.reset()
             torch.compile(model, backend=backend, fullgraph=True)(x)
-    said = [r for r in caplog.records if "sequence parallelism is off for graphs compiled with autograd" in r.message]
+    said = [
+        r
+        for r in caplog.records
+        if "sequence parallelism is off for graphs compiled with autograd" in r.message
+    ]
     assert len(said) == 1 and said[0].levelname == "WARNING"
-    assert backend.reports and not any(n for r in backend.reports for k, n in r.counts.items() if k.startswith("sp."))
+    assert backend.reports and not any(
+        n for r in backend.reports for k, n in r.counts.items() if k.startswith("sp.")
+    )
     assert all("reduce_scatter" not in r.after for r in backend.reports)
     # The same model under no_grad: every site.
     assert rewrite(model, x).counts["sp.middle"] == 2
@@ -150,7 +168,9 @@ def test_sequence_parallelism_moe_pass(dtype, seq_len, with_residual, spelling, 
     and 1 with one (the residual leaves the graph whole). fxsp: the same, and the chunk is gone
     in both (vLLM keeps one with a residual)."""
     if dynamic and spelling == "torch":
-        pytest.skip("symbolic rows: sympy cannot prove the slice is this rank's block (see chunk.py)")
+        pytest.skip(
+            "symbolic rows: sympy cannot prove the slice is this rank's block (see chunk.py)"
+        )
     torch.manual_seed(0)
     model = AllReduceRMSNormChunkModel(dtype, spelling, with_residual)
     x, residual = torch.randn(seq_len, 32, dtype=dtype), torch.randn(seq_len, 32, dtype=dtype)

@@ -63,7 +63,9 @@ def test_a_cache_hit_reads_the_reports_back(fake_pg, caplog):
     assert isinstance(warm_guard, RankGuard)
     assert (warm_guard.facts, warm_guard.decisions) == (cold_guard.facts, cold_guard.decisions)
     logged = [r.message for r in caplog.records if r.message.startswith("near-miss ")]
-    assert logged == [f"near-miss {near}" for near in cold.reports[0].misses.values()]  # explain=True
+    assert logged == [
+        f"near-miss {near}" for near in cold.reports[0].misses.values()
+    ]  # explain=True
 
 
 def test_a_hit_whose_report_file_is_gone_compiles_again(fake_pg):
@@ -109,7 +111,9 @@ def test_symbolic_rows_warm_give_both_variants_reports(fake_pg):
     warm = run()
     assert [r.cached for r in cold.reports] == [False, False]
     assert [r.cached for r in warm.reports] == [False, True]
-    assert warm.reports[0].counts == cold.reports[0].counts and warm.reports[0].counts["sp.first"] == 1
+    assert (
+        warm.reports[0].counts == cold.reports[0].counts and warm.reports[0].counts["sp.first"] == 1
+    )
     assert plain(warm.reports[1:]) == plain(cold.reports[1:])
 
 
@@ -150,9 +154,16 @@ print("REPORTS " + json.dumps({"cached": [r.cached for r in backend.reports],
 
 
 def run_child(cache: str) -> dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=cache,
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("REPORTS ")]
     assert lines, out.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("REPORTS "))

@@ -76,33 +76,47 @@ def _c_static_scaled_fp8_quant(result: Tensor, input: Tensor, scale: Tensor) -> 
     result.copy_((input.float() / scale.float()).clamp(-bound, bound).to(result.dtype))
 
 
-def _c_rms_norm_static_fp8_quant(result: Tensor, input: Tensor, weight: Tensor, scale: Tensor,
-                                 epsilon: float) -> None:
+def _c_rms_norm_static_fp8_quant(
+    result: Tensor, input: Tensor, weight: Tensor, scale: Tensor, epsilon: float
+) -> None:
     # vLLM's kernel: the norm as above, then x * (1 / scale), clamped to the fp8 range.
     bound = torch.finfo(result.dtype).max
     inverse = 1.0 / scale.float()
-    result.copy_((_norm(input, weight, epsilon).float() * inverse).clamp(-bound, bound).to(result.dtype))
+    result.copy_(
+        (_norm(input, weight, epsilon).float() * inverse).clamp(-bound, bound).to(result.dtype)
+    )
 
 
-def _c_fused_add_rms_norm_static_fp8_quant(result: Tensor, input: Tensor, residual: Tensor,
-                                           weight: Tensor, scale: Tensor, epsilon: float) -> None:
+def _c_fused_add_rms_norm_static_fp8_quant(
+    result: Tensor, input: Tensor, residual: Tensor, weight: Tensor, scale: Tensor, epsilon: float
+) -> None:
     residual.copy_(input + residual)
     _c_rms_norm_static_fp8_quant(result, residual, weight, scale, epsilon)
 
 
-def _ir_rms_norm(x: Tensor, weight: Tensor | None, epsilon: float,
-                 variance_size: int | None = None) -> Tensor:
+def _ir_rms_norm(
+    x: Tensor, weight: Tensor | None, epsilon: float, variance_size: int | None = None
+) -> Tensor:
     xf = x.float()
     var = (xf if variance_size is None else xf[..., :variance_size]).pow(2).mean(-1, keepdim=True)
     normed = (xf * torch.rsqrt(var + epsilon)).to(x.dtype)
     return normed if weight is None else normed * weight
 
 
-def _ir_fused_add_rms_norm(x: Tensor, x_residual: Tensor, weight: Tensor | None, epsilon: float,
-                           variance_size: int | None = None) -> tuple[Tensor, Tensor]:
+def _ir_fused_add_rms_norm(
+    x: Tensor,
+    x_residual: Tensor,
+    weight: Tensor | None,
+    epsilon: float,
+    variance_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
     # vLLM's reference normalises the fp32 sum and returns the sum rounded to x's dtype.
     total = x.float() + x_residual.float()
-    var = (total if variance_size is None else total[..., :variance_size]).pow(2).mean(-1, keepdim=True)
+    var = (
+        (total if variance_size is None else total[..., :variance_size])
+        .pow(2)
+        .mean(-1, keepdim=True)
+    )
     normed = (total * torch.rsqrt(var + epsilon)).to(x.dtype)
     return normed if weight is None else normed * weight, total.to(x.dtype)
 
@@ -128,7 +142,7 @@ def _sequence_parallel_chunk(x: Tensor) -> Tensor:
     tp, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     padded = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % tp))
     per_rank = padded.shape[0] // tp
-    return padded[rank * per_rank:(rank + 1) * per_rank].clone()
+    return padded[rank * per_rank : (rank + 1) * per_rank].clone()
 
 
 def _sequence_parallel_chunk_fake(x: Tensor) -> Tensor:
@@ -150,26 +164,70 @@ def _gathered_fake(tensor, dim, world_size, group_name):
 
 def register_vllm_standins() -> None:
     """Define the stand-in ops (idempotent; a no-op for ops that already exist)."""
-    _define("_C", "rms_norm(Tensor! result, Tensor input, Tensor weight, float epsilon) -> ()",
-            _c_rms_norm, lambda result, input, weight, epsilon: None)
-    _define("_C", "fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()",
-            _c_fused_add_rms_norm, lambda input, residual, weight, epsilon: None)
-    _define("_C", "static_scaled_fp8_quant(Tensor! result, Tensor input, Tensor scale) -> ()",
-            _c_static_scaled_fp8_quant, lambda result, input, scale: None)
-    _define("_C", "rms_norm_static_fp8_quant(Tensor! result, Tensor input, Tensor weight, Tensor scale, "
-            "float epsilon) -> ()", _c_rms_norm_static_fp8_quant, lambda *args: None)
-    _define("_C", "fused_add_rms_norm_static_fp8_quant(Tensor! result, Tensor input, Tensor! residual, "
-            "Tensor weight, Tensor scale, float epsilon) -> ()", _c_fused_add_rms_norm_static_fp8_quant,
-            lambda *args: None)
-    _define("vllm_ir", "rms_norm(Tensor x, Tensor? weight, float epsilon, SymInt? variance_size=None) -> Tensor",
-            _ir_rms_norm)
-    _define("vllm_ir", "fused_add_rms_norm(Tensor x, Tensor x_residual, Tensor? weight, float epsilon, "
-            "SymInt? variance_size=None) -> (Tensor, Tensor)", _ir_fused_add_rms_norm)
-    _define("vllm", "all_reduce(Tensor tensor, str group_name) -> Tensor",
-            _all_reduce, lambda tensor, group_name: torch.empty_like(tensor))
-    _define("vllm", "sequence_parallel_chunk_impl(Tensor x) -> Tensor", _sequence_parallel_chunk,
-            _sequence_parallel_chunk_fake)
-    _define("vllm", "reduce_scatter(Tensor tensor, SymInt dim, SymInt world_size, str group_name) -> Tensor",
-            _reduce_scatter, _scattered_fake)
-    _define("vllm", "all_gather(Tensor tensor, SymInt dim, SymInt world_size, str group_name) -> Tensor",
-            _all_gather, _gathered_fake)
+    _define(
+        "_C",
+        "rms_norm(Tensor! result, Tensor input, Tensor weight, float epsilon) -> ()",
+        _c_rms_norm,
+        lambda result, input, weight, epsilon: None,
+    )
+    _define(
+        "_C",
+        "fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()",
+        _c_fused_add_rms_norm,
+        lambda input, residual, weight, epsilon: None,
+    )
+    _define(
+        "_C",
+        "static_scaled_fp8_quant(Tensor! result, Tensor input, Tensor scale) -> ()",
+        _c_static_scaled_fp8_quant,
+        lambda result, input, scale: None,
+    )
+    _define(
+        "_C",
+        "rms_norm_static_fp8_quant(Tensor! result, Tensor input, Tensor weight, Tensor scale, "
+        "float epsilon) -> ()",
+        _c_rms_norm_static_fp8_quant,
+        lambda *args: None,
+    )
+    _define(
+        "_C",
+        "fused_add_rms_norm_static_fp8_quant(Tensor! result, Tensor input, Tensor! residual, "
+        "Tensor weight, Tensor scale, float epsilon) -> ()",
+        _c_fused_add_rms_norm_static_fp8_quant,
+        lambda *args: None,
+    )
+    _define(
+        "vllm_ir",
+        "rms_norm(Tensor x, Tensor? weight, float epsilon, SymInt? variance_size=None) -> Tensor",
+        _ir_rms_norm,
+    )
+    _define(
+        "vllm_ir",
+        "fused_add_rms_norm(Tensor x, Tensor x_residual, Tensor? weight, float epsilon, "
+        "SymInt? variance_size=None) -> (Tensor, Tensor)",
+        _ir_fused_add_rms_norm,
+    )
+    _define(
+        "vllm",
+        "all_reduce(Tensor tensor, str group_name) -> Tensor",
+        _all_reduce,
+        lambda tensor, group_name: torch.empty_like(tensor),
+    )
+    _define(
+        "vllm",
+        "sequence_parallel_chunk_impl(Tensor x) -> Tensor",
+        _sequence_parallel_chunk,
+        _sequence_parallel_chunk_fake,
+    )
+    _define(
+        "vllm",
+        "reduce_scatter(Tensor tensor, SymInt dim, SymInt world_size, str group_name) -> Tensor",
+        _reduce_scatter,
+        _scattered_fake,
+    )
+    _define(
+        "vllm",
+        "all_gather(Tensor tensor, SymInt dim, SymInt world_size, str group_name) -> Tensor",
+        _all_gather,
+        _gathered_fake,
+    )

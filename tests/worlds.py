@@ -19,9 +19,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, cache_dir: str | None, fn: Callable, args: tuple, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _child(
+    rank: int, world: int, port: int, cache_dir: str | None, fn: Callable, args: tuple, queue
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     if cache_dir is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     torch.set_num_threads(1)
@@ -36,7 +43,9 @@ def _child(rank: int, world: int, port: int, cache_dir: str | None, fn: Callable
             dist.destroy_process_group()
 
 
-def run_world(world: int, fn: Callable, *args: Any, cache_dir: str | None = None, timeout: float = 900) -> list:
+def run_world(
+    world: int, fn: Callable, *args: Any, cache_dir: str | None = None, timeout: float = 900
+) -> list:
     """fn(rank, world, *args) on each rank of a gloo world; returns the results by rank.
 
     `fn` must be importable (a module-level function). Raises with the child's traceback if any
@@ -45,7 +54,10 @@ def run_world(world: int, fn: Callable, *args: Any, cache_dir: str | None = None
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, cache_dir, fn, args, queue)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_child, args=(r, world, port, cache_dir, fn, args, queue))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -45,10 +45,10 @@ import torch
 from torch.fx import Graph
 
 from ..compile.cache import cache_key
-from ..ir.collectives import C10D_ALL_REDUCE, vllm_op
 from ..compile.options import VLLM_OPTIONS, Configs, Options, TPGroup
 from ..compile.passes import run_passes
 from ..compile.report import GraphReport
+from ..ir.collectives import C10D_ALL_REDUCE, vllm_op
 from ..policy.thresholds import SPThreshold, sp_min_tokens
 
 log = logging.getLogger("fxsp")
@@ -86,14 +86,27 @@ class _FxspVllmPassImpl:
     With `async_tp`, each report's `.async_tp` says how many SP sites were fusable and fused.
     """
 
-    def __init__(self, *, min_tokens: int | str = "auto", fp8: bool = True, explain: bool = False,
-                 hidden_size: int | None = None, dtype: torch.dtype | None = None,
-                 async_tp: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        min_tokens: int | str = "auto",
+        fp8: bool = True,
+        explain: bool = False,
+        hidden_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        async_tp: bool = False,
+    ) -> None:
         # fxsp's options (checked there); vLLM runs its own fused all-reduce + norm.
-        self.options = Options(min_tokens=min_tokens, fp8=fp8, explain=explain, async_tp=async_tp,
-                               allreduce_fusion=False)
-        if hidden_size is not None and not (isinstance(hidden_size, int) and not isinstance(hidden_size, bool)
-                                            and hidden_size > 0):
+        self.options = Options(
+            min_tokens=min_tokens,
+            fp8=fp8,
+            explain=explain,
+            async_tp=async_tp,
+            allreduce_fusion=False,
+        )
+        if hidden_size is not None and not (
+            isinstance(hidden_size, int) and not isinstance(hidden_size, bool) and hidden_size > 0
+        ):
             raise ValueError(f"hidden_size must be None or an int > 0, not {hidden_size!r}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be None or a torch.dtype, not {dtype!r}")
@@ -124,8 +137,10 @@ class _FxspVllmPassImpl:
         _check_current_config()
         tp = vllm_tp_group()
         if tp is None:
-            raise RuntimeError("fxsp's vLLM pass ran before vLLM's tensor-parallel group exists "
-                               "(init_distributed_environment / initialize_model_parallel)")
+            raise RuntimeError(
+                "fxsp's vLLM pass ran before vLLM's tensor-parallel group exists "
+                "(init_distributed_environment / initialize_model_parallel)"
+            )
         if tp.world < 2:
             return
         compile_range = _current_compile_range()
@@ -152,8 +167,9 @@ class _FxspVllmPassImpl:
         (vLLM also hashes its config before the TP group exists; that hash has no TP part.)"""
         tp = vllm_tp_group()
         options = {name: getattr(self.options, name) for name in VLLM_OPTIONS}
-        return cache_key(options, self.hidden_size, str(self.dtype),
-                         asdict(tp) if tp is not None else None)
+        return cache_key(
+            options, self.hidden_size, str(self.dtype), asdict(tp) if tp is not None else None
+        )
 
     def __deepcopy__(self, memo: dict) -> Any:
         clone = object.__new__(type(self))
@@ -165,8 +181,10 @@ class _FxspVllmPassImpl:
 
     def __repr__(self) -> str:
         o = self.options
-        return (f"FxspVllmPass(min_tokens={o.min_tokens!r}, fp8={o.fp8}, explain={o.explain}, "
-                f"async_tp={o.async_tp})")
+        return (
+            f"FxspVllmPass(min_tokens={o.min_tokens!r}, fp8={o.fp8}, explain={o.explain}, "
+            f"async_tp={o.async_tp})"
+        )
 
 
 def __getattr__(name: str) -> Any:
@@ -182,14 +200,21 @@ def _pass_class() -> type:
     def body(namespace: dict) -> None:
         namespace.update(__module__=__name__, __doc__=_FxspVllmPassImpl.__doc__)
 
-    cls = types.new_class("FxspVllmPass", (_FxspVllmPassImpl, _inductor_pass_module().InductorPass),
-                          exec_body=body)
+    cls = types.new_class(
+        "FxspVllmPass", (_FxspVllmPassImpl, _inductor_pass_module().InductorPass), exec_body=body
+    )
     globals()["FxspVllmPass"] = cls  # later lookups, pickle's among them, find it directly
     return cls
 
 
-def configure(vllm_config: Any, *, min_tokens: int | str = "auto", fp8: bool = True,
-              explain: bool = False, async_tp: bool = False) -> Any:
+def configure(
+    vllm_config: Any,
+    *,
+    min_tokens: int | str = "auto",
+    fp8: bool = True,
+    explain: bool = False,
+    async_tp: bool = False,
+) -> Any:
     """Set `vllm_config` (a `VllmConfig`) up for fxsp's SP and return it.
 
     Installs a `FxspVllmPass` (hidden size and dtype from the model config) as the post-grad
@@ -208,16 +233,25 @@ def configure(vllm_config: Any, *, min_tokens: int | str = "auto", fp8: bool = T
     _require_whole_graph(compilation)
     existing = compilation.inductor_compile_config.get(PASS_KEY)
     if existing is not None and not isinstance(existing, _FxspVllmPassImpl):
-        raise ValueError(f"compilation_config.inductor_compile_config[{PASS_KEY!r}] already "
-                         f"holds {existing!r}; vLLM runs one custom post pass, and fxsp's would "
-                         "replace it")
+        raise ValueError(
+            f"compilation_config.inductor_compile_config[{PASS_KEY!r}] already "
+            f"holds {existing!r}; vLLM runs one custom post pass, and fxsp's would "
+            "replace it"
+        )
     model = vllm_config.model_config
     if min_tokens == "auto" and model is None:
-        raise ValueError("min_tokens='auto' needs the model's hidden size and dtype, and this "
-                         "VllmConfig has no model_config: pass min_tokens=")
-    graph_pass = _pass_class()(min_tokens=min_tokens, fp8=fp8, explain=explain, async_tp=async_tp,
-                               hidden_size=model.get_hidden_size() if model is not None else None,
-                               dtype=model.dtype if model is not None else None)
+        raise ValueError(
+            "min_tokens='auto' needs the model's hidden size and dtype, and this "
+            "VllmConfig has no model_config: pass min_tokens="
+        )
+    graph_pass = _pass_class()(
+        min_tokens=min_tokens,
+        fp8=fp8,
+        explain=explain,
+        async_tp=async_tp,
+        hidden_size=model.get_hidden_size() if model is not None else None,
+        dtype=model.dtype if model is not None else None,
+    )
     compilation.inductor_compile_config[PASS_KEY] = graph_pass
     _split_compile_ranges(vllm_config, graph_pass)
     return vllm_config
@@ -229,15 +263,19 @@ def refuse_conflicts(vllm_config: Any) -> None:
     pass_config = vllm_config.compilation_config.pass_config
     for flag in VLLM_SP_FLAGS:
         if getattr(pass_config, flag, False):
-            raise ValueError(f"compilation_config.pass_config.{flag} is on: vLLM's own sequence "
-                             "parallelism pass would rewrite the same graph as fxsp's. Turn it "
-                             "off to use fxsp (or drop fxsp's pass to use vLLM's).")
+            raise ValueError(
+                f"compilation_config.pass_config.{flag} is on: vLLM's own sequence "
+                "parallelism pass would rewrite the same graph as fxsp's. Turn it "
+                "off to use fxsp (or drop fxsp's pass to use vLLM's)."
+            )
     # vLLM's own answer where it has one: catches its SP under a flag name not listed above.
     scattered = _scattered_residual(vllm_config)
     if scattered is not None:
-        raise ValueError(f"vLLM's runtime would treat the residual as scattered across TP ranks "
-                         f"({scattered}), but fxsp keeps every graph output full-size: turn off "
-                         "vLLM's sequence parallelism to use fxsp")
+        raise ValueError(
+            f"vLLM's runtime would treat the residual as scattered across TP ranks "
+            f"({scattered}), but fxsp keeps every graph output full-size: turn off "
+            "vLLM's sequence parallelism to use fxsp"
+        )
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -256,8 +294,10 @@ def _import_vllm(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"fxsp.adapters.vllm needs vLLM ({module}: {e}). Install it with "
-                          "`pip install 'fxsp[vllm]'`; without a GPU, see docs/vllm.md") from e
+        raise ImportError(
+            f"fxsp.adapters.vllm needs vLLM ({module}: {e}). Install it with "
+            "`pip install 'fxsp[vllm]'`; without a GPU, see docs/vllm.md"
+        ) from e
 
 
 @functools.cache
@@ -292,9 +332,11 @@ def _model_shape_from_current_config() -> tuple[int, torch.dtype]:
     current = _current_vllm_config()
     model = current.model_config if current is not None else None
     if model is None:
-        raise ValueError("min_tokens='auto' needs the model's hidden size and dtype: create the "
-                         "pass with hidden_size= and dtype=, use configure(vllm_config), or pass "
-                         "min_tokens=")
+        raise ValueError(
+            "min_tokens='auto' needs the model's hidden size and dtype: create the "
+            "pass with hidden_size= and dtype=, use configure(vllm_config), or pass "
+            "min_tokens="
+        )
     return model.get_hidden_size(), model.dtype
 
 
@@ -341,20 +383,26 @@ def _require_inductor(compilation: Any) -> None:
     (STOCK_TORCH_COMPILE, DYNAMO_TRACE_ONCE), with backend 'inductor' either way."""
     mode = compilation.mode
     if mode is None or int(mode) == _NO_COMPILE or compilation.backend != "inductor":
-        raise ValueError(f"fxsp's pass runs inside Inductor, and this config compiles with mode="
-                         f"{mode!r}, backend={compilation.backend!r}: use mode VLLM_COMPILE (3) "
-                         "with backend 'inductor', and do not enforce eager")
+        raise ValueError(
+            f"fxsp's pass runs inside Inductor, and this config compiles with mode="
+            f"{mode!r}, backend={compilation.backend!r}: use mode VLLM_COMPILE (3) "
+            "with backend 'inductor', and do not enforce eager"
+        )
 
 
 def _require_whole_graph(compilation: Any) -> None:
-    if (int(compilation.mode) == _VLLM_COMPILE and compilation.splitting_ops
-            and not compilation.use_inductor_graph_partition):
+    if (
+        int(compilation.mode) == _VLLM_COMPILE
+        and compilation.splitting_ops
+        and not compilation.use_inductor_graph_partition
+    ):
         raise ValueError(
             f"vLLM splits the model's graph at {compilation.splitting_ops} before Inductor, so "
             "fxsp's pass would see pieces whose residual leaves every piece full-size: SP would "
             "cost more than it saves. Build the config with compilation_config="
             "{'use_inductor_graph_partition': True} (splits after the passes, keeps piecewise "
-            "CUDA graphs) or {'splitting_ops': [], 'cudagraph_mode': 'FULL'}")
+            "CUDA graphs) or {'splitting_ops': [], 'cudagraph_mode': 'FULL'}"
+        )
 
 
 def _split_compile_ranges(vllm_config: Any, graph_pass: _FxspVllmPassImpl) -> None:
@@ -373,7 +421,12 @@ def _split_compile_ranges(vllm_config: Any, graph_pass: _FxspVllmPassImpl) -> No
     largest = vllm_config.scheduler_config.max_num_batched_tokens
     boundary = threshold.min_tokens - 1
     if largest is not None and threshold.min_tokens > largest:
-        log.warning("fxsp: SP threshold %d tokens (%s) is above max_num_batched_tokens %d: no "
-                    "compile range gets SP", threshold.min_tokens, threshold.reason, largest)
+        log.warning(
+            "fxsp: SP threshold %d tokens (%s) is above max_num_batched_tokens %d: no "
+            "compile range gets SP",
+            threshold.min_tokens,
+            threshold.reason,
+            largest,
+        )
     elif boundary >= 1 and boundary not in endpoints:
         compilation.compile_ranges_endpoints = sorted([*endpoints, boundary])

@@ -27,8 +27,11 @@ def remove_dead_code(graph: Graph) -> bool:
         if what == "wait":
             source = node.args[0]
             # A wait is removable once it is dead and waits on a collective (no other waits).
-            return not (isinstance(source, Node) and kind(source) in COMMUNICATING
-                        and all(not u.users and kind(u) == "wait" for u in source.users))
+            return not (
+                isinstance(source, Node)
+                and kind(source) in COMMUNICATING
+                and all(not u.users and kind(u) == "wait" for u in source.users)
+            )
         return node.is_impure()
 
     changed = False

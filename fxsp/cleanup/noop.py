@@ -50,17 +50,36 @@ def _one_view(b, m: Match):
 
 
 def noop_rules() -> RuleSet:
-    return RuleSet("cleanup.noop", [
-        # x viewed or sliced to its own shape is x.
-        # (Asked of the node first: most views change the shape.)
-        Rule("noop.view", such_that(op(VIEWS, x, anything()), _keeps_input_shape,
-                                    "(shape provably its input's)"), lambda b, m: m["x"]),
-        Rule("noop.slice", op(aten.slice.Tensor, x, anything(), anything(), anything(), anything()),
-             lambda b, m: m["x"], where=_keeps_shape),
-        # Scattering a full-size src into x overwrites all of x.
-        Rule("noop.slice_scatter",
-             op(aten.slice_scatter.default, x, y, anything(), anything(), anything(), anything()),
-             lambda b, m: m["y"], where=_src_fills_self),
-        # view(view(x)) is one view of x, or x itself when the shapes agree.
-        Rule("noop.view_chain", op(VIEWS, op(VIEWS, x, anything()), anything("shape")), _one_view),
-    ])
+    return RuleSet(
+        "cleanup.noop",
+        [
+            # x viewed or sliced to its own shape is x.
+            # (Asked of the node first: most views change the shape.)
+            Rule(
+                "noop.view",
+                such_that(
+                    op(VIEWS, x, anything()), _keeps_input_shape, "(shape provably its input's)"
+                ),
+                lambda b, m: m["x"],
+            ),
+            Rule(
+                "noop.slice",
+                op(aten.slice.Tensor, x, anything(), anything(), anything(), anything()),
+                lambda b, m: m["x"],
+                where=_keeps_shape,
+            ),
+            # Scattering a full-size src into x overwrites all of x.
+            Rule(
+                "noop.slice_scatter",
+                op(
+                    aten.slice_scatter.default, x, y, anything(), anything(), anything(), anything()
+                ),
+                lambda b, m: m["y"],
+                where=_src_fills_self,
+            ),
+            # view(view(x)) is one view of x, or x itself when the shapes agree.
+            Rule(
+                "noop.view_chain", op(VIEWS, op(VIEWS, x, anything()), anything("shape")), _one_view
+            ),
+        ],
+    )

@@ -63,7 +63,9 @@ def micro_pipeline_tp(graph: Graph) -> None:
 
     for all_gather in exposed(mptp.find_all_gather_patterns(graph), lambda c: c.ag_node):
         mptp.fuse_all_gather_matmul(all_gather)
-    for reduce_scatter in exposed(mptp.find_reduce_scatter_patterns(graph), lambda c: c.reduce_scatter_node):
+    for reduce_scatter in exposed(
+        mptp.find_reduce_scatter_patterns(graph), lambda c: c.reduce_scatter_node
+    ):
         # The output of a fused all-gather + matmul carries no meta["val"], which the fusion
         # reads first; it is no matmul's output anyway.
         if "val" in reduce_scatter.input_node.meta:
@@ -116,7 +118,10 @@ def async_tp_patches(pre_pass: Any) -> dict:
     import torch._inductor.config as inductor_config
 
     existing = inductor_config.post_grad_custom_post_pass
-    return {"_micro_pipeline_tp": False, "post_grad_custom_post_pass": AsyncTPFusion(pre_pass, existing)}
+    return {
+        "_micro_pipeline_tp": False,
+        "post_grad_custom_post_pass": AsyncTPFusion(pre_pass, existing),
+    }
 
 
 __all__ = ["AsyncTPFusion", "async_tp_patches", "enable_async_tp", "fuse_now", "micro_pipeline_tp"]

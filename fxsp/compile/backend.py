@@ -20,14 +20,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..runtime.guard import RankGuard, decisions_fingerprint, fingerprint, graph_structure
+from ..runtime.row_dispatch import RowDispatch
+from ..sp.allreduce_norm import AllReduceNormConfig
+from ..sp.rules import SPConfig
 from .cache import cache_key, load_reports, report_key, save_reports, source_digest
 from .options import Configs, Options, TPGroup
 from .passes import run_passes
 from .report import GraphReport
-from ..sp.allreduce_norm import AllReduceNormConfig
-from ..sp.rules import SPConfig
-from ..runtime.guard import RankGuard, decisions_fingerprint, fingerprint, graph_structure
-from ..runtime.row_dispatch import RowDispatch
 
 log = logging.getLogger("fxsp")
 
@@ -41,8 +41,10 @@ def backend(tp_group: Any = None, **options: Any) -> Backend:
     allowed = [f.name for f in fields(Options)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"fxsp.backend() got unexpected keyword arguments {unknown}; its options are "
-                        f"{', '.join(allowed)}")
+        raise TypeError(
+            f"fxsp.backend() got unexpected keyword arguments {unknown}; its options are "
+            f"{', '.join(allowed)}"
+        )
     return Backend(tp_group, Options(**options))
 
 
@@ -51,8 +53,12 @@ def _traced_floats(gm: torch.fx.GraphModule) -> list[str]:
     names = []
     for node in gm.graph.find_nodes(op="placeholder"):
         arg = node.meta.get("grapharg")
-        if arg is not None and arg.pass_arg_as_tensor and arg.fake_tensor is not None \
-                and arg.fake_tensor.dtype.is_floating_point:
+        if (
+            arg is not None
+            and arg.pass_arg_as_tensor
+            and arg.fake_tensor is not None
+            and arg.fake_tensor.dtype.is_floating_point
+        ):
             name = arg.source.name
             names.append(name() if callable(name) else name)  # a method before torch 2.13
     return names
@@ -75,21 +81,33 @@ class Backend:
         compiled, reports = self._compile_variants(gm, example_inputs, sp)
         if sp is None or not self.options.check_ranks:
             return compiled
-        facts = fingerprint(source_digest(), asdict(self.options), {**asdict(sp), "rank": None},
-                            graph_structure(gm), [_input_type(a) for a in example_inputs])
-        return RankGuard(compiled, self.group, facts, decisions_fingerprint(reports), what=f"graph {seen}")
+        facts = fingerprint(
+            source_digest(),
+            asdict(self.options),
+            {**asdict(sp), "rank": None},
+            graph_structure(gm),
+            [_input_type(a) for a in example_inputs],
+        )
+        return RankGuard(
+            compiled, self.group, facts, decisions_fingerprint(reports), what=f"graph {seen}"
+        )
 
     def _name_traced_floats(self, gm: torch.fx.GraphModule) -> None:
         """Say once which Python floats Dynamo made graph inputs: a norm whose eps is one has no
         constant eps to match, so it silently stays as it is otherwise."""
         new = self.configs.once.new([("traced float", name) for name in _traced_floats(gm)])
         if new:
-            log.warning("fxsp: Dynamo traced Python floats as graph inputs (%s); a norm whose eps is "
-                        "one is not rewritten. torch.compile(dynamic=True) does this: set "
-                        "torch._dynamo.config.specialize_float = True, or mark the token dims with "
-                        "torch._dynamo.mark_dynamic instead.", ", ".join(name for _, name in new))
+            log.warning(
+                "fxsp: Dynamo traced Python floats as graph inputs (%s); a norm whose eps is "
+                "one is not rewritten. torch.compile(dynamic=True) does this: set "
+                "torch._dynamo.config.specialize_float = True, or mark the token dims with "
+                "torch._dynamo.mark_dynamic instead.",
+                ", ".join(name for _, name in new),
+            )
 
-    def _compile_variants(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> tuple:
+    def _compile_variants(
+        self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None
+    ) -> tuple:
         """(the compiled callable, the reports of the graphs compiled for it now)."""
         if sp is None or not self._may_dispatch(example_inputs):
             return self._compile(gm, example_inputs, sp)
@@ -104,9 +122,13 @@ class Backend:
         if not thresholds:
             return with_sp, sp_reports
         without_sp, plain_reports = self._compile(plain_gm, example_inputs, None)
-        return RowDispatch(with_sp, without_sp, thresholds, example_inputs), sp_reports + plain_reports
+        return RowDispatch(
+            with_sp, without_sp, thresholds, example_inputs
+        ), sp_reports + plain_reports
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None) -> tuple:
+    def _compile(
+        self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None
+    ) -> tuple:
         """(the compiled callable, the reports of the graphs compiled for it now), cache hit or not."""
         _register_pass()
         graph_pass = FxspPass(self, sp, self.fusion_config())
@@ -150,7 +172,9 @@ class Backend:
                     report.log_near_misses()
             return compiled, cached["compile"]
         # A hit without fxsp's reports (their file was removed): compile again, pass included.
-        log.info("fxsp: Inductor reused a compiled graph whose fxsp report is missing; compiling it again")
+        log.info(
+            "fxsp: Inductor reused a compiled graph whose fxsp report is missing; compiling it again"
+        )
         graph_pass.compiled = False
         with _no_compile_cache():
             compiled = compile_with_pass(spare)
@@ -159,12 +183,16 @@ class Backend:
 
     def _may_dispatch(self, example_inputs: list) -> bool:
         """Symbolic sizes and a threshold that may be above zero."""
-        symbolic = any(isinstance(a, torch.SymInt) or (isinstance(a, torch.Tensor) and _has_symbolic_size(a))
-                       for a in example_inputs)
+        symbolic = any(
+            isinstance(a, torch.SymInt) or (isinstance(a, torch.Tensor) and _has_symbolic_size(a))
+            for a in example_inputs
+        )
         if not symbolic or self.options.min_tokens == 0:
             return False
         if self.options.min_tokens == "auto":  # 0 off CUDA: see policy.thresholds
-            return any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in example_inputs)
+            return any(
+                isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in example_inputs
+            )
         return True
 
     @property
@@ -202,7 +230,9 @@ class FxspPass:
     cache dir, for the processes that will reuse those compiled graphs without running it:
     those of compile time (the forward) and any of later (a backward AOT autograd compiles lazily)."""
 
-    def __init__(self, owner: Backend, sp: SPConfig | None, fusion: AllReduceNormConfig | None = None) -> None:
+    def __init__(
+        self, owner: Backend, sp: SPConfig | None, fusion: AllReduceNormConfig | None = None
+    ) -> None:
         self.owner, self.sp, self.fusion = owner, sp, fusion
         self.key: str | None = None
         self.compiled = False  # compile_fx has returned: any further graph is a lazy backward
@@ -222,8 +252,11 @@ class FxspPass:
             save_reports(self.key, self.reports)
 
     def uuid(self) -> str:
-        return cache_key(asdict(self.owner.options), asdict(self.sp) if self.sp else None,
-                         asdict(self.fusion) if self.fusion else None)
+        return cache_key(
+            asdict(self.owner.options),
+            asdict(self.sp) if self.sp else None,
+            asdict(self.fusion) if self.fusion else None,
+        )
 
 
 def _input_type(a: Any) -> Any:
@@ -241,7 +274,10 @@ def _no_compile_cache():
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+    with (
+        inductor_config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):
         yield
 
 
@@ -252,7 +288,9 @@ def _compile_cache_on() -> bool:
     return bool(inductor_config.fx_graph_cache or functorch_config.enable_autograd_cache)
 
 
-def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass) -> Callable:
+def _compile_eager(
+    gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass
+) -> Callable:
     """AOT autograd with Inductor's decompositions, fxsp's passes, and no codegen: for debugging.
 
     fxsp's passes see the graph they see under Inductor: Inductor's joint-graph passes (its no-op
@@ -266,7 +304,9 @@ def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: F
     from torch._inductor.compile_fx import _recursive_joint_graph_passes, partition_fn
     from torch._inductor.decomposition import select_decomp_table
 
-    def compile_graph(graph_module: torch.fx.GraphModule, inputs: list, joint_passes: bool = False) -> Callable:
+    def compile_graph(
+        graph_module: torch.fx.GraphModule, inputs: list, joint_passes: bool = False
+    ) -> Callable:
         if joint_passes:  # an inference graph: no partitioner ran them
             graph_module = _recursive_joint_graph_passes(graph_module)
         graph_module.graph.eliminate_dead_code()
@@ -277,8 +317,13 @@ def _compile_eager(gm: torch.fx.GraphModule, example_inputs: list, graph_pass: F
     def inference_graph(graph_module: torch.fx.GraphModule, inputs: list) -> Callable:
         return compile_graph(graph_module, inputs, joint_passes=True)
 
-    compiler = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph, inference_compiler=inference_graph,
-                            partition_fn=partition_fn, decompositions=select_decomp_table())
+    compiler = aot_autograd(
+        fw_compiler=compile_graph,
+        bw_compiler=compile_graph,
+        inference_compiler=inference_graph,
+        partition_fn=partition_fn,
+        decompositions=select_decomp_table(),
+    )
     with inductor_config.patch(fallback_random=True):
         return compiler(gm, example_inputs)
 
@@ -291,8 +336,10 @@ def _check_group(tp_group: Any) -> None:
         if tp_group.ndim != 1:
             raise ValueError(f"tp_group must be a 1-D DeviceMesh, got {tp_group.ndim}-D")
         return
-    raise TypeError(f"tp_group must be a ProcessGroup, a 1-D DeviceMesh or None (the default group), "
-                    f"not {type(tp_group).__name__}")
+    raise TypeError(
+        f"tp_group must be a ProcessGroup, a 1-D DeviceMesh or None (the default group), "
+        f"not {type(tp_group).__name__}"
+    )
 
 
 def _is_device_mesh(value: Any) -> bool:
@@ -302,6 +349,8 @@ def _is_device_mesh(value: Any) -> bool:
 def _process_group(tp_group: Any) -> dist.ProcessGroup:
     if tp_group is None:
         if not dist.is_initialized():
-            raise RuntimeError("fxsp.backend(None) uses the default process group, which is not initialised")
+            raise RuntimeError(
+                "fxsp.backend(None) uses the default process group, which is not initialised"
+            )
         return dist.group.WORLD
     return tp_group.get_group() if _is_device_mesh(tp_group) else tp_group

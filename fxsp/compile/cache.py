@@ -40,17 +40,38 @@ def report_key(pass_key: str, gm: torch.fx.GraphModule, example_inputs: list) ->
     import torch._inductor.config as inductor_config
 
     code = [line for line in gm.code.splitlines() if not line.lstrip().startswith("#")]
-    constants = [(n.target, _input_meta(_attribute(gm, n.target))) for n in gm.graph.find_nodes(op="get_attr")]
-    parts = (_REPORTS_FORMAT, pass_key, torch.__version__, code, constants,
-             [_input_meta(a) for a in example_inputs], torch.is_grad_enabled(),
-             inductor_config.get_hash().hex(), functorch_config.get_hash().hex())
+    constants = [
+        (n.target, _input_meta(_attribute(gm, n.target)))
+        for n in gm.graph.find_nodes(op="get_attr")
+    ]
+    parts = (
+        _REPORTS_FORMAT,
+        pass_key,
+        torch.__version__,
+        code,
+        constants,
+        [_input_meta(a) for a in example_inputs],
+        torch.is_grad_enabled(),
+        inductor_config.get_hash().hex(),
+        functorch_config.get_hash().hex(),
+    )
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 def _input_meta(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
-        return (str(a.dtype), tuple(map(str, a.shape)), tuple(map(str, a.stride())), a.device.type, a.requires_grad)
-    return str(a) if isinstance(a, (torch.SymInt, torch.SymFloat, int, float, bool)) else type(a).__name__
+        return (
+            str(a.dtype),
+            tuple(map(str, a.shape)),
+            tuple(map(str, a.stride())),
+            a.device.type,
+            a.requires_grad,
+        )
+    return (
+        str(a)
+        if isinstance(a, (torch.SymInt, torch.SymFloat, int, float, bool))
+        else type(a).__name__
+    )
 
 
 def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
@@ -70,7 +91,10 @@ def save_reports(key: str, reports: dict) -> None:
     """Plain JSON, written whole then renamed: ranks and jobs share the cache dir."""
     path = reports_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": _REPORTS_FORMAT, **{when: [r.to_json() for r in rs] for when, rs in reports.items()}}
+    data = {
+        "format": _REPORTS_FORMAT,
+        **{when: [r.to_json() for r in rs] for when, rs in reports.items()},
+    }
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     partial.write_text(json.dumps(data))
     os.replace(partial, path)
@@ -84,7 +108,9 @@ def load_reports(key: str) -> dict[str, list[GraphReport]] | None:
         data = json.loads(path.read_text())
         if data.get("format") != _REPORTS_FORMAT:
             return None
-        return {when: [GraphReport.from_json(r) for r in data[when]] for when in ("compile", "later")}
+        return {
+            when: [GraphReport.from_json(r) for r in data[when]] for when in ("compile", "later")
+        }
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable: as if missing

@@ -38,7 +38,9 @@ class Options:
     batch_invariant: bool = False  # results independent of batch size: no SP (see Configs.sp)
     shard_outputs: bool = False  # outputs fxsp gathered stay sharded: see runtime.gather_rows
     inductor_reuse_patch: bool = True  # torch 2.11 only: patches.inductor_reuse's cost model
-    allreduce_fusion: bool = True  # fused all-reduce + RMSNorm below the SP threshold, where allowed
+    allreduce_fusion: bool = (
+        True  # fused all-reduce + RMSNorm below the SP threshold, where allowed
+    )
     pipeline_size: int = 1  # pipeline stages; the fused all-reduce is off above 1 (it deadlocks)
     # Inductor's micro-pipeline TP for fxsp's compiles, symmetric memory on the TP group: see
     # compile.async_tp. Without NCCL or symmetric memory it says so once and compiles without.
@@ -61,14 +63,20 @@ def check_options(options: Options) -> None:
         if f.type in ("bool", bool) and not isinstance(value, bool):
             raise TypeError(f"fxsp option {f.name} must be True or False, not {value!r}")
     min_tokens = options.min_tokens
-    if not (min_tokens == "auto" if isinstance(min_tokens, str) else _is_int(min_tokens, at_least=0)):
-        error = ValueError if isinstance(min_tokens, (int, str)) and not isinstance(min_tokens, bool) else TypeError
+    if not (
+        min_tokens == "auto" if isinstance(min_tokens, str) else _is_int(min_tokens, at_least=0)
+    ):
+        error = (
+            ValueError
+            if isinstance(min_tokens, (int, str)) and not isinstance(min_tokens, bool)
+            else TypeError
+        )
         raise error(f"fxsp option min_tokens must be 'auto' or an int >= 0, not {min_tokens!r}")
     if options.inner not in ("inductor", "eager"):
         raise ValueError(f"fxsp option inner must be 'inductor' or 'eager', not {options.inner!r}")
     pipeline_size = options.pipeline_size
     if not _is_int(pipeline_size, at_least=1):
-        error = ValueError if _is_int(pipeline_size, at_least=-2**63) else TypeError
+        error = ValueError if _is_int(pipeline_size, at_least=-(2**63)) else TypeError
         raise error(f"fxsp option pipeline_size must be an int >= 1, not {pipeline_size!r}")
 
 
@@ -117,7 +125,9 @@ class Configs:
         self.once = Once()
         self._fusion: tuple | None = None  # (config or None,) once decided
 
-    def sp(self, tp: TPGroup, min_tokens: int | str | None = None, group: str | None = None) -> SPConfig | None:
+    def sp(
+        self, tp: TPGroup, min_tokens: int | str | None = None, group: str | None = None
+    ) -> SPConfig | None:
         """The SP settings, or None when TP size is 1 or `batch_invariant` (nothing to rewrite,
         or a reduce-scatter would sum in another order than the all-reduce). `min_tokens` and
         `group` (the name the graph at hand uses) override the options' and `tp.name`."""
@@ -125,25 +135,37 @@ class Configs:
             self.once.say(log.info, "fxsp: TP size 1, sequence parallelism has nothing to do")
             return None
         if self.options.batch_invariant:
-            self.once.say(log.info, "fxsp: batch_invariant: sequence parallelism is off (a reduce-scatter "
-                          "sums in another order than an all-reduce, so results would depend on the batch)")
+            self.once.say(
+                log.info,
+                "fxsp: batch_invariant: sequence parallelism is off (a reduce-scatter "
+                "sums in another order than an all-reduce, so results would depend on the batch)",
+            )
             return None
         async_tp = self._async_tp(tp.c10d_name or tp.name)
-        return SPConfig(group=tp.name if group is None else group, world=tp.world, rank=tp.rank,
-                        min_tokens=self.options.min_tokens if min_tokens is None else min_tokens,
-                        fp8=self.options.fp8, shard_outputs=self.options.shard_outputs,
-                        async_tp=async_tp, c10d_group=tp.c10d_name if async_tp else None)
+        return SPConfig(
+            group=tp.name if group is None else group,
+            world=tp.world,
+            rank=tp.rank,
+            min_tokens=self.options.min_tokens if min_tokens is None else min_tokens,
+            fp8=self.options.fp8,
+            shard_outputs=self.options.shard_outputs,
+            async_tp=async_tp,
+            c10d_group=tp.c10d_name if async_tp else None,
+        )
 
     def sp_for_graph(self, sp: SPConfig | None) -> SPConfig | None:
         """`sp` for the graph being compiled now: None where AOT autograd compiles it with a
         backward, said once. Such a graph returns what backward saves (each norm's rsqrt, full
         size), which keeps most sites from being rewritten."""
         if sp is not None and _compiled_for_autograd():
-            self.once.say(log.warning, "fxsp: sequence parallelism is off for graphs compiled with autograd "
-                          "(gradients enabled and an input or parameter requires grad): the values saved for "
-                          "backward, such as each norm's rsqrt, are full-size and keep most sites from being "
-                          "rewritten. Compile inference under torch.no_grad() or torch.inference_mode(), or "
-                          "call requires_grad_(False) on the parameters.")
+            self.once.say(
+                log.warning,
+                "fxsp: sequence parallelism is off for graphs compiled with autograd "
+                "(gradients enabled and an input or parameter requires grad): the values saved for "
+                "backward, such as each norm's rsqrt, are full-size and keep most sites from being "
+                "rewritten. Compile inference under torch.no_grad() or torch.inference_mode(), or "
+                "call requires_grad_(False) on the parameters.",
+            )
             return None
         return sp
 
@@ -152,8 +174,12 @@ class Configs:
         gate (`decide_allreduce_rms_fusion`) rules it out; decided once."""
         if self._fusion is None:
             # batch_invariant: the kernel's summation order depends on the rows.
-            wanted = self.options.allreduce_fusion and tp.world > 1 and not self.options.batch_invariant
-            allowed = wanted and decide_allreduce_rms_fusion(tp.world, self.options.pipeline_size).enabled
+            wanted = (
+                self.options.allreduce_fusion and tp.world > 1 and not self.options.batch_invariant
+            )
+            allowed = (
+                wanted and decide_allreduce_rms_fusion(tp.world, self.options.pipeline_size).enabled
+            )
             config = AllReduceNormConfig(group=tp.name, world=tp.world, fp8=self.options.fp8)
             self._fusion = (config if allowed else None,)
         return self._fusion[0]
@@ -167,11 +193,15 @@ class Configs:
 
         why_not = enable_async_tp(c10d_group)
         if why_not is not None:
-            self.once.say(log.warning, f"fxsp: async_tp off, compiling without micro-pipeline TP: {why_not}")
+            self.once.say(
+                log.warning, f"fxsp: async_tp off, compiling without micro-pipeline TP: {why_not}"
+            )
         return why_not is None
 
 
-def decide_allreduce_rms_fusion(tp_size: int, pp_size: int = 1, device: DeviceLike = None) -> FusionGate:
+def decide_allreduce_rms_fusion(
+    tp_size: int, pp_size: int = 1, device: DeviceLike = None
+) -> FusionGate:
     """`policy.fusion.allreduce_rms_fusion_gate` for this machine (`device`: see
     `policy.thresholds.device_info`; None is the current device). Logs the reason at INFO when
     the fusion is off."""

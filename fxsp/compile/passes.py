@@ -15,8 +15,12 @@ from .report import GraphReport
 from .stats import collective_signature, traffic
 
 
-def run_passes(graph: Graph, sp: SPConfig | None, explain: bool = False,
-               fusion: AllReduceNormConfig | None = None) -> GraphReport:
+def run_passes(
+    graph: Graph,
+    sp: SPConfig | None,
+    explain: bool = False,
+    fusion: AllReduceNormConfig | None = None,
+) -> GraphReport:
     """Rewrite `graph` in place: SP where `sp` is given, the small-batch fusion where `fusion`
     is; `explain` logs every rule's best near-miss. Returns what was done."""
     report = GraphReport(before=Snapshot(graph))

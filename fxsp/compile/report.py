@@ -69,10 +69,19 @@ class GraphReport:
         return {
             "counts": dict(self.counts),
             "misses": {rule: _near_miss_json(near) for rule, near in self.misses.items()},
-            "before": self.before, "rewritten": self.rewritten, "after": self.after,
-            "passes": [{"name": r.name, "counts": dict(r.counts), "seconds": r.seconds,
-                        "misses": {rule: _near_miss_json(near) for rule, near in r.misses.items()},
-                        "failures": [_near_miss_json(near) for near in r.failures]} for r in self.passes],
+            "before": self.before,
+            "rewritten": self.rewritten,
+            "after": self.after,
+            "passes": [
+                {
+                    "name": r.name,
+                    "counts": dict(r.counts),
+                    "seconds": r.seconds,
+                    "misses": {rule: _near_miss_json(near) for rule, near in r.misses.items()},
+                    "failures": [_near_miss_json(near) for near in r.failures],
+                }
+                for r in self.passes
+            ],
             "traffic_before": asdict(self.traffic_before) if self.traffic_before else None,
             "traffic_after": asdict(self.traffic_after) if self.traffic_after else None,
             "row_thresholds": [[str(rows), need] for rows, need in self.row_thresholds],
@@ -83,13 +92,23 @@ class GraphReport:
     @classmethod
     def from_json(cls, data: dict, cached: bool = True) -> GraphReport:
         """The inverse of `to_json` (near-misses lose only their graph node)."""
-        passes = [Report(r["name"], dict(r["counts"]),
-                         {rule: _near_miss(near) for rule, near in r["misses"].items()},
-                         [_near_miss(near) for near in r["failures"]], r["seconds"]) for r in data["passes"]]
+        passes = [
+            Report(
+                r["name"],
+                dict(r["counts"]),
+                {rule: _near_miss(near) for rule, near in r["misses"].items()},
+                [_near_miss(near) for near in r["failures"]],
+                r["seconds"],
+            )
+            for r in data["passes"]
+        ]
         return cls(
             counts=dict(data["counts"]),
             misses={rule: _near_miss(near) for rule, near in data["misses"].items()},
-            before=data["before"], rewritten=data["rewritten"], after=data["after"], passes=passes,
+            before=data["before"],
+            rewritten=data["rewritten"],
+            after=data["after"],
+            passes=passes,
             traffic_before=Traffic(**data["traffic_before"]) if data["traffic_before"] else None,
             traffic_after=Traffic(**data["traffic_after"]) if data["traffic_after"] else None,
             row_thresholds=[(rows, need) for rows, need in data["row_thresholds"]],

@@ -37,8 +37,10 @@ class Traffic:
         """Averages per all-reduce site and per norm: what one such block costs each rank."""
         sites = max(self.sites, 1)
         moved = " + ".join(f"{k} {v / sites / 1024:.2f} KiB" for k, v in sorted(self.bytes.items()))
-        return (f"payload {moved or 'none'} (sent {self.sent_per_rank(tp) / sites / 1024:.2f} KiB); "
-                f"norm rows {_mean(self.norm_rows)}, residual rows {_mean(self.residual_rows)}")
+        return (
+            f"payload {moved or 'none'} (sent {self.sent_per_rank(tp) / sites / 1024:.2f} KiB); "
+            f"norm rows {_mean(self.norm_rows)}, residual rows {_mean(self.residual_rows)}"
+        )
 
 
 def traffic(graph: Graph) -> Traffic:
@@ -71,9 +73,16 @@ def collective_signature(graph: Graph) -> list:
     out = []
     for node in graph.nodes:
         if kind(node) not in (None, "wait"):
-            group = next((a for a in node.args if isinstance(a, str) and a not in ("sum", "avg")), "")
-            out.append((target_name(node.target), _value_type(node.meta.get("val")),
-                        groups.setdefault(group, len(groups))))
+            group = next(
+                (a for a in node.args if isinstance(a, str) and a not in ("sum", "avg")), ""
+            )
+            out.append(
+                (
+                    target_name(node.target),
+                    _value_type(node.meta.get("val")),
+                    groups.setdefault(group, len(groups)),
+                )
+            )
     return out
 
 
@@ -97,8 +106,15 @@ def _int(n) -> int:
 
 aten = torch.ops.aten
 _MATMULS = {aten.mm.default, aten._scaled_mm.default}
-_PLUMBING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
-             aten.as_strided.default, aten.constant_pad_nd.default, aten.view.dtype}
+_PLUMBING = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.slice.Tensor,
+    aten.as_strided.default,
+    aten.constant_pad_nd.default,
+    aten.view.dtype,
+}
 _FUSED_ALL_GATHER = ("fused_all_gather_matmul", "fused_all_gather_scaled_matmul")
 _FUSED_REDUCE_SCATTER = ("fused_matmul_reduce_scatter", "fused_scaled_matmul_reduce_scatter")
 
@@ -151,11 +167,15 @@ def _all_gather_blocker(gather) -> str | None:
             value, between = stack.pop()
             for user in value.users:
                 if user.target in _MATMULS and user.args[0] is value:
-                    return (f"all_gather {gather.name} → {user.name}: " +
-                            (f"{_op_name(between)} {between.name} sits between" if between is not None
-                             else "direct, but not fused (symmetric memory off for the group?)"))
+                    return f"all_gather {gather.name} → {user.name}: " + (
+                        f"{_op_name(between)} {between.name} sits between"
+                        if between is not None
+                        else "direct, but not fused (symmetric memory off for the group?)"
+                    )
                 if user.target in _PLUMBING:
-                    first = between if between is not None or user.target is aten.view.dtype else user
+                    first = (
+                        between if between is not None or user.target is aten.view.dtype else user
+                    )
                     stack.append((user, first))
     return None
 

@@ -107,8 +107,14 @@ def erase_unused(nodes: Iterable[Node], inputs: bool = False) -> None:
         stack.extend(a for a in read if among is None or a in among)
 
 
-def create_call(graph: Graph, target: Any, args: tuple, kwargs: dict, name: str | None = None,
-                type_expr: Any = None) -> Node:
+def create_call(
+    graph: Graph,
+    target: Any,
+    args: tuple,
+    kwargs: dict,
+    name: str | None = None,
+    type_expr: Any = None,
+) -> Node:
     """`graph.call_function(target, args, kwargs)` (at the graph's insert point) for arguments
     with no raw SymInt, SymFloat or SymBool in them, as the caller has checked
     (`has_raw_symbolic`).

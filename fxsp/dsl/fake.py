@@ -13,7 +13,6 @@ from torch.fx import Node
 from torch.fx.node import map_arg
 
 
-
 def fake_value(target: Any, args: tuple, kwargs: dict) -> Any:
     """What `target(*args, **kwargs)` would return, as fake tensors, from the inputs' `meta["val"]`.
 
@@ -97,8 +96,14 @@ _ALIASES = object()  # the key's result is a view of an input: always dispatched
 
 def _results_seen(target: Any, tensors: list) -> dict | None:
     """The result cache of the inputs' fake mode, or None when `target`'s results are not cached."""
-    if not (isinstance(target, torch._ops.OpOverload) and tensors
-            and isinstance(tensors[0], FakeTensor)) or target._schema.is_mutable:
+    if (
+        not (
+            isinstance(target, torch._ops.OpOverload)
+            and tensors
+            and isinstance(tensors[0], FakeTensor)
+        )
+        or target._schema.is_mutable
+    ):
         return None
     mode = tensors[0].fake_mode
     if any(not isinstance(t, FakeTensor) or t.fake_mode is not mode for t in tensors):
@@ -124,8 +129,12 @@ def _describe(a: Any) -> Any:
         try:
             hash(described)  # plain int sizes: the key as it is, hashed in C
         except TypeError:  # a symbolic size refuses to hash: key it by its expression
-            described = (_sizes(a.shape), _sizes(a.stride()), _sizes((a.storage_offset(),)),
-                         *described[3:])
+            described = (
+                _sizes(a.shape),
+                _sizes(a.stride()),
+                _sizes((a.storage_offset(),)),
+                *described[3:],
+            )
         return described
     if isinstance(a, (tuple, list)):
         return (type(a), *map(_describe, a))
@@ -174,7 +183,9 @@ def map_nested(value: Any, kind: type, fn: Any) -> Any:
         return fn(value)
     if isinstance(value, (tuple, list)):
         items = [map_nested(v, kind, fn) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuple
+        return (
+            type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        )  # namedtuple
     if isinstance(value, dict):
         return {k: map_nested(v, kind, fn) for k, v in value.items()}
     return value
@@ -196,8 +207,11 @@ def collect(value: Any, kind: type, out: list) -> list:
 
 def _builds_directly(target: Any, x: Any) -> bool:
     """A fake input with rows, contiguous where the op asks for one."""
-    return (isinstance(x, FakeTensor) and x.dim() > 0
-            and (target not in _CONTIGUOUS_ONLY or x.is_contiguous()))
+    return (
+        isinstance(x, FakeTensor)
+        and x.dim() > 0
+        and (target not in _CONTIGUOUS_ONLY or x.is_contiguous())
+    )
 
 
 def _empty_like(v: Any) -> Any:
@@ -210,11 +224,15 @@ def is_reshape_of(val: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether `reshape(x, val.shape)` is exactly `val`: a view of x's storage at x's offset
     with val's strides. Known true when both are dense in row-major order (the strides a view of
     such a tensor always gets), compared as expressions, so asking installs no guard."""
-    return (isinstance(val, FakeTensor) and isinstance(x, FakeTensor)
-            and val.untyped_storage()._cdata == x.untyped_storage()._cdata
-            and _sizes((val.storage_offset(),)) == _sizes((x.storage_offset(),))
-            and (val.dtype, val.fake_device) == (x.dtype, x.fake_device)
-            and _row_major(val) and _row_major(x))
+    return (
+        isinstance(val, FakeTensor)
+        and isinstance(x, FakeTensor)
+        and val.untyped_storage()._cdata == x.untyped_storage()._cdata
+        and _sizes((val.storage_offset(),)) == _sizes((x.storage_offset(),))
+        and (val.dtype, val.fake_device) == (x.dtype, x.fake_device)
+        and _row_major(val)
+        and _row_major(x)
+    )
 
 
 def _row_major(val: torch.Tensor) -> bool:
@@ -239,7 +257,9 @@ def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     and asking installs no guard."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+    return a.dim() == b.dim() and all(
+        statically_known_true(x == y) for x, y in zip(a.shape, b.shape)
+    )
 
 
 def known_true(condition: Any) -> bool:

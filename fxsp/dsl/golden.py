@@ -15,9 +15,17 @@ from torch.fx import Graph, GraphModule, Node
 from .pattern import target_name
 
 _SHORT = {
-    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-    torch.float8_e4m3fn: "f8e4m3fn", torch.float8_e4m3fnuz: "f8e4m3fnuz", torch.uint8: "u8",
-    torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "b8",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.float8_e4m3fn: "f8e4m3fn",
+    torch.float8_e4m3fnuz: "f8e4m3fnuz",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "b8",
 }
 _HIDDEN_KWARGS = {"device", "layout", "pin_memory"}
 
@@ -49,8 +57,9 @@ class Snapshot:
         heads: dict = {}  # (op, target) -> (printed name, schema argument names): once per target
         types: dict = {}  # (dtype, sizes) -> printed value type: the same few recur in every layer
         lines = []
-        for node, op, target, args, kwargs, val in zip(self.nodes, self.ops, self.targets, self.args,
-                                                       self.kwargs, self.values):
+        for node, op, target, args, kwargs, val in zip(
+            self.nodes, self.ops, self.targets, self.args, self.kwargs, self.values
+        ):
             if op == "output":
                 lines.append(f"return {_arg(args[0], ids, groups, '')}")
                 continue
@@ -71,7 +80,9 @@ class Snapshot:
 _NO_VALUE = object()  # a node without meta["val"] (printed without a type; None prints "None")
 
 
-def _call(op: str, target: Any, args: tuple, kwargs: dict, ids: dict, groups: dict, heads: dict) -> str:
+def _call(
+    op: str, target: Any, args: tuple, kwargs: dict, ids: dict, groups: dict, heads: dict
+) -> str:
     head = heads.get((op, target))
     if head is None:
         head = heads[op, target] = _head(op, target)
@@ -83,8 +94,11 @@ def _call(op: str, target: Any, args: tuple, kwargs: dict, ids: dict, groups: di
         else:
             printed.append(_arg(a, ids, groups, names[i] if i < len(names) else ""))
     if kwargs:
-        printed += [f"{k}={_arg(v, ids, groups, k)}" for k, v in sorted(kwargs.items())
-                    if k not in _HIDDEN_KWARGS]
+        printed += [
+            f"{k}={_arg(v, ids, groups, k)}"
+            for k, v in sorted(kwargs.items())
+            if k not in _HIDDEN_KWARGS
+        ]
     return f"{name}({', '.join(printed)})"
 
 
@@ -100,9 +114,17 @@ def _arg(value: Any, ids: dict, groups: dict, arg_name: str) -> str:
         return ids.get(value, f"<{value.name}?>")
     if isinstance(value, (list, tuple)):
         inner = ", ".join(_arg(v, ids, groups, "") for v in value)
-        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+        return (
+            f"[{inner}]"
+            if isinstance(value, list)
+            else f"({inner}{',' if len(value) == 1 else ''})"
+        )
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {_arg(v, ids, groups, '')}" for k, v in sorted(value.items())) + "}"
+        return (
+            "{"
+            + ", ".join(f"{k!r}: {_arg(v, ids, groups, '')}" for k, v in sorted(value.items()))
+            + "}"
+        )
     if isinstance(value, str) and "group" in arg_name:
         return groups.setdefault(value, f"G{len(groups)}")
     if isinstance(value, torch.dtype):

@@ -62,8 +62,9 @@ class Trace:
         self._deepest: tuple | None = None  # fail's arguments
         self._best: Miss | None = None
 
-    def fail(self, depth: int, expected: Any, got: Any, node: Node | None,
-             path: Path = None) -> None:
+    def fail(
+        self, depth: int, expected: Any, got: Any, node: Node | None, path: Path = None
+    ) -> None:
         if self._deepest is None or depth > self._deepest[0]:
             self._deepest, self._best = (depth, expected, got, node, path), None
 
@@ -76,8 +77,13 @@ class Trace:
     def best(self) -> Miss | None:
         if self._best is None and self._deepest is not None:
             depth, expected, got, node, path = self._deepest
-            self._best = Miss(depth, expected if isinstance(expected, str) else repr(expected),
-                              got if isinstance(got, str) else _text(got), node, path)
+            self._best = Miss(
+                depth,
+                expected if isinstance(expected, str) else repr(expected),
+                got if isinstance(got, str) else _text(got),
+                node,
+                path,
+            )
         return self._best
 
 
@@ -109,11 +115,19 @@ class Bindings:
 
     def step(self, node: Node | None = None, shared: bool = False) -> Bindings:
         nodes = self.nodes + (node,) if node is not None else self.nodes
-        return Bindings(self.values, nodes, self.depth + 1, self.shared + (node,) if shared else self.shared)
+        return Bindings(
+            self.values, nodes, self.depth + 1, self.shared + (node,) if shared else self.shared
+        )
 
 
-def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, owner: Node | None = None,
-          path: Path = None) -> Iterator[Bindings]:
+def match(
+    pattern: Pattern,
+    value: Any,
+    b: Bindings,
+    trace: Trace,
+    owner: Node | None = None,
+    path: Path = None,
+) -> Iterator[Bindings]:
     """Yield every extension of `b` under which `pattern` matches `value`.
 
     `owner` is the op node whose first input's rank a `Dims` pattern's dims refer to (asked
@@ -139,8 +153,9 @@ def match(pattern: Pattern, value: Any, b: Bindings, trace: Trace, owner: Node |
         yield out
 
 
-def _match_leaf(pattern: Pattern, value: Any, b: Bindings, trace: Trace, owner: Node | None,
-                path: Path) -> Bindings | None:
+def _match_leaf(
+    pattern: Pattern, value: Any, b: Bindings, trace: Trace, owner: Node | None, path: Path
+) -> Bindings | None:
     """`match` for a leaf pattern, which matches one way or not at all: the extended bindings,
     or None."""
     kind = type(pattern)
@@ -167,15 +182,28 @@ def _check_leaf(pattern: Pattern, value: Any, rank: int | None) -> str | None:
     if kind is Tensor:
         if not isinstance(value, Node):
             return repr(pattern)
-        if pattern.dtypes is not None and getattr(tensor_of(value), "dtype", None) not in pattern.dtypes:
+        if (
+            pattern.dtypes is not None
+            and getattr(tensor_of(value), "dtype", None) not in pattern.dtypes
+        ):
             return f"{pattern!r} of dtype in {{{', '.join(sorted(map(_text, pattern.dtypes)))}}}"
-        return None if pattern.where is None or pattern.where(value) else f"{pattern!r} {pattern.doc}".strip()
+        return (
+            None
+            if pattern.where is None or pattern.where(value)
+            else f"{pattern!r} {pattern.doc}".strip()
+        )
     if kind is Scalar:
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and pattern.lo < value <= pattern.hi and (pattern.where is None or pattern.where(value)))
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and pattern.lo < value <= pattern.hi
+            and (pattern.where is None or pattern.where(value))
+        )
         return None if ok else repr(pattern)
     if kind is Value:
-        ok = isinstance(value, pattern.kind) and (pattern.allowed is None or value in pattern.allowed)
+        ok = isinstance(value, pattern.kind) and (
+            pattern.allowed is None or value in pattern.allowed
+        )
         return None if ok else repr(pattern)
     if kind is Literal:
         return None if _same(pattern.value, value) else repr(pattern)
@@ -197,8 +225,14 @@ def _normalise_dims(value: Any, rank: int | None) -> list | None:
 
 
 def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> Iterator[Bindings]:
-    if not isinstance(node, Node) or node.op != "call_function" or id(node.target) not in pattern.target_ids:
-        got = _CallOf(node.target) if isinstance(node, Node) and node.op == "call_function" else node
+    if (
+        not isinstance(node, Node)
+        or node.op != "call_function"
+        or id(node.target) not in pattern.target_ids
+    ):
+        got = (
+            _CallOf(node.target) if isinstance(node, Node) and node.op == "call_function" else node
+        )
         trace.fail(b.depth, pattern, got, node if isinstance(node, Node) else None, path)
         return
     if pattern.where is not None and not pattern.where(node):
@@ -227,8 +261,16 @@ def _match_op(pattern: Op, node: Any, b: Bindings, trace: Trace, path: Path) -> 
         yield from _match_args(expected, values, where, 0, start, trace, node, path)
 
 
-def _match_args(patterns: list, values: list, where: list, i: int, b: Bindings, trace: Trace,
-                owner: Node, path: Path) -> Iterator[Bindings]:
+def _match_args(
+    patterns: list,
+    values: list,
+    where: list,
+    i: int,
+    b: Bindings,
+    trace: Trace,
+    owner: Node,
+    path: Path,
+) -> Iterator[Bindings]:
     # Leaves match one way or not at all: taken in this loop, without a generator each.
     while i < len(patterns) and type(patterns[i]) in _LEAVES:
         b = _match_leaf(patterns[i], values[i], b, trace, owner, (path, where[i], values[i]))
@@ -245,8 +287,9 @@ def _match_args(patterns: list, values: list, where: list, i: int, b: Bindings, 
 _LEAVES = frozenset({Tensor, Scalar, Value, Literal, Dims, Anything})
 
 
-def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trace, owner: Node | None,
-                 path: Path) -> Iterator[Bindings]:
+def _match_chain(
+    pattern: Through | Behind, value: Any, b: Bindings, trace: Trace, owner: Node | None, path: Path
+) -> Iterator[Bindings]:
     """`pattern.inner` at `value`, or behind the chain of nodes `pattern.step` walks back through.
     A Behind's chain nodes may have other users (the rewrite handles them), and the node that
     stops its chain can be the near-miss; a Through's are the match's own."""
@@ -270,17 +313,33 @@ def _match_chain(pattern: Through | Behind, value: Any, b: Bindings, trace: Trac
         path, value = (path, key, nxt), nxt
 
 
-def _blocked(pattern: Behind, node: Node, reason: str, at: Bindings, trace: Trace, owner: Node | None,
-             path: Path, hops: int = 4) -> None:
+def _blocked(
+    pattern: Behind,
+    node: Node,
+    reason: str,
+    at: Bindings,
+    trace: Trace,
+    owner: Node | None,
+    path: Path,
+    hops: int = 4,
+) -> None:
     """`node` does not pass. When `inner` matches right behind it (within `hops` nodes), that
     is the near-miss: the node standing between them, as deep as the match behind it went."""
     seen, frontier = {node}, [node]
     for _ in range(hops):
-        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+        frontier = [
+            a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)
+        ]
         for candidate in frontier:
             for found in match(pattern.inner, candidate, at.step(), Trace(), owner):
                 expected = f"{pattern.doc or 'passing nodes'} after {candidate.name}"
-                trace.fail(found.depth, expected, f"{target_name(node.target)} {node.name}: {reason}", node, path)
+                trace.fail(
+                    found.depth,
+                    expected,
+                    f"{target_name(node.target)} {node.name}: {reason}",
+                    node,
+                    path,
+                )
                 return
 
 
@@ -293,7 +352,6 @@ class _ArityMismatch(Exception):
     pass
 
 
-
 def _layout(target: Any, count: int, names: tuple) -> tuple[tuple | None, list]:
     """Per op and pattern, not per node (`Op.layouts` keeps it): its schema arguments (None
     without a schema), and the (name, default) of those after the first `count` that must match
@@ -301,10 +359,15 @@ def _layout(target: Any, count: int, names: tuple) -> tuple[tuple | None, list]:
     schema = getattr(target, "_schema", None)
     if schema is None:  # e.g. higher-order ops: kwargs only by name
         return None, [(name, _NO_DEFAULT) for name in sorted(names)]
-    arguments = tuple((a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
-                      for a in schema.arguments)
-    return arguments, [(name, default) for name, default in arguments[count:]
-                       if name in names or default is not _NO_DEFAULT]
+    arguments = tuple(
+        (a.name, a.default_value if a.has_default_value() else _NO_DEFAULT)
+        for a in schema.arguments
+    )
+    return arguments, [
+        (name, default)
+        for name, default in arguments[count:]
+        if name in names or default is not _NO_DEFAULT
+    ]
 
 
 def _arguments(node: Node, pattern: Op) -> tuple[list, list]:
@@ -314,7 +377,9 @@ def _arguments(node: Node, pattern: Op) -> tuple[list, list]:
     count, args, kwargs = len(pattern.args), node.args, node.kwargs
     layout = pattern.layouts.get(id(node.target))  # the target is one of the pattern's own
     if layout is None:
-        layout = pattern.layouts[id(node.target)] = _layout(node.target, count, tuple(pattern.kwargs))
+        layout = pattern.layouts[id(node.target)] = _layout(
+            node.target, count, tuple(pattern.kwargs)
+        )
     schema, extra = layout
     out = list(args[:count])
     for i in range(len(out), count):

@@ -149,7 +149,9 @@ class Through(Pattern):
 
     def step(self, node: Node) -> Node | None:
         """The value `node` passes on, or None."""
-        passes = node.op == "call_function" and node.target in self.targets and _passes_through(node)
+        passes = (
+            node.op == "call_function" and node.target in self.targets and _passes_through(node)
+        )
         return node.args[0] if passes else None
 
 
@@ -196,20 +198,35 @@ def op(target: Any, *args: Any, name: str | None = None, **kwargs: Any) -> Op:
     their default value in the graph (use `anything()` to accept any value). Two-operand
     add/mul match their operands in either order.
     """
-    targets = frozenset(target) if isinstance(target, (set, frozenset, list, tuple)) else frozenset({target})
+    targets = (
+        frozenset(target)
+        if isinstance(target, (set, frozenset, list, tuple))
+        else frozenset({target})
+    )
     args = tuple(_as_pattern(a) for a in args)
     kwargs = {k: _as_pattern(v) for k, v in kwargs.items()}
-    return Op(targets, args, kwargs, commutative=targets <= COMMUTATIVE and len(args) == 2, name=name)
+    return Op(
+        targets, args, kwargs, commutative=targets <= COMMUTATIVE and len(args) == 2, name=name
+    )
 
 
-def tensor(name: str | None = None, dtypes: Iterable[torch.dtype] | None = None,
-           where: Callable[[Node], bool] | None = None, doc: str = "") -> Tensor:
+def tensor(
+    name: str | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    where: Callable[[Node], bool] | None = None,
+    doc: str = "",
+) -> Tensor:
     """A node, of a dtype in `dtypes` (if given), for which `where(node)` holds (if given)."""
     return Tensor(name, frozenset(dtypes) if dtypes is not None else None, where, doc)
 
 
-def scalar(name: str | None = None, lo: float = -math.inf, hi: float = math.inf,
-           where: Callable[[Any], bool] | None = None, doc: str = "") -> Scalar:
+def scalar(
+    name: str | None = None,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    where: Callable[[Any], bool] | None = None,
+    doc: str = "",
+) -> Scalar:
     """A number in (lo, hi]; `where` adds any other predicate, `doc` says it in words."""
     return Scalar(name, lo, hi, where, doc)
 
@@ -243,7 +260,9 @@ def through(inner: Pattern, targets: Iterable = PASS_THROUGH, name: str | None =
     return Through(inner, frozenset(targets), name)
 
 
-def behind(inner: Pattern, step: Callable[[Node], Any], doc: str = "", name: str | None = None) -> Behind:
+def behind(
+    inner: Pattern, step: Callable[[Node], Any], doc: str = "", name: str | None = None
+) -> Behind:
     """`inner`, optionally behind nodes that pass a value on (see `Behind`); `name` binds what
     the consumer sees. `doc` says in words which nodes pass, for near-misses."""
     return Behind(inner, step, doc, name)
@@ -267,7 +286,6 @@ def getitem(pattern: Pattern, index: int, name: str | None = None) -> Op:
 
 def _as_pattern(value: Any) -> Pattern:
     return value if isinstance(value, Pattern) else Literal(value)
-
 
 
 def _passes_through(node: Node) -> bool:

@@ -93,8 +93,9 @@ class Rule:
 
     def match_again(self, m: Match, trace: Trace) -> Match | None:
         """`m` if it still holds, else the first match at its root now (None if none)."""
-        unchanged = m.read and all(not n._erased and n.args is args and n.kwargs is kwargs
-                                   for n, args, kwargs in m.read)
+        unchanged = m.read and all(
+            not n._erased and n.args is args and n.kwargs is kwargs for n, args, kwargs in m.read
+        )
         if unchanged:
             again = self._accepted(m.root, m.found, trace)
             if again is not None:
@@ -112,8 +113,12 @@ class Rule:
         verdict = self.where(found) if self.where is not None else True
         if verdict is True:
             return found
-        trace.fail(b.depth, "the rule's condition",
-                   verdict if isinstance(verdict, str) else "`where` rejected the match", node)
+        trace.fail(
+            b.depth,
+            "the rule's condition",
+            verdict if isinstance(verdict, str) else "`where` rejected the match",
+            node,
+        )
         return None
 
     @functools.cached_property
@@ -179,15 +184,21 @@ class Report:
     seconds: float = 0.0
 
     def explain(self) -> str:
-        lines = [f"{self.name}: " + (", ".join(f"{k}={v}" for k, v in self.counts.items()) or "no rules")]
+        lines = [
+            f"{self.name}: " + (", ".join(f"{k}={v}" for k, v in self.counts.items()) or "no rules")
+        ]
         for rule, near in self.misses.items():
             lines.append(f"  near-miss {near}")
         return "\n".join(lines)
 
     def _missed(self, rule: Rule, anchor: Node | None, miss: Miss | Trace | None) -> None:
         if miss is None or (isinstance(miss, Trace) and miss.depth is None):
-            miss = Miss(0, f"an anchor node ({', '.join(sorted(map(target_name, rule.anchors())))})",
-                        "none in graph", None)
+            miss = Miss(
+                0,
+                f"an anchor node ({', '.join(sorted(map(target_name, rule.anchors())))})",
+                "none in graph",
+                None,
+            )
         near = NearMiss(rule.name, anchor.name if anchor is not None else "-", miss)
         self.failures.append(near)
         best = self.misses.get(rule.name)
@@ -199,7 +210,9 @@ class RuleSet:
     """An ordered list of rules applied as one pass; `finish(graph)`, if given, runs after the
     last rewrite (work the rewrites left for the end)."""
 
-    def __init__(self, name: str, rules: list[Rule], finish: Callable[[Graph], None] | None = None) -> None:
+    def __init__(
+        self, name: str, rules: list[Rule], finish: Callable[[Graph], None] | None = None
+    ) -> None:
         self.name = name
         self.rules = list(rules)
         self.finish = finish
@@ -222,8 +235,12 @@ class RuleSet:
             if check:
                 graph.lint()
         report.seconds = time.perf_counter() - start
-        log.info("%s: %s (%.1f ms)", self.name,
-                 ", ".join(f"{k}={v}" for k, v in report.counts.items()), report.seconds * 1e3)
+        log.info(
+            "%s: %s (%.1f ms)",
+            self.name,
+            ", ".join(f"{k}={v}" for k, v in report.counts.items()),
+            report.seconds * 1e3,
+        )
         for near in report.misses.values():
             log.debug("near-miss %s", near)
         if isinstance(target, GraphModule):
@@ -234,8 +251,13 @@ class RuleSet:
         found, missed = [], []
         for rank, rule in enumerate(self.rules):
             # Nodes compare by their place in the graph.
-            anchors = sorted({n for t in rule.anchors()
-                              for n in graph.find_nodes(op="call_function", target=t, sort=False)})
+            anchors = sorted(
+                {
+                    n
+                    for t in rule.anchors()
+                    for n in graph.find_nodes(op="call_function", target=t, sort=False)
+                }
+            )
             if not anchors:
                 report._missed(rule, None, None)
             for node in anchors:
@@ -284,7 +306,9 @@ def _meta_by_target(nodes: tuple) -> dict:
         for n in nodes:
             if key in n.meta:
                 found.setdefault(n.target, {}).setdefault(key, set()).add(n.meta[key])
-    return {t: {k: next(iter(v)) for k, v in keys.items() if len(v) == 1} for t, keys in found.items()}
+    return {
+        t: {k: next(iter(v)) for k, v in keys.items() if len(v) == 1} for t, keys in found.items()
+    }
 
 
 def _arguments_read(nodes: tuple) -> tuple:
@@ -298,8 +322,12 @@ def _arguments_read(nodes: tuple) -> tuple:
 def _contains(p: Pattern, kind: type) -> bool:
     if isinstance(p, kind):
         return True
-    children = {Op: lambda: (*p.args, *p.kwargs.values()), Alt: lambda: p.options,
-                Through: lambda: (p.inner,), Behind: lambda: (p.inner,)}.get(type(p))
+    children = {
+        Op: lambda: (*p.args, *p.kwargs.values()),
+        Alt: lambda: p.options,
+        Through: lambda: (p.inner,),
+        Behind: lambda: (p.inner,),
+    }.get(type(p))
     return children is not None and any(_contains(c, kind) for c in children())
 
 
@@ -311,4 +339,3 @@ def _root_targets(p: Pattern) -> frozenset:
     if isinstance(p, Through):
         return _root_targets(p.inner) | p.targets
     raise TypeError(f"a rule's root must be an op pattern, not {p!r}")
-

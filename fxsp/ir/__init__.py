@@ -5,6 +5,13 @@ from .ops import ALL_REDUCE, FUSED_ADD_RMS_NORM, IR_OPS, RMS_NORM, STATIC_FP8_QU
 from .raising import raise_ir, raising_passes
 
 __all__ = [
-    "ALL_REDUCE", "FUSED_ADD_RMS_NORM", "IR_OPS", "RMS_NORM", "STATIC_FP8_QUANT", "fp8_max",
-    "lower_ir", "raise_ir", "raising_passes",
+    "ALL_REDUCE",
+    "FUSED_ADD_RMS_NORM",
+    "IR_OPS",
+    "RMS_NORM",
+    "STATIC_FP8_QUANT",
+    "fp8_max",
+    "lower_ir",
+    "raise_ir",
+    "raising_passes",
 ]

@@ -59,7 +59,10 @@ def kind(node: Node | Any) -> str | None:
     seen = _KIND_OF.get(id(target))
     if seen is None or seen[0] is not target:
         found = _KINDS.get((target.namespace, target._opname))
-        seen = _KIND_OF[id(target)] = (target, found or ("other" if target.namespace == "_c10d_functional" else None))
+        seen = _KIND_OF[id(target)] = (
+            target,
+            found or ("other" if target.namespace == "_c10d_functional" else None),
+        )
     return seen[1]
 
 

@@ -48,15 +48,23 @@ from .ops import (
 
 _lib = Library("fxsp", "FRAGMENT")  # noqa: TOR901 - fxsp owns this namespace (ops.py defines it)
 
-_lib.define("allreduce_rms_norm(Tensor x, Tensor? weight, float eps, str group_name, str flavor)"
-            " -> (Tensor, Tensor)")
-_lib.define("allreduce_fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps,"
-            " str group_name, str flavor) -> (Tensor, Tensor)")
-_lib.define("allreduce_rms_norm_static_fp8_quant(Tensor x, Tensor? weight, float eps, Tensor scale,"
-            " ScalarType fp8_dtype, str group_name, str flavor) -> (Tensor, Tensor)")
-_lib.define("allreduce_fused_add_rms_norm_static_fp8_quant(Tensor x, Tensor residual,"
-            " Tensor? weight, float eps, Tensor scale, ScalarType fp8_dtype, str group_name,"
-            " str flavor) -> (Tensor, Tensor)")
+_lib.define(
+    "allreduce_rms_norm(Tensor x, Tensor? weight, float eps, str group_name, str flavor)"
+    " -> (Tensor, Tensor)"
+)
+_lib.define(
+    "allreduce_fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps,"
+    " str group_name, str flavor) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "allreduce_rms_norm_static_fp8_quant(Tensor x, Tensor? weight, float eps, Tensor scale,"
+    " ScalarType fp8_dtype, str group_name, str flavor) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "allreduce_fused_add_rms_norm_static_fp8_quant(Tensor x, Tensor residual,"
+    " Tensor? weight, float eps, Tensor scale, ScalarType fp8_dtype, str group_name,"
+    " str flavor) -> (Tensor, Tensor)"
+)
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 
@@ -64,33 +72,54 @@ Tensors = tuple[torch.Tensor, torch.Tensor]
 # --- reference implementations: the unfused chain ---------------------------------------------
 
 
-def allreduce_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                                 group_name: str, flavor: str) -> Tensors:
+def allreduce_rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, group_name: str, flavor: str
+) -> Tensors:
     reduced = all_reduce_reference(x, group_name, flavor)
     return rms_norm_reference(reduced, weight, eps), reduced
 
 
-def allreduce_fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor,
-                                           weight: torch.Tensor | None, eps: float,
-                                           group_name: str, flavor: str) -> Tensors:
+def allreduce_fused_add_rms_norm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    group_name: str,
+    flavor: str,
+) -> Tensors:
     # all_reduce(x) + residual: the rule also matches residual + all_reduce(x), which is the
     # same value (IEEE addition commutes, type promotion too).
-    return fused_add_rms_norm_reference(all_reduce_reference(x, group_name, flavor), residual,
-                                        weight, eps)
+    return fused_add_rms_norm_reference(
+        all_reduce_reference(x, group_name, flavor), residual, weight, eps
+    )
 
 
 def allreduce_rms_norm_static_fp8_quant_reference(
-        x: torch.Tensor, weight: torch.Tensor | None, eps: float, scale: torch.Tensor,
-        fp8_dtype: torch.dtype, group_name: str, flavor: str) -> Tensors:
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    group_name: str,
+    flavor: str,
+) -> Tensors:
     out, reduced = allreduce_rms_norm_reference(x, weight, eps, group_name, flavor)
     return static_fp8_quant_reference(out, scale, fp8_dtype), reduced
 
 
 def allreduce_fused_add_rms_norm_static_fp8_quant_reference(
-        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
-        scale: torch.Tensor, fp8_dtype: torch.dtype, group_name: str, flavor: str) -> Tensors:
-    out, residual_out = allreduce_fused_add_rms_norm_reference(x, residual, weight, eps,
-                                                               group_name, flavor)
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    group_name: str,
+    flavor: str,
+) -> Tensors:
+    out, residual_out = allreduce_fused_add_rms_norm_reference(
+        x, residual, weight, eps, group_name, flavor
+    )
     return static_fp8_quant_reference(out, scale, fp8_dtype), residual_out
 
 
@@ -99,13 +128,26 @@ ALLREDUCE_RMS_NORM = fxsp.allreduce_rms_norm.default
 ALLREDUCE_FUSED_ADD_RMS_NORM = fxsp.allreduce_fused_add_rms_norm.default
 ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT = fxsp.allreduce_rms_norm_static_fp8_quant.default
 ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT = (
-    fxsp.allreduce_fused_add_rms_norm_static_fp8_quant.default)
-FUSED_IR_OPS = (ALLREDUCE_RMS_NORM, ALLREDUCE_FUSED_ADD_RMS_NORM,
-                ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT, ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT)
-REFERENCES = dict(zip(FUSED_IR_OPS, (
-    allreduce_rms_norm_reference, allreduce_fused_add_rms_norm_reference,
-    allreduce_rms_norm_static_fp8_quant_reference,
-    allreduce_fused_add_rms_norm_static_fp8_quant_reference), strict=True))
+    fxsp.allreduce_fused_add_rms_norm_static_fp8_quant.default
+)
+FUSED_IR_OPS = (
+    ALLREDUCE_RMS_NORM,
+    ALLREDUCE_FUSED_ADD_RMS_NORM,
+    ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT,
+    ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT,
+)
+REFERENCES = dict(
+    zip(
+        FUSED_IR_OPS,
+        (
+            allreduce_rms_norm_reference,
+            allreduce_fused_add_rms_norm_reference,
+            allreduce_rms_norm_static_fp8_quant_reference,
+            allreduce_fused_add_rms_norm_static_fp8_quant_reference,
+        ),
+        strict=True,
+    )
+)
 
 
 def arguments(op: torch._ops.OpOverload, args: tuple) -> dict:

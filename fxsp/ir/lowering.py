@@ -33,8 +33,8 @@ import torch
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.node import map_arg
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.node import map_arg
 from torch.utils._pytree import tree_map
 
 from ..dsl.builder import Builder, create_call, erase_unused, has_raw_symbolic
@@ -64,8 +64,9 @@ def register_reference(op: Any, reference: Callable) -> None:
     REFERENCES[op] = reference
 
 
-def lower_ir(target: Graph | GraphModule,
-             providers: tuple[str, ...] | None = None) -> dict[str, int]:
+def lower_ir(
+    target: Graph | GraphModule, providers: tuple[str, ...] | None = None
+) -> dict[str, int]:
     """Replace every fxsp IR node in `target`. `providers` limits the kernel providers that may
     be chosen (None: any registered one; (): reference decompositions only).
 
@@ -75,7 +76,11 @@ def lower_ir(target: Graph | GraphModule,
     counts: dict[str, int] = {}
     lowered = {*ops.IR_OPS, *REFERENCES}
     templates: dict = {}
-    found = {n for target in lowered for n in graph.find_nodes(op="call_function", target=target, sort=False)}
+    found = {
+        n
+        for target in lowered
+        for n in graph.find_nodes(op="call_function", target=target, sort=False)
+    }
     for node in sorted(found):  # in graph order, as a walk would find them
         how = _lower(graph, node, providers, templates)
         counts[how] = counts.get(how, 0) + 1
@@ -155,8 +160,9 @@ def _call_provider(graph: Graph, node: Node, impl: Any, templates: dict) -> None
         _replace(node, template.stamp(graph, node, tensors))
 
 
-def _template(fn: Callable, args: tuple, tensors: list[Node], templates: dict,
-              provider: bool) -> _Template:
+def _template(
+    fn: Callable, args: tuple, tensors: list[Node], templates: dict, provider: bool
+) -> _Template:
     """The template of `fn` on the same inputs' metadata and other arguments in `templates` (a
     dict kept for one graph), else a new trace that becomes that template."""
     key = _template_key(fn, args)
@@ -202,18 +208,28 @@ class _Template:
             val = inner.meta.get("val")
             storage = val.untyped_storage()._cdata if isinstance(val, FakeTensor) else None
             if inner.op == "call_function":
-                self.steps.append((inner, re.sub(r"_\d+$", "", inner.name),
-                                   storage is not None and storage not in storages
-                                   and val.storage_offset() == 0))
+                self.steps.append(
+                    (
+                        inner,
+                        re.sub(r"_\d+$", "", inner.name),
+                        storage is not None
+                        and storage not in storages
+                        and val.storage_offset() == 0,
+                    )
+                )
             storages.add(storage)
         # A raw SymInt argument (none that make_fx writes) is copied by node_copy, which warns.
-        self.plain = not any(has_raw_symbolic((inner.args, inner.kwargs))
-                             for inner, _, _ in self.steps)
+        self.plain = not any(
+            has_raw_symbolic((inner.args, inner.kwargs)) for inner, _, _ in self.steps
+        )
 
     def opaque_call_of(self, op: Any) -> bool:
         """Whether the trace is `op` called as it is (its items aside): nothing to splice."""
-        calls = [n for n in self.graph.nodes
-                 if n.op == "call_function" and n.target is not operator.getitem]
+        calls = [
+            n
+            for n in self.graph.nodes
+            if n.op == "call_function" and n.target is not operator.getitem
+        ]
         return len(calls) == 1 and calls[0].target is op
 
     def stamp(self, graph: Graph, node: Node, tensors: list[Node]) -> Any:
@@ -223,8 +239,14 @@ class _Template:
         with graph.inserting_before(node):
             for inner, name, owns_storage in self.steps:
                 if self.plain:
-                    stamped = create_call(graph, inner.target, map_arg(inner.args, env.__getitem__),
-                                          map_arg(inner.kwargs, env.__getitem__), name, inner.type)
+                    stamped = create_call(
+                        graph,
+                        inner.target,
+                        map_arg(inner.args, env.__getitem__),
+                        map_arg(inner.kwargs, env.__getitem__),
+                        name,
+                        inner.type,
+                    )
                     stamped.meta.update(inner.meta)  # its own fresh dict (no Node.__setattr__)
                 else:
                     stamped = graph.node_copy(inner, env.__getitem__)
@@ -235,8 +257,10 @@ class _Template:
                     stamped.meta["val"] = fresh_like(inner.meta["val"])
                 elif "val" in inner.meta:
                     stamped.meta["val"] = fake_value(stamped.target, stamped.args, stamped.kwargs)
-        return tree_map(lambda n: env[n] if isinstance(n, torch.fx.Node) else n,
-                        self.graph.output_node().args[0])
+        return tree_map(
+            lambda n: env[n] if isinstance(n, torch.fx.Node) else n,
+            self.graph.output_node().args[0],
+        )
 
 
 def _template_key(reference: Callable, args: tuple) -> tuple | None:
@@ -262,8 +286,10 @@ def _fake_inputs(nodes: list[Node]) -> list[torch.Tensor]:
         return vals
     except AssertionError:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                    for v in vals]
+            return [
+                torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                for v in vals
+            ]
 
 
 def _replace(node: Node, result: Any) -> None:

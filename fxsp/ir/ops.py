@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch.library import Library
 
-from .collectives import EAGER, Flavor, all_reduce_sum
 from ..dsl.rules import CARRIED_META
+from .collectives import EAGER, Flavor, all_reduce_sum
 
 fxsp_lib = Library("fxsp", "DEF")  # noqa: TOR901 - fxsp owns this namespace
 
@@ -74,14 +74,16 @@ def rms_norm_weight_first(x: torch.Tensor, weight: torch.Tensor | None, eps: flo
     return (normed if weight is None else normed * weight).to(_norm_dtype(x, weight))
 
 
-def fused_add_rms_norm_weight_first(x: torch.Tensor, residual: torch.Tensor,
-                                    weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm_weight_first(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     residual_out = x + residual
     return rms_norm_weight_first(residual_out, weight, eps), residual_out
 
 
-def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor,
-                                 weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     residual_out = x + residual
     return rms_norm_reference(residual_out, weight, eps), residual_out
 
@@ -91,12 +93,16 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
-def static_fp8_quant_reference(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+def static_fp8_quant_reference(
+    x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
+) -> torch.Tensor:
     bound = fp8_max(fp8_dtype)
     return (x.float() / scale.float()).clamp(-bound, bound).to(fp8_dtype)
 
 
-def static_fp8_quant_reciprocal(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+def static_fp8_quant_reciprocal(
+    x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
+) -> torch.Tensor:
     bound = fp8_max(fp8_dtype)
     return (x.float() * scale.float().reciprocal()).clamp(-bound, bound).to(fp8_dtype)
 

@@ -42,8 +42,12 @@ class Provider:
     available: Callable[[], bool] = field(default=lambda: True)
 
     def serves(self, op: Any, device_type: str, dtype: torch.dtype | None) -> bool:
-        return (op in self.impls and device_type in self.devices
-                and (self.dtypes is None or dtype in self.dtypes) and self.available())
+        return (
+            op in self.impls
+            and device_type in self.devices
+            and (self.dtypes is None or dtype in self.dtypes)
+            and self.available()
+        )
 
 
 _providers: dict[str, Provider] = {}
@@ -65,8 +69,9 @@ def providers() -> list[Provider]:
     return sorted(_providers.values(), key=lambda p: (-p.priority, p.name))
 
 
-def choose(op: Any, device_type: str, dtype: torch.dtype | None,
-           allowed: tuple[str, ...] | None = None) -> Provider | None:
+def choose(
+    op: Any, device_type: str, dtype: torch.dtype | None, allowed: tuple[str, ...] | None = None
+) -> Provider | None:
     """The provider to lower `op` with, or None for the reference decomposition.
 
     `allowed` restricts the choice to the named providers (None: any registered one).

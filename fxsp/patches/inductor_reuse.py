@@ -206,5 +206,10 @@ def _decide(box: Any, users: int) -> bool:
     total_read_bytes = sum(V.graph.get_dep_size_hint(dep) for dep in data.get_reads())
     numel = V.graph.sizevars.optimization_hint(data.get_numel(), fallback=0)
     output_bytes = int(numel) * data.get_dtype().itemsize
-    return should_realize(total_read_bytes, output_bytes, users,
-                          reads=data.num_reads(), reads_threshold=config.realize_reads_threshold)
+    return should_realize(
+        total_read_bytes,
+        output_bytes,
+        users,
+        reads=data.num_reads(),
+        reads_threshold=config.realize_reads_threshold,
+    )

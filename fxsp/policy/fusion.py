@@ -36,16 +36,21 @@ class FusionGate(NamedTuple):
     reason: str
 
 
-def allreduce_rms_fusion_gate(tp_size: int, pp_size: int, device: DeviceInfo,
-                              flashinfer: bool) -> FusionGate:
+def allreduce_rms_fusion_gate(
+    tp_size: int, pp_size: int, device: DeviceInfo, flashinfer: bool
+) -> FusionGate:
     """Whether AllReduce+RMSNorm fusion may run, from plain facts: TP and pipeline sizes, the
     device, and whether `flashinfer.comm` imports. See the module docstring for why each."""
     if tp_size <= 1:
         return FusionGate(False, f"tp_size={tp_size}: no all-reduce to fuse (needs TP > 1)")
     if pp_size != 1:
-        return FusionGate(False, (
-            f"pipeline_parallel_size={pp_size}: the fused kernel deadlocks with more than one "
-            "pipeline stage (TP groups warming up concurrently pick divergent launch configs)"))
+        return FusionGate(
+            False,
+            (
+                f"pipeline_parallel_size={pp_size}: the fused kernel deadlocks with more than one "
+                "pipeline stage (TP groups warming up concurrently pick divergent launch configs)"
+            ),
+        )
     if device.kind != "cuda" or device.capability is None:
         return FusionGate(False, f"device {device.label} is not CUDA (needs SM90 or SM100 family)")
     if not (device.capability == (9, 0) or device.capability[0] == 10):

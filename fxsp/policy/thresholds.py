@@ -115,15 +115,23 @@ def device_info(device: DeviceLike = None) -> DeviceInfo:
     return DeviceInfo(kind, capability, name)
 
 
-def sp_min_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype, device: DeviceLike = None,
-                  *, min_tokens: int | None = None) -> SPThreshold:
+def sp_min_tokens(
+    hidden_size: int,
+    tp_size: int,
+    dtype: torch.dtype,
+    device: DeviceLike = None,
+    *,
+    min_tokens: int | None = None,
+) -> SPThreshold:
     """The smallest batch (rows) for which SP is worth its reduce-scatter and all-gather.
 
     `min_tokens=` overrides everything else. Otherwise, on SM90 and the SM100 family:
     `per_gpu_MiB * MiB * tp_size // (hidden_size * dtype bytes)` with 8 MiB on SM90 and 32 MiB on
     SM100, for hidden sizes of at least 8192. CPU gives 0. Everything else is off with a reason.
     """
-    preset = _preset(SPThreshold, hidden_size, tp_size, "min_tokens", min_tokens, "SP has nothing to shard")
+    preset = _preset(
+        SPThreshold, hidden_size, tp_size, "min_tokens", min_tokens, "SP has nothing to shard"
+    )
     if preset is not None:
         return preset
     info = device_info(device)
@@ -134,18 +142,30 @@ def sp_min_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype, device: De
         return SPThreshold(None, f"no SP threshold for {info.label}; pass min_tokens= to enable SP")
 
     formula_tokens = _rows(SP_MIN_PER_GPU_MIB[family] * tp_size, hidden_size, dtype)
-    formula = (f"{SP_MIN_PER_GPU_MIB[family]:g} MiB per GPU x tp {tp_size} "
-               f"/ (hidden {hidden_size} x {dtype.itemsize} bytes)")
+    formula = (
+        f"{SP_MIN_PER_GPU_MIB[family]:g} MiB per GPU x tp {tp_size} "
+        f"/ (hidden {hidden_size} x {dtype.itemsize} bytes)"
+    )
     if hidden_size < SP_MIN_HIDDEN_SIZE:
-        return SPThreshold(None, (
-            f"hidden size {hidden_size} < {SP_MIN_HIDDEN_SIZE} on {info.label}: SP was measured "
-            f"not to pay below that; pass min_tokens= to enable SP (the {_FAMILY_NAMES[family]} "
-            f"formula would give {formula_tokens})"))
+        return SPThreshold(
+            None,
+            (
+                f"hidden size {hidden_size} < {SP_MIN_HIDDEN_SIZE} on {info.label}: SP was measured "
+                f"not to pay below that; pass min_tokens= to enable SP (the {_FAMILY_NAMES[family]} "
+                f"formula would give {formula_tokens})"
+            ),
+        )
     return SPThreshold(formula_tokens, f"{info.label}, {_FAMILY_NAMES[family]}: {formula}")
 
 
-def allreduce_rms_max_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype,
-                             device: DeviceLike = None, *, max_tokens: int | None = None) -> FusionLimit:
+def allreduce_rms_max_tokens(
+    hidden_size: int,
+    tp_size: int,
+    dtype: torch.dtype,
+    device: DeviceLike = None,
+    *,
+    max_tokens: int | None = None,
+) -> FusionLimit:
     """The largest batch (rows) the fused AllReduce+RMSNorm kernel should serve.
 
     `max_tokens=` overrides everything else (on CPU that is how the reference provider is used).
@@ -154,37 +174,59 @@ def allreduce_rms_max_tokens(hidden_size: int, tp_size: int, dtype: torch.dtype,
     This is only the size limit; whether fusion may run at all (pipeline size, FlashInfer
     installed) is decided by the caller.
     """
-    preset = _preset(FusionLimit, hidden_size, tp_size, "max_tokens", max_tokens,
-                     "there is no all-reduce to fuse")
+    preset = _preset(
+        FusionLimit,
+        hidden_size,
+        tp_size,
+        "max_tokens",
+        max_tokens,
+        "there is no all-reduce to fuse",
+    )
     if preset is not None:
         return preset
     info = device_info(device)
     family = _family(info)
     if family is None:
-        return FusionLimit(None, (
-            f"no AllReduce+RMSNorm fusion size for {info.label} (the fused kernel is measured on "
-            f"SM90 and SM100 only); pass max_tokens= to enable it"))
+        return FusionLimit(
+            None,
+            (
+                f"no AllReduce+RMSNorm fusion size for {info.label} (the fused kernel is measured on "
+                f"SM90 and SM100 only); pass max_tokens= to enable it"
+            ),
+        )
     max_mib = ALLREDUCE_RMS_MAX_MIB[family].get(tp_size)
     if max_mib is None:
-        return FusionLimit(None, (
-            f"no AllReduce+RMSNorm fusion size for tp_size={tp_size} on {info.label} "
-            f"(measured for tp {sorted(ALLREDUCE_RMS_MAX_MIB[family])}); "
-            "pass max_tokens= to enable it"))
-    return FusionLimit(_rows(max_mib, hidden_size, dtype), (
-        f"{info.label}, {_FAMILY_NAMES[family]}: {max_mib:g} MiB at tp {tp_size} "
-        f"/ (hidden {hidden_size} x {dtype.itemsize} bytes)"))
+        return FusionLimit(
+            None,
+            (
+                f"no AllReduce+RMSNorm fusion size for tp_size={tp_size} on {info.label} "
+                f"(measured for tp {sorted(ALLREDUCE_RMS_MAX_MIB[family])}); "
+                "pass max_tokens= to enable it"
+            ),
+        )
+    return FusionLimit(
+        _rows(max_mib, hidden_size, dtype),
+        (
+            f"{info.label}, {_FAMILY_NAMES[family]}: {max_mib:g} MiB at tp {tp_size} "
+            f"/ (hidden {hidden_size} x {dtype.itemsize} bytes)"
+        ),
+    )
 
 
 def thresholds_markdown() -> str:
     """The README fragment docs/thresholds.md, computed from the functions above."""
-    devices = [("SM90 (H100)", DeviceInfo("cuda", (9, 0), "H100")),
-               ("SM100 (B200)", DeviceInfo("cuda", (10, 0), "B200"))]
+    devices = [
+        ("SM90 (H100)", DeviceInfo("cuda", (9, 0), "H100")),
+        ("SM100 (B200)", DeviceInfo("cuda", (10, 0), "B200")),
+    ]
     hidden_sizes, tp_sizes = (4096, 8192, 16384), (2, 4, 8)
 
     def table(answer) -> list[str]:
         """Rows for bf16 by device and hidden size, a column per TP size; "off" where none."""
-        lines = ["| device | hidden | " + " | ".join(f"TP {tp}" for tp in tp_sizes) + " |",
-                 "|---|---:|" + "---:|" * len(tp_sizes)]
+        lines = [
+            "| device | hidden | " + " | ".join(f"TP {tp}" for tp in tp_sizes) + " |",
+            "|---|---:|" + "---:|" * len(tp_sizes),
+        ]
         for device_name, info in devices:
             for hidden in hidden_sizes:
                 tokens = [astuple(answer(hidden, tp, torch.bfloat16, info))[0] for tp in tp_sizes]
@@ -205,7 +247,7 @@ def thresholds_markdown() -> str:
         "",
         *table(sp_min_tokens),
         "",
-        "\"off\": SP is off by default (hidden size below 8192). Devices missing from the table",
+        '"off": SP is off by default (hidden size below 8192). Devices missing from the table',
         "(sm_80, sm_120, ROCm, ...) are off too, and the reason names the device. On CPU the",
         "threshold is 0 (SP at every size). An explicit `min_tokens=` always wins.",
         "",
@@ -218,8 +260,10 @@ def thresholds_markdown() -> str:
         *table(allreduce_rms_max_tokens),
         "",
         "Regenerate this fragment with",
-        ("`.venv/bin/python -c \"from fxsp.policy.thresholds import thresholds_markdown as t; "
-         "print(t(), end='')\" > docs/thresholds.md`."),
+        (
+            '`.venv/bin/python -c "from fxsp.policy.thresholds import thresholds_markdown as t; '
+            "print(t(), end='')\" > docs/thresholds.md`."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -242,8 +286,9 @@ def _rows(mib: float, hidden_size: int, dtype: torch.dtype) -> int:
     return int(mib * MiB) // (hidden_size * dtype.itemsize)
 
 
-def _preset(answer: type, hidden_size: int, tp_size: int, option: str, value: int | None,
-            single_rank: str):
+def _preset(
+    answer: type, hidden_size: int, tp_size: int, option: str, value: int | None, single_rank: str
+):
     """The answer before the device is asked: the caller's `option=value`, or none at TP 1.
     None when the device decides."""
     if hidden_size <= 0:

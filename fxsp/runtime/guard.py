@@ -50,16 +50,29 @@ def graph_structure(gm: torch.fx.GraphModule) -> list:
     from ..dsl.pattern import target_name
 
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return [(n.op, target_name(n.target) if n.op == "call_function" else str(n.target),
-             tuple(index[a] if isinstance(a, torch.fx.Node) else type(a).__name__ for a in n.args))
-            for n in gm.graph.nodes]
+    return [
+        (
+            n.op,
+            target_name(n.target) if n.op == "call_function" else str(n.target),
+            tuple(index[a] if isinstance(a, torch.fx.Node) else type(a).__name__ for a in n.args),
+        )
+        for n in gm.graph.nodes
+    ]
 
 
 class RankGuard:
     """Wraps a compiled callable; the first call checks all ranks agree, then steps aside."""
 
-    def __init__(self, fn: Callable, group: dist.ProcessGroup, facts: int, decisions: int, what: str) -> None:
-        self.fn, self.group, self.facts, self.decisions, self.what = fn, group, facts, decisions, what
+    def __init__(
+        self, fn: Callable, group: dist.ProcessGroup, facts: int, decisions: int, what: str
+    ) -> None:
+        self.fn, self.group, self.facts, self.decisions, self.what = (
+            fn,
+            group,
+            facts,
+            decisions,
+            what,
+        )
         self.checked = False
 
     def __call__(self, *args: Any) -> Any:
@@ -69,9 +82,15 @@ class RankGuard:
         return self.fn(*args)
 
 
-def check_ranks_agree(group: dist.ProcessGroup, facts: int, decisions: int, what: str = "a graph") -> None:
+def check_ranks_agree(
+    group: dist.ProcessGroup, facts: int, decisions: int, what: str = "a graph"
+) -> None:
     """Raise RankMismatchError on every rank unless all ranks of `group` took the same decisions."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend(group) == "nccl"
+        else torch.device("cpu")
+    )
     mine = torch.tensor([facts, decisions], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
@@ -80,13 +99,22 @@ def check_ranks_agree(group: dist.ProcessGroup, facts: int, decisions: int, what
     other_facts = [r for r, (f, _) in enumerate(table) if f != base_facts]
     differ = [r for r, (_, d) in enumerate(table) if d != base_decisions]
     if differ:
-        also = (" (their inputs/options differ too: another shape, option or graph)" if set(differ) & set(other_facts)
-                else " from the same inputs/options")
+        also = (
+            " (their inputs/options differ too: another shape, option or graph)"
+            if set(differ) & set(other_facts)
+            else " from the same inputs/options"
+        )
         raise RankMismatchError(
             f"fxsp: ranks {differ} of the TP group compiled {what} with different rewrite decisions "
             f"than rank 0{also}; running it would deadlock at its first collective. Check that every "
             f"rank passes the same options and traces the same graph (rank-dependent Python control "
-            f"flow?). Fingerprints (facts, decisions) by rank: {table}")
+            f"flow?). Fingerprints (facts, decisions) by rank: {table}"
+        )
     if other_facts:
-        log.debug("fxsp: ranks %s compiled %s from other inputs than rank 0 (uneven shards?) and took the "
-                  "same rewrite decisions. Fingerprints (facts, decisions) by rank: %s", other_facts, what, table)
+        log.debug(
+            "fxsp: ranks %s compiled %s from other inputs than rank 0 (uneven shards?) and took the "
+            "same rewrite decisions. Fingerprints (facts, decisions) by rank: %s",
+            other_facts,
+            what,
+            table,
+        )

@@ -14,13 +14,17 @@ import torch.distributed as dist
 from ..sp.layout import padded_block_rows
 
 
-def gather_rows(shard: torch.Tensor, shape: tuple | torch.Size, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def gather_rows(
+    shard: torch.Tensor, shape: tuple | torch.Size, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """The full value of `shape` ([*, H]) from every TP rank's block of rows."""
     tp = dist.get_world_size(group)
     rows = torch.Size(shape[:-1]).numel()
     expected = (padded_block_rows(rows, tp), shape[-1])
     if tuple(shard.shape) != expected:
-        raise ValueError(f"a shard of {tuple(shape)} over {tp} ranks has shape {expected}, got {tuple(shard.shape)}")
+        raise ValueError(
+            f"a shard of {tuple(shape)} over {tp} ranks has shape {expected}, got {tuple(shard.shape)}"
+        )
     blocks = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(blocks, shard.contiguous(), group=group)
     return torch.cat(blocks)[:rows].reshape(shape)

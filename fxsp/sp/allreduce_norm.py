@@ -32,14 +32,14 @@ from torch.fx import Node
 
 from ..dsl.builder import Builder
 from ..dsl.fake import known_true
+from ..dsl.pattern import getitem
+from ..dsl.rules import Match, Rule, RuleSet
 from ..ir.fused_ops import (
     ALLREDUCE_FUSED_ADD_RMS_NORM,
     ALLREDUCE_FUSED_ADD_RMS_NORM_STATIC_FP8_QUANT,
     ALLREDUCE_RMS_NORM,
     ALLREDUCE_RMS_NORM_STATIC_FP8_QUANT,
 )
-from ..dsl.pattern import getitem
-from ..dsl.rules import Match, Rule, RuleSet
 from ..policy.thresholds import allreduce_rms_max_tokens
 from . import site
 from .rows import row_count
@@ -107,10 +107,16 @@ def allreduce_norm_rules(cfg: AllReduceNormConfig) -> RuleSet:
         return b.call(operator.getitem, fused, 0)
 
     rules = [
-        Rule("allreduce_norm.rms_norm_fp8", norm_fp8, fuse_norm, outputs=("reduced",),
-             where=applies),
-        Rule("allreduce_norm.fused_add_rms_norm_fp8", add_norm_fp8, fuse_add_norm,
-             outputs=("norm",), where=applies),
+        Rule(
+            "allreduce_norm.rms_norm_fp8", norm_fp8, fuse_norm, outputs=("reduced",), where=applies
+        ),
+        Rule(
+            "allreduce_norm.fused_add_rms_norm_fp8",
+            add_norm_fp8,
+            fuse_add_norm,
+            outputs=("norm",),
+            where=applies,
+        ),
         Rule("allreduce_norm.rms_norm", norm, fuse_norm, outputs=("reduced",), where=applies),
         Rule("allreduce_norm.fused_add_rms_norm", add_norm, fuse_add_norm, where=applies),
     ]

@@ -47,8 +47,10 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
             return "the chunk pads dim 0 of a value with more token dims; SP shards flattened rows"
         rows, per_rank = value.shape[0], sharded.shape[0]
         # The chunk's layout, ceil(rows / tp) rows per rank, must be the twin's.
-        if not (known_true(per_rank == padded_block_rows(rows, world))
-                and same_shape(sharded[0], value[0])):
+        if not (
+            known_true(per_rank == padded_block_rows(rows, world))
+            and same_shape(sharded[0], value[0])
+        ):
             return f"the twin's {per_rank} rows per rank are not ceil({rows} / {world})"
         return shard
 
@@ -79,8 +81,14 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
 
     full = tensor("full")
     padded = alt(op(aten.constant_pad_nd.default, full, anything("pad")), full)
-    rules = [Rule("chunk.slice", op(aten.slice.Tensor, padded, 0, anything("start"), anything("end")),
-                  fold, where=is_this_ranks_block)]
+    rules = [
+        Rule(
+            "chunk.slice",
+            op(aten.slice.Tensor, padded, 0, anything("start"), anything("end")),
+            fold,
+            where=is_this_ranks_block,
+        )
+    ]
     vllm_chunk = _vllm_chunk_op()
     if vllm_chunk is not None:
         rules.append(Rule("chunk.vllm", op(vllm_chunk, full), fold, where=is_vllm_chunk))

@@ -27,8 +27,8 @@ from torch.fx import Node
 
 from ..dsl.builder import Builder, erase_unused
 from ..dsl.fake import known_true, tensor_of
-from ..ir.ops import FP8_DTYPES
 from ..dsl.pattern import VIEW
+from ..ir.ops import FP8_DTYPES
 from .layout import block_bounds, padded_block_rows
 
 aten = torch.ops.aten
@@ -57,7 +57,12 @@ def _size(b: Builder, x: Node, dim: int) -> Size:
         return d
     if x.target in VIEW | {aten.as_strided.default} and isinstance(x.args[1][dim], Node):
         return x.args[1][dim]
-    if x.target is aten.slice.Tensor and x.args[1:3] == (0, 0) and dim == 0 and isinstance(x.args[3], Node):
+    if (
+        x.target is aten.slice.Tensor
+        and x.args[1:3] == (0, 0)
+        and dim == 0
+        and isinstance(x.args[3], Node)
+    ):
         return x.args[3]
     if x.target in _MATMULS and tensor_of(x).dim() == 2:
         return _size(b, x.args[0], 0) if dim == 0 else _size(b, x.args[1], 1)
@@ -100,8 +105,9 @@ def row_blocks(b: Builder, x: Node, tp: int) -> RowBlocks:
 def shaped_like(b: Builder, blocks: RowBlocks, x: Node) -> RowBlocks:
     """`blocks` for `x`, which holds the same rows in a shape of its own ([T, H] <-> [1, T, H])."""
     t = tensor_of(x)
-    if len(blocks.shape) == t.dim() and all(isinstance(s, int) and known_true(s == d)
-                                            for s, d in zip(blocks.shape, t.shape)):
+    if len(blocks.shape) == t.dim() and all(
+        isinstance(s, int) and known_true(s == d) for s, d in zip(blocks.shape, t.shape)
+    ):
         return blocks
     return replace(blocks, shape=[_size(b, x, d) for d in range(t.dim())])
 
@@ -117,7 +123,11 @@ def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks, through_matmul: bool 
         mm = _matmul_behind(x)
         if mm is not None:
             return _on_padded_rows(b, mm, blocks)
-    flat = x if tensor_of(x).dim() == 2 else b.call(aten.view.default, x, [blocks.rows, blocks.shape[-1]])
+    flat = (
+        x
+        if tensor_of(x).dim() == 2
+        else b.call(aten.view.default, x, [blocks.rows, blocks.shape[-1]])
+    )
     pad = _arith(b, operator.sub, blocks.padded, blocks.rows)
     if isinstance(pad, int) and pad == 0:
         return flat
@@ -155,8 +165,9 @@ def _first_rows(b: Builder, full: Node, rows: Size) -> Node:
     t = tensor_of(full)
     if not t.is_contiguous():  # the all-gather's fresh buffer always is
         return b.call(aten.slice.Tensor, full, 0, 0, rows)
-    return b.call(aten.as_strided.default, full, [rows, *t.shape[1:]], list(t.stride()),
-                  t.storage_offset())
+    return b.call(
+        aten.as_strided.default, full, [rows, *t.shape[1:]], list(t.stride()), t.storage_offset()
+    )
 
 
 def this_rank_rows(b: Builder, padded: Node, blocks: RowBlocks, rank: int) -> Node:
@@ -248,5 +259,4 @@ def _is_rows_of(view: Node, source: Any) -> bool:
     a, b = tensor_of(view), tensor_of(source)
     if a is None or b is None or a.dim() == 0 or b.dim() == 0:
         return False
-    return (known_true(a.shape[-1] == b.shape[-1])
-            and known_true(row_count(a) == row_count(b)))
+    return known_true(a.shape[-1] == b.shape[-1]) and known_true(row_count(a) == row_count(b))

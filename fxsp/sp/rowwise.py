@@ -19,14 +19,32 @@ from ..dsl.pattern import CAST, VIEW, target_name
 aten = torch.ops.aten
 
 # Views that keep the elements in row-major order: only the grouping of the leading dims changes.
-ORDER_KEEPING_VIEWS = VIEW | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-                              aten.squeeze.default}
+ORDER_KEEPING_VIEWS = VIEW | {
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+}
 # Ops working along the dims given as their argument 1 (an int or a list of ints).
-ALONG_DIMS = frozenset({aten.sum.default, aten.mean.default, aten.sum.dim_IntList, aten.mean.dim,
-                        aten.amax.default, aten.amin.default, aten.prod.dim_int,
-                        aten.var.correction, aten.var_mean.correction,
-                        aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
-                        aten.cumprod.default, aten.argmax.default, aten.argmin.default})
+ALONG_DIMS = frozenset(
+    {
+        aten.sum.default,
+        aten.mean.default,
+        aten.sum.dim_IntList,
+        aten.mean.dim,
+        aten.amax.default,
+        aten.amin.default,
+        aten.prod.dim_int,
+        aten.var.correction,
+        aten.var_mean.correction,
+        aten._softmax.default,
+        aten._log_softmax.default,
+        aten.cumsum.default,
+        aten.cumprod.default,
+        aten.argmax.default,
+        aten.argmin.default,
+    }
+)
 MATMULS = frozenset({aten.mm.default, aten.bmm.default, aten.addmm.default, aten.matmul.default})
 
 
@@ -75,8 +93,10 @@ def row_input(node: Node) -> Node | str:
     for i, arg in enumerate(node.args):
         source = _computed_from(arg, rows) if isinstance(arg, Node) and arg is not rows else None
         if source is not None:
-            return (f"{target_name(node.target)}: operand {i} comes from its rows input through "
-                    f"{target_name(source.target)} {source.name}: all rows into one")
+            return (
+                f"{target_name(node.target)}: operand {i} comes from its rows input through "
+                f"{target_name(source.target)} {source.name}: all rows into one"
+            )
     return rows
 
 
@@ -88,7 +108,9 @@ def _computed_from(value: Node, rows: Node, hops: int = 6) -> Node | None:
         for node in frontier:
             if rows in node.all_input_nodes:
                 return node
-        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+        frontier = [
+            a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)
+        ]
     return None
 
 
@@ -115,7 +137,9 @@ def _verdict(node: Node, name: str, rows: Node, x: torch.Tensor, out: torch.Tens
     if node.target in MATMULS:
         left = node.args[1] if node.target is aten.addmm.default else node.args[0]
         if rows is left:
-            return f"{name} contracts over the hidden dim: it changes the hidden dim, not only per row"
+            return (
+                f"{name} contracts over the hidden dim: it changes the hidden dim, not only per row"
+            )
         return f"{name} contracts over the token dim: it mixes rows"
     return f"{name} is not pointwise, a cast, a clone or a row-keeping view: it may mix rows"
 
@@ -156,7 +180,9 @@ def _along_last_dim(node: Node, name: str, x: torch.Tensor, out: torch.Tensor) -
     wanted = [dims] if isinstance(dims, int) else list(dims)
     if any(d % x.dim() != x.dim() - 1 for d in wanted):
         return f"{name} works along dims {wanted} of {list(x.shape)}: across the token dims, mixing rows"
-    if out.dim() < x.dim() - 1 or not all(known_true(a == b) for a, b in zip(x.shape[:-1], out.shape)):
+    if out.dim() < x.dim() - 1 or not all(
+        known_true(a == b) for a, b in zip(x.shape[:-1], out.shape)
+    ):
         return f"{name} does not keep the token dims {list(x.shape[:-1])}"
     return True
 

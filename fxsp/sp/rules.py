@@ -38,11 +38,11 @@ import torch
 from torch.fx import Node
 
 from ..dsl.builder import Builder, erase_unused
-from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..dsl.fake import known_true, tensor_of
-from ..ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..dsl.pattern import behind, getitem, such_that
 from ..dsl.rules import Match, Rule, RuleSet
+from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
+from ..ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..policy.thresholds import sp_min_tokens
 from . import site
 from .rows import (
@@ -100,9 +100,14 @@ def residual_used(norm: Node) -> bool:
 
 first_norm = site.rms_norm(reduced_rows)
 # A middle norm passes its residual on; the last one's is dead.
-middle_norm = such_that(site.fused_add_rms_norm(reduced_rows), residual_used, "(residual output used)")
-last_norm = such_that(site.fused_add_rms_norm(reduced_rows), lambda n: not residual_used(n),
-                      "(residual output unused)")
+middle_norm = such_that(
+    site.fused_add_rms_norm(reduced_rows), residual_used, "(residual output used)"
+)
+last_norm = such_that(
+    site.fused_add_rms_norm(reduced_rows),
+    lambda n: not residual_used(n),
+    "(residual output unused)",
+)
 first_fp8 = site.static_fp8_quant(first_norm)
 middle_fp8 = site.static_fp8_quant(getitem(middle_norm, 0))
 last_fp8 = site.static_fp8_quant(getitem(last_norm, 0))
@@ -162,7 +167,9 @@ class SequenceParallel:
             Rule("sp.last", last_norm, middle, outputs=("reduced",), where=applies),
         ]
         fp8 = self.cfg.fp8
-        return RuleSet("sp", [r for r in rules if fp8 or not r.name.endswith("_fp8")], self.gather_residuals)
+        return RuleSet(
+            "sp", [r for r in rules if fp8 or not r.name.endswith("_fp8")], self.gather_residuals
+        )
 
     # --- checks ---------------------------------------------------------------------------------
 
@@ -209,7 +216,10 @@ class SequenceParallel:
         blocks, scattered, chain = self.scatter(b, m)
         rows = self.rows_of(b, m["residual"], blocks, m["group"])
         fused = b.call(FUSED_ADD_RMS_NORM, scattered, rows, m["weight"], m["eps"])
-        normed, residual_out = b.call(operator.getitem, fused, 0), b.call(operator.getitem, fused, 1)
+        normed, residual_out = (
+            b.call(operator.getitem, fused, 0),
+            b.call(operator.getitem, fused, 1),
+        )
         out = self.gather(b, _quantised(b, m, normed), blocks, self.collectives(m))
         if "fp8_dtype" in m.bindings:
             b.replace(m.root, out)
@@ -256,7 +266,9 @@ class SequenceParallel:
         collectives = self.collectives(m)
         blocks = row_blocks(b, m["x"], self.cfg.world)
         padded = to_padded_rows(b, m["x"], blocks, through_matmul=True)
-        shard = reduce_scatter_rows(b, padded, self.cfg.world, collectives.group, collectives.flavor)
+        shard = reduce_scatter_rows(
+            b, padded, self.cfg.world, collectives.group, collectives.flavor
+        )
         chain = [m["h"]]
         while chain[-1] is not m["reduced"]:
             chain.append(row_input(chain[-1]))
@@ -265,7 +277,11 @@ class SequenceParallel:
         for node in chain[1:]:
             rows = row_input(node)
             shards[node] = _on_shard(b, node, rows, shards[rows])
-            shapes[node] = shapes[rows] if node.target not in ORDER_KEEPING_VIEWS else shaped_like(b, blocks, node)
+            shapes[node] = (
+                shapes[rows]
+                if node.target not in ORDER_KEEPING_VIEWS
+                else shaped_like(b, blocks, node)
+            )
         consumers = {*chain, m["norm"]}
         for node in chain:
             others = [u for u in node.users if u not in consumers]
@@ -344,7 +360,9 @@ def _on_shard(b: Builder, node: Node, rows: Node, shard: Node) -> Node:
             return b.call(aten.squeeze.dims, a, list(range(t.dim() - 1)))
         return a
 
-    return b.call(node.target, *map(on_shard, node.args), **{k: on_shard(v) for k, v in node.kwargs.items()})
+    return b.call(
+        node.target, *map(on_shard, node.args), **{k: on_shard(v) for k, v in node.kwargs.items()}
+    )
 
 
 def _erase_site(m: Match, chain: list[Node]) -> None:

@@ -18,9 +18,9 @@ from dataclasses import astuple
 import torch
 
 from ..dsl.fake import same_shape, tensor_of
-from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..dsl.pattern import Pattern, alt, anything, dtype, op, scalar, string, tensor
 from ..dsl.rules import Match
+from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 
 x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
 reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
@@ -32,8 +32,11 @@ def rms_norm(h: Pattern) -> Pattern:
 
 def fused_add_rms_norm(h: Pattern) -> Pattern:
     # residual_out = h + residual commutes: `h` may be either operand.
-    return alt(op(FUSED_ADD_RMS_NORM, h, residual, weight, eps),
-               op(FUSED_ADD_RMS_NORM, residual, h, weight, eps), name="norm")
+    return alt(
+        op(FUSED_ADD_RMS_NORM, h, residual, weight, eps),
+        op(FUSED_ADD_RMS_NORM, residual, h, weight, eps),
+        name="norm",
+    )
 
 
 def static_fp8_quant(normed: Pattern) -> Pattern:
@@ -45,7 +48,9 @@ def quant_args(m: Match) -> tuple:
     return (m["scale"], m["fp8_dtype"]) if "fp8_dtype" in m.bindings else ()
 
 
-def applicable(m: Match, group: str, fits: Callable[[Match, torch.Tensor], bool | str]) -> bool | str:
+def applicable(
+    m: Match, group: str, fits: Callable[[Match, torch.Tensor], bool | str]
+) -> bool | str:
     """Whether a rule set may rewrite site `m`: its all-reduce is over the TP `group`, the rule
     set's own `fits(m, all-reduce input)` passes (rows against its threshold), and a residual has
     the norm input's shape. Rank-independent facts only: every rank must decide the same."""

@@ -17,8 +17,12 @@ import torch.distributed as dist
 
 import fxsp
 
-_FUSED_OPS = ("fused_all_gather_matmul", "fused_all_gather_scaled_matmul", "fused_matmul_reduce_scatter",
-              "fused_scaled_matmul_reduce_scatter")
+_FUSED_OPS = (
+    "fused_all_gather_matmul",
+    "fused_all_gather_scaled_matmul",
+    "fused_matmul_reduce_scatter",
+    "fused_scaled_matmul_reduce_scatter",
+)
 
 
 @contextlib.contextmanager
@@ -37,8 +41,9 @@ def mocked_symmetric_memory() -> Iterator[None]:
         lib._destroy()
 
 
-def compile_for_coverage(model: torch.nn.Module, inputs: torch.Tensor, dynamic: bool = False,
-                         tp_group=None, **options) -> list:
+def compile_for_coverage(
+    model: torch.nn.Module, inputs: torch.Tensor, dynamic: bool = False, tp_group=None, **options
+) -> list:
     """Compile `model` with `fxsp.backend(async_tp=True)` and return one report per graph,
     `report.async_tp` holding its fusable and fused sites."""
     backend = fxsp.backend(tp_group, async_tp=True, **{"min_tokens": 0, **options})

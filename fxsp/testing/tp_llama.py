@@ -81,7 +81,7 @@ class TPModel(nn.Module):
         # Uneven vocab shards where TP does not divide the vocab (128 at TP 3: 43, 43, 42 rows),
         # as HF and DTensor shard it.
         vocab_shards = torch.randn(spec.vocab, spec.hidden).tensor_split(self.tp, 0)
-        self.vocab_start = sum(len(shard) for shard in vocab_shards[:self.rank])
+        self.vocab_start = sum(len(shard) for shard in vocab_shards[: self.rank])
         self.embed = nn.Parameter(vocab_shards[self.rank].clone())
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,9 @@ class TPModel(nn.Module):
         rows = self.embed.shape[0]
         local = inputs - self.vocab_start
         mine = (local >= 0) & (local < rows)
-        out = F.embedding(local.clamp(0, rows - 1), self.embed) * mine.unsqueeze(-1).to(self.embed.dtype)
+        out = F.embedding(local.clamp(0, rows - 1), self.embed) * mine.unsqueeze(-1).to(
+            self.embed.dtype
+        )
         return self.all_reduce(out)
 
     def example_input(self, rows: int, seed: int = 1) -> torch.Tensor:
@@ -132,7 +134,11 @@ class TPLlama(TPModel):
             # q, k, v rows are grouped per head so a chunk holds whole heads
             layer.qkv = nn.ParameterList([cols(h, h) for _ in range(3)])
             layer.o = rows(h, h)
-            layer.gate, layer.up, layer.down = cols(spec.inter, h), cols(spec.inter, h), rows(h, spec.inter)
+            layer.gate, layer.up, layer.down = (
+                cols(spec.inter, h),
+                cols(spec.inter, h),
+                rows(h, spec.inter),
+            )
             self.layers.append(layer)
         self.final_norm = RMSNorm(spec)
         self.scale = torch.tensor(0.05)
@@ -148,7 +154,9 @@ class TPLlama(TPModel):
             return F.linear(x, w)
         w_scale = w.abs().max().float() / 448.0
         w8 = (w.float() / w_scale).to(FP8)
-        out = torch._scaled_mm(x.reshape(-1, x.shape[-1]), w8.t(), self.scale, w_scale, out_dtype=self.spec.dtype)
+        out = torch._scaled_mm(
+            x.reshape(-1, x.shape[-1]), w8.t(), self.scale, w_scale, out_dtype=self.spec.dtype
+        )
         return out.reshape(*x.shape[:-1], -1)
 
     def attention(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -158,14 +166,18 @@ class TPLlama(TPModel):
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             t = t if t.dim() == 3 else t.unsqueeze(0)
-            return t.reshape(t.shape[0], t.shape[1], self.local_heads, self.head_dim).transpose(1, 2)
+            return t.reshape(t.shape[0], t.shape[1], self.local_heads, self.head_dim).transpose(
+                1, 2
+            )
 
         att = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
         att = att.transpose(1, 2).reshape(seq.shape[0], seq.shape[1], -1).reshape(*lead, -1)
         return self.all_reduce(F.linear(att, layer.o))
 
     def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce(F.linear(F.silu(self.linear(x, layer.gate)) * self.linear(x, layer.up), layer.down))
+        return self.all_reduce(
+            F.linear(F.silu(self.linear(x, layer.gate)) * self.linear(x, layer.up), layer.down)
+        )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(inputs)
@@ -177,7 +189,9 @@ class TPLlama(TPModel):
         hidden = hidden + residual
         return self.final_norm(hidden) if self.spec.final_norm else hidden
 
-    def run_layers(self, start: int, stop: int, hidden: torch.Tensor, residual: torch.Tensor) -> tuple:
+    def run_layers(
+        self, start: int, stop: int, hidden: torch.Tensor, residual: torch.Tensor
+    ) -> tuple:
         """HF decoder layers: the layer's input is the previous MLP output plus the residual."""
         for i in range(start, stop):
             layer = self.layers[i]

@@ -89,7 +89,9 @@ class TPMoE(TPModel):
 
         def heads(w: torch.Tensor) -> torch.Tensor:
             t = F.linear(seq, w)
-            return t.reshape(t.shape[0], t.shape[1], self.local_heads, self.head_dim).transpose(1, 2)
+            return t.reshape(t.shape[0], t.shape[1], self.local_heads, self.head_dim).transpose(
+                1, 2
+            )
 
         att = F.scaled_dot_product_attention(*(heads(w) for w in layer.qkv), is_causal=True)
         att = att.transpose(1, 2).reshape(*x.shape[:-1], -1)
@@ -107,21 +109,25 @@ class TPMoE(TPModel):
         rows = x.reshape(-1, x.shape[-1])
         weights, chosen = self.route(layer, rows)
         # This rank's part of every expert's output for every token: [E, T, H].
-        inner = (F.silu(torch.einsum("th,eih->eti", rows, layer.gate))
-                 * torch.einsum("th,eih->eti", rows, layer.up))
+        inner = F.silu(torch.einsum("th,eih->eti", rows, layer.gate)) * torch.einsum(
+            "th,eih->eti", rows, layer.up
+        )
         experts = torch.einsum("eti,ehi->eth", inner, layer.down)
         if self.spec.dispatch == "gather":
             tokens = torch.arange(rows.shape[0], device=rows.device).unsqueeze(-1)
             picked = experts[chosen, tokens]  # [T, k, H]
             out = (weights.unsqueeze(-1) * picked).sum(dim=1)
         else:
-            routing = torch.zeros(rows.shape[0], self.spec.experts, dtype=rows.dtype,
-                                  device=rows.device).scatter(1, chosen, weights)
+            routing = torch.zeros(
+                rows.shape[0], self.spec.experts, dtype=rows.dtype, device=rows.device
+            ).scatter(1, chosen, weights)
             out = torch.einsum("te,eth->th", routing, experts)
         shared = None
         if self.spec.shared_expert:
-            shared = F.linear(F.silu(F.linear(rows, layer.shared_gate))
-                              * F.linear(rows, layer.shared_up), layer.shared_down)
+            shared = F.linear(
+                F.silu(F.linear(rows, layer.shared_gate)) * F.linear(rows, layer.shared_up),
+                layer.shared_down,
+            )
             shared = torch.sigmoid(F.linear(rows, layer.shared_expert_gate)) * shared
             if not self.spec.shared_all_reduce:
                 out, shared = out + shared, None

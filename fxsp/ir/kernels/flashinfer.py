@@ -68,10 +68,16 @@ def flashinfer_available(part: str = "norm") -> bool:
 # RMSNorm: the "flashinfer" provider
 # ---------------------------------------------------------------------------------------------
 
+
 def _takes(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether FlashInfer's kernels can compute this call."""
-    return (x.is_cuda and x.dtype in _DTYPES and x.numel() > 0
-            and (weight is None or weight.dtype == x.dtype) and _flashinfer("norm") is not None)
+    return (
+        x.is_cuda
+        and x.dtype in _DTYPES
+        and x.numel() > 0
+        and (weight is None or weight.dtype == x.dtype)
+        and _flashinfer("norm") is not None
+    )
 
 
 def _weight_or_ones(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -89,15 +95,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 @torch.library.custom_op("fxsp_flashinfer::fused_add_rms_norm", mutates_args=())
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not _takes(x, weight) or residual.dtype != x.dtype or residual.shape != x.shape:
         return fused_add_rms_norm_reference(x, residual, weight, eps)
     # FlashInfer writes the norm into its input and the sum into its residual: give it copies.
     out = x.reshape(-1, x.shape[-1]).clone()
     residual_out = residual.reshape(-1, x.shape[-1]).clone()
-    _flashinfer("norm").fused_add_rmsnorm(out, residual_out,
-                                          _weight_or_ones(x, weight).contiguous(), eps)
+    _flashinfer("norm").fused_add_rmsnorm(
+        out, residual_out, _weight_or_ones(x, weight).contiguous(), eps
+    )
     return out.reshape(x.shape), residual_out.reshape(x.shape)
 
 
@@ -139,8 +147,9 @@ DEFAULT_WORKSPACE_TOKENS = 2048
 _workspaces: dict[tuple, tuple[int, torch.Tensor, object]] = {}
 
 
-def flashinfer_workspace(group_name: str, hidden: int, dtype: torch.dtype,
-                         device: torch.device) -> tuple[int, torch.Tensor]:
+def flashinfer_workspace(
+    group_name: str, hidden: int, dtype: torch.dtype, device: torch.device
+) -> tuple[int, torch.Tensor]:
     """(max rows, workspace pointers) of the IPC workspace for fused all-reduces of `hidden`-wide
     `dtype` rows on `device` over the c10d group `group_name`, created on first use. It holds
     `allreduce_rms_max_tokens` rows for the device, or `DEFAULT_WORKSPACE_TOKENS`.
@@ -164,29 +173,52 @@ def flashinfer_workspace(group_name: str, hidden: int, dtype: torch.dtype,
         # stage's graph. That is the hang of vLLM PR #43616, which is also why
         # policy.fusion keeps the fusion off when the pipeline size is above 1.
         handles, pointers = _flashinfer("comm").trtllm_create_ipc_workspace_for_all_reduce_fusion(
-            rank, world, max_tokens, hidden, group=group)
+            rank, world, max_tokens, hidden, group=group
+        )
         _workspaces[key] = (max_tokens, pointers, handles)  # handles keep the IPC memory alive
-        log.info("fxsp: FlashInfer all-reduce workspace for group %s: %d rows x %d, %s",
-                 group_name, max_tokens, hidden, dtype)
+        log.info(
+            "fxsp: FlashInfer all-reduce workspace for group %s: %d rows x %d, %s",
+            group_name,
+            max_tokens,
+            hidden,
+            dtype,
+        )
     max_tokens, pointers, _ = _workspaces[key]
     return max_tokens, pointers
 
 
-def _kernel_takes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                  flavor: str, fp8_dtype: torch.dtype | None = None) -> bool:
+def _kernel_takes(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    flavor: str,
+    fp8_dtype: torch.dtype | None = None,
+) -> bool:
     """Whether the kernel computes this call; every input here is the same on every rank."""
-    return (x.is_cuda and x.dtype in _DTYPES and x.dim() >= 1 and x.numel() > 0
-            and x.shape[-1] % 8 == 0  # 16-byte vector accesses
-            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
-            and (weight is None or (weight.dtype == x.dtype and weight.numel() == x.shape[-1]))
-            and fp8_dtype in (None, torch.float8_e4m3fn)  # the kernel writes e4m3fn only
-            # vLLM's group names ("tp:0") name no c10d group: the workspace needs one.
-            and flavor == "c10d" and _flashinfer("comm") is not None)
+    return (
+        x.is_cuda
+        and x.dtype in _DTYPES
+        and x.dim() >= 1
+        and x.numel() > 0
+        and x.shape[-1] % 8 == 0  # 16-byte vector accesses
+        and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
+        and (weight is None or (weight.dtype == x.dtype and weight.numel() == x.shape[-1]))
+        and fp8_dtype in (None, torch.float8_e4m3fn)  # the kernel writes e4m3fn only
+        # vLLM's group names ("tp:0") name no c10d group: the workspace needs one.
+        and flavor == "c10d"
+        and _flashinfer("comm") is not None
+    )
 
 
-def _fused_kernel(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                  eps: float, group_name: str, scale: torch.Tensor | None = None,
-                  fp8_dtype: torch.dtype | None = None) -> Tensors | None:
+def _fused_kernel(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    group_name: str,
+    scale: torch.Tensor | None = None,
+    fp8_dtype: torch.dtype | None = None,
+) -> Tensors | None:
     """(out, residual_out) from FlashInfer, or None when the kernel cannot take the TP size or
     the rows exceed the workspace (both the same on every rank)."""
     group = dist.distributed_c10d._resolve_process_group(group_name)
@@ -200,23 +232,43 @@ def _fused_kernel(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     comm = _flashinfer("comm")
     flat = x.reshape(rows, hidden).contiguous()
     # Without a residual the kernel adds zeros: residual_out is then the all-reduced x.
-    residual_in = (torch.zeros_like(flat) if residual is None
-                   else residual.reshape(rows, hidden).contiguous())
+    residual_in = (
+        torch.zeros_like(flat) if residual is None else residual.reshape(rows, hidden).contiguous()
+    )
     residual_out = torch.empty_like(flat)
-    gamma = (torch.ones(hidden, dtype=x.dtype, device=x.device) if weight is None
-             else weight.contiguous())
+    gamma = (
+        torch.ones(hidden, dtype=x.dtype, device=x.device)
+        if weight is None
+        else weight.contiguous()
+    )
     quantised = fp8_dtype is not None
     out = torch.empty_like(flat, dtype=fp8_dtype) if quantised else torch.empty_like(flat)
     pattern = comm.AllReduceFusionPattern
     comm.trtllm_allreduce_fusion(
-        allreduce_in=flat, world_size=dist.get_world_size(group), world_rank=dist.get_rank(group),
-        token_num=rows, hidden_dim=hidden, workspace_ptrs=pointers, launch_with_pdl=False,
-        trigger_completion_at_end=True, fp32_acc=True,
-        pattern_code=pattern.kARResidualRMSNormFP8Quant if quantised else pattern.kARResidualRMSNorm,
-        use_oneshot=None, allreduce_out=None, residual_in=residual_in, residual_out=residual_out,
-        norm_out=None if quantised else out, quant_out=out if quantised else None, scale_out=None,
-        rms_gamma=gamma, rms_eps=eps, scale_factor=scale.float() if quantised else None,
-        layout_code=None)
+        allreduce_in=flat,
+        world_size=dist.get_world_size(group),
+        world_rank=dist.get_rank(group),
+        token_num=rows,
+        hidden_dim=hidden,
+        workspace_ptrs=pointers,
+        launch_with_pdl=False,
+        trigger_completion_at_end=True,
+        fp32_acc=True,
+        pattern_code=pattern.kARResidualRMSNormFP8Quant
+        if quantised
+        else pattern.kARResidualRMSNorm,
+        use_oneshot=None,
+        allreduce_out=None,
+        residual_in=residual_in,
+        residual_out=residual_out,
+        norm_out=None if quantised else out,
+        quant_out=out if quantised else None,
+        scale_out=None,
+        rms_gamma=gamma,
+        rms_eps=eps,
+        scale_factor=scale.float() if quantised else None,
+        layout_code=None,
+    )
     return out.reshape(x.shape), residual_out.reshape(x.shape)
 
 
@@ -225,8 +277,9 @@ def _kernel_or_reference(op: torch._ops.OpOverload, *args) -> Tensors:
     a = arguments(op, args)
     x, residual, weight = a["x"], a.get("residual"), a["weight"]
     scale, fp8_dtype = a.get("scale"), a.get("fp8_dtype")
-    if (_kernel_takes(x, residual, weight, a["flavor"], fp8_dtype)
-            and (scale is None or scale.numel() == 1)):
+    if _kernel_takes(x, residual, weight, a["flavor"], fp8_dtype) and (
+        scale is None or scale.numel() == 1
+    ):
         fused = _fused_kernel(x, residual, weight, a["eps"], a["group_name"], scale, fp8_dtype)
         if fused is not None:
             return fused
@@ -237,8 +290,11 @@ def _kernel_or_reference(op: torch._ops.OpOverload, *args) -> Tensors:
 for _op in FUSED_IR_OPS:
     _schema = str(_op._schema)
     _wrapper = torch.library.custom_op(
-        f"fxsp_flashinfer::{_op._opname}", functools.partial(_kernel_or_reference, _op),
-        mutates_args=(), schema=_schema[_schema.index("("):])
+        f"fxsp_flashinfer::{_op._opname}",
+        functools.partial(_kernel_or_reference, _op),
+        mutates_args=(),
+        schema=_schema[_schema.index("(") :],
+    )
     _wrapper.register_fake(functools.partial(fake, _op))
 
 FLASHINFER_ALLREDUCE_PROVIDER = Provider(

@@ -51,7 +51,6 @@ import contextlib
 import functools
 
 import torch
-
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -77,9 +76,13 @@ if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
     _jit = triton.jit
-    _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-                      torch.float16: tl.float16}
+    _TRITON_DTYPES = {
+        torch.float32: tl.float32,
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+    }
 else:
+
     def _jit(fn):  # never launched: without Triton the provider is not registered
         return fn
 
@@ -132,9 +135,16 @@ def _fp8_e4m3_bits(value, fp8_max, EXPONENT_BIAS: tl.constexpr):
 
 
 @_jit
-def _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, offsets, mask,
-                     NORM_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     STORE_RESIDUAL: tl.constexpr):
+def _load_norm_input(
+    x_ptr,
+    residual_ptr,
+    residual_out_ptr,
+    offsets,
+    mask,
+    NORM_DTYPE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    STORE_RESIDUAL: tl.constexpr,
+):
     """The norm's input in fp32: x, or x + residual rounded to NORM_DTYPE (and stored)."""
     h = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -147,29 +157,47 @@ def _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, offsets, mask,
 
 
 @_jit
-def _store_norm_output(h, rstd, weight_ptr, out_ptr, offsets, cols, mask, scale, fp8_max,
-                       NORM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                       HAS_WEIGHT: tl.constexpr, FP8_EXPONENT_BIAS: tl.constexpr):
+def _store_norm_output(
+    h,
+    rstd,
+    weight_ptr,
+    out_ptr,
+    offsets,
+    cols,
+    mask,
+    scale,
+    fp8_max,
+    NORM_DTYPE: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    FP8_EXPONENT_BIAS: tl.constexpr,
+):
     out = _round_to(h * rstd, NORM_DTYPE)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         out = _round_to(out.to(tl.float32) * weight, OUT_DTYPE)
     if FP8_EXPONENT_BIAS:
         quotient = tl.math.div_rn(out.to(tl.float32), scale)
-        tl.store(out_ptr + offsets, _fp8_e4m3_bits(quotient, fp8_max, FP8_EXPONENT_BIAS),
-                 mask=mask)
+        tl.store(out_ptr + offsets, _fp8_e4m3_bits(quotient, fp8_max, FP8_EXPONENT_BIAS), mask=mask)
     else:
         tl.store(out_ptr + offsets, out, mask=mask)
 
 
 @_jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, scale_ptr,  # inputs; unused ones are dummies
-    out_ptr, residual_out_ptr,  # outputs; out is uint8 when quantising
-    n_cols, eps, fp8_max,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    scale_ptr,  # inputs; unused ones are dummies
+    out_ptr,
+    residual_out_ptr,  # outputs; out is uint8 when quantising
+    n_cols,
+    eps,
+    fp8_max,
     NORM_DTYPE: tl.constexpr,  # dtype of the norm's input (x's, or that of x + residual)
     OUT_DTYPE: tl.constexpr,  # promote(NORM_DTYPE, weight's dtype), before any quantisation
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     FP8_EXPONENT_BIAS: tl.constexpr,  # 0: store OUT_DTYPE; 7 or 8: quantise to E4M3
     BLOCK: tl.constexpr,
     PASSES_BLOCKS: tl.constexpr,  # 0: one pass over a row of <= BLOCK; n: two passes of n blocks
@@ -181,13 +209,34 @@ def _rms_norm_kernel(
         scale = tl.load(scale_ptr).to(tl.float32)
     if PASSES_BLOCKS == 0:
         mask = cols < n_cols
-        h = _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, row_start + cols, mask,
-                             NORM_DTYPE, HAS_RESIDUAL, True)
+        h = _load_norm_input(
+            x_ptr,
+            residual_ptr,
+            residual_out_ptr,
+            row_start + cols,
+            mask,
+            NORM_DTYPE,
+            HAS_RESIDUAL,
+            True,
+        )
         # n_cols + 0.0 is n_cols in fp32, also when Triton has made n_cols == 1 a constant.
         mean_square = tl.math.div_rn(tl.sum(h * h, axis=0), n_cols + 0.0)
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
-        _store_norm_output(h, rstd, weight_ptr, out_ptr, row_start + cols, cols, mask, scale,
-                           fp8_max, NORM_DTYPE, OUT_DTYPE, HAS_WEIGHT, FP8_EXPONENT_BIAS)
+        _store_norm_output(
+            h,
+            rstd,
+            weight_ptr,
+            out_ptr,
+            row_start + cols,
+            cols,
+            mask,
+            scale,
+            fp8_max,
+            NORM_DTYPE,
+            OUT_DTYPE,
+            HAS_WEIGHT,
+            FP8_EXPONENT_BIAS,
+        )
     else:
         # The block count is a constexpr: a loop bounded by the runtime n_cols is one that
         # Triton 3.6's interpreter cannot run (it takes the bound as a 1-element array).
@@ -195,8 +244,16 @@ def _rms_norm_kernel(
         for block in range(PASSES_BLOCKS):
             start = block * BLOCK
             mask = start + cols < n_cols
-            h = _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, row_start + start + cols,
-                                 mask, NORM_DTYPE, HAS_RESIDUAL, True)
+            h = _load_norm_input(
+                x_ptr,
+                residual_ptr,
+                residual_out_ptr,
+                row_start + start + cols,
+                mask,
+                NORM_DTYPE,
+                HAS_RESIDUAL,
+                True,
+            )
             sum_of_squares += h * h
         mean_square = tl.math.div_rn(tl.sum(sum_of_squares, axis=0), n_cols + 0.0)
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
@@ -205,11 +262,31 @@ def _rms_norm_kernel(
         for block in range(PASSES_BLOCKS):
             start = block * BLOCK
             mask = start + cols < n_cols
-            h = _load_norm_input(x_ptr, residual_ptr, residual_out_ptr, row_start + start + cols,
-                                 mask, NORM_DTYPE, HAS_RESIDUAL, False)
-            _store_norm_output(h, rstd, weight_ptr, out_ptr, row_start + start + cols,
-                               start + cols, mask, scale, fp8_max, NORM_DTYPE, OUT_DTYPE,
-                               HAS_WEIGHT, FP8_EXPONENT_BIAS)
+            h = _load_norm_input(
+                x_ptr,
+                residual_ptr,
+                residual_out_ptr,
+                row_start + start + cols,
+                mask,
+                NORM_DTYPE,
+                HAS_RESIDUAL,
+                False,
+            )
+            _store_norm_output(
+                h,
+                rstd,
+                weight_ptr,
+                out_ptr,
+                row_start + start + cols,
+                start + cols,
+                mask,
+                scale,
+                fp8_max,
+                NORM_DTYPE,
+                OUT_DTYPE,
+                HAS_WEIGHT,
+                FP8_EXPONENT_BIAS,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,9 +305,14 @@ def _triton_dtype(dtype: torch.dtype):
     return _TRITON_DTYPES[dtype]
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-            eps: float, scale: torch.Tensor | None = None,
-            fp8_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor | None = None,
+    fp8_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the norm kernel over the rows of x; returns (out, residual_out or None).
 
     This is the body of the `triton_op`s below, so it runs three ways: eagerly (the kernel
@@ -251,12 +333,12 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
 
     residual_out = None
     if residual is not None:
-        residual_out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
-                                   device=x.device)
+        residual_out = torch.empty(
+            x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device
+        )
     norm_input = x if residual_out is None else residual_out
     out_dtype = _norm_dtype(norm_input, weight)
-    out = torch.empty(x.shape, dtype=out_dtype if fp8_dtype is None else fp8_dtype,
-                      device=x.device)
+    out = torch.empty(x.shape, dtype=out_dtype if fp8_dtype is None else fp8_dtype, device=x.device)
     fake = is_fake(x) or x.is_meta
     kernel = _kernel_for(x, fake)
     if kernel is None or known_true(x.numel() == 0):
@@ -265,24 +347,31 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     # Every call takes this path, so it calls torch as little as it can: the kernel reads rows
     # at flat offsets, which any contiguous tensor of x's shape has.
     x = _dense(x)
-    block, passes_blocks, num_warps = _launch_shape(int(hidden), MAX_SINGLE_PASS_COLS,
-                                                    MULTI_PASS_BLOCK)
+    block, passes_blocks, num_warps = _launch_shape(
+        int(hidden), MAX_SINGLE_PASS_COLS, MULTI_PASS_BLOCK
+    )
     # A dummy stands in for absent tensors; the constexpr flags keep it from being read.
     dummy = x
     if scale is not None and scale.device != x.device:
         scale = scale.to(x.device)
     with _on_device_of(x, fake):
         kernel[(x.numel() // hidden,)](
-            x, dummy if residual is None else _dense(residual),
+            x,
+            dummy if residual is None else _dense(residual),
             dummy if weight is None else _dense(weight),
             dummy if scale is None else scale,
             out if fp8_dtype is None else out.view(torch.uint8),  # FP8 as its bit patterns
             dummy if residual_out is None else residual_out,
-            hidden, eps, 0.0 if fp8_dtype is None else fp8_max(fp8_dtype),
-            NORM_DTYPE=_triton_dtype(norm_input.dtype), OUT_DTYPE=_triton_dtype(out_dtype),
-            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+            hidden,
+            eps,
+            0.0 if fp8_dtype is None else fp8_max(fp8_dtype),
+            NORM_DTYPE=_triton_dtype(norm_input.dtype),
+            OUT_DTYPE=_triton_dtype(out_dtype),
+            HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None,
             FP8_EXPONENT_BIAS=0 if fp8_dtype is None else _FP8_EXPONENT_BIAS[fp8_dtype],
-            BLOCK=block, PASSES_BLOCKS=passes_blocks,
+            BLOCK=block,
+            PASSES_BLOCKS=passes_blocks,
             num_warps=num_warps,
         )
     return out, residual_out
@@ -314,8 +403,10 @@ def _kernel_for(x: torch.Tensor, fake: bool):
     if runs_interpreted():  # torch before 2.13 refuses to wrap an interpreted kernel
         return _rms_norm_kernel
     if not x.is_cuda:
-        raise RuntimeError("fxsp_triton ops run on CUDA tensors; CPU tensors only where the "
-                           "kernels run in Triton's interpreter (see runs_interpreted())")
+        raise RuntimeError(
+            "fxsp_triton ops run on CUDA tensors; CPU tensors only where the "
+            "kernels run in Triton's interpreter (see runs_interpreted())"
+        )
     return wrap_triton(_rms_norm_kernel)
 
 
@@ -339,12 +430,14 @@ def _op(name: str):
     `triton_op` where the kernels are compiled. Interpreted kernels cannot be traced (tracing
     would record no launch at all), so under the interpreter, or without Triton, the op is a
     plain custom op that a compiled graph calls as it is."""
+
     def define(body):
         if triton is not None and not runs_interpreted():
             return triton_op(name, mutates_args=())(body)
         op = torch.library.custom_op(name, mutates_args=())(body)
         op.register_fake(body)
         return op
+
     return define
 
 
@@ -354,21 +447,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 @_op("fxsp_triton::fused_add_rms_norm")
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, residual, weight, eps)
 
 
 @_op("fxsp_triton::rms_norm_static_fp8_quant")
-def rms_norm_static_fp8_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                              scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+def rms_norm_static_fp8_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor,
+    fp8_dtype: torch.dtype,
+) -> torch.Tensor:
     return _launch(x, None, weight, eps, scale, fp8_dtype)[0]
 
 
 @_op("fxsp_triton::fused_add_rms_norm_static_fp8_quant")
 def fused_add_rms_norm_static_fp8_quant(
-        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
-        scale: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor,
+    fp8_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, residual, weight, eps, scale, fp8_dtype)
 
 

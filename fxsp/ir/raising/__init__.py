@@ -71,9 +71,15 @@ def _passes(vllm_ops: tuple) -> list[RuleSet]:
     ]
 
 
-_VLLM_OPS = ("_C.rms_norm", "_C.fused_add_rms_norm", "_C.static_scaled_fp8_quant",
-             "_C.rms_norm_static_fp8_quant", "_C.fused_add_rms_norm_static_fp8_quant",
-             "vllm_ir.rms_norm", "vllm_ir.fused_add_rms_norm")
+_VLLM_OPS = (
+    "_C.rms_norm",
+    "_C.fused_add_rms_norm",
+    "_C.static_scaled_fp8_quant",
+    "_C.rms_norm_static_fp8_quant",
+    "_C.fused_add_rms_norm_static_fp8_quant",
+    "vllm_ir.rms_norm",
+    "vllm_ir.fused_add_rms_norm",
+)
 
 
 def _vllm_ops() -> tuple:

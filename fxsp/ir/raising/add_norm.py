@@ -42,8 +42,10 @@ def plain_sum(m: Match) -> bool | str:
 
 def fuse_add(b: Builder, m: Match) -> Node:
     # The sum is rounded to its dtype, then normalised as the norm was spelled.
-    fused = spelled(b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], m["eps"]),
-                    spelling_of(m.root) or HF)
+    fused = spelled(
+        b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], m["eps"]),
+        spelling_of(m.root) or HF,
+    )
     out = b.call(operator.getitem, fused, 0)
     b.replace(m["residual_out"], b.call(operator.getitem, fused, 1))
     return out

@@ -4,7 +4,6 @@ collectives, DTensor, Dynamo's rewrite of in-place `dist.all_reduce`) and `vllm.
 
 from __future__ import annotations
 
-
 import torch
 from torch.fx import Node
 
@@ -37,15 +36,27 @@ def copy_is_plain(m: Match) -> bool | str:
 def to_all_reduce(flavor: str):
     def rewrite(b: Builder, m: Match) -> Node:
         return b.call(ALL_REDUCE, m["x"], m["group"], flavor)
+
     return rewrite
 
 
 def collective_rules(ops: dict) -> list[Rule]:
     """Sum all-reduces of both families; vLLM's where its op is loaded (`ops`: name -> op)."""
     rules = [
-        rule("raise.c10d_all_reduce_in_place", c10d_sum_in_place, to_all_reduce("c10d"), where=copy_is_plain),
+        rule(
+            "raise.c10d_all_reduce_in_place",
+            c10d_sum_in_place,
+            to_all_reduce("c10d"),
+            where=copy_is_plain,
+        ),
         rule("raise.c10d_all_reduce", c10d_sum, to_all_reduce("c10d")),
     ]
     if (target := ops.get("vllm.all_reduce")) is not None:
-        rules.append(rule("raise.vllm_all_reduce", op(target, tensor("x"), string("group")), to_all_reduce("vllm")))
+        rules.append(
+            rule(
+                "raise.vllm_all_reduce",
+                op(target, tensor("x"), string("group")),
+                to_all_reduce("vllm"),
+            )
+        )
     return rules

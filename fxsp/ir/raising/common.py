@@ -30,8 +30,10 @@ FLOATS = (F32, *LOW)
 
 def cast(value: Any, to: Any) -> Any:
     """`value.to(to)`: the post-grad spelling, or the `_to_copy` that make_fx records."""
-    return alt(op(prims.convert_element_type.default, value, to),
-               op(aten._to_copy.default, value, dtype=to))
+    return alt(
+        op(prims.convert_element_type.default, value, to),
+        op(aten._to_copy.default, value, dtype=to),
+    )
 
 
 def maybe_cast(value: Any, to: Any) -> Any:
@@ -96,32 +98,45 @@ def short(dt: torch.dtype) -> str:
 
 
 def same_size(a: Any, b: Any) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true  # imports sympy: not at import
+    from torch.fx.experimental.symbolic_shapes import (
+        statically_known_true,
+    )  # imports sympy: not at import
 
     return statically_known_true(a == b)
 
 
 def is_upcast(node: Node) -> bool:
     """A cast of a bf16/fp16 value to fp32."""
-    return (node.op == "call_function" and node.target in CAST and isinstance(node.args[0], Node)
-            and tensor_of(node.args[0]) is not None and tensor_of(node.args[0]).dtype in LOW
-            and tensor_of(node).dtype == F32)
+    return (
+        node.op == "call_function"
+        and node.target in CAST
+        and isinstance(node.args[0], Node)
+        and tensor_of(node.args[0]) is not None
+        and tensor_of(node.args[0]).dtype in LOW
+        and tensor_of(node).dtype == F32
+    )
 
 
 def is_fp32_identity_cast(node: Node) -> bool:
     """A cast of an fp32 value to fp32: what is left of a folded fp32 -> low -> fp32 round trip."""
-    return (node.op == "call_function" and node.target in CAST and isinstance(node.args[0], Node)
-            and tensor_of(node.args[0]) is not None and tensor_of(node.args[0]).dtype == F32
-            and tensor_of(node).dtype == F32)
+    return (
+        node.op == "call_function"
+        and node.target in CAST
+        and isinstance(node.args[0], Node)
+        and tensor_of(node.args[0]) is not None
+        and tensor_of(node.args[0]).dtype == F32
+        and tensor_of(node).dtype == F32
+    )
 
 
 def as_dtype(b: Builder, node: Node, dt: torch.dtype) -> Node:
     """`node`, cast to `dt` if the IR op's result dtype differs from the spelling's."""
-    return node if tensor_of(node).dtype == dt else b.call(prims.convert_element_type.default, node, dt)
+    return (
+        node
+        if tensor_of(node).dtype == dt
+        else b.call(prims.convert_element_type.default, node, dt)
+    )
 
 
 def as_dtype_of(b: Builder, node: Node, old: Node) -> Node:
     return as_dtype(b, node, tensor_of(old).dtype)
-
-
-

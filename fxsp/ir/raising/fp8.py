@@ -3,7 +3,6 @@ fp32, or bf16/fp16 promoted by an fp32 scale), M the fp8 dtype's max → `fxsp.s
 
 from __future__ import annotations
 
-
 import torch
 from torch.fx import Node
 
@@ -35,14 +34,19 @@ reciprocal = op(aten.reciprocal.default, scale, name="reciprocal")
 inverse_scale = alt(reciprocal, op(aten.mul.Tensor, reciprocal, 1.0), name="inverse_scale")
 # A bf16/fp16 x divided by an fp32 scale promotes to fp32 by itself: the same as x.float() / scale.
 x_in_fp32 = alt(fp32_of(), tensor("x", LOW))
-quotient = alt(op(aten.div.Tensor, x_in_fp32, scale), op(aten.mul.Tensor, x_in_fp32, inverse_scale),
-               name="quotient")
+quotient = alt(
+    op(aten.div.Tensor, x_in_fp32, scale),
+    op(aten.mul.Tensor, x_in_fp32, inverse_scale),
+    name="quotient",
+)
 
 
 low, high = scalar("low"), scalar("high")
-clamped = alt(op(aten.clamp_max.default, op(aten.clamp_min.default, quotient, low), high),
-              op(aten.clamp_min.default, op(aten.clamp_max.default, quotient, high), low),
-              op(aten.clamp.default, quotient, low, high))
+clamped = alt(
+    op(aten.clamp_max.default, op(aten.clamp_min.default, quotient, low), high),
+    op(aten.clamp_min.default, op(aten.clamp_max.default, quotient, high), low),
+    op(aten.clamp.default, quotient, low, high),
+)
 
 
 fp8_quant = cast(clamped, dtype("fp8_dtype", FP8_DTYPES))
@@ -66,4 +70,12 @@ def to_fp8_quant(b: Builder, m: Match) -> Node:
 
 
 def fp8_rules() -> list[Rule]:
-    return [rule("raise.static_fp8_quant", fp8_quant, to_fp8_quant, ("xf", "reciprocal", "inverse_scale"), fp8_range)]
+    return [
+        rule(
+            "raise.static_fp8_quant",
+            fp8_quant,
+            to_fp8_quant,
+            ("xf", "reciprocal", "inverse_scale"),
+            fp8_range,
+        )
+    ]

@@ -31,7 +31,22 @@ from ..ops import (
     WEIGHT_FIRST,
     spelled,
 )
-from .common import F32, LOW, FLOATS, as_dtype_of, cast, eps, fp32_of, is_fp32_identity_cast, is_upcast, maybe_cast, per_feature_weight, rule, same_size, short
+from .common import (
+    F32,
+    FLOATS,
+    LOW,
+    as_dtype_of,
+    cast,
+    eps,
+    fp32_of,
+    is_fp32_identity_cast,
+    is_upcast,
+    maybe_cast,
+    per_feature_weight,
+    rule,
+    same_size,
+    short,
+)
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -40,7 +55,12 @@ xf = fp32_of()
 
 
 def _mean_of_square(v: Any) -> Any:
-    return op(aten.mean.dim, alt(op(aten.pow.Tensor_Scalar, v, 2), op(aten.mul.Tensor, v, v)), dims([-1]), True)
+    return op(
+        aten.mean.dim,
+        alt(op(aten.pow.Tensor_Scalar, v, 2), op(aten.mul.Tensor, v, v)),
+        dims([-1]),
+        True,
+    )
 
 
 mean_square = _mean_of_square(xf)
@@ -49,37 +69,68 @@ mean_square = _mean_of_square(xf)
 # `exact_norm` refuses the norm by its mean-centring; a match with any of them binds `centred`.
 _centred = tensor("centred")
 _row_mean = op(aten.mean.dim, _centred, dims([-1]), True, name="row_mean")
-_var_mean = op(aten.var_mean.correction, _centred, dims([-1]), correction=anything(), keepdim=True, name="var_mean")
-centred_x = alt(op(aten.sub.Tensor, _centred, _row_mean), op(aten.sub.Tensor, _centred, getitem(_var_mean, 1)))
+_var_mean = op(
+    aten.var_mean.correction,
+    _centred,
+    dims([-1]),
+    correction=anything(),
+    keepdim=True,
+    name="var_mean",
+)
+centred_x = alt(
+    op(aten.sub.Tensor, _centred, _row_mean), op(aten.sub.Tensor, _centred, getitem(_var_mean, 1))
+)
 variance = alt(
     _mean_of_square(centred_x),
     getitem(_var_mean, 0),
     op(aten.var.correction, _centred, dims([-1]), correction=anything(), keepdim=True),
 )
 # x / sqrt(mean(x²) + eps), in fp32
-normed = op(aten.mul.Tensor, alt(xf, centred_x), op(aten.rsqrt.default, op(ADD, alt(mean_square, variance), eps)))
+normed = op(
+    aten.mul.Tensor,
+    alt(xf, centred_x),
+    op(aten.rsqrt.default, op(ADD, alt(mean_square, variance), eps)),
+)
 weight = tensor("weight")
 down = dtype("down", FLOATS)
 # Left in fp32 (no cast back), the norm is exact only on an fp32 x: asked of the node first, so a
 # bf16 F.rms_norm's inner `normed * w` is refused at once, not after a whole match.
-normed_of_fp32 = such_that(normed, lambda n: not any(isinstance(a, Node) and is_upcast(a) for a in n.args),
-                           "(of an fp32 x: a bf16 or fp16 norm's fp32 result must be cast back)")
+normed_of_fp32 = such_that(
+    normed,
+    lambda n: not any(isinstance(a, Node) and is_upcast(a) for a in n.args),
+    "(of an fp32 x: a bf16 or fp16 norm's fp32 result must be cast back)",
+)
 
 
 # torch's decomposition makes its fp32 result contiguous before the down-cast: a clone when x
 # is not contiguous.
 rms_norm_weighted = alt(
-    op(aten.mul.Tensor, weight, alt(normed_of_fp32, cast(normed, down))),  # HF/Llama: w * normed.to(dtype)
+    op(
+        aten.mul.Tensor, weight, alt(normed_of_fp32, cast(normed, down))
+    ),  # HF/Llama: w * normed.to(dtype)
     cast(through(op(aten.mul.Tensor, normed, weight), CLONE), down),  # F.rms_norm, Gemma
 )
 rms_norm_unweighted = maybe_cast(through(normed, CLONE), down)
 # Undecomposed torch ops (export graphs, versions or backends that keep the fused op).
 # Their numerics: (normed * w).type_as(x), the default eps is fp32's machine epsilon.
 aten_rms_norm = alt(
-    getitem(op(aten._fused_rms_norm.default, tensor("x", FLOATS), anything("shape"),
-               anything("weight"), anything("eps")), 0),
-    op(aten.rms_norm.default, tensor("x", FLOATS), anything("shape"), anything("weight"),
-       anything("eps")),
+    getitem(
+        op(
+            aten._fused_rms_norm.default,
+            tensor("x", FLOATS),
+            anything("shape"),
+            anything("weight"),
+            anything("eps"),
+        ),
+        0,
+    ),
+    op(
+        aten.rms_norm.default,
+        tensor("x", FLOATS),
+        anything("shape"),
+        anything("weight"),
+        anything("eps"),
+    ),
 )
 
 
@@ -142,4 +193,6 @@ def norm_rules() -> list[Rule]:
 
 def unweighted_norm_rules() -> list[Rule]:
     """Every weighted norm contains an unweighted one: these run in a pass after `norm_rules`."""
-    return [rule("raise.rms_norm_unweighted", rms_norm_unweighted, to_rms_norm, ("xf",), exact_norm)]
+    return [
+        rule("raise.rms_norm_unweighted", rms_norm_unweighted, to_rms_norm, ("xf",), exact_norm)
+    ]

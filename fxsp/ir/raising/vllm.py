@@ -30,7 +30,18 @@ from ..ops import (
     VLLM_IR_FUSED,
     spelled,
 )
-from .common import F32, LOW, FLOATS, all_of, as_dtype, eps, outputs_only, per_feature_weight, rule, same_size
+from .common import (
+    F32,
+    FLOATS,
+    LOW,
+    all_of,
+    as_dtype,
+    eps,
+    outputs_only,
+    per_feature_weight,
+    rule,
+    same_size,
+)
 from .norms import to_rms_norm
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -53,8 +64,10 @@ def functionalized(target: Any, written: dict[str, str], **args: Any) -> Any:
     by_name = {arg: tensor(binding) for arg, binding in written.items()}
     by_index = {f"_{arg}_base_index": i for i, arg in enumerate(written)}
     v2_bases = anything("bases")
-    return alt(op(hop.auto_functionalized, target, **by_name, **args),
-               op(hop.auto_functionalized_v2, target, _all_bases=v2_bases, **by_index, **args))
+    return alt(
+        op(hop.auto_functionalized, target, **by_name, **args),
+        op(hop.auto_functionalized_v2, target, _all_bases=v2_bases, **by_index, **args),
+    )
 
 
 def _mutated(m: Match, *names: str) -> list | None:
@@ -72,38 +85,74 @@ def vllm_rules(ops: dict) -> list[Rule]:
     rules = []
     if (target := ops.get("_C.rms_norm")) is not None:
         written = {"result": "out"}
-        rules.append(rule("raise.vllm_c_rms_norm",
-                           functionalized(target, written, input=x, weight=w, epsilon=eps),
-                           _c_rms_norm, where=_c_rms_norm_ok))
+        rules.append(
+            rule(
+                "raise.vllm_c_rms_norm",
+                functionalized(target, written, input=x, weight=w, epsilon=eps),
+                _c_rms_norm,
+                where=_c_rms_norm_ok,
+            )
+        )
     if (target := ops.get("_C.fused_add_rms_norm")) is not None:
         written = {"input": "x", "residual": "residual"}
-        rules.append(rule("raise.vllm_c_fused_add_rms_norm",
-                           functionalized(target, written, weight=w, epsilon=eps),
-                           _c_fused_add_rms_norm, where=_c_fused_ok))
+        rules.append(
+            rule(
+                "raise.vllm_c_fused_add_rms_norm",
+                functionalized(target, written, weight=w, epsilon=eps),
+                _c_fused_add_rms_norm,
+                where=_c_fused_ok,
+            )
+        )
     if (target := ops.get("vllm_ir.rms_norm")) is not None:
-        rules.append(rule("raise.vllm_ir_rms_norm",
-                           op(target, tensor("x", FLOATS), anything("weight"), eps),
-                           _vllm_ir_rms_norm, where=_vllm_ir_ok))
+        rules.append(
+            rule(
+                "raise.vllm_ir_rms_norm",
+                op(target, tensor("x", FLOATS), anything("weight"), eps),
+                _vllm_ir_rms_norm,
+                where=_vllm_ir_ok,
+            )
+        )
     if (target := ops.get("vllm_ir.fused_add_rms_norm")) is not None:
-        rules.append(rule("raise.vllm_ir_fused_add_rms_norm",
-                           op(target, tensor("x", FLOATS), residual, anything("weight"), eps),
-                           _vllm_ir_fused, where=_vllm_ir_ok))
+        rules.append(
+            rule(
+                "raise.vllm_ir_fused_add_rms_norm",
+                op(target, tensor("x", FLOATS), residual, anything("weight"), eps),
+                _vllm_ir_fused,
+                where=_vllm_ir_ok,
+            )
+        )
     # vLLM's RMSNorm + quant fusion (`fuse_norm_quant`) runs before fxsp's pass: its fused ops
     # are raised back to a norm and a quant, which the FP8 SP rules match.
     if (target := ops.get("_C.rms_norm_static_fp8_quant")) is not None:
-        rules.append(rule("raise.vllm_c_rms_norm_static_fp8_quant",
-                           functionalized(target, {"result": "out"}, input=x, weight=w, scale=scale,
-                                          epsilon=eps),
-                           _c_norm_quant, where=_c_norm_quant_ok))
+        rules.append(
+            rule(
+                "raise.vllm_c_rms_norm_static_fp8_quant",
+                functionalized(
+                    target, {"result": "out"}, input=x, weight=w, scale=scale, epsilon=eps
+                ),
+                _c_norm_quant,
+                where=_c_norm_quant_ok,
+            )
+        )
     if (target := ops.get("_C.fused_add_rms_norm_static_fp8_quant")) is not None:
         written = {"result": "out", "residual": "residual"}
-        rules.append(rule("raise.vllm_c_fused_add_rms_norm_static_fp8_quant",
-                           functionalized(target, written, input=x, weight=w, scale=scale, epsilon=eps),
-                           _c_norm_quant, where=_c_norm_quant_ok))
+        rules.append(
+            rule(
+                "raise.vllm_c_fused_add_rms_norm_static_fp8_quant",
+                functionalized(target, written, input=x, weight=w, scale=scale, epsilon=eps),
+                _c_norm_quant,
+                where=_c_norm_quant_ok,
+            )
+        )
     if (target := ops.get("_C.static_scaled_fp8_quant")) is not None:
-        rules.append(rule("raise.vllm_c_static_fp8_quant",
-                           functionalized(target, {"result": "out"}, input=x, scale=scale),
-                           _c_quant, where=_c_quant_ok))
+        rules.append(
+            rule(
+                "raise.vllm_c_static_fp8_quant",
+                functionalized(target, {"result": "out"}, input=x, scale=scale),
+                _c_quant,
+                where=_c_quant_ok,
+            )
+        )
     return rules
 
 
@@ -130,8 +179,9 @@ def _c_fused_ok(m: Match) -> bool | str:
     x, r = map(tensor_of, operands)
     if not same_shape(x, r) or x.dtype != r.dtype or x.dtype not in FLOATS:
         return "input and residual differ in shape or dtype"
-    return all_of(lambda: per_feature_weight(operands[0], m["weight"]),
-                lambda: outputs_only(m, {1, 2}))
+    return all_of(
+        lambda: per_feature_weight(operands[0], m["weight"]), lambda: outputs_only(m, {1, 2})
+    )
 
 
 def _c_fused_add_rms_norm(b: Builder, m: Match) -> None:
@@ -160,8 +210,10 @@ def _c_norm_quant_ok(m: Match) -> bool | str:
             return "input and residual differ in shape or dtype"
     if not same_size(tensor_of(m["scale"]).numel(), 1):
         return "the scale is not per-tensor"
-    return all_of(lambda: per_feature_weight(m["x"], m["weight"]),
-                lambda: outputs_only(m, {1, 2} if fused else {1}))
+    return all_of(
+        lambda: per_feature_weight(m["x"], m["weight"]),
+        lambda: outputs_only(m, {1, 2} if fused else {1}),
+    )
 
 
 def _adds_residual(m: Match) -> bool:
@@ -199,11 +251,18 @@ def _vllm_ir_ok(m: Match) -> bool | str:
 
 
 def _vllm_ir_fused(b: Builder, m: Match) -> None:
-    fused = spelled(b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], float(m["eps"])),
-                    VLLM_IR_FUSED)
+    fused = spelled(
+        b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], float(m["eps"])),
+        VLLM_IR_FUSED,
+    )
     old = m.root.meta["val"]
-    b.replace_items(m.root, {0: as_dtype(b, b.call(operator.getitem, fused, 0), old[0].dtype),
-                               1: b.call(operator.getitem, fused, 1)})
+    b.replace_items(
+        m.root,
+        {
+            0: as_dtype(b, b.call(operator.getitem, fused, 0), old[0].dtype),
+            1: b.call(operator.getitem, fused, 1),
+        },
+    )
 
 
 def _c_quant_ok(m: Match) -> bool | str:
@@ -214,7 +273,9 @@ def _c_quant_ok(m: Match) -> bool | str:
     # vLLM's kernels clamp float8_e4m3fnuz at 224, not its max 240: only e4m3fn is equivalent.
     if tensor_of(out).dtype != torch.float8_e4m3fn:
         return f"result buffer of dtype {tensor_of(out).dtype}: vLLM's fnuz kernels clamp at 224"
-    if not same_shape(tensor_of(out), tensor_of(m["x"])) or not same_size(tensor_of(m["scale"]).numel(), 1):
+    if not same_shape(tensor_of(out), tensor_of(m["x"])) or not same_size(
+        tensor_of(m["scale"]).numel(), 1
+    ):
         return "result buffer and input differ in shape, or the scale is not per-tensor"
     return outputs_only(m, {1})
 
@@ -222,6 +283,3 @@ def _c_quant_ok(m: Match) -> bool | str:
 def _c_quant(b: Builder, m: Match) -> None:
     out = spelled(b.call(STATIC_FP8_QUANT, m["x"], m["scale"], torch.float8_e4m3fn), DIVIDE)
     b.replace_items(m.root, {1: out})
-
-
-

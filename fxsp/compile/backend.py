@@ -129,7 +129,8 @@ class Backend:
     def _compile(
         self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None
     ) -> tuple:
-        """(the compiled callable, the reports of the graphs compiled for it now), cache hit or not."""
+        """(the compiled callable, the reports of the graphs compiled for it now), cache hit or
+        not."""
         _register_pass()
         graph_pass = FxspPass(self, sp, self.fusion_config())
         if self.options.inner == "eager":  # no Inductor, no cache: the pass always runs
@@ -173,7 +174,8 @@ class Backend:
             return compiled, cached["compile"]
         # A hit without fxsp's reports (their file was removed): compile again, pass included.
         log.info(
-            "fxsp: Inductor reused a compiled graph whose fxsp report is missing; compiling it again"
+            "fxsp: Inductor reused a compiled graph whose fxsp report is missing; "
+            "compiling it again"
         )
         graph_pass.compiled = False
         with _no_compile_cache():
@@ -228,7 +230,8 @@ class FxspPass:
 
     With a `key`, the reports of the graphs it rewrites are also saved as JSON in Inductor's
     cache dir, for the processes that will reuse those compiled graphs without running it:
-    those of compile time (the forward) and any of later (a backward AOT autograd compiles lazily)."""
+    those of compile time (the forward) and any of later (a backward AOT autograd compiles
+    lazily)."""
 
     def __init__(
         self, owner: Backend, sp: SPConfig | None, fusion: AllReduceNormConfig | None = None

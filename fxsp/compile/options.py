@@ -1,7 +1,8 @@
 """Options, and what the rule sets take from them: `SPConfig` and `AllReduceNormConfig`.
 
     configs = Configs(Options(min_tokens=0))
-    configs.sp(TPGroup.of(process_group))  # -> SPConfig(group="0", world=2, rank=1, min_tokens=0, ...)
+    configs.sp(TPGroup.of(process_group))
+    # -> SPConfig(group="0", world=2, rank=1, min_tokens=0, ...)
 
 `Options` is defined once: the torch.compile backend (`fxsp.backend`) takes all of them, the
 vLLM adapter (`FxspVllmPass`) the ones that apply inside vLLM (`VLLM_OPTIONS`) with the fused

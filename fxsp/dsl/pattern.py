@@ -310,7 +310,8 @@ def _targets_text(targets: Iterable) -> str:
 
 
 def target_name(target: Any) -> str:
-    """Qualified op name: `aten.add.Tensor`, `prims.convert_element_type.default`, `operator.getitem`."""
+    """Qualified op name: `aten.add.Tensor`, `prims.convert_element_type.default`,
+    `operator.getitem`."""
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}.{target._overloadname}"
     if isinstance(target, torch._ops.HigherOrderOperator):

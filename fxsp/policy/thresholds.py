@@ -150,9 +150,9 @@ def sp_min_tokens(
         return SPThreshold(
             None,
             (
-                f"hidden size {hidden_size} < {SP_MIN_HIDDEN_SIZE} on {info.label}: SP was measured "
-                f"not to pay below that; pass min_tokens= to enable SP (the {_FAMILY_NAMES[family]} "
-                f"formula would give {formula_tokens})"
+                f"hidden size {hidden_size} < {SP_MIN_HIDDEN_SIZE} on {info.label}: SP was "
+                "measured not to pay below that; pass min_tokens= to enable SP (the "
+                f"{_FAMILY_NAMES[family]} formula would give {formula_tokens})"
             ),
         )
     return SPThreshold(formula_tokens, f"{info.label}, {_FAMILY_NAMES[family]}: {formula}")
@@ -190,8 +190,8 @@ def allreduce_rms_max_tokens(
         return FusionLimit(
             None,
             (
-                f"no AllReduce+RMSNorm fusion size for {info.label} (the fused kernel is measured on "
-                f"SM90 and SM100 only); pass max_tokens= to enable it"
+                f"no AllReduce+RMSNorm fusion size for {info.label} (the fused kernel is "
+                "measured on SM90 and SM100 only); pass max_tokens= to enable it"
             ),
         )
     max_mib = ALLREDUCE_RMS_MAX_MIB[family].get(tp_size)

@@ -105,15 +105,16 @@ def check_ranks_agree(
             else " from the same inputs/options"
         )
         raise RankMismatchError(
-            f"fxsp: ranks {differ} of the TP group compiled {what} with different rewrite decisions "
-            f"than rank 0{also}; running it would deadlock at its first collective. Check that every "
-            f"rank passes the same options and traces the same graph (rank-dependent Python control "
-            f"flow?). Fingerprints (facts, decisions) by rank: {table}"
+            f"fxsp: ranks {differ} of the TP group compiled {what} with different rewrite "
+            f"decisions than rank 0{also}; running it would deadlock at its first collective. "
+            "Check that every rank passes the same options and traces the same graph "
+            "(rank-dependent Python control flow?). Fingerprints (facts, decisions) by rank: "
+            f"{table}"
         )
     if other_facts:
         log.debug(
-            "fxsp: ranks %s compiled %s from other inputs than rank 0 (uneven shards?) and took the "
-            "same rewrite decisions. Fingerprints (facts, decisions) by rank: %s",
+            "fxsp: ranks %s compiled %s from other inputs than rank 0 (uneven shards?) and took "
+            "the same rewrite decisions. Fingerprints (facts, decisions) by rank: %s",
             other_facts,
             what,
             table,

@@ -23,7 +23,8 @@ def gather_rows(
     expected = (padded_block_rows(rows, tp), shape[-1])
     if tuple(shard.shape) != expected:
         raise ValueError(
-            f"a shard of {tuple(shape)} over {tp} ranks has shape {expected}, got {tuple(shard.shape)}"
+            f"a shard of {tuple(shape)} over {tp} ranks has shape {expected}, "
+            f"got {tuple(shard.shape)}"
         )
     blocks = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(blocks, shard.contiguous(), group=group)

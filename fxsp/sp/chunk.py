@@ -12,8 +12,9 @@ The twin is exactly the chunk when both hold the same rows: the same TP group an
 of two dims (the chunk pads dim 0, SP the flattened rows) and ceil(rows / tp) rows per rank.
 vLLM's op keeps that many by definition; a plain slice must provably start at this rank's block
 (with symbolic row counts sympy often cannot prove it, and the chunk then stays, gathered, with
-the reason in the report). The padding rows agree too: the chunk pads with zeros, and the twin's padding rows are the local
-norm of zero rows, zero for any eps > 0 (the fxsp norm rules only take eps > 0).
+the reason in the report). The padding rows agree too: the chunk pads with zeros, and the twin's
+padding rows are the local norm of zero rows, zero for any eps > 0 (the fxsp norm rules only take
+eps > 0).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
             return f"padding {list(pad)} does not only append rows"
         per_rank = tensor_of(twin).shape[0]
         if not same_shape(tensor_of(twin), tensor_of(m.root)):  # symbolic sizes may not prove it
-            return f"the slice has shape {list(tensor_of(m.root).shape)}, the twin {list(tensor_of(twin).shape)}"
+            sliced, sharded = list(tensor_of(m.root).shape), list(tensor_of(twin).shape)
+            return f"the slice has shape {sliced}, the twin {sharded}"
         start, end = _size(m["start"]), _size(m["end"])
         if start is None or end is None:
             return "the slice bounds are not sizes"

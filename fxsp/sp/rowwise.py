@@ -89,7 +89,10 @@ def row_input(node: Node) -> Node | str:
     rows, out = _rows_operand(node), _first_tensor(node)
     x = tensor_of(rows)
     if node.target not in ORDER_KEEPING_VIEWS and not same_shape(x, out):
-        return f"{target_name(node.target)} turns rows {list(x.shape)} into {list(out.shape)}: not rows of the same size"
+        return (
+            f"{target_name(node.target)} turns rows {list(x.shape)} into {list(out.shape)}: "
+            "not rows of the same size"
+        )
     for i, arg in enumerate(node.args):
         source = _computed_from(arg, rows) if isinstance(arg, Node) and arg is not rows else None
         if source is not None:
@@ -150,12 +153,16 @@ def _pointwise(node: Node, name: str, rows: Node, x: torch.Tensor, out: torch.Te
     for i, arg in enumerate(node.args):
         other = tensor_of(arg) if arg is not rows else None
         if other is not None and not _broadcasts_along_rows(other, out):
-            return f"{name}: operand {i} of shape {list(other.shape)} has rows of its own, not one value per row"
+            return (
+                f"{name}: operand {i} of shape {list(other.shape)} has rows of its own, "
+                "not one value per row"
+            )
     return True
 
 
 def _broadcasts_along_rows(other: torch.Tensor, out: torch.Tensor) -> bool:
-    """`other`, right-aligned against `out`, is 1 in every dim but the last: the same for every row."""
+    """`other`, right-aligned against `out`, is 1 in every dim but the last: the same for every
+    row."""
     return other.dim() <= out.dim() and all(known_true(d == 1) for d in other.shape[:-1])
 
 
@@ -167,7 +174,10 @@ def _keeps_rows(name: str, x: torch.Tensor, out: torch.Tensor) -> bool | str:
     if out.dim() < 2:
         return f"{name} flattens {list(x.shape)} into {list(out.shape)}: it mixes rows and hidden"
     if not known_true(x.shape[-1] == out.shape[-1]):
-        return f"{name} changes the hidden dim {list(x.shape)} -> {list(out.shape)}: it mixes rows and hidden"
+        return (
+            f"{name} changes the hidden dim {list(x.shape)} -> {list(out.shape)}: "
+            "it mixes rows and hidden"
+        )
     if not known_true(math.prod(x.shape[:-1]) == math.prod(out.shape[:-1])):
         return f"{name} regroups {list(x.shape)} -> {list(out.shape)} with another number of rows"
     return True
@@ -179,7 +189,10 @@ def _along_last_dim(node: Node, name: str, x: torch.Tensor, out: torch.Tensor) -
         return f"{name} reduces over every dim, the token dims among them"
     wanted = [dims] if isinstance(dims, int) else list(dims)
     if any(d % x.dim() != x.dim() - 1 for d in wanted):
-        return f"{name} works along dims {wanted} of {list(x.shape)}: across the token dims, mixing rows"
+        return (
+            f"{name} works along dims {wanted} of {list(x.shape)}: "
+            "across the token dims, mixing rows"
+        )
     if out.dim() < x.dim() - 1 or not all(
         known_true(a == b) for a, b in zip(x.shape[:-1], out.shape)
     ):

@@ -323,7 +323,8 @@ class SequenceParallel:
 
 
 def sharded_twin(value: Node) -> tuple[Node, str, int] | None:
-    """(sharded twin, group, tp size) of a full-size value an SP rewrite gathered, if still there."""
+    """(sharded twin, group, tp size) of a full-size value an SP rewrite gathered, if still
+    there."""
     twin = value.meta.get(SHARD)
     return None if twin is None or twin[0]._erased else twin
 

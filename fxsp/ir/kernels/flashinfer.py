@@ -306,7 +306,8 @@ FLASHINFER_ALLREDUCE_PROVIDER = Provider(
     available=functools.partial(flashinfer_available, "comm"),
 )
 
-# On import: the fused ops exist only where the fusion gate (compile.options), which imports this module, allowed
-# them. Only the cheap check: importing FlashInfer can take seconds (it may JIT-compile).
+# On import: the fused ops exist only where the fusion gate (compile.options), which imports
+# this module, allowed them. Only the cheap check: importing FlashInfer can take seconds (it may
+# JIT-compile).
 if flashinfer_installed():
     register_provider(FLASHINFER_ALLREDUCE_PROVIDER)

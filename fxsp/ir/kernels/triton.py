@@ -28,9 +28,10 @@ puts the ops in after AOT autograd has traced the model, so it splices in that t
 (`lowering._call_provider`). Called eagerly, the body launches the kernel directly.
 
 Every kernel produces the same bits as the references in `ops.py`, up to the order (and fused
-multiply-adds) of the fp32 sum of squares: x + residual is rounded to its dtype, the normalised row is rounded to the
-norm's input dtype before the weight multiply, the product to promote(input, weight), and the
-quantised value is (value / scale) clamped and rounded to FP8 with round-to-nearest-even.
+multiply-adds) of the fp32 sum of squares: x + residual is rounded to its dtype, the normalised
+row is rounded to the norm's input dtype before the weight multiply, the product to
+promote(input, weight), and the quantised value is (value / scale) clamped and rounded to FP8
+with round-to-nearest-even.
 Roundings to bf16 and FP8 are done with integer operations rather than casts: the Triton
 interpreter truncates bf16 casts and carries FP8 rounding wrongly, and FP8 E4M3FNUZ has no cast
 on NVIDIA GPUs; the integer form gives the same bits on every backend. Both cost a few integer

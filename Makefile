@@ -8,7 +8,7 @@ VENV211 := .venv-torch211
 PY211 := $(VENV211)/bin/python
 NPROC ?= 2
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
 $(VENV)/.ready: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ setup: $(VENV)/.ready
 
 demo: $(VENV)/.ready
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/tp_llama.py
+
+# What CI checks before the tests (.ci/run): ruff's lint and format, configured in pyproject.toml.
+lint: $(VENV)/.ready
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The whole suite on torch 2.13 (with vLLM: tests/conftest.py runs its tests in a process of
 # their own), then on torch 2.11; fails if either fails.

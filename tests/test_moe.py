@@ -32,11 +32,13 @@ def expected_counts(spec: MoESpec) -> dict:
             sources.append(last)
             last = block
     sources.append(last)
-    # Left alone: a sum of two all-reduces (a reshape after the all-reduce is crossed).
-    moe_rewritten = not spec.shared_all_reduce
-    middle = sum(s == "attention" or (s == "moe" and moe_rewritten) for s in sources[1:-1])
+    # A shared expert's all-reduce is folded into the routed experts' one (sp/fold.py), so every
+    # MoE block is a site; a reshape after the all-reduce is crossed.
+    middle = sum(s in ("attention", "moe") for s in sources[1:-1])
     # the embedding's all-reduce (also the residual) → first; the final norm's residual is dead
-    counts = {"sp.first": 1, "sp.middle": middle, "sp.last": int(moe_rewritten)}
+    counts = {"sp.first": 1, "sp.middle": middle, "sp.last": 1, "fold.pair": spec.layers}
+    if not spec.shared_all_reduce:
+        del counts["fold.pair"]
     return {name: n for name, n in counts.items() if n}
 
 
@@ -61,7 +63,7 @@ def compile_and_compare(rank: int, world: int, cases: list) -> list:
             misses = []
             for report in backend.reports[seen:]:
                 for name, n in report.counts.items():
-                    if n and name.startswith("sp."):
+                    if n and name.startswith(("sp.", "fold.")):
                         counts[name] = counts.get(name, 0) + n
                 misses += [str(near) for name, near in report.misses.items() if name == "sp.last"]
             assert result.shape == reference.shape, (result.shape, reference.shape)
@@ -117,7 +119,7 @@ def test_expected_counts():
     }
     assert expected_counts(
         BASE.with_(attention=False, shared_expert=True, shared_all_reduce=True)
-    ) == {"sp.first": 1}
+    ) == {"sp.first": 1, "sp.middle": 1, "sp.last": 1, "fold.pair": 2}
 
 
 # --- vLLM's MoE SP case: the chunk after the norm folds into the shard --------------------------

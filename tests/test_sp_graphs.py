@@ -207,6 +207,10 @@ return (%25,)""",
 
     def test_graph_break_keeps_outputs_full_size(self):
         first, second = compile_reports(Block(layers=2, graph_break=True), torch.randn(4, 8))
+        # The first graph returns its last residual in full: SP would all-gather it beside the
+        # norm's output, more bytes than the all-reduce, and so would the first norm's site,
+        # whose residual feeds that one. It stays plain TP, and says why.
+        self.assertIn("SP would send more than the all-reduce", str(first.misses["sp.middle"]))
         self.assertExpectedInline(
             first.rewritten,
             """\
@@ -216,22 +220,14 @@ return (%25,)""",
 %3 = input('arg3_1')  : f32[8, 8]
 %4 = input('arg4_1')  : f32[8]
 %5 = aten.mm.default(%1, %0)  : f32[4, 8]
-%6 = _c10d_functional.reduce_scatter_tensor.default(%5, 'sum', 2, G0)  : f32[2, 8]
-%7 = _c10d_functional.wait_tensor.default(%6)  : f32[2, 8]
-%8 = fxsp.rms_norm.default(%7, %2, 1e-06)  : f32[2, 8]
-%9 = _c10d_functional.all_gather_into_tensor.default(%8, 2, G0)  : f32[4, 8]
-%10 = _c10d_functional.wait_tensor.default(%9)  : f32[4, 8]
-%11 = aten.mm.default(%10, %3)  : f32[4, 8]
-%12 = _c10d_functional.reduce_scatter_tensor.default(%11, 'sum', 2, G0)  : f32[2, 8]
-%13 = _c10d_functional.wait_tensor.default(%12)  : f32[2, 8]
-%14 = fxsp.fused_add_rms_norm.default(%13, %7, %4, 1e-06)  : (f32[2, 8], f32[2, 8])
-%15 = operator.getitem(%14, 0)  : f32[2, 8]
-%16 = operator.getitem(%14, 1)  : f32[2, 8]
-%17 = _c10d_functional.all_gather_into_tensor.default(%15, 2, G0)  : f32[4, 8]
-%18 = _c10d_functional.wait_tensor.default(%17)  : f32[4, 8]
-%19 = _c10d_functional.all_gather_into_tensor.default(%16, 2, G0)  : f32[4, 8]
-%20 = _c10d_functional.wait_tensor.default(%19)  : f32[4, 8]
-return (%18, %20)""",
+%6 = fxsp.all_reduce.default(%5, G0, 'c10d')  : f32[4, 8]
+%7 = fxsp.rms_norm.default(%6, %2, 1e-06)  : f32[4, 8]
+%8 = aten.mm.default(%7, %3)  : f32[4, 8]
+%9 = fxsp.all_reduce.default(%8, G0, 'c10d')  : f32[4, 8]
+%10 = fxsp.fused_add_rms_norm.default(%9, %6, %4, 1e-06)  : (f32[4, 8], f32[4, 8])
+%11 = operator.getitem(%10, 0)  : f32[4, 8]
+%12 = operator.getitem(%10, 1)  : f32[4, 8]
+return (%11, %12)""",
         )
         self.assertExpectedInline(
             second.rewritten,

@@ -10,6 +10,7 @@ from ..ir.lowering import lower_ir
 from ..ir.raising import raise_ir
 from ..sp.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from ..sp.chunk import chunk_rules
+from ..sp.fold import fold_all_reduces
 from ..sp.rules import SPConfig, shard_graph_outputs, sp_rules
 from .report import GraphReport
 from .stats import collective_signature, traffic
@@ -28,6 +29,8 @@ def run_passes(
         report._add(r)
     report._add(noop_rules().apply(graph))  # an identity reshape must not hide a norm's input
     report.traffic_before = traffic(graph)
+    for r in fold_all_reduces(graph):  # a sum of all-reduces is one all-reduce, SP or not
+        report._add(r)
     if sp is not None:
         report._add(sp_rules(sp, report.row_thresholds).apply(graph))
         report._add(chunk_rules(sp).apply(graph))  # MoE's chunk of a sharded value: the shard

@@ -54,7 +54,8 @@ class GraphReport:
     async_tp: AsyncTPSites | None = None  # micro-pipeline TP coverage, where it ran (async_tp)
 
     def explain(self) -> str:
-        lines = [p.explain() for p in self.passes]
+        lines = [f"collective payload: {self.traffic_before} before, {self.traffic_after} after"]
+        lines += [p.explain() for p in self.passes]
         if self.async_tp is not None:
             lines += [str(self.async_tp), *(f"  not fused: {why}" for why in self.async_tp.blocked)]
         return "\n".join(lines)

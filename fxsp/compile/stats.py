@@ -27,6 +27,9 @@ class Traffic:
     norm_rows: list = field(default_factory=list)
     residual_rows: list = field(default_factory=list)
 
+    def __str__(self) -> str:
+        return " + ".join(f"{k} {v} B" for k, v in sorted(self.bytes.items())) or "none"
+
     def sent_per_rank(self, tp: int) -> float:
         """Bytes each rank sends, ring algorithms: an all-reduce sends 2(tp-1)/tp of its
         payload, a reduce-scatter or an all-gather (tp-1)/tp."""

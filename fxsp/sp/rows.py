@@ -52,6 +52,12 @@ def _size(b: Builder, x: Node, dim: int) -> Size:
     """Size `dim` of `x`. A symbolic one is taken, where the graph has it, from the size
     arguments of the view or the operands of the matmul computing `x`: a `sym_size` of `x`
     would keep `x` alive after SP recomputed it on padded rows."""
+    found = _size_in_graph(b, x, dim)
+    return b.call(aten.sym_size.int, x, dim) if found is None else found
+
+
+def _size_in_graph(b: Builder, x: Node, dim: int) -> Size | None:
+    """`_size`, or None where only a `sym_size` of `x` itself would tell."""
     d = tensor_of(x).shape[dim]
     if isinstance(d, int):
         return d
@@ -66,7 +72,7 @@ def _size(b: Builder, x: Node, dim: int) -> Size:
         return x.args[3]
     if x.target in _MATMULS and tensor_of(x).dim() == 2:
         return _size(b, x.args[0], 0) if dim == 0 else _size(b, x.args[1], 1)
-    return b.call(aten.sym_size.int, x, dim)
+    return None
 
 
 def _arith(b: Builder, fn: Any, *args: Size) -> Size:
@@ -109,7 +115,20 @@ def shaped_like(b: Builder, blocks: RowBlocks, x: Node) -> RowBlocks:
         isinstance(s, int) and known_true(s == d) for s, d in zip(blocks.shape, t.shape)
     ):
         return blocks
-    return replace(blocks, shape=[_size(b, x, d) for d in range(t.dim())])
+    shape = [_size_in_graph(b, x, d) for d in range(t.dim())]
+    unknown = [d for d, size in enumerate(shape) if size is None]
+    if len(unknown) == 1 and unknown[0] < t.dim() - 1:
+        # A token dim the graph does not spell (a view's -1): the rows over the other token
+        # dims. A `sym_size` of `x` would read `x`, which SP replaces and may erase: a node
+        # used before it is defined, or an all-reduce kept alive.
+        others = 1
+        for size in shape[:-1]:
+            others = others if size is None else _arith(b, operator.mul, others, size)
+        exact = isinstance(others, int) and others == 1
+        shape[unknown[0]] = (
+            blocks.rows if exact else _arith(b, operator.floordiv, blocks.rows, others)
+        )
+    return replace(blocks, shape=[_size(b, x, d) if s is None else s for d, s in enumerate(shape)])
 
 
 def to_padded_rows(b: Builder, x: Node, blocks: RowBlocks, through_matmul: bool = False) -> Node:

@@ -142,3 +142,21 @@ def compare(rank: int, world: int) -> list:
 def test_numerics_match_eager_on_gloo(world):
     for rank, errors in enumerate(run_world(world, compare)):
         assert max(errors) <= 1e-5, (rank, errors)
+
+
+@pytest.mark.parametrize("fake_pg", [2, 3], indirect=True)
+@pytest.mark.parametrize("rows", [12, 13])
+def test_the_residual_stream_leaving_through_an_add_takes_its_shard(fake_pg, rows):
+    """No final norm: the last all-reduce is added to the residual and returned. The add takes
+    the residual's shard (`sp.end`) instead of an all-gather of it, so every site pays."""
+    from fxsp.testing.tp_llama import Spec, TPLlama
+
+    model = TPLlama(Spec(layers=2, final_norm=False))
+    backend = fxsp.backend(None, min_tokens=0)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(model.example_input(rows))
+    (report,) = backend.reports
+    assert report.counts["sp.end"] == 1 and report.counts["sp.middle"] == 3, report.explain()
+    assert "_c10d_functional.all_reduce" not in report.after
+    assert report.after.count("all_gather_into_tensor") == report.after.count("reduce_scatter")
+    assert_never_more_bytes(backend.reports, fake_pg, rows)

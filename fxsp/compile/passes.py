@@ -11,7 +11,7 @@ from ..ir.raising import raise_ir
 from ..sp.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from ..sp.chunk import chunk_rules
 from ..sp.fold import fold_all_reduces
-from ..sp.rules import SPConfig, shard_graph_outputs, sp_rules
+from ..sp.rules import SequenceParallel, SPConfig, shard_graph_outputs, sp_rules
 from .report import GraphReport
 from .stats import collective_signature, traffic
 
@@ -33,6 +33,8 @@ def run_passes(
         report._add(r)
     if sp is not None:
         report._add(sp_rules(sp, report.row_thresholds).apply(graph))
+        ending = SequenceParallel(sp, report.row_thresholds).end_rule_set()
+        report._add(ending.apply(graph))  # the residual stream leaving through an add
         report._add(chunk_rules(sp).apply(graph))  # MoE's chunk of a sharded value: the shard
         if sp.shard_outputs:
             report.counts["sp.sharded_outputs"] = shard_graph_outputs(graph)

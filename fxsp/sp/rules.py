@@ -44,8 +44,8 @@ import torch
 from torch.fx import Node
 
 from ..dsl.builder import Builder, erase_unused
-from ..dsl.fake import known_true, tensor_of
-from ..dsl.pattern import behind, getitem, such_that
+from ..dsl.fake import known_true, same_shape, tensor_of
+from ..dsl.pattern import behind, getitem, op, such_that
 from ..dsl.rules import Match, Rule, RuleSet
 from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
@@ -115,6 +115,8 @@ last_norm = such_that(
     lambda n: not residual_used(n),
     "(residual output unused)",
 )
+# The residual stream leaving the region through a plain add (see `end_rule_set`).
+residual_add = op(aten.add.Tensor, reduced_rows, site.residual, name="norm")
 first_fp8 = site.static_fp8_quant(first_norm)
 middle_fp8 = site.static_fp8_quant(getitem(middle_norm, 0))
 last_fp8 = site.static_fp8_quant(getitem(last_norm, 0))
@@ -221,22 +223,49 @@ class SequenceParallel:
 
     def takes_the_shard(self, reader: Node, value: Node) -> bool:
         """Whether `reader` can read `value`'s sharded twin: a graph output where outputs stay
-        sharded, or the residual operand of a fused add + norm that is a site itself and
-        pays for itself (asked once per norm)."""
+        sharded, or the residual operand of a fused add + norm, or of a plain add (`sp.end`),
+        whose other operand is an all-reduce over the TP group, where that site pays for itself
+        (asked once per reader)."""
         if reader.op == "output":
             return self.cfg.shard_outputs
-        if reader.target is not FUSED_ADD_RMS_NORM or value not in reader.args[:2]:
+        if reader.target not in _RESIDUAL_READERS or value not in reader.args[:2]:
             return False
         if reader not in self.pays:
             self.pays[reader] = False  # a cycle would not pay
             x = reader.args[1] if reader.args[0] is value else reader.args[0]
-            chain = self.chain_of(x)
+            chain = self.chain_of(x) if isinstance(x, Node) else None
             self.pays[reader] = (
                 chain is not None
                 and chain[0].args[1] == self.cfg.group
+                and same_shape(tensor_of(x), tensor_of(value))
                 and len(self.read_in_full(reader, reader, chain)) <= 1
             )
         return self.pays[reader]
+
+    def end_rule_set(self) -> RuleSet:
+        """`sp.end`, run after the SP rules: the residual stream leaving the region through an
+        add of an all-reduce (a model without a final norm in this graph) takes the residual's
+        shard, `all_reduce(x) + residual ⇒ all_gather(reduce_scatter(x) + shard)`: the bytes of
+        the all-reduce, where gathering the residual for the add would be one all-gather more."""
+        return RuleSet("sp.end", [Rule("sp.end", residual_add, self.end, where=self.ends)])
+
+    def ends(self, m: Match) -> bool | str:
+        twin = sharded_twin(m["residual"])
+        if twin is None or twin[1:] != (m["group"], self.cfg.world):
+            return f"{m['residual'].name} is not a residual SP passed on sharded"
+        verdict = site.applicable(m, self.cfg.group, self.enough_rows)
+        if verdict is not True:
+            return verdict
+        full = self.read_in_full(m.root, m.root, self.chain_of(m["h"]))
+        return len(full) <= 1 or f"SP would send more than the all-reduce: {len(full)} all-gathers"
+
+    def end(self, b: Builder, m: Match) -> None:
+        blocks, scattered, chain = self.scatter(b, m)
+        rows = self.rows_of(b, m["residual"], blocks, m["group"])
+        out = self.gather(b, b.call(aten.add.Tensor, scattered, rows), blocks, self.collectives(m))
+        b.replace(m.root, out)
+        matmuls_on_padded_rows(b, out, blocks)
+        _erase_site(m, chain)
 
     @staticmethod
     def chain_of(h: Node) -> list[Node] | None:
@@ -472,3 +501,7 @@ def _takes_a_chunk(reader: Node, tp: int) -> bool:
         )
     chunk = vllm_op("sequence_parallel_chunk_impl")
     return chunk is not None and reader.target is chunk
+
+
+# What can read a residual SP passes on sharded: a fused add + norm, or an add ending the region.
+_RESIDUAL_READERS = frozenset({FUSED_ADD_RMS_NORM, aten.add.Tensor})

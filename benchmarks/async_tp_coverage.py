@@ -7,7 +7,8 @@ micro-pipeline TP on for fxsp's compiles; NCCL and symmetric memory are mocked
 (fxsp.testing.async_tp) so Inductor runs the real fusion pass; the graph is compiled, not run
 (the fused symm_mem ops have no CPU kernels). A site is *fusable* when its collective and a
 matmul are joined through row-layout nodes alone (pads, trims, views), *fused* when micro-pipeline
-TP turned it into a symm_mem op (fxsp.compile.stats.async_tp_sites). One line per layout or model, then
+TP turned it into a symm_mem op (fxsp.compile.stats.async_tp_sites). One line per layout or model,
+then
 a summary line.
 """
 
@@ -59,7 +60,8 @@ def main() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # a cache hit skips the passes
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     print(
-        f"torch {torch.__version__}, fake process group of 2 ranks, micro-pipeline TP mocked on CPU\n"
+        f"torch {torch.__version__}, fake process group of 2 ranks, "
+        "micro-pipeline TP mocked on CPU\n"
     )
     print(f"{'layout / model':34} {'graphs':>6} {'fusable':>8} {'fused':>6}")
     all_fusable = all_fused = 0

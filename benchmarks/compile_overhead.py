@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/compile_overhead.py [--runs 5] [--layers 4] [--big-runs 1]
 
 One process on the fake process group of 2 ranks: it compiles graphs byte-identical to a real
-gloo rank 0's (checked on torch 2.13), compile time needs no working collectives, and one process keeps
+gloo rank 0's (checked on torch 2.13), compile time needs no working collectives, and one process
+keeps
 the two compilers side by side under the same machine load. The model is
 fxsp.testing.tp_llama.TPLlama (4 layers, hidden 96, 64 rows, fp32), as in the demo, and the
 same model with `--layers` layers (80 by default, `--big-runs` runs): there the question is
@@ -198,7 +199,8 @@ def main() -> None:
     wall_ratio = median("fxsp", "wall") / median("inductor", "wall")
     cpu_ratio = median("fxsp", "cpu") / median("inductor", "cpu")
     print(
-        f"{'med':>3} {median('fxsp', 'wall'):>11.2f} {median('inductor', 'wall'):>15.2f} {wall_ratio:>6.3f} "
+        f"{'med':>3} {median('fxsp', 'wall'):>11.2f} {median('inductor', 'wall'):>15.2f} "
+        f"{wall_ratio:>6.3f} "
         f"{median('fxsp', 'cpu'):>10.2f} {median('inductor', 'cpu'):>14.2f} {cpu_ratio:>6.3f} "
         f"{median('fxsp', 'passes'):>15.3f}"
     )
@@ -209,8 +211,9 @@ def main() -> None:
 
     print(
         f"\nsummary: whole compile of a {SPEC.layers}-layer TP Llama, median of {args.runs}: "
-        f"CPU time fxsp/Inductor {cpu_ratio:.3f}x (goal <= {GOAL}x: {verdict(cpu_ratio)}), wall time "
-        f"{wall_ratio:.3f}x ({verdict(wall_ratio)}); fxsp's own passes {median('fxsp', 'passes'):.2f} s "
+        f"CPU time fxsp/Inductor {cpu_ratio:.3f}x (goal <= {GOAL}x: {verdict(cpu_ratio)}), "
+        f"wall time {wall_ratio:.3f}x ({verdict(wall_ratio)}); "
+        f"fxsp's own passes {median('fxsp', 'passes'):.2f} s "
         f"of {median('fxsp', 'wall'):.1f} s"
     )
     if args.big_runs:
@@ -221,12 +224,14 @@ def main() -> None:
 def big_model(spec: Spec, runs: int) -> None:
     """fxsp's share of the compile of a `spec.layers`-layer model, and fxsp / Inductor."""
     print(
-        f"\n{spec.layers}-layer TP Llama (hidden {spec.hidden}, {ROWS} rows), {runs} run(s), fxsp and "
+        f"\n{spec.layers}-layer TP Llama (hidden {spec.hidden}, {ROWS} rows), {runs} run(s), "
+        "fxsp and "
         "Inductor alternating:"
     )
     print(
         f"{'run':>3} {'fxsp wall s':>11} {'inductor wall s':>15} {'ratio':>6} {'fxsp cpu s':>10} "
-        f"{'inductor cpu s':>14} {'ratio':>6} {'passes wall s':>15} {'passes cpu s':>14} {'share':>6} "
+        f"{'inductor cpu s':>14} {'ratio':>6} {'passes wall s':>15} {'passes cpu s':>14} "
+        f"{'share':>6} "
         f"{'of which full gc s':>18} {'share without':>13}"
     )
     shares, shares_without_gc, ratios = [], [], []
@@ -240,15 +245,18 @@ def big_model(spec: Spec, runs: int) -> None:
         print(
             f"{run + 1:>3} {f['wall']:>11.2f} {i['wall']:>15.2f} {f['wall'] / i['wall']:>6.3f} "
             f"{f['cpu']:>10.2f} {i['cpu']:>14.2f} {f['cpu'] / i['cpu']:>6.3f} {f['passes']:>15.3f} "
-            f"{f['passes_cpu']:>14.3f} {f['passes_cpu'] / f['cpu']:>6.2%} {f['full_gc_cpu']:>18.3f} "
+            f"{f['passes_cpu']:>14.3f} {f['passes_cpu'] / f['cpu']:>6.2%} "
+            f"{f['full_gc_cpu']:>18.3f} "
             f"{shares_without_gc[-1]:>13.2%}",
             flush=True,
         )
     share = statistics.median(shares)
     print(
-        f"summary, median of {runs}: fxsp's passes are {share:.2%} of the {spec.layers}-layer compile's CPU "
+        f"summary, median of {runs}: fxsp's passes are {share:.2%} of the {spec.layers}-layer "
+        "compile's CPU "
         f"time (goal <= 1 %: {'met' if share <= 0.01 else 'MISSED'}), "
-        f"{statistics.median(shares_without_gc):.2%} without the full garbage collections that fell in "
+        f"{statistics.median(shares_without_gc):.2%} without the full garbage collections that "
+        "fell in "
         f"them; whole compile fxsp / Inductor {statistics.median(ratios):.3f}x CPU time"
     )
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/sp_pass_speed.py [--profile] [--layers 4 16 32 80]
 
-1. What the user pays: fxsp's passes, all of them (`fxsp.compile.passes.run_passes`: raise, SP rules,
+1. What the user pays: fxsp's passes, all of them (`fxsp.compile.passes.run_passes`: raise, SP
+   rules,
    clean-up, lowering) on raw post-grad graphs, the ones Inductor hands its post-grad passes
    (benchmarks/post_grad_llama.py: fxsp.testing.tp_llama's TPLlama, bf16, functional
    all-reduce), once with the HF norm spelling and once with `F.rms_norm`. The baseline is
@@ -262,7 +263,8 @@ def raw_passes_table(layer_counts: tuple) -> dict:
                 "graph": graph,
             }
             print(
-                f"{norm:>5} {layers:>6} {len(graph.graph.nodes):>6} {fxsp_matches:>5}/{baseline_matches:<5} "
+                f"{norm:>5} {layers:>6} {len(graph.graph.nodes):>6} "
+                f"{fxsp_matches:>5}/{baseline_matches:<5} "
                 f"{fxsp_s * 1e3:>8.1f} {texts_s * 1e3:>9.1f} {baseline_s * 1e3:>10.1f} "
                 f"{baseline_s / fxsp_s:>7.1f}x {baseline_s / texts_s:>6.1f}x "
                 f"{fxsp_s / layers * 1e3:>13.2f} {'yes' if same else 'NO':>11}",
@@ -393,10 +395,13 @@ def main() -> None:
     for norm in SPELLINGS:
         per_layer = [raw[norm, n]["fxsp"] / n * 1e3 for n in args.layers]
         print(
-            f"{norm}: fxsp t({most})/t({few}) = {raw[norm, most]['fxsp'] / raw[norm, few]['fxsp']:.1f} "
+            f"{norm}: fxsp t({most})/t({few}) = "
+            f"{raw[norm, most]['fxsp'] / raw[norm, few]['fxsp']:.1f} "
             f"(linear: {most / few:.0f}); ms/layer {min(per_layer):.2f} to {max(per_layer):.2f}; "
-            f"speed-up at {most} layers {raw[norm, most]['baseline'] / raw[norm, most]['fxsp']:.1f}x, "
-            f"{raw[norm, most]['baseline'] / raw[norm, most]['fxsp+texts']:.1f}x with the texts read "
+            f"speed-up at {most} layers "
+            f"{raw[norm, most]['baseline'] / raw[norm, most]['fxsp']:.1f}x, "
+            f"{raw[norm, most]['baseline'] / raw[norm, most]['fxsp+texts']:.1f}x "
+            "with the texts read "
             "(goal >= 20x)"
         )
 

@@ -205,7 +205,8 @@ def print_tables(results: list) -> None:
     )
     print(
         f"{'rows':>5} {'steps':>5} {'inductor ms':>11} {'fxsp ms':>8} {'fxsp/ind':>8} "
-        f"{'peak MiB ind':>18} {'peak MiB fxsp':>18} {'compile s ind/fxsp':>18} {'max err ind/fxsp':>17}"
+        f"{'peak MiB ind':>18} {'peak MiB fxsp':>18} {'compile s ind/fxsp':>18} "
+        f"{'max err ind/fxsp':>17}"
     )
     for f in results:
         s, p, c, e = f["step_ms"], f["peak_bytes"], f["compile_s"], f["error"]
@@ -230,18 +231,21 @@ def print_tables(results: list) -> None:
         )
         print(
             f"{f['rows']:>5} {b['norm_rows']:>9}/{a['norm_rows']:<8} "
-            f"{b['residual_rows'] * bytes_per_row / 1024:>10.0f}/{a['residual_rows'] * bytes_per_row / 1024:<10.0f} "
+            f"{b['residual_rows'] * bytes_per_row / 1024:>10.0f}/"
+            f"{a['residual_rows'] * bytes_per_row / 1024:<10.0f} "
             f"{b['payload_per_layer'].get('all_reduce', 0) / 1024:>15.0f} {payload_after:>26} "
             f"{b['sent_per_layer'] / 1024:>8.0f}/{a['sent_per_layer'] / 1024:<8.0f}"
         )
     print(
-        f"\ngloo alone, one [rows, {SPEC.hidden}] fp32 tensor (median of {COLLECTIVE_REPEATS}, slowest rank):"
+        f"\ngloo alone, one [rows, {SPEC.hidden}] fp32 tensor "
+        f"(median of {COLLECTIVE_REPEATS}, slowest rank):"
     )
     print(f"{'rows':>5} {'all-reduce ms':>13} {'RS + AG ms':>10} {'ratio':>6}")
     for f in results:
         g = f["gloo_ms"]
         print(
-            f"{f['rows']:>5} {g['all_reduce']:>13.3f} {g['rs_ag']:>10.3f} {g['rs_ag'] / g['all_reduce']:>6.2f}"
+            f"{f['rows']:>5} {g['all_reduce']:>13.3f} {g['rs_ag']:>10.3f} "
+            f"{g['rs_ag'] / g['all_reduce']:>6.2f}"
         )
     if all(f["rs_is_all_reduce"] for f in results):
         print(
@@ -321,7 +325,8 @@ def main() -> None:
         " (gloo's RS is an AR underneath)" if all(f["rs_is_all_reduce"] for f in results) else ""
     )
     print(
-        f"\nsummary: fxsp step time / Inductor's: {ratios}; norm rows and residual per rank 1/{TP}; "
+        f"\nsummary: fxsp step time / Inductor's: {ratios}; "
+        f"norm rows and residual per rank 1/{TP}; "
         f"gloo RS+AG / AR: {gloo}{underneath} ({time.perf_counter() - start:.0f} s in all)"
     )
 

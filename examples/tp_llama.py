@@ -1,6 +1,7 @@
 """`make demo`: a tensor-parallel Llama-style model compiled with fxsp on every rank.
 
-    torchrun --nproc-per-node 2 examples/tp_llama.py [--rows N] [--layers N] [--fp8] [--min-tokens N]
+    torchrun --nproc-per-node 2 examples/tp_llama.py [--rows N] [--layers N] [--fp8]
+        [--min-tokens N]
 
 Runs on GPUs over NCCL when there is one per rank, else on CPU over gloo (and says so). Compares
 against the eager model on every rank, and prints what sequence parallelism did: one layer's
@@ -91,11 +92,13 @@ def main() -> None:
     if rank == 0:
         report = backend.reports[-1]
         print(
-            f"fxsp demo: {world} ranks on {where}; {args.layers} layers, {args.rows} rows, hidden {spec.hidden}"
+            f"fxsp demo: {world} ranks on {where}; {args.layers} layers, {args.rows} rows, "
+            f"hidden {spec.hidden}"
         )
         if report.cached:
             print(
-                "(Inductor reused the compiled graph from its cache; fxsp's report was read back with it)"
+                "(Inductor reused the compiled graph from its cache; "
+                "fxsp's report was read back with it)"
             )
         print(
             "rules applied:", ", ".join(f"{k}={v}" for k, v in report.counts.items() if v) or "none"

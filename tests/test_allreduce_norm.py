@@ -384,13 +384,16 @@ def fuse_and_compare(rank: int, world: int, cases: list) -> tuple[list, dict]:
     w, scale = torch.randn(16), torch.tensor(0.05)
     reduced = funcol.all_reduce(x, "sum", dist.group.WORLD)
     fp8 = torch.float8_e4m3fn
+    fxsp_ops = torch.ops.fxsp
     eager = {
         "allreduce_rms_norm": torch.ops.fxsp.allreduce_rms_norm(x, w, 1e-6, group, "c10d"),
         "allreduce_fused_add_rms_norm": torch.ops.fxsp.allreduce_fused_add_rms_norm(
             x, residual, w, 1e-6, group, "c10d"
         ),
-        "allreduce_fused_add_rms_norm_static_fp8_quant": torch.ops.fxsp.allreduce_fused_add_rms_norm_static_fp8_quant(
-            x, residual, None, 1e-6, scale, fp8, group, "c10d"
+        "allreduce_fused_add_rms_norm_static_fp8_quant": (
+            fxsp_ops.allreduce_fused_add_rms_norm_static_fp8_quant(
+                x, residual, None, 1e-6, scale, fp8, group, "c10d"
+            )
         ),
     }
     unfused = {

@@ -261,7 +261,8 @@ def test_explain_names_the_node_between_a_collective_and_its_matmul():
     sites = async_tp_sites(graph)
     assert (sites.fusable, sites.fused) == (2, 0)
     assert sites.blocked == [
-        f"all_gather {gathered.args[0].name} → {product.name}: aten.slice.Tensor {trimmed.name} sits between",
+        f"all_gather {gathered.args[0].name} → {product.name}: "
+        f"aten.slice.Tensor {trimmed.name} sits between",
         f"{product.name} → reduce_scatter {scattered.args[0].name}: "
         f"aten.constant_pad_nd.default {padded.name} sits between",
     ]

@@ -316,7 +316,8 @@ def test_string_capture_reads_group_names():
         return call(g, c10d.wait_tensor.default, call(g, c10d.all_reduce.default, x, "max", "tp0"))
 
     assert near_miss(pattern, hand_graph(all_reduce_max, (4, 8))) == (
-        "probe at wait_tensor_default: arg 0 (all_reduce_default) → arg 1: expected str in {'sum'}, "
+        "probe at wait_tensor_default: arg 0 (all_reduce_default) → arg 1: "
+        "expected str in {'sum'}, "
         "got 'max'"
     )
 
@@ -899,7 +900,8 @@ def test_explain_rms_norm_near_miss_points_into_the_pattern():
     assert miss.node.target is aten.sqrt.default
     assert report.explain() == (
         "norms: hf_rms_norm=0\n"
-        "  near-miss hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): expected aten.rsqrt.default, "
+        "  near-miss hf_rms_norm at mul_1: arg 1 (mul) → arg 1 (sqrt): "
+        "expected aten.rsqrt.default, "
         "got aten.sqrt.default"
     )
 

@@ -34,7 +34,8 @@ def nothing_left_installed(monkeypatch):
 @pytest.mark.parametrize(
     "total_read_bytes, output_bytes, users, reads, expected",
     [
-        # inline costs reads*users, realize costs reads + out*(1+users): realize when inline >= realize
+        # inline costs reads*users, realize costs reads + out*(1+users):
+        # realize when inline >= realize
         (3000, 1000, 2, 1, True),  # 3000*1 == 1000*3: equality realizes
         (2999, 1000, 2, 9, False),  # just below; with sizes known the read count is unused
         (2000, 1000, 3, 1, True),  # 2000*2 == 1000*4

@@ -60,7 +60,8 @@ def raised(gm: GraphModule) -> str:
     """Golden text: the graph, what fired, the raised graph."""
     before = fxsp.golden(gm)
     fired = counts(raise_ir(gm, check=True))
-    return f"{before}\n--- {', '.join(f'{k}={v}' for k, v in fired.items()) or 'nothing raised'}\n{fxsp.golden(gm)}"
+    raised = ", ".join(f"{k}={v}" for k, v in fired.items()) or "nothing raised"
+    return f"{before}\n--- {raised}\n{fxsp.golden(gm)}"
 
 
 def spelled(spelling: Spelling, arg, dtype: torch.dtype = F32) -> GraphModule:

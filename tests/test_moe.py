@@ -92,7 +92,8 @@ def test_moe_two_ranks_equals_eager():
             [6],
             "eager",
         ),
-        # an all-reduce of rows reshaped after (rewritten), a shared expert reduced apart (left alone)
+        # an all-reduce of rows reshaped after (rewritten), a shared expert reduced apart (folded
+        # into the routed experts' all-reduce)
         (BASE.with_(batched=True, reduce_rows=True), [6], "eager"),
         (BASE.with_(attention=False, shared_expert=True, shared_all_reduce=True), [5], "eager"),
         (BASE.with_(attention=False, layers=1), [5], "inductor"),

@@ -135,7 +135,8 @@ def test_dtensor_parallelize_module_equals_eager(world):
 
 
 def compare_with_cache(rank: int, world: int) -> tuple:
-    """Inductor-compiled prompt-embeds model (rank-specific residual slices): error and cache hits."""
+    """Inductor-compiled prompt-embeds model (rank-specific residual slices): error and cache
+    hits."""
     from torch._dynamo.utils import counters
 
     model = TPLlama(BASE.with_(prompt_embeds=True, layers=1))

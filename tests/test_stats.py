@@ -1,4 +1,5 @@
-"""What a graph moves (fxsp/compile/stats.py) and how collectives are read (fxsp/ir/collectives.py), for
+"""What a graph moves (fxsp/compile/stats.py) and how collectives are read
+(fxsp/ir/collectives.py), for
 both collective flavours: PyTorch's functional collectives and vLLM's ops (CPU stand-ins)."""
 
 from __future__ import annotations

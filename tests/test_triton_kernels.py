@@ -573,7 +573,8 @@ cases = [
 for (fn, outputs, exponent_bias), written in zip(cases, [["out_ptr"]] + [
         ["out_ptr", "residual_out_ptr"], ["out_ptr"], ["out_ptr", "residual_out_ptr"]]):
     graph = trace(fn, x, residual, weight, scale).graph
-    launches = graph.find_nodes(op="call_function", target=higher_order.triton_kernel_wrapper_functional)
+    wrapper = higher_order.triton_kernel_wrapper_functional
+    launches = graph.find_nodes(op="call_function", target=wrapper)
     assert len(launches) == 1, graph
     assert not [n for n in graph.nodes if str(n.target).startswith("fxsp_triton")], graph
     launch = launches[0]

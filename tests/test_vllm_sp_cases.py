@@ -132,7 +132,8 @@ def test_sequence_parallelism_pass_fp8(dtype, dynamic, fused_norm_quant):
 
 def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog):
     """vLLM's pass test runs with gradients enabled. A model whose parameters require grad,
-    called outside no_grad, compiles a training graph: SP is off, said once per backend at WARNING."""
+    called outside no_grad, compiles a training graph: SP is off, said once per backend at
+    WARNING."""
     torch.manual_seed(0)
     model = AllReduceRMSNormModel(torch.bfloat16)
     backend = fxsp.backend(None, inner="eager", min_tokens=0)

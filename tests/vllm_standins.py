@@ -138,7 +138,8 @@ def _all_gather(tensor: Tensor, dim: int, world_size: int, group_name: str) -> T
 
 
 def _sequence_parallel_chunk(x: Tensor) -> Tensor:
-    # vLLM's: pad the rows to a multiple of the TP size (the default group here), keep this rank's block.
+    # vLLM's: pad the rows to a multiple of the TP size (the default group here), keep this
+    # rank's block.
     tp, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     padded = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % tp))
     per_rank = padded.shape[0] // tp

@@ -98,7 +98,7 @@ def run_rule_module(name: str, path: Path) -> tuple[types.ModuleType, float]:
 
 def register_fxsp() -> dict:
     """fxsp/sp/rules.py's body (its patterns are module-level data) plus `sp_rules`."""
-    module, body = run_rule_module("fxsp.sp.rules", ROOT / "fxsp" / "patterns" / "sp.py")
+    module, body = run_rule_module("fxsp.sp.rules", ROOT / "fxsp" / "sp" / "rules.py")
     start = time.perf_counter()
     rules = module.sp_rules(module.SPConfig(group=GROUP, world=WORLD, rank=RANK, min_tokens=0))
     build = time.perf_counter() - start

@@ -236,7 +236,9 @@ def main(argv: list | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     steps = args.steps or (10 if device.type == "cuda" else 5)
     if device.type == "cuda":
-        fxsp.ir.kernels.load_gpu_providers()
+        from fxsp.ir.kernels import load_gpu_providers
+
+        load_gpu_providers()
         device_name = torch.cuda.get_device_name(device)
     else:
         torch.set_flush_denormal(True)  # unfilled collective buffers must not slow the CPU down

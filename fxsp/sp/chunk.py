@@ -11,10 +11,10 @@ all-gather of its sharded twin (`sp.SHARD`), and the chunk slices the gathered r
 The twin is exactly the chunk when both hold the same rows: the same TP group and size, a value
 of two dims (the chunk pads dim 0, SP the flattened rows) and ceil(rows / tp) rows per rank.
 vLLM's op keeps that many by definition; a plain slice must provably start at this rank's block
-(with symbolic row counts sympy often cannot prove it, and the chunk then stays, gathered, with
-the reason in the report). The padding rows agree too: the chunk pads with zeros, and the twin's
-padding rows are the local norm of zero rows, zero for any eps > 0 (the fxsp norm rules only take
-eps > 0).
+(symbolic row counts are compared residue by residue, `layout.provably_equal`; where even that
+fails, the chunk stays, gathered, with the reason in the report). The padding rows agree too:
+the chunk pads with zeros, and the twin's padding rows are the local norm of zero rows, zero for
+any eps > 0 (the fxsp norm rules only take eps > 0).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 from torch.fx import Node
 
 from ..dsl.builder import Builder
-from ..dsl.fake import known_true, same_shape, tensor_of
+from ..dsl.fake import same_shape, tensor_of
 from ..dsl.pattern import alt, anything, op, tensor
 from ..dsl.rules import Match, Rule, RuleSet
-from .layout import block_bounds, padded_block_rows
+from .layout import block_bounds, padded_block_rows, provably_equal
 from .rules import SPConfig, sharded_twin
 
 aten = torch.ops.aten
@@ -49,7 +49,7 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
         rows, per_rank = value.shape[0], sharded.shape[0]
         # The chunk's layout, ceil(rows / tp) rows per rank, must be the twin's.
         if not (
-            known_true(per_rank == padded_block_rows(rows, world))
+            provably_equal(per_rank, padded_block_rows(rows, world), world)
             and same_shape(sharded[0], value[0])
         ):
             return f"the twin's {per_rank} rows per rank are not ceil({rows} / {world})"
@@ -67,14 +67,16 @@ def chunk_rules(cfg: SPConfig) -> RuleSet:
         if pad is not None and (len(pad) != 4 or any(p != 0 for p in pad[:3])):
             return f"padding {list(pad)} does not only append rows"
         per_rank = tensor_of(twin).shape[0]
-        if not same_shape(tensor_of(twin), tensor_of(m.root)):  # symbolic sizes may not prove it
-            sliced, sharded = list(tensor_of(m.root).shape), list(tensor_of(twin).shape)
-            return f"the slice has shape {sliced}, the twin {sharded}"
+        sliced, sharded = tensor_of(m.root).shape, tensor_of(twin).shape
+        if len(sliced) != len(sharded) or not all(
+            provably_equal(a, b, cfg.world) for a, b in zip(sliced, sharded)
+        ):
+            return f"the slice has shape {list(sliced)}, the twin {list(sharded)}"
         start, end = _size(m["start"]), _size(m["end"])
         if start is None or end is None:
             return "the slice bounds are not sizes"
         block = block_bounds(per_rank, cfg.rank)
-        if not (known_true(start == block[0]) and known_true(end == block[1])):
+        if not all(provably_equal(a, b, cfg.world) for a, b in zip((start, end), block)):
             return f"rows [{start}, {end}) are not rank {cfg.rank}'s block of {per_rank} rows"
         return True
 

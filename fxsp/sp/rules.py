@@ -51,7 +51,7 @@ from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
 from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..policy.thresholds import sp_min_tokens
 from . import site
-from .layout import padded_block_rows
+from .layout import padded_block_rows, provably_equal
 from .rows import (
     RowBlocks,
     from_padded_rows,
@@ -497,7 +497,7 @@ def _takes_a_chunk(reader: Node, tp: int) -> bool:
             rows is not None
             and block is not None
             and rows.dim() == 2
-            and known_true(block.shape[0] == padded_block_rows(rows.shape[0], tp))
+            and provably_equal(block.shape[0], padded_block_rows(rows.shape[0], tp), tp)
         )
     chunk = vllm_op("sequence_parallel_chunk_impl")
     return chunk is not None and reader.target is chunk

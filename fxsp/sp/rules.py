@@ -27,7 +27,7 @@ consumer (graph outputs, ops no rule covers) still sees full-size values.
 SP must pay for itself. A reduce-scatter and one all-gather move the bytes of the all-reduce;
 any further all-gather (a residual or an intermediate value read in full outside the region: a
 graph output, an op no rule covers, a norm that is not a site or does not pay) is more than
-plain TP sends. `SequenceParallel.read_in_full` counts them from the graph's structure before a
+plain TP sends. `cost.SiteCost.read_in_full` counts them from the graph's structure before a
 rewrite, and a site that would need one stays as it is, with the near-miss naming the readers.
 
 Row layout (fxsp/sp/rows.py): the region lives in padded rows, and the pad, trim and
@@ -44,14 +44,14 @@ import torch
 from torch.fx import Node
 
 from ..dsl.builder import Builder, erase_unused
-from ..dsl.fake import known_true, same_shape, tensor_of
+from ..dsl.fake import known_true, tensor_of
 from ..dsl.pattern import behind, getitem, op, such_that
 from ..dsl.rules import Match, Rule, RuleSet
 from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
-from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+from ..ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
 from ..policy.thresholds import sp_min_tokens
 from . import site
-from .layout import padded_block_rows, provably_equal
+from .cost import SiteCost, chain_of
 from .rows import (
     RowBlocks,
     from_padded_rows,
@@ -163,7 +163,7 @@ class SequenceParallel:
         # Norms rewritten whose full-size residual stays until the end: never a site again (the
         # non-FP8 rule also matches a norm its FP8 rule rewrote).
         self.rewritten: set[Node] = set()
-        self.pays: dict[Node, bool] = {}  # fused norms judged by `takes_the_shard`
+        self.cost = SiteCost(cfg)
 
     def rule_set(self) -> RuleSet:
         applies, first, middle = self.applies, self.first, self.middle
@@ -189,95 +189,11 @@ class SequenceParallel:
         verdict = site.applicable(m, self.cfg.group, self.enough_rows)
         if verdict is not True:
             return verdict
-        full = self.read_in_full(m.root, m["norm"], self.chain_of(m["h"]))
+        full = self.cost.read_in_full(m.root, m["norm"], chain_of(m["h"]))
         if len(full) > 1:  # a reduce-scatter and all-gathers against one all-reduce
             readers = ", ".join(f"{value.name} (read by {reader.name})" for value, reader in full)
             return f"SP would send more than the all-reduce: {len(full)} all-gathers, of {readers}"
         return True
-
-    def read_in_full(self, root: Node, norm: Node, chain: list[Node]) -> list[tuple]:
-        """(value, a reader) for each value a rewrite of the site would all-gather: its output
-        (unless every reader takes this rank's chunk of it, as MoE does), the values on the way
-        from the all-reduce (`chain`) and the residual it passes on, each where a reader needs it
-        in full. Reduce-scatter plus one all-gather move the bytes of the all-reduce; every
-        further all-gather is more than plain TP sends. Judged from the graph's structure, so
-        every rank judges alike."""
-        full = []
-        outputs = _items(norm, 0) if root.target is FUSED_ADD_RMS_NORM else [root]
-        readers = [r for out in outputs for r in out.users]
-        if not readers or not all(_takes_a_chunk(r, self.cfg.world) for r in readers):
-            full.append((outputs[0] if outputs else root, readers[0] if readers else root))
-        passed_on = [(node, {*chain, norm}) for node in chain] + [(i, ()) for i in _items(norm, 1)]
-        for value, consumers in passed_on:
-            reader = next(
-                (
-                    r
-                    for r in value.users
-                    if r not in consumers and not self.takes_the_shard(r, value)
-                ),
-                None,
-            )
-            if reader is not None:
-                full.append((value, reader))
-        return full
-
-    def takes_the_shard(self, reader: Node, value: Node) -> bool:
-        """Whether `reader` can read `value`'s sharded twin: a graph output where outputs stay
-        sharded, or the residual operand of a fused add + norm, or of a plain add (`sp.end`),
-        whose other operand is an all-reduce over the TP group, where that site pays for itself
-        (asked once per reader)."""
-        if reader.op == "output":
-            return self.cfg.shard_outputs
-        if reader.target not in _RESIDUAL_READERS or value not in reader.args[:2]:
-            return False
-        if reader not in self.pays:
-            self.pays[reader] = False  # a cycle would not pay
-            x = reader.args[1] if reader.args[0] is value else reader.args[0]
-            chain = self.chain_of(x) if isinstance(x, Node) else None
-            self.pays[reader] = (
-                chain is not None
-                and chain[0].args[1] == self.cfg.group
-                and same_shape(tensor_of(x), tensor_of(value))
-                and len(self.read_in_full(reader, reader, chain)) <= 1
-            )
-        return self.pays[reader]
-
-    def end_rule_set(self) -> RuleSet:
-        """`sp.end`, run after the SP rules: the residual stream leaving the region through an
-        add of an all-reduce (a model without a final norm in this graph) takes the residual's
-        shard, `all_reduce(x) + residual ⇒ all_gather(reduce_scatter(x) + shard)`: the bytes of
-        the all-reduce, where gathering the residual for the add would be one all-gather more."""
-        return RuleSet("sp.end", [Rule("sp.end", residual_add, self.end, where=self.ends)])
-
-    def ends(self, m: Match) -> bool | str:
-        twin = sharded_twin(m["residual"])
-        if twin is None or twin[1:] != (m["group"], self.cfg.world):
-            return f"{m['residual'].name} is not a residual SP passed on sharded"
-        verdict = site.applicable(m, self.cfg.group, self.enough_rows)
-        if verdict is not True:
-            return verdict
-        full = self.read_in_full(m.root, m.root, self.chain_of(m["h"]))
-        return len(full) <= 1 or f"SP would send more than the all-reduce: {len(full)} all-gathers"
-
-    def end(self, b: Builder, m: Match) -> None:
-        blocks, scattered, chain = self.scatter(b, m)
-        rows = self.rows_of(b, m["residual"], blocks, m["group"])
-        out = self.gather(b, b.call(aten.add.Tensor, scattered, rows), blocks, self.collectives(m))
-        b.replace(m.root, out)
-        matmuls_on_padded_rows(b, out, blocks)
-        _erase_site(m, chain)
-
-    @staticmethod
-    def chain_of(h: Node) -> list[Node] | None:
-        """The all-reduce `h` is read from and the row-wise ops on the way, all-reduce first;
-        None where `h` is not an all-reduce behind row-wise ops."""
-        chain = [h]
-        while chain[-1].target is not ALL_REDUCE:
-            previous = row_input(chain[-1])
-            if not isinstance(previous, Node):
-                return None
-            chain.append(previous)
-        return chain[::-1]
 
     def enough_rows(self, m: Match, t: torch.Tensor) -> bool | str:
         """SP pays from `cfg.min_tokens` rows; the rows must reach the norm as they are."""
@@ -294,6 +210,15 @@ class SequenceParallel:
             return need
         if isinstance(rows, int) and rows < need:
             return f"{rows} rows < min_tokens {need}"
+        hint = None if isinstance(rows, int) else rows.node.hint
+        if hint is not None and hint <= cfg.world:
+            # Each rank's block would be one row as compiled: torch specialises a size-1 dim,
+            # and Dynamo refuses a dim the user marked dynamic ("Constraints violated").
+            return (
+                f"symbolic rows compiled at {hint} rows give each of {cfg.world} ranks one "
+                f"row, which torch would specialise: compile with more rows, or mark the dim "
+                f"dynamic with min > {cfg.world}"
+            )
         if not isinstance(rows, int) and need > 0:
             if not cfg.dispatch or self.row_thresholds is None:
                 return f"symbolic rows may fall below min_tokens {need}"
@@ -354,7 +279,35 @@ class SequenceParallel:
             erase_unused([residual], inputs=True)
         self.passed_on.clear()
         self.rewritten.clear()
-        self.pays.clear()
+        self.cost.pays.clear()
+
+    # --- the region's end ------------------------------------------------------------------
+
+    def end_rule_set(self) -> RuleSet:
+        """`sp.end`, run after the SP rules: the residual stream leaving the region through an
+        add of an all-reduce (a model without a final norm in this graph) takes the residual's
+        shard, `all_reduce(x) + residual ⇒ all_gather(reduce_scatter(x) + shard)`: the bytes of
+        the all-reduce, where gathering the residual for the add would be one all-gather more."""
+        return RuleSet("sp.end", [Rule("sp.end", residual_add, self.end, where=self.ends)])
+
+    def ends(self, m: Match) -> bool | str:
+        twin = sharded_twin(m["residual"])
+        if twin is None or twin[1:] != (m["group"], self.cfg.world):
+            return f"{m['residual'].name} is not a residual SP passed on sharded"
+        verdict = site.applicable(m, self.cfg.group, self.enough_rows)
+        if verdict is not True:
+            return verdict
+        full = self.cost.read_in_full(m.root, m.root, chain_of(m["h"]))
+        return len(full) <= 1 or f"SP would send more than the all-reduce: {len(full)} all-gathers"
+
+    def end(self, b: Builder, m: Match) -> None:
+        """all_reduce(x) + residual ⇒ all_gather(reduce_scatter(x) + rows(residual))"""
+        blocks, scattered, chain = self.scatter(b, m)
+        rows = self.rows_of(b, m["residual"], blocks, m["group"])
+        out = self.gather(b, b.call(aten.add.Tensor, scattered, rows), blocks, self.collectives(m))
+        b.replace(m.root, out)
+        matmuls_on_padded_rows(b, out, blocks)
+        _erase_site(m, chain)
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -478,30 +431,3 @@ def _erase_site(m: Match, chain: list[Node]) -> None:
 def _quantised(b: Builder, m: Match, normed: Node) -> Node:
     quant = site.quant_args(m)
     return b.call(STATIC_FP8_QUANT, normed, *quant) if quant else normed
-
-
-def _items(node: Node, index: int) -> list[Node]:
-    """The `operator.getitem(node, index)` nodes reading a tuple-valued node."""
-    return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
-
-
-def _takes_a_chunk(reader: Node, tp: int) -> bool:
-    """A reader keeping one rank's block of rows (MoE's chunk, see chunk.py), which takes the
-    shard itself: vLLM's chunk op, or a slice of ceil(rows / tp) rows, padded or not (which
-    block is the rank's own; its size is what every rank can judge alike)."""
-    if reader.target is aten.constant_pad_nd.default:
-        return bool(reader.users) and all(_takes_a_chunk(u, tp) for u in reader.users)
-    if reader.target is aten.slice.Tensor and reader.args[1:2] == (0,):
-        rows, block = tensor_of(reader.args[0]), tensor_of(reader)
-        return (
-            rows is not None
-            and block is not None
-            and rows.dim() == 2
-            and provably_equal(block.shape[0], padded_block_rows(rows.shape[0], tp), tp)
-        )
-    chunk = vllm_op("sequence_parallel_chunk_impl")
-    return chunk is not None and reader.target is chunk
-
-
-# What can read a residual SP passes on sharded: a fused add + norm, or an add ending the region.
-_RESIDUAL_READERS = frozenset({FUSED_ADD_RMS_NORM, aten.add.Tensor})

@@ -24,9 +24,6 @@ FAMILIES = {
     "residual chain returned": Program(layers=(Layer(), Layer(reader="return")), rows=13),
     # a sum of two all-reduces before the add (parallel blocks, shared experts): folded
     "two all-reduces": Program(layers=(Layer(two_all_reduces=True),), rows=7, batched=True),
-    # symbolic rows compiled at as few rows as ranks: one row each, which torch specialises, and
-    # Dynamo refused the user's dynamic dim (ConstraintViolationError)
-    "one row per rank, symbolic": Program(layers=(Layer(residual=False),), rows=2, symbolic=True),
     # a value read in full by an op that mixes rows, bf16, HF's norm
     "rows summed": Program(layers=(Layer(reader="row_sum", hf_norm=True),), rows=9, bf16=True),
 }

@@ -210,15 +210,6 @@ class SequenceParallel:
             return need
         if isinstance(rows, int) and rows < need:
             return f"{rows} rows < min_tokens {need}"
-        hint = None if isinstance(rows, int) else rows.node.hint
-        if hint is not None and hint <= cfg.world:
-            # Each rank's block would be one row as compiled: torch specialises a size-1 dim,
-            # and Dynamo refuses a dim the user marked dynamic ("Constraints violated").
-            return (
-                f"symbolic rows compiled at {hint} rows give each of {cfg.world} ranks one "
-                f"row, which torch would specialise: compile with more rows, or mark the dim "
-                f"dynamic with min > {cfg.world}"
-            )
         if not isinstance(rows, int) and need > 0:
             if not cfg.dispatch or self.row_thresholds is None:
                 return f"symbolic rows may fall below min_tokens {need}"

@@ -95,6 +95,55 @@ def add_norm_swapped(eps):
     return block
 
 
+def torch_layer_norm(eps):  # F.layer_norm / nn.LayerNorm: weight and bias
+    return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def torch_layer_norm_no_bias(eps):  # Cohere's and OLMo 2's LayerNorm without bias
+    return lambda x, w: F.layer_norm(x, (x.shape[-1],), w, None, eps)
+
+
+def torch_layer_norm_plain(eps):  # OLMo 1: no weight, no bias
+    return lambda x: F.layer_norm(x, (x.shape[-1],), None, None, eps)
+
+
+def nn_layer_norm(eps):
+    module = nn.LayerNorm(H, eps=eps)
+    return lambda x, w, b: torch.func.functional_call(module, {"weight": w, "bias": b}, (x,))
+
+
+def layer_norm_1p(eps):  # Nemotron's LayerNorm1P: the weight is stored as an offset from 1
+    return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w + 1, b, eps)
+
+
+def cohere_layer_norm(eps):  # HF's CohereLayerNorm: two passes in fp32, x - mean twice
+    def norm(x, w):
+        xf = x.float()
+        mean = xf.mean(-1, keepdim=True)
+        variance = (xf - mean).pow(2).mean(-1, keepdim=True)
+        return (w.float() * ((xf - mean) * torch.rsqrt(variance + eps))).to(x.dtype)
+
+    return norm
+
+
+def var_layer_norm(eps):  # hand-written with x.var: the mean and the variance apart
+    def norm(x, w, b):
+        xf = x.float()
+        centred = xf - xf.mean(-1, keepdim=True)
+        variance = xf.var(-1, keepdim=True, unbiased=False)
+        return (centred * torch.rsqrt(variance + eps) * w + b).to(x.dtype)
+
+    return norm
+
+
+def add_layer_norm(eps):  # GPT-2 / OPT's residual add, then a LayerNorm with bias
+    def block(x, residual, w, b):
+        h = residual + x
+        return torch_layer_norm(eps)(h, w, b), h
+
+    return block
+
+
 def vllm_c_rms_norm(eps):
     def norm(x, w):
         out = torch.empty_like(x)
@@ -175,7 +224,9 @@ class Spelling:
 
     build: Callable  # eps (norms), fp8 dtype (quants) or process group (collectives) -> fn
     rule: str
-    inputs: str  # "xw": x [T, H] and weight [H]; "x"; "xrw": x, residual, weight; "xs"; "xm"
+    # "xw": x [T, H] and weight [H]; "x"; "xrw": x, residual, weight; "xwb", "xrwb": and a bias;
+    # "xs": x and a scale; "xm": x and a matrix
+    inputs: str
 
 
 NORMS = {
@@ -191,6 +242,14 @@ NORMS = {
     "nn_rms_norm": Spelling(nn_rms_norm, "raise.rms_norm", "xw"),
     "add_norm": Spelling(add_norm, "raise.add_rms_norm", "xrw"),
     "add_norm_swapped": Spelling(add_norm_swapped, "raise.add_rms_norm", "xrw"),
+    "torch_layer_norm": Spelling(torch_layer_norm, "raise.layer_norm", "xwb"),
+    "torch_layer_norm_no_bias": Spelling(torch_layer_norm_no_bias, "raise.layer_norm", "xw"),
+    "torch_layer_norm_plain": Spelling(torch_layer_norm_plain, "raise.layer_norm_unweighted", "x"),
+    "nn_layer_norm": Spelling(nn_layer_norm, "raise.layer_norm", "xwb"),
+    "layer_norm_1p": Spelling(layer_norm_1p, "raise.layer_norm", "xwb"),
+    "cohere_layer_norm": Spelling(cohere_layer_norm, "raise.layer_norm", "xw"),
+    "var_layer_norm": Spelling(var_layer_norm, "raise.layer_norm", "xwb"),
+    "add_layer_norm": Spelling(add_layer_norm, "raise.add_layer_norm", "xrwb"),
     "vllm_c_rms_norm": Spelling(vllm_c_rms_norm, "raise.vllm_c_rms_norm", "xw"),
     "vllm_c_fused_add_rms_norm": Spelling(
         vllm_c_fused_add_rms_norm, "raise.vllm_c_fused_add_rms_norm", "xrw"
@@ -228,6 +287,8 @@ def make_inputs(
         "x": (x,),
         "xw": (x, 1 + 0.1 * randn(hidden)),
         "xrw": (x, randn(rows, hidden), 1 + 0.1 * randn(hidden)),
+        "xwb": (x, 1 + 0.1 * randn(hidden), 0.1 * randn(hidden)),
+        "xrwb": (x, randn(rows, hidden), 1 + 0.1 * randn(hidden), 0.1 * randn(hidden)),
         "xs": (100 * x, torch.tensor(0.25)),
         "xm": (x, randn(hidden, hidden)),
     }[kind]

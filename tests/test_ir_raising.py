@@ -8,6 +8,8 @@ read the diff: the text is the spec."""
 
 from __future__ import annotations
 
+import operator
+
 import expecttest
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import fxsp
 from fxsp.ir import IR_OPS, raise_ir
@@ -497,6 +500,189 @@ return (%8, %9)""",
         )
 
 
+class TestRaiseLayerNorms(expecttest.TestCase):
+    def test_torch_layer_norm_bf16(self):
+        self.assertExpectedInline(
+            raised(spelled(NORMS["torch_layer_norm"], 1e-5, BF16)),
+            """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%4 = aten.var_mean.correction(%3, [1], correction=0, keepdim=True)  : (f32[4, 1], f32[4, 1])
+%5 = operator.getitem(%4, 0)  : f32[4, 1]
+%6 = operator.getitem(%4, 1)  : f32[4, 1]
+%7 = aten.sub.Tensor(%3, %6)  : f32[4, 8]
+%8 = aten.add.Tensor(%5, 1e-05)  : f32[4, 1]
+%9 = aten.rsqrt.default(%8)  : f32[4, 1]
+%10 = aten.mul.Tensor(%7, %9)  : f32[4, 8]
+%11 = aten.mul.Tensor(%10, %1)  : f32[4, 8]
+%12 = aten.add.Tensor(%11, %2)  : f32[4, 8]
+%13 = prims.convert_element_type.default(%12, torch.bfloat16)  : bf16[4, 8]
+return (%13,)
+--- raise.layer_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = input('arg2_1')  : bf16[8]
+%3 = fxsp.layer_norm.default(%0, %1, %2, 1e-05)  : bf16[4, 8]
+return (%3,)""",
+        )
+
+    def test_layer_norm_without_weight_or_bias(self):
+        self.assertExpectedInline(
+            raised(spelled(NORMS["torch_layer_norm_plain"], 1e-5)),
+            """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = aten.var_mean.correction(%0, [1], correction=0, keepdim=True)  : (f32[4, 1], f32[4, 1])
+%2 = operator.getitem(%1, 0)  : f32[4, 1]
+%3 = operator.getitem(%1, 1)  : f32[4, 1]
+%4 = aten.sub.Tensor(%0, %3)  : f32[4, 8]
+%5 = aten.add.Tensor(%2, 1e-05)  : f32[4, 1]
+%6 = aten.rsqrt.default(%5)  : f32[4, 1]
+%7 = aten.mul.Tensor(%4, %6)  : f32[4, 8]
+return (%7,)
+--- raise.layer_norm_unweighted=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = fxsp.layer_norm.default(%0, None, None, 1e-05)  : f32[4, 8]
+return (%1,)""",
+        )
+
+    def test_nemotron_one_plus_weight(self):
+        self.assertExpectedInline(
+            raised(spelled(NORMS["layer_norm_1p"], 1e-5)),
+            """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = input('arg2_1')  : f32[8]
+%3 = aten.var_mean.correction(%0, [1], correction=0, keepdim=True)  : (f32[4, 1], f32[4, 1])
+%4 = operator.getitem(%3, 0)  : f32[4, 1]
+%5 = operator.getitem(%3, 1)  : f32[4, 1]
+%6 = aten.sub.Tensor(%0, %5)  : f32[4, 8]
+%7 = aten.add.Tensor(%4, 1e-05)  : f32[4, 1]
+%8 = aten.rsqrt.default(%7)  : f32[4, 1]
+%9 = aten.mul.Tensor(%6, %8)  : f32[4, 8]
+%10 = aten.add.Tensor(%1, 1)  : f32[8]
+%11 = aten.mul.Tensor(%9, %10)  : f32[4, 8]
+%12 = aten.add.Tensor(%11, %2)  : f32[4, 8]
+return (%12,)
+--- raise.layer_norm=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = input('arg2_1')  : f32[8]
+%3 = aten.add.Tensor(%1, 1)  : f32[8]
+%4 = fxsp.layer_norm.default(%0, %3, %2, 1e-05)  : f32[4, 8]
+return (%4,)""",
+        )
+
+    def test_cohere_two_passes_bf16(self):
+        self.assertExpectedInline(
+            raised(spelled(NORMS["cohere_layer_norm"], 1e-5, BF16)),
+            """\
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = prims.convert_element_type.default(%1, torch.float32)  : f32[8]
+%3 = prims.convert_element_type.default(%0, torch.float32)  : f32[4, 8]
+%4 = aten.mean.dim(%3, [-1], True)  : f32[4, 1]
+%5 = aten.sub.Tensor(%3, %4)  : f32[4, 8]
+%6 = aten.sub.Tensor(%3, %4)  : f32[4, 8]
+%7 = aten.pow.Tensor_Scalar(%6, 2)  : f32[4, 8]
+%8 = aten.mean.dim(%7, [-1], True)  : f32[4, 1]
+%9 = aten.add.Tensor(%8, 1e-05)  : f32[4, 1]
+%10 = aten.rsqrt.default(%9)  : f32[4, 1]
+%11 = aten.mul.Tensor(%5, %10)  : f32[4, 8]
+%12 = aten.mul.Tensor(%2, %11)  : f32[4, 8]
+%13 = prims.convert_element_type.default(%12, torch.bfloat16)  : bf16[4, 8]
+return (%13,)
+--- raise.layer_norm=1
+%0 = input('arg0_1')  : bf16[4, 8]
+%1 = input('arg1_1')  : bf16[8]
+%2 = prims.convert_element_type.default(%1, torch.float32)  : f32[8]
+%3 = fxsp.layer_norm.default(%0, %2, None, 1e-05)  : bf16[4, 8]
+return (%3,)""",
+        )
+
+    def test_mean_then_var(self):
+        self.assertExpectedInline(
+            raised(spelled(NORMS["var_layer_norm"], 1e-5)),
+            """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = input('arg2_1')  : f32[8]
+%3 = aten.mean.dim(%0, [-1], True)  : f32[4, 1]
+%4 = aten.sub.Tensor(%0, %3)  : f32[4, 8]
+%5 = aten.var.correction(%0, [-1], correction=0, keepdim=True)  : f32[4, 1]
+%6 = aten.add.Tensor(%5, 1e-05)  : f32[4, 1]
+%7 = aten.rsqrt.default(%6)  : f32[4, 1]
+%8 = aten.mul.Tensor(%4, %7)  : f32[4, 8]
+%9 = aten.mul.Tensor(%8, %1)  : f32[4, 8]
+%10 = aten.add.Tensor(%9, %2)  : f32[4, 8]
+return (%10,)
+--- raise.layer_norm=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[8]
+%2 = input('arg2_1')  : f32[8]
+%3 = fxsp.layer_norm.default(%0, %1, %2, 1e-05)  : f32[4, 8]
+return (%3,)""",
+        )
+
+    def test_add_then_layer_norm(self):
+        self.assertExpectedInline(
+            raised(spelled(NORMS["add_layer_norm"], 1e-5)),
+            """\
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = input('arg3_1')  : f32[8]
+%4 = aten.add.Tensor(%1, %0)  : f32[4, 8]
+%5 = aten.var_mean.correction(%4, [1], correction=0, keepdim=True)  : (f32[4, 1], f32[4, 1])
+%6 = operator.getitem(%5, 0)  : f32[4, 1]
+%7 = operator.getitem(%5, 1)  : f32[4, 1]
+%8 = aten.sub.Tensor(%4, %7)  : f32[4, 8]
+%9 = aten.add.Tensor(%6, 1e-05)  : f32[4, 1]
+%10 = aten.rsqrt.default(%9)  : f32[4, 1]
+%11 = aten.mul.Tensor(%8, %10)  : f32[4, 8]
+%12 = aten.mul.Tensor(%11, %2)  : f32[4, 8]
+%13 = aten.add.Tensor(%12, %3)  : f32[4, 8]
+return (%13, %4)
+--- raise.layer_norm=1, raise.add_layer_norm=1
+%0 = input('arg0_1')  : f32[4, 8]
+%1 = input('arg1_1')  : f32[4, 8]
+%2 = input('arg2_1')  : f32[8]
+%3 = input('arg3_1')  : f32[8]
+%4 = fxsp.fused_add_layer_norm.default(%1, %0, %2, %3, 1e-05)  : (f32[4, 8], f32[4, 8])
+%5 = operator.getitem(%4, 0)  : f32[4, 8]
+%6 = operator.getitem(%4, 1)  : f32[4, 8]
+return (%5, %6)""",
+        )
+
+    def test_undecomposed_native_layer_norm(self):
+        x, w, b = make_inputs("xwb", F32)
+        graph = torch.fx.Graph()
+        args = [graph.placeholder(name) for name in "xwb"]
+        fused = graph.call_function(
+            torch.ops.aten.native_layer_norm.default, (args[0], [H], args[1], args[2], 1e-5)
+        )
+        graph.output((graph.call_function(operator.getitem, (fused, 0)),))
+        gm = GraphModule({}, graph)
+        FakeTensorProp(gm).propagate(x, w, b)
+        self.assertExpectedInline(
+            raised(gm),
+            """\
+%0 = input('x')  : f32[4, 8]
+%1 = input('w')  : f32[8]
+%2 = input('b')  : f32[8]
+%3 = aten.native_layer_norm.default(%0, [8], %1, %2, 1e-05)  : (f32[4, 8], f32[4, 1], f32[4, 1])
+%4 = operator.getitem(%3, 0)  : f32[4, 8]
+return (%4,)
+--- raise.aten_layer_norm=1
+%0 = input('x')  : f32[4, 8]
+%1 = input('w')  : f32[8]
+%2 = input('b')  : f32[8]
+%3 = fxsp.layer_norm.default(%0, %1, %2, 1e-05)  : f32[4, 8]
+return (%3,)""",
+        )
+
+
 class TestRaiseVllm(expecttest.TestCase):
     def test_c_rms_norm_auto_functionalized_v2(self):
         self.assertExpectedInline(
@@ -806,37 +992,34 @@ return (%4,)""",
 # ---------------------------------------------------------------------------------------------
 
 
-def _hand_layer_norm(x, w):
-    centred = x - x.mean(-1, keepdim=True)
-    return w * (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5))
-
-
-def _cohere_layer_norm(x, w):
-    """HF's CohereLayerNorm: fp32, x - mean computed twice (once for the variance, once for the
-    result), no bias."""
+def _centred(x):
     xf = x.float()
-    mean = xf.mean(-1, keepdim=True)
-    variance = (xf - mean).pow(2).mean(-1, keepdim=True)
-    out = (xf - mean) * torch.rsqrt(variance + 1e-5)
-    return (w.float() * out).to(x.dtype)
+    return xf - xf.mean(-1, keepdim=True)
 
-
-def _var_layer_norm(x, w):
-    centred = x - x.mean(-1, keepdim=True)
-    return w * (centred * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5))
-
-
-CENTRED = "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"
 
 LOOK_ALIKES = {
     # name: (fn, inputs, dtype, text the explanation must contain)
-    # LayerNorms, refused by their mean-centring however they spell it
-    "layer_norm": (lambda x, w: F.layer_norm(x, (H,), w, None, 1e-5), "xw", F32, CENTRED),
-    "layer_norm_bf16": (lambda x, w: F.layer_norm(x, (H,), w, None, 1e-5), "xw", BF16, CENTRED),
-    "hand_written_layer_norm": (_hand_layer_norm, "xw", F32, CENTRED),
-    "cohere_layer_norm": (_cohere_layer_norm, "xw", F32, CENTRED),
-    "cohere_layer_norm_bf16": (_cohere_layer_norm, "xw", BF16, CENTRED),
-    "var_layer_norm": (_var_layer_norm, "xw", F32, CENTRED),
+    # LayerNorm look-alikes: an unbiased variance, eps after the rsqrt, statistics over rows
+    "layer_norm_unbiased_variance": (
+        lambda x, w: w * (_centred(x) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5)),
+        "xw",
+        F32,
+        "the variance has correction=1, a LayerNorm's has 0",
+    ),
+    "layer_norm_eps_after_rsqrt": (
+        lambda x, w: w * (_centred(x) * (torch.rsqrt(_centred(x).pow(2).mean(-1, True)) + 1e-5)),
+        "xw",
+        F32,
+        "expected aten.rsqrt.default, got aten.add.Tensor",
+    ),
+    "layer_norm_over_rows": (
+        lambda x: (
+            (x - x.mean(0, True)) * torch.rsqrt(x.var(0, keepdim=True, unbiased=False) + 1e-5)
+        ),
+        "x",
+        F32,
+        "expected dims [-1], got [0]",
+    ),
     "eps_after_rsqrt": (
         lambda x, w: w * (x * (torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) + 1e-6)),
         "xw",

@@ -9,7 +9,7 @@ from torch.fx import Graph, Node
 
 from ..ir.collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, COMMUNICATING, WAIT, kind
 from ..ir.fused_ops import FUSED_IR_OPS
-from ..ir.ops import ALL_REDUCE, FUSED_ADD_RMS_NORM, RMS_NORM
+from ..ir.ops import ALL_REDUCE, FUSED_ADD_NORMS, NORMS
 
 # fxsp's own ops that all-reduce, by id (ops are singletons; an op's __hash__ is Python code,
 # and the walk below asks of every node)
@@ -57,12 +57,12 @@ def traffic(graph: Graph) -> Traffic:
             if isinstance(t, torch.Tensor):
                 out.bytes[what] = out.bytes.get(what, 0) + _int(t.numel()) * t.element_size()
             out.sites += what != "all_gather"
-        if node.target is RMS_NORM or node.target is FUSED_ADD_RMS_NORM:
+        if node.target in NORMS or node.target in FUSED_ADD_NORMS:
             t = node.args[0].meta.get("val")
             if isinstance(t, torch.Tensor):
                 rows = _int(t.numel()) // max(_int(t.shape[-1]), 1)
                 out.norm_rows.append(rows)
-                if node.target is FUSED_ADD_RMS_NORM:
+                if node.target in FUSED_ADD_NORMS:
                     out.residual_rows.append(rows)
     return out
 

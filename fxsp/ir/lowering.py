@@ -46,12 +46,18 @@ from .providers import choose
 REFERENCES = {
     ops.RMS_NORM: ops.rms_norm_reference,
     ops.FUSED_ADD_RMS_NORM: ops.fused_add_rms_norm_reference,
+    ops.LAYER_NORM: ops.layer_norm_reference,
+    ops.FUSED_ADD_LAYER_NORM: ops.fused_add_layer_norm_reference,
     ops.STATIC_FP8_QUANT: ops.static_fp8_quant_reference,
 }
 # Spellings whose numerics differ from the op's own: (op, spelling) -> their reference.
 SPELLED_REFERENCES = {
     (ops.RMS_NORM, ops.WEIGHT_FIRST): ops.rms_norm_weight_first,
     (ops.FUSED_ADD_RMS_NORM, ops.WEIGHT_FIRST): ops.fused_add_rms_norm_weight_first,
+    (ops.LAYER_NORM, ops.TWO_PASS): ops.layer_norm_two_pass,
+    (ops.FUSED_ADD_LAYER_NORM, ops.TWO_PASS): ops.fused_add_layer_norm_two_pass,
+    (ops.LAYER_NORM, ops.MEAN_THEN_VAR): ops.layer_norm_mean_then_var,
+    (ops.FUSED_ADD_LAYER_NORM, ops.MEAN_THEN_VAR): ops.fused_add_layer_norm_mean_then_var,
     (ops.STATIC_FP8_QUANT, ops.RECIPROCAL): ops.static_fp8_quant_reciprocal,
 }
 # Spellings that are the op's own numerics: providers' kernels may replace them.

@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from ..dsl.fake import same_shape, tensor_of
 from ..ir.collectives import vllm_op
-from ..ir.ops import ALL_REDUCE, FUSED_ADD_RMS_NORM
+from ..ir.ops import ALL_REDUCE, FUSED_ADD_NORMS
 from .layout import padded_block_rows, provably_equal
 from .rowwise import row_input
 
@@ -40,7 +40,7 @@ class SiteCost:
         further all-gather is more than plain TP sends. Judged from the graph's structure, so
         every rank judges alike."""
         full = []
-        outputs = _items(norm, 0) if root.target is FUSED_ADD_RMS_NORM else [root]
+        outputs = _items(norm, 0) if root.target in FUSED_ADD_NORMS else [root]
         readers = [r for out in outputs for r in out.users]
         if not readers or not all(_takes_a_chunk(r, self.cfg.world) for r in readers):
             full.append((outputs[0] if outputs else root, readers[0] if readers else root))
@@ -116,4 +116,4 @@ def _takes_a_chunk(reader: Node, tp: int) -> bool:
 
 
 # What can read a residual SP passes on sharded: a fused add + norm, or an add ending the region.
-_RESIDUAL_READERS = frozenset({FUSED_ADD_RMS_NORM, aten.add.Tensor})
+_RESIDUAL_READERS = FUSED_ADD_NORMS | {aten.add.Tensor}

@@ -1,10 +1,11 @@
-"""Sequence parallelism: AllReduce → (add +) RMSNorm becomes ReduceScatter → local norm → AllGather.
+"""Sequence parallelism: AllReduce → (add +) norm becomes ReduceScatter → local norm → AllGather.
 
-The rules, on fxsp's IR (every norm spelling is one op by now, see fxsp/ir/raising/):
+The rules, on fxsp's IR (every norm spelling is one op by now, see fxsp/ir/raising/); `norm` is
+any kind in `ops.NORM_KINDS` (RMSNorm, LayerNorm), rewritten as its own op with its parameters:
 
-    first   rms_norm(all_reduce(x))                       ⇒ all_gather(rms_norm(reduce_scatter(x)))
-    middle  fused_add_rms_norm(all_reduce(x), residual)   ⇒ all_gather(fused_add_rms_norm(
-                                                                reduce_scatter(x), rows(residual)))
+    first   norm(all_reduce(x))                       ⇒ all_gather(norm(reduce_scatter(x)))
+    middle  fused_add_norm(all_reduce(x), residual)   ⇒ all_gather(fused_add_norm(
+                                                            reduce_scatter(x), rows(residual)))
     last    middle whose residual output is dead
     *_fp8   the same followed by static_fp8_quant: quantise locally, all-gather the FP8 bytes
 
@@ -48,7 +49,7 @@ from ..dsl.fake import known_true, tensor_of
 from ..dsl.pattern import behind, getitem, op, such_that
 from ..dsl.rules import Match, Rule, RuleSet
 from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
-from ..ir.ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+from ..ir.ops import FP8_DTYPES, STATIC_FP8_QUANT
 from ..policy.thresholds import sp_min_tokens
 from . import site
 from .cost import SiteCost, chain_of
@@ -105,13 +106,11 @@ def residual_used(norm: Node) -> bool:
     return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in norm.users)
 
 
-first_norm = site.rms_norm(reduced_rows)
+first_norm = site.norm(reduced_rows)
 # A middle norm passes its residual on; the last one's is dead.
-middle_norm = such_that(
-    site.fused_add_rms_norm(reduced_rows), residual_used, "(residual output used)"
-)
+middle_norm = such_that(site.fused_add_norm(reduced_rows), residual_used, "(residual output used)")
 last_norm = such_that(
-    site.fused_add_rms_norm(reduced_rows),
+    site.fused_add_norm(reduced_rows),
     lambda n: not residual_used(n),
     "(residual output unused)",
 )
@@ -219,20 +218,22 @@ class SequenceParallel:
     # --- rewrites -------------------------------------------------------------------------------
 
     def first(self, b: Builder, m: Match) -> None:
-        """rms_norm(all_reduce(x)) ⇒ all_gather(rms_norm(reduce_scatter(x)))"""
+        """norm(all_reduce(x)) ⇒ all_gather(norm(reduce_scatter(x)))"""
         blocks, scattered, chain = self.scatter(b, m)
-        normed = b.call(RMS_NORM, scattered, m["weight"], m["eps"])
+        norm = m["norm"]  # any kind: its own op, its parameters (weight, bias, eps) as they are
+        normed = b.call(norm.target, scattered, *norm.args[1:])
         out = self.gather(b, _quantised(b, m, normed), blocks, self.collectives(m))
         b.replace(m.root, out)
         matmuls_on_padded_rows(b, out, blocks)
         _erase_site(m, chain)
 
     def middle(self, b: Builder, m: Match) -> None:
-        """fused_add_rms_norm(all_reduce(x), residual)
-        ⇒ all_gather(fused_add_rms_norm(reduce_scatter(x), rows(residual)))"""
+        """fused_add_norm(all_reduce(x), residual)
+        ⇒ all_gather(fused_add_norm(reduce_scatter(x), rows(residual)))"""
         blocks, scattered, chain = self.scatter(b, m)
         rows = self.rows_of(b, m["residual"], blocks, m["group"])
-        fused = b.call(FUSED_ADD_RMS_NORM, scattered, rows, m["weight"], m["eps"])
+        norm = m["norm"]  # x and the residual first (the sum commutes), then its parameters
+        fused = b.call(norm.target, scattered, rows, *norm.args[2:])
         normed, residual_out = (
             b.call(operator.getitem, fused, 0),
             b.call(operator.getitem, fused, 1),

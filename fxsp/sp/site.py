@@ -1,12 +1,15 @@
-"""The site both all-reduce rule sets rewrite: an RMSNorm reading an all-reduce's sum, with or
+"""The site both all-reduce rule sets rewrite: a norm reading an all-reduce's sum, with or
 without a residual add, optionally followed by a static FP8 quant.
 
     reduced = all_reduce(x)
-    rms_norm(h)                 rms_norm(h, weight, eps)
-    fused_add_rms_norm(h)       fused_add_rms_norm(h, residual, weight, eps)   (or residual first)
+    norm(h)                     rms_norm(h, weight, eps), layer_norm(h, weight, bias, eps)
+    fused_add_norm(h)           fused_add_rms_norm(h, residual, weight, eps), ... (or residual
+                                first), for each kind of norm in `ops.NORM_KINDS`
     static_fp8_quant(normed)    static_fp8_quant(normed, scale, fp8_dtype)
 
-`h`, the norm's input, is `reduced` for the AllReduce+RMSNorm fusion (allreduce_norm.py)
+The norm's kind is data: a rule matches any of them, and a rewrite calls the matched norm's own
+op with its other arguments as they are. `h`, the norm's input, is `reduced` for the
+AllReduce+RMSNorm fusion (allreduce_norm.py, RMSNorm only: `rms_norm`, `fused_add_rms_norm`)
 and `reduced` behind row-wise ops for SP (rules.py).
 """
 
@@ -20,23 +23,43 @@ import torch
 from ..dsl.fake import same_shape, tensor_of
 from ..dsl.pattern import Pattern, alt, anything, dtype, op, scalar, string, tensor
 from ..dsl.rules import Match
-from ..ir.ops import ALL_REDUCE, FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT
+from ..ir.ops import ALL_REDUCE, FP8_DTYPES, NORM_KINDS, STATIC_FP8_QUANT, NormKind
 
-x, residual, weight, eps = tensor("x"), tensor("residual"), anything("weight"), scalar("eps")
+x, residual, eps = tensor("x"), tensor("residual"), scalar("eps")
+RMS = next(kind for kind in NORM_KINDS if kind.name == "rms_norm")
 reduced = op(ALL_REDUCE, x, string("group"), string("flavor"), name="reduced")
 
 
+def norm(h: Pattern, kinds: tuple[NormKind, ...] = NORM_KINDS) -> Pattern:
+    """A norm of one of `kinds` reading `h`; its parameters bound by name (weight, bias, eps)."""
+    return _one_of([op(kind.norm, h, *_params(kind)) for kind in kinds])
+
+
+def fused_add_norm(h: Pattern, kinds: tuple[NormKind, ...] = NORM_KINDS) -> Pattern:
+    """A fused add + norm of one of `kinds`, `h` either operand of the sum (it commutes)."""
+    return _one_of(
+        [
+            op(kind.fused_add, *operands, *_params(kind))
+            for kind in kinds
+            for operands in ((h, residual), (residual, h))
+        ]
+    )
+
+
 def rms_norm(h: Pattern) -> Pattern:
-    return op(RMS_NORM, h, weight, eps, name="norm")
+    return norm(h, (RMS,))
 
 
 def fused_add_rms_norm(h: Pattern) -> Pattern:
-    # residual_out = h + residual commutes: `h` may be either operand.
-    return alt(
-        op(FUSED_ADD_RMS_NORM, h, residual, weight, eps),
-        op(FUSED_ADD_RMS_NORM, residual, h, weight, eps),
-        name="norm",
-    )
+    return fused_add_norm(h, (RMS,))
+
+
+def _one_of(norms: list[Pattern]) -> Pattern:
+    return norms[0].named("norm") if len(norms) == 1 else alt(*norms, name="norm")
+
+
+def _params(kind: NormKind) -> list[Pattern]:
+    return [eps if name == "eps" else anything(name) for name in kind.params]
 
 
 def static_fp8_quant(normed: Pattern) -> Pattern:

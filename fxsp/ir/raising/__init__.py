@@ -12,9 +12,11 @@ concept whatever the model wrote.
                 bf16/fp16 through fp32), undecomposed `aten.rms_norm` / `aten._fused_rms_norm`,
                 and vLLM's `_C.rms_norm` / `_C.fused_add_rms_norm` (under
                 `auto_functionalized[_v2]`) and `vllm_ir.rms_norm` / `vllm_ir.fused_add_rms_norm`
-                → `fxsp.rms_norm` / `fxsp.fused_add_rms_norm`.
-3. add + norm   `rms_norm(x + residual)` → `fused_add_rms_norm(x, residual)`; the sum's other
-                users read the op's second output.
+                → `fxsp.rms_norm` / `fxsp.fused_add_rms_norm`; LayerNorm (`F.layer_norm`,
+                `nn.LayerNorm`, with or without weight and bias, 1 + w, HF Cohere's two-pass form,
+                `aten.native_layer_norm` / `aten.layer_norm`) → `fxsp.layer_norm` (layer_norm.py).
+3. add + norm   `rms_norm(x + residual)` → `fused_add_rms_norm(x, residual)`, and the same for
+                `layer_norm`; the sum's other users read the op's second output.
 4. fp8          `(x / scale).clamp(-M, M).to(fp8)` (or `x * scale.reciprocal()`; x in fp32, or
                 bf16/fp16 promoted by an fp32 scale), M the fp8 dtype's max, and vLLM's
                 `_C.static_scaled_fp8_quant` → `fxsp.static_fp8_quant`. vLLM's fused
@@ -42,6 +44,7 @@ from ..collectives import vllm_op
 from .add_norm import add_norm_rules
 from .collectives import collective_rules
 from .fp8 import fp8_rules
+from .layer_norm import layer_norm_rules, unweighted_layer_norm_rules
 from .norms import norm_rules, unweighted_norm_rules
 from .vllm import vllm_rules
 
@@ -64,9 +67,16 @@ def _passes(vllm_ops: tuple) -> list[RuleSet]:
     return [
         RuleSet("raise.collectives", collective_rules(ops)),
         # vLLM's fused norm + quant ops are raised here, to a norm and a quant.
-        RuleSet("raise.norms", [*norm_rules(), *[r for r in vllm if "norm" in r.name]]),
-        RuleSet("raise.norms_unweighted", unweighted_norm_rules()),
-        RuleSet("raise.add_rms_norm", add_norm_rules()),
+        # LayerNorms first: the RMSNorm rules refuse their mean-centring (in either order, but a
+        # LayerNorm raised leaves the RMSNorm rules no near-miss to report).
+        RuleSet(
+            "raise.norms",
+            [*layer_norm_rules(), *norm_rules(), *[r for r in vllm if "norm" in r.name]],
+        ),
+        RuleSet(
+            "raise.norms_unweighted", [*unweighted_layer_norm_rules(), *unweighted_norm_rules()]
+        ),
+        RuleSet("raise.add_norm", add_norm_rules()),
         RuleSet("raise.fp8", [*fp8_rules(), *[r for r in vllm if "quant" in r.name]]),
     ]
 

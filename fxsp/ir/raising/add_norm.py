@@ -1,5 +1,6 @@
-"""Raising a residual add before a norm: `rms_norm(x + residual)` →
-`fused_add_rms_norm(x, residual)`; the sum's other users read the op's second output."""
+"""Raising a residual add before a norm: `norm(x + residual, ...)` → `fused_add_norm(x,
+residual, ...)` for each kind of norm (`ops.NORM_KINDS`: RMSNorm, LayerNorm), its other
+arguments kept; the sum's other users read the op's second output."""
 
 from __future__ import annotations
 
@@ -13,24 +14,20 @@ from ...dsl.fake import same_shape, tensor_of
 from ...dsl.pattern import (
     anything,
     op,
-    scalar,
     tensor,
 )
 from ...dsl.rules import Match, Rule
-from ..ops import (
-    FUSED_ADD_RMS_NORM,
-    HF,
-    RMS_NORM,
-    spelled,
-    spelling_of,
-)
+from ..ops import NORM_KINDS, NormKind, spelled, spelling_of
 from .common import rule
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
 
 residual_sum = op(aten.add.Tensor, tensor("x"), tensor("residual"), name="residual_out")
-add_then_norm = op(RMS_NORM, residual_sum, anything("weight"), scalar("eps"))
+
+
+def add_then_norm(kind: NormKind) -> object:
+    return op(kind.norm, residual_sum, *map(anything, kind.params))
 
 
 def plain_sum(m: Match) -> bool | str:
@@ -40,16 +37,27 @@ def plain_sum(m: Match) -> bool | str:
     return f"the add broadcasts ({tuple(x.shape)} + {tuple(residual.shape)})"
 
 
-def fuse_add(b: Builder, m: Match) -> Node:
-    # The sum is rounded to its dtype, then normalised as the norm was spelled.
-    fused = spelled(
-        b.call(FUSED_ADD_RMS_NORM, m["x"], m["residual"], m["weight"], m["eps"]),
-        spelling_of(m.root) or HF,
-    )
-    out = b.call(operator.getitem, fused, 0)
-    b.replace(m["residual_out"], b.call(operator.getitem, fused, 1))
-    return out
+def fuse_add(kind: NormKind):
+    def rewrite(b: Builder, m: Match) -> Node:
+        # The sum is rounded to its dtype, then normalised as the norm was spelled.
+        fused = b.call(kind.fused_add, m["x"], m["residual"], *m.root.args[1:])
+        if spelling_of(m.root) is not None:
+            spelled(fused, spelling_of(m.root))
+        out = b.call(operator.getitem, fused, 0)
+        b.replace(m["residual_out"], b.call(operator.getitem, fused, 1))
+        return out
+
+    return rewrite
 
 
 def add_norm_rules() -> list[Rule]:
-    return [rule("raise.add_rms_norm", add_then_norm, fuse_add, ("residual_out",), plain_sum)]
+    return [
+        rule(
+            f"raise.add_{kind.name}",
+            add_then_norm(kind),
+            fuse_add(kind),
+            ("residual_out",),
+            plain_sum,
+        )
+        for kind in NORM_KINDS
+    ]

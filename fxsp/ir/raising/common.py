@@ -76,6 +76,23 @@ def per_feature_weight(x: Node, w: Any) -> bool | str:
     return True
 
 
+def cast_back_to_x(m: Match) -> bool | str:
+    """A norm computed in fp32 is rounded once, to x's dtype: the result of a bf16 / fp16 x is
+    cast back (`m["down"]`, the dtype of the cast at the pattern's root, if any)."""
+    x, down_to = tensor_of(m["x"]), m.get("down")
+    if down_to == F32 and x.dtype in LOW and any(map(is_fp32_identity_cast, m.nodes)):
+        # Torch 2.11's joint-graph pass folds `normed.to(fp16).to(fp32)` into an fp32 -> fp32
+        # cast, dropping the rounding the model does (2.12+ keeps narrowing round trips): the
+        # raise rounds to x's dtype again, one rounding from the folded graph, none from eager.
+        down_to = x.dtype
+    if x.dtype in LOW and down_to is None:
+        dt = short(x.dtype)
+        return f"the fp32 result of a {dt} norm is never cast back to {dt}"
+    if down_to is not None and down_to != x.dtype:
+        return f"the result is cast to {short(down_to)}, not to the input's {short(x.dtype)}"
+    return True
+
+
 def outputs_only(m: Match, indices: set) -> bool | str:
     for user in m.root.users:
         if user.target is not operator.getitem or user.args[1] not in indices:

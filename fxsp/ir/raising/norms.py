@@ -34,18 +34,17 @@ from ..ops import (
 from .common import (
     F32,
     FLOATS,
-    LOW,
+    all_of,
     as_dtype_of,
     cast,
+    cast_back_to_x,
     eps,
     fp32_of,
-    is_fp32_identity_cast,
     is_upcast,
     maybe_cast,
     per_feature_weight,
     rule,
     same_size,
-    short,
 )
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -139,18 +138,7 @@ def exact_norm(m: Match) -> bool | str:
     docstring allows."""
     if m.get("centred") is not None or is_centred(m["x"]):
         return "x is mean-centred (x - mean(x)): a LayerNorm, not an RMSNorm"
-    x, down_to = tensor_of(m["x"]), m.get("down")
-    if down_to == F32 and x.dtype in LOW and any(map(is_fp32_identity_cast, m.nodes)):
-        # Torch 2.11's joint-graph pass folds `normed.to(fp16).to(fp32)` into an fp32 -> fp32
-        # cast, dropping the rounding the model does (2.12+ keeps narrowing round trips): the
-        # raise rounds to x's dtype again, one rounding from the folded graph, none from eager.
-        down_to = x.dtype
-    if x.dtype in LOW and down_to is None:
-        dt = short(x.dtype)
-        return f"the fp32 result of a {dt} norm is never cast back to {dt}"
-    if down_to is not None and down_to != x.dtype:
-        return f"the result is cast to {short(down_to)}, not to the input's {short(x.dtype)}"
-    return per_feature_weight(m["x"], m.get("weight"))
+    return all_of(lambda: cast_back_to_x(m), lambda: per_feature_weight(m["x"], m.get("weight")))
 
 
 def aten_norm_ok(m: Match) -> bool | str:

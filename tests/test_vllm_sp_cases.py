@@ -130,6 +130,48 @@ def test_sequence_parallelism_pass_fp8(dtype, dynamic, fused_norm_quant):
     assert report.rewritten.count("aten.view.dtype(") == 6  # FP8 → bytes → FP8, three times
 
 
+class VllmLayerNormModel(nn.Module):
+    """vLLM's LayerNorm models (OPT, GPT-2, BLOOM, Falcon, Phi): `tensor_model_parallel_all_reduce`
+    (vLLM's all-reduce op), then the residual add and `nn.LayerNorm`, which calls torch's
+    `layer_norm`, with weight and bias; the model's LayerNorms before the quant-free linears."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.rand(HIDDEN, HIDDEN, dtype=dtype) / 4) for _ in range(3)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(HIDDEN, dtype=dtype) for _ in range(4))
+        for norm in self.norms:
+            nn.init.normal_(norm.bias, std=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = torch.distributed.group.WORLD.group_name
+        residual = torch.ops.vllm.all_reduce(torch.relu(x), group)
+        y = self.norms[0](residual)
+        for i in range(3):
+            residual = residual + torch.ops.vllm.all_reduce(y @ self.w[i], group)
+            y = self.norms[i + 1](residual)
+        return y
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sequence_parallelism_pass_layer_norm(dtype, dynamic):
+    """vLLM's LayerNorm path: the same 4 of 4 sites, in vLLM's own collectives."""
+    torch.manual_seed(0)
+    model = VllmLayerNormModel(dtype)
+    report = rewrite(model, torch.randn(8 * 16 + 3, HIDDEN, dtype=dtype), dynamic=dynamic)
+    counts = report.counts
+    assert (counts["sp.first"], counts["sp.middle"], counts["sp.last"]) == (1, 2, 1), (
+        report.explain()
+    )
+    assert ops_after(report, "vllm.reduce_scatter") == 4
+    assert ops_after(report, "vllm.all_gather") == 4
+    assert ops_after(report, "vllm.all_reduce") == 0
+    assert report.rewritten.count("fxsp.layer_norm.default(") == 1
+    assert report.rewritten.count("fxsp.fused_add_layer_norm.default(") == 3
+
+
 def test_a_graph_compiled_for_autograd_says_sp_is_off(caplog):
     """vLLM's pass test runs with gradients enabled. A model whose parameters require grad,
     called outside no_grad, compiles a training graph: SP is off, said once per backend at

@@ -10,7 +10,6 @@ from ..ir.lowering import lower_ir
 from ..ir.raising import raise_ir
 from ..sp.allreduce_norm import AllReduceNormConfig, allreduce_norm_rules
 from ..sp.chunk import chunk_rules
-from ..sp.fold import fold_all_reduces
 from ..sp.rules import SequenceParallel, SPConfig, shard_graph_outputs, sp_rules
 from .report import GraphReport
 from .stats import collective_signature, traffic
@@ -25,12 +24,11 @@ def run_passes(
     """Rewrite `graph` in place: SP where `sp` is given, the small-batch fusion where `fusion`
     is; `explain` logs every rule's best near-miss. Returns what was done."""
     report = GraphReport(before=Snapshot(graph))
+    sent = traffic(graph)  # what plain TP sends: before raising folds sums of all-reduces
     for r in raise_ir(graph):
         report._add(r)
     report._add(noop_rules().apply(graph))  # an identity reshape must not hide a norm's input
-    report.traffic_before = traffic(graph)
-    for r in fold_all_reduces(graph):  # a sum of all-reduces is one all-reduce, SP or not
-        report._add(r)
+    report.traffic_before = traffic(graph).sending(sent)
     if sp is not None:
         report._add(sp_rules(sp, report.row_thresholds).apply(graph))
         ending = SequenceParallel(sp, report.row_thresholds).end_rule_set()

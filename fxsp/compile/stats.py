@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import Graph, Node
@@ -29,6 +29,10 @@ class Traffic:
 
     def __str__(self) -> str:
         return " + ".join(f"{k} {v} B" for k, v in sorted(self.bytes.items())) or "none"
+
+    def sending(self, other: Traffic) -> Traffic:
+        """These norms, with the collectives of `other` (the graph before a rewrite of them)."""
+        return replace(self, bytes=other.bytes, sites=other.sites)
 
     def sent_per_rank(self, tp: int) -> float:
         """Bytes each rank sends, ring algorithms: an all-reduce sends 2(tp-1)/tp of its

@@ -256,3 +256,8 @@ NORM_KINDS = (
 )
 NORMS = frozenset(kind.norm for kind in NORM_KINDS)
 FUSED_ADD_NORMS = frozenset(kind.fused_add for kind in NORM_KINDS)
+
+
+def norm_of(fused_add) -> Any:
+    """The norm a fused add + norm op applies to the sum."""
+    return next(kind.norm for kind in NORM_KINDS if kind.fused_add is fused_add)

@@ -58,6 +58,20 @@ class SiteCost:
                 full.append((value, reader))
         return full
 
+    def gathers_residual_once(self, norm: Node, chain: list[Node], full: list[tuple]) -> bool:
+        """Whether gathering a fused add + norm's new residual once, before the norm and its
+        other readers, is the only all-gather its site needs (no value on the way from the
+        all-reduce is read in full: `full`, from `read_in_full`), and gains something: a later
+        site takes the residual's shard."""
+        if norm.target not in FUSED_ADD_NORMS or any(value in chain for value, _ in full):
+            return False
+        return any(self.takes_the_shard(r, item) for item in _items(norm, 1) for r in item.users)
+
+    def all_gathers(self, root: Node, norm: Node, chain: list[Node]) -> int:
+        """The fewest all-gathers a rewrite of the site needs, in either layout."""
+        full = self.read_in_full(root, norm, chain)
+        return 1 if len(full) > 1 and self.gathers_residual_once(norm, chain, full) else len(full)
+
     def takes_the_shard(self, reader: Node, value: Node) -> bool:
         """Whether `reader` can read `value`'s sharded twin: a graph output where outputs stay
         sharded, or the residual operand of a fused add + norm, or of a plain add (`sp.end`),
@@ -75,7 +89,7 @@ class SiteCost:
                 chain is not None
                 and chain[0].args[1] == self.cfg.group
                 and same_shape(tensor_of(x), tensor_of(value))
-                and len(self.read_in_full(reader, reader, chain)) <= 1
+                and self.all_gathers(reader, reader, chain) <= 1
             )
         return self.pays[reader]
 

@@ -8,6 +8,9 @@ any kind in `ops.NORM_KINDS` (RMSNorm, LayerNorm), rewritten as its own op with 
                                                             reduce_scatter(x), rows(residual)))
     last    middle whose residual output is dead
     *_fp8   the same followed by static_fp8_quant: quantise locally, all-gather the FP8 bytes
+    gather_once  middle whose new residual other norms read in full (parallel-residual blocks:
+            GPT-NeoX's two LayerNorms of one residual) ⇒ all_gather(reduce_scatter(x) +
+            rows(residual)), then the norm on every rank: one all-gather instead of one per norm
 
 Between the all-reduce and the norm may stand ops that act on each row alone (decided by
 fxsp/sp/rowwise.py: Granite's multipliers, Gemma's √H embedding scale, a reshape to
@@ -29,7 +32,10 @@ SP must pay for itself. A reduce-scatter and one all-gather move the bytes of th
 any further all-gather (a residual or an intermediate value read in full outside the region: a
 graph output, an op no rule covers, a norm that is not a site or does not pay) is more than
 plain TP sends. `cost.SiteCost.read_in_full` counts them from the graph's structure before a
-rewrite, and a site that would need one stays as it is, with the near-miss naming the readers.
+rewrite. Where they are the norm's output and the new residual, gathering the residual once
+before the norms (`gather_once`) moves the all-reduce's bytes again, and the residual stream
+stays sharded; any other site that would need more stays as it is, with the near-miss naming
+the readers.
 
 Row layout (fxsp/sp/rows.py): the region lives in padded rows, and the pad, trim and
 flattening views go where they do not stand between a collective and its matmul, so Inductor's
@@ -49,7 +55,7 @@ from ..dsl.fake import known_true, tensor_of
 from ..dsl.pattern import behind, getitem, op, such_that
 from ..dsl.rules import Match, Rule, RuleSet
 from ..ir.collectives import all_gather_rows, reduce_scatter_rows, vllm_op
-from ..ir.ops import FP8_DTYPES, STATIC_FP8_QUANT
+from ..ir.ops import FP8_DTYPES, STATIC_FP8_QUANT, norm_of
 from ..policy.thresholds import sp_min_tokens
 from . import site
 from .cost import SiteCost, chain_of
@@ -174,6 +180,7 @@ class SequenceParallel:
             Rule("sp.first", first_norm, first, outputs=("reduced",), where=applies),
             Rule("sp.middle", middle_norm, middle, outputs=("reduced",), where=applies),
             Rule("sp.last", last_norm, middle, outputs=("reduced",), where=applies),
+            Rule("sp.gather_once", middle_norm, self.gather_once, where=self.gathers_once),
         ]
         fp8 = self.cfg.fp8
         return RuleSet(
@@ -190,8 +197,23 @@ class SequenceParallel:
             return verdict
         full = self.cost.read_in_full(m.root, m["norm"], chain_of(m["h"]))
         if len(full) > 1:  # a reduce-scatter and all-gathers against one all-reduce
-            readers = ", ".join(f"{value.name} (read by {reader.name})" for value, reader in full)
-            return f"SP would send more than the all-reduce: {len(full)} all-gathers, of {readers}"
+            return _more_than_the_all_reduce(full)
+        return True
+
+    def gathers_once(self, m: Match) -> bool | str:
+        """Where `applies` finds more than one all-gather: whether gathering the new residual
+        once, before the norm and its other readers, is the one all-gather."""
+        if m["norm"] in self.rewritten:
+            return "its norm was rewritten already"
+        verdict = site.applicable(m, self.cfg.group, self.enough_rows)
+        if verdict is not True:
+            return verdict
+        chain = chain_of(m["h"])
+        full = self.cost.read_in_full(m.root, m["norm"], chain)
+        if len(full) <= 1:
+            return "one all-gather of the norm's output suffices (sp.middle)"
+        if not self.cost.gathers_residual_once(m["norm"], chain, full):
+            return f"{_more_than_the_all_reduce(full)}; no later site takes the residual's shard"
         return True
 
     def enough_rows(self, m: Match, t: torch.Tensor) -> bool | str:
@@ -253,6 +275,20 @@ class SequenceParallel:
                 if item.target is operator.getitem and item.args[1] == 1:
                     item.meta[SHARD] = (residual_out, m["group"], self.cfg.world)
                     self.passed_on.append(PassedOn(item, blocks, self.collectives(m), b.created))
+        _erase_site(m, chain)
+
+    def gather_once(self, b: Builder, m: Match) -> None:
+        """fused_add_norm(all_reduce(x), residual) ⇒ norm(full), with
+        full = all_gather(reduce_scatter(x) + rows(residual)) the new residual, its twin the
+        shard: the norm and every other reader of the residual read it in full, the next site
+        takes the shard."""
+        blocks, scattered, chain = self.scatter(b, m)
+        rows = self.rows_of(b, m["residual"], blocks, m["group"])
+        full = self.gather(b, b.call(aten.add.Tensor, scattered, rows), blocks, self.collectives(m))
+        norm = m["norm"]
+        normed = b.call(norm_of(norm.target), full, *norm.args[2:])
+        b.replace_items(norm, {0: normed, 1: full})
+        matmuls_on_padded_rows(b, full, blocks)
         _erase_site(m, chain)
 
     def gather_residuals(self, graph: torch.fx.Graph) -> None:
@@ -411,6 +447,11 @@ def _on_shard(b: Builder, node: Node, rows: Node, shard: Node) -> Node:
     return b.call(
         node.target, *map(on_shard, node.args), **{k: on_shard(v) for k, v in node.kwargs.items()}
     )
+
+
+def _more_than_the_all_reduce(full: list[tuple]) -> str:
+    readers = ", ".join(f"{value.name} (read by {reader.name})" for value, reader in full)
+    return f"SP would send more than the all-reduce: {len(full)} all-gathers, of {readers}"
 
 
 def _erase_site(m: Match, chain: list[Node]) -> None:

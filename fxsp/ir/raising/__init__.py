@@ -1,13 +1,14 @@
-"""Raising: every common spelling of RMSNorm, fused add+RMSNorm, static FP8 quant and sum
-all-reduce in a post-grad graph becomes one fxsp IR op, so the rewrite rules see one op per
-concept whatever the model wrote.
+"""Raising: every common spelling of RMSNorm, LayerNorm, a residual add before either, static
+FP8 quant and sum all-reduce in a post-grad graph becomes one fxsp IR op, so the rewrite rules
+see one op per concept whatever the model wrote.
 
     raise_ir(graph)   # -> [Report] of the passes below, in order
 
 1. collectives  `wait_tensor(_c10d_functional.all_reduce(x, "sum", g))` (functional
                 collectives, DTensor, Dynamo's rewrite of in-place `dist.all_reduce`) and
                 `vllm.all_reduce(x, g)` → `fxsp.all_reduce(x, g, flavor)`. Other reductions
-                ("avg", "max", ...) are never raised.
+                ("avg", "max", ...) are never raised. Then sums of all-reduces fold into one
+                all-reduce of the sum (`ir/fold.py`).
 2. norms        the decomposed RMSNorm (HF/Llama, `F.rms_norm`, `nn.RMSNorm`, any eps, fp32 or
                 bf16/fp16 through fp32), undecomposed `aten.rms_norm` / `aten._fused_rms_norm`,
                 and vLLM's `_C.rms_norm` / `_C.fused_add_rms_norm` (under
@@ -41,6 +42,7 @@ from torch.fx import Graph, GraphModule
 
 from ...dsl.rules import Report, RuleSet
 from ..collectives import vllm_op
+from ..fold import fold_all_reduces
 from .add_norm import add_norm_rules
 from .collectives import collective_rules
 from .fp8 import fp8_rules
@@ -50,8 +52,12 @@ from .vllm import vllm_rules
 
 
 def raise_ir(target: Graph | GraphModule, check: bool = False) -> list[Report]:
-    """Raise every recognised spelling in `target` to fxsp IR ops; one report per pass."""
-    return [rule_set.apply(target, check=check) for rule_set in raising_passes()]
+    """Raise every recognised spelling in `target` to fxsp IR ops, folding sums of all-reduces
+    once the collectives are raised (`ir/fold.py`); one report per pass."""
+    collectives, *rest = raising_passes()
+    reports = [collectives.apply(target, check=check)]
+    reports += fold_all_reduces(target.graph if isinstance(target, GraphModule) else target)
+    return reports + [rule_set.apply(target, check=check) for rule_set in rest]
 
 
 def raising_passes() -> list[RuleSet]:

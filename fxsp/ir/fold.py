@@ -9,6 +9,9 @@ shared experts. Folded, they send half the bytes, with SP or without, and the on
 is a site the SP rules can rewrite. Only where each all-reduce is read by the sum alone (else
 it runs anyway) and the operands add without broadcasting or casting. The sum is taken before
 the all-reduce rather than after: the same value up to the order of the additions.
+
+It runs right after the collectives are raised, before a residual add is raised into a norm:
+`norm(r + all_reduce(a) + all_reduce(b))` would otherwise hide the second add inside the norm.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ..dsl.builder import Builder
 from ..dsl.fake import same_shape, tensor_of
 from ..dsl.pattern import op, string, tensor
 from ..dsl.rules import Match, Report, Rule, RuleSet
-from ..ir.ops import ALL_REDUCE
+from .ops import ALL_REDUCE
 
 aten = torch.ops.aten
 

@@ -1,0 +1,115 @@
+"""HF causal LMs as users parallelise them: the model's own `base_model_tp_plan` applied with
+DTensor's `parallelize_module` (what transformers' `tp_plan="auto"` does), for the tests and
+`examples/hf_tp.py`. Needs `transformers` (a test dependency).
+
+`tiny_model` makes a small random model of any architecture locally (no download); `plan_of`
+reads a model's plan, or takes one for models that ship none; `parallelize` applies it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+# Sizes of the tiny models: heads divisible by TP 2 and 3, rows of any count.
+TINY = dict(
+    hidden_size=48,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# Plans for architectures that ship none, in the base model's names (as `base_model_tp_plan`).
+PLANS = {
+    "gptj": {
+        "h.*.attn.q_proj": "colwise",
+        "h.*.attn.k_proj": "colwise",
+        "h.*.attn.v_proj": "colwise",
+        "h.*.attn.out_proj": "rowwise",
+        "h.*.mlp.fc_in": "colwise",
+        "h.*.mlp.fc_out": "rowwise",
+    },
+    "nemotron": {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    },
+}
+# Attributes an attention module may view q, k, v with (GPT-J's `num_attention_heads`): each
+# rank holds heads / tp of them.
+HEAD_COUNTS = ("num_attention_heads", "num_heads", "num_key_value_heads")
+
+
+def tiny_model(model_type: str, seed: int = 0, **config: Any) -> nn.Module:
+    """A small random `AutoModelForCausalLM` of `model_type` in eval mode, the same on every
+    rank; `config` overrides the tiny sizes (e.g. `use_parallel_residual=False`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **{**TINY, **config})
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    except ValueError:  # an architecture without SDPA attention
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return model.eval()
+
+
+def plan_of(model: nn.Module) -> dict[str, str]:
+    """The model's TP plan, in its base model's module names."""
+    plan = getattr(model.config, "base_model_tp_plan", None) or PLANS.get(model.config.model_type)
+    if not plan:
+        raise ValueError(
+            f"{type(model).__name__} has no base_model_tp_plan: pass a plan (module name pattern "
+            "-> 'colwise' / 'rowwise')"
+        )
+    return dict(plan)
+
+
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh, plan: dict[str, str] | None = None
+) -> nn.Module:
+    """`model` with `plan` (default: `plan_of(model)`) applied to its base model by
+    `parallelize_module`: column-parallel in, row-parallel out, an all-reduce after each
+    row-parallel matmul; the vocab-parallel embedding where the plan has one."""
+    plan = plan_of(model) if plan is None else plan
+    parallelize_module(model.base_model, mesh, {k: _style(v) for k, v in plan.items()})
+    _localise_head_counts(model.base_model, plan, mesh.size())
+    return model
+
+
+def _localise_head_counts(base: nn.Module, plan: dict[str, str], tp: int) -> None:
+    """The modules holding column-parallel projections see heads / tp heads on each rank."""
+    parents = {key.rsplit(".", 1)[0] for key, style in plan.items() if style == "colwise"}
+    for name, module in base.named_modules():
+        if any(fnmatch.fnmatch(name, pattern) for pattern in parents):
+            for attr in HEAD_COUNTS:
+                count = getattr(module, attr, None)
+                if isinstance(count, int) and count % tp == 0:
+                    setattr(module, attr, count // tp)
+
+
+def _style(name: str):
+    if name == "colwise":
+        return ColwiseParallel()
+    if name == "rowwise":
+        return RowwiseParallel()
+    if name == "embedding_rowwise":  # vocab-parallel: each rank looks up its rows, then sums
+        return RowwiseParallel(input_layouts=Replicate())
+    if name in ("colwise_gather_output", "colwise_rep"):
+        return ColwiseParallel(output_layouts=Replicate())
+    raise ValueError(f"TP plan style {name!r} is not supported here (colwise, rowwise, ...)")

@@ -26,6 +26,14 @@ FAMILIES = {
     "two all-reduces": Program(layers=(Layer(two_all_reduces=True),), rows=7, batched=True),
     # a value read in full by an op that mixes rows, bf16, HF's norm
     "rows summed": Program(layers=(Layer(reader="row_sum", hf_norm=True),), rows=9, bf16=True),
+    # a dim marked dynamic whose example gives each rank one row: torch would specialise it
+    # (ConstraintViolationError); the all-reduce stays, and says why
+    "one row per rank, marked dynamic": Program(layers=(Layer(), Layer()), rows=2, symbolic=True),
+    # all_reduce(a) + all_reduce(b) straight into a LayerNorm: folded before the add is raised
+    # into the norm
+    "two all-reduces into a LayerNorm": Program(
+        layers=(Layer(residual=False, two_all_reduces=True, layer_norm=True),), rows=8
+    ),
 }
 
 

@@ -48,6 +48,35 @@ def row_count(t: torch.Tensor) -> Any:
     return rows
 
 
+def pinned_by_one_row_blocks(rows: Any, tp: int) -> bool:
+    """Whether SP on `rows` (symbolic) would break the compile: the example gives each rank a
+    block of at most one row, torch's layout checks guard on a block of one row, and a token dim
+    the user marked dynamic (`mark_dynamic`, `dynamic=True`) must not be specialised
+    (ConstraintViolationError). Automatic dynamic shapes specialise freely: the guard just keeps
+    larger batches for a graph compiled with SP."""
+    hint = getattr(rows.node, "hint", None)
+    if not isinstance(hint, int) or hint > tp:
+        return False
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    shape_env = getattr(getattr(context, "fake_mode", None), "shape_env", None)
+    if shape_env is None:
+        return False
+    sources = {
+        source.name
+        for symbol in rows.node.expr.free_symbols
+        for source in shape_env.var_to_sources.get(symbol, ())
+    }
+    for tensor_context in context.tensor_to_context.values():
+        name = getattr(getattr(tensor_context, "tensor_source", None), "name", None)
+        for dim, constraint in enumerate(getattr(tensor_context, "constraint_sizes", None) or ()):
+            strict = constraint is not None and not getattr(constraint, "warn_only", False)
+            if strict and f"{name}.size()[{dim}]" in sources:
+                return True
+    return False
+
+
 def _size(b: Builder, x: Node, dim: int) -> Size:
     """Size `dim` of `x`. A symbolic one is taken, where the graph has it, from the size
     arguments of the view or the operands of the matmul computing `x`: a `sym_size` of `x`

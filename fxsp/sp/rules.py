@@ -63,6 +63,7 @@ from .rows import (
     RowBlocks,
     from_padded_rows,
     matmuls_on_padded_rows,
+    pinned_by_one_row_blocks,
     row_blocks,
     row_count,
     shaped_like,
@@ -226,6 +227,11 @@ class SequenceParallel:
         rows = row_count(t)
         if not known_true(rows == row_count(tensor_of(m["h"]))):
             return f"{m['h'].name} holds other rows than the all-reduce"
+        if not isinstance(rows, int) and pinned_by_one_row_blocks(rows, cfg.world):
+            return (
+                f"the example's {rows.node.hint} rows give each of {cfg.world} ranks one row at "
+                "most: torch would specialise the token dim marked dynamic"
+            )
         need = site.row_threshold(cfg.min_tokens, sp_min_tokens, t, cfg.world)
         if isinstance(need, str):
             return need

@@ -50,6 +50,7 @@ class Layer:
     reader: str = "none"  # who else reads the residual (outside the SP region)
     two_all_reduces: bool = False  # all_reduce(a) + all_reduce(b)
     hf_norm: bool = False  # HF's spelling, else F.rms_norm
+    layer_norm: bool = False  # F.layer_norm with weight and bias instead of an RMSNorm
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class Program:
                 if layer.hf_norm
                 else f"F.rms_norm(h, ({h},), norm_w, 1e-6)"
             )
+            if layer.layer_norm:
+                norm = f"F.layer_norm(h, ({h},), norm_w, norm_w - 1, 1e-5)"
             lines.append(f"residual, x = h, {norm}")
             lines.append(f"x = x.reshape(-1, {h})")
         lines.append("return (x, *extra)")
@@ -146,6 +149,7 @@ def programs() -> Any:
         reader=st.sampled_from(READERS),
         two_all_reduces=st.booleans(),
         hf_norm=st.booleans(),
+        layer_norm=st.booleans(),
     )
     return st.builds(
         Program,

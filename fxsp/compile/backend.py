@@ -71,6 +71,8 @@ class Backend:
         self.options = options
         self._group: dist.ProcessGroup | None = None
         self.reports: list[GraphReport] = []
+        # One per graph compiled with a backward: the SP sites rewritten on Dynamo's graph.
+        self.training_reports: list = []  # training.dtensor.TrainingReport
         self.configs = Configs(options)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -78,7 +80,19 @@ class Backend:
         if sp is not None:
             self._name_traced_floats(gm)
         seen = len(self.reports)
-        compiled, reports = self._compile_variants(gm, example_inputs, sp)
+        post_grad_sp, training = sp, None
+        if sp is not None and _with_backward(example_inputs):
+            # SP for training happens here, on Dynamo's graph, before AOT autograd derives the
+            # backward (docs/training.md); the post-grad pass then has nothing left to rewrite.
+            from ..training.dtensor import sequence_parallel  # imports DTensor: only here
+
+            training = sequence_parallel(gm, self.options.min_tokens)
+            self.training_reports.append(training)
+            if training.sites:
+                post_grad_sp = None
+        compiled, reports = self._compile_variants(gm, example_inputs, post_grad_sp)
+        for report in reports if training is not None else ():
+            report.counts.update(training.counts)
         if sp is None or not self.options.check_ranks:
             return compiled
         facts = fingerprint(
@@ -260,6 +274,13 @@ class FxspPass:
             asdict(self.sp) if self.sp else None,
             asdict(self.fusion) if self.fusion else None,
         )
+
+
+def _with_backward(example_inputs: list) -> bool:
+    """Whether AOT autograd will compile this Dynamo graph with a backward."""
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in example_inputs
+    )
 
 
 def _input_type(a: Any) -> Any:

@@ -162,10 +162,12 @@ class Configs:
             self.once.say(
                 log.warning,
                 "fxsp: sequence parallelism is off for graphs compiled with autograd "
-                "(gradients enabled and an input or parameter requires grad): the values saved for "
-                "backward, such as each norm's rsqrt, are full-size and keep most sites from being "
-                "rewritten. Compile inference under torch.no_grad() or torch.inference_mode(), or "
-                "call requires_grad_(False) on the parameters.",
+                "(gradients enabled and an input or parameter requires grad) unless the model is "
+                "parallelised with DTensor: fxsp rewrites such a model's graph before AOT "
+                "autograd (docs/training.md), and found no site in this one "
+                "(backend.training_reports says why). A hand-written model's collectives are "
+                "not rewritten for training yet. For inference, compile under torch.no_grad() "
+                "or torch.inference_mode(), or call requires_grad_(False) on the parameters.",
             )
             return None
         return sp

@@ -85,10 +85,21 @@ def parallelize(
 ) -> nn.Module:
     """`model` with `plan` (default: `plan_of(model)`) applied to its base model by
     `parallelize_module`: column-parallel in, row-parallel out, an all-reduce after each
-    row-parallel matmul; the vocab-parallel embedding where the plan has one."""
+    row-parallel matmul; the vocab-parallel embedding where the plan has one; and the model's
+    own plan for its head (`_tp_plan`: a column-parallel LM head, its logits gathered)."""
     plan = plan_of(model) if plan is None else plan
     parallelize_module(model.base_model, mesh, {k: _style(v) for k, v in plan.items()})
     _localise_head_counts(model.base_model, plan, mesh.size())
+    # The head's own plan (`lm_head: colwise_gather_output`), as transformers applies it too (a
+    # head tied to a vocab-parallel embedding shards their one weight the same way).
+    prefix = f"{model.base_model_prefix}."
+    head = {
+        k: _style(v)
+        for k, v in (getattr(model, "_tp_plan", None) or {}).items()
+        if not k.startswith(prefix)
+    }
+    if model is not model.base_model and head:
+        parallelize_module(model, mesh, head)
     return model
 
 

@@ -90,6 +90,11 @@ def test_custom_ops_have_the_ir_signatures():
         assert str(getattr(torch.ops.fxsp_flashinfer, name).default._schema) == ir_schema.replace(
             "fxsp::", "fxsp_flashinfer::"
         )
+    for name in ("layer_norm", "fused_add_layer_norm"):
+        ir_schema = str(getattr(torch.ops.fxsp, name).default._schema)
+        assert str(getattr(fxsp_triton, name).default._schema) == ir_schema.replace(
+            "fxsp::", "fxsp_triton::"
+        )
     assert str(fxsp_triton.rms_norm_static_fp8_quant.default._schema) == (
         "fxsp_triton::rms_norm_static_fp8_quant(Tensor x, Tensor? weight, float eps, "
         "Tensor scale, ScalarType fp8_dtype) -> Tensor"
@@ -186,6 +191,44 @@ def test_any_leading_shape_and_no_rows():
     empty = x[:0]
     out, residual_out = fxsp_triton.fused_add_rms_norm(empty, empty, weight, 1e-6)
     assert out.shape == residual_out.shape == (0, 96)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [1, 96, 1000])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("affine", ["weight and bias", "weight", "neither"])
+def test_layer_norms_match_reference(dtype, hidden, rows, affine):
+    """LayerNorm: the mean and the variance in fp32 (two reductions here, Welford's in the
+    reference's compiled form), one rounding at the end: a few ulps of the dtype."""
+    x, residual, weight = _inputs(rows, hidden, dtype)
+    bias = weight.flip(0) / 3 if affine == "weight and bias" else None
+    weight = None if affine == "neither" else weight
+    _assert_close_to_reference(
+        fxsp_triton.layer_norm(x, weight, bias, 1e-5),
+        ops.layer_norm_reference(x, weight, bias, 1e-5),
+    )
+    out, residual_out = fxsp_triton.fused_add_layer_norm(x, residual, weight, bias, 1e-5)
+    expected_out, expected_residual_out = ops.fused_add_layer_norm_reference(
+        x, residual, weight, bias, 1e-5
+    )
+    assert torch.equal(residual_out, expected_residual_out)  # one rounded add: exact
+    _assert_close_to_reference(out, expected_out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden, block", [(96, 32), (1000, 256)])
+def test_layer_norm_rows_longer_than_one_pass(monkeypatch, hidden, block):
+    """Rows above MAX_SINGLE_PASS_COLS are read three times in blocks."""
+    monkeypatch.setattr(triton_kernels, "MAX_SINGLE_PASS_COLS", 64)
+    monkeypatch.setattr(triton_kernels, "MULTI_PASS_BLOCK", block)
+    x, residual, weight = _inputs(3, hidden, torch.bfloat16)
+    out, residual_out = fxsp_triton.fused_add_layer_norm(x, residual, weight, weight / 2, 1e-5)
+    expected_out, expected_residual_out = ops.fused_add_layer_norm_reference(
+        x, residual, weight, weight / 2, 1e-5
+    )
+    assert torch.equal(residual_out, expected_residual_out)
+    _assert_close_to_reference(out, expected_out)
 
 
 @needs_kernels

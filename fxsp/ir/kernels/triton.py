@@ -1,7 +1,11 @@
 """Triton kernels for the norm IR ops, registered as the `"triton"` provider for CUDA.
 
-Importing this module defines four ops under `torch.ops.fxsp_triton` and, when Triton is
+Importing this module defines six ops under `torch.ops.fxsp_triton` and, when Triton is
 importable, registers them in fxsp's provider registry (`providers.py`):
+
+    fxsp_triton::layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor
+    fxsp_triton::fused_add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias,
+                                      float eps) -> (Tensor out, Tensor residual_out)
 
     fxsp_triton::rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor
     fxsp_triton::fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps)
@@ -56,7 +60,16 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from ...dsl.fake import known_true
-from ..ops import FP8_DTYPES, FUSED_ADD_RMS_NORM, RMS_NORM, STATIC_FP8_QUANT, _norm_dtype, fp8_max
+from ..ops import (
+    FP8_DTYPES,
+    FUSED_ADD_LAYER_NORM,
+    FUSED_ADD_RMS_NORM,
+    LAYER_NORM,
+    RMS_NORM,
+    STATIC_FP8_QUANT,
+    _norm_dtype,
+    fp8_max,
+)
 from ..providers import Provider, register_provider
 
 try:
@@ -290,6 +303,140 @@ def _rms_norm_kernel(
             )
 
 
+@_jit
+def _layer_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    bias_ptr,  # inputs; unused ones are dummies
+    out_ptr,
+    residual_out_ptr,
+    n_cols,
+    eps,
+    NORM_DTYPE: tl.constexpr,  # dtype of the norm's input (x's, or that of x + residual)
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PASSES_BLOCKS: tl.constexpr,  # 0: one read of a row of <= BLOCK; n: three of n blocks
+):
+    """LayerNorm as `ops.layer_norm_reference` computes it: the mean, then the mean of squared
+    deviations, in fp32; the weight and bias applied in fp32; one rounding to NORM_DTYPE."""
+    row_start = tl.program_id(0).to(tl.int64) * n_cols
+    cols = tl.arange(0, BLOCK)
+    if PASSES_BLOCKS == 0:
+        mask = cols < n_cols
+        h = _load_norm_input(
+            x_ptr,
+            residual_ptr,
+            residual_out_ptr,
+            row_start + cols,
+            mask,
+            NORM_DTYPE,
+            HAS_RESIDUAL,
+            True,
+        )
+        mean = tl.math.div_rn(tl.sum(h, axis=0), n_cols + 0.0)
+        deviation = tl.where(mask, h - mean, 0.0)
+        variance = tl.math.div_rn(tl.sum(deviation * deviation, axis=0), n_cols + 0.0)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
+        _store_layer_norm_output(
+            deviation,
+            rstd,
+            weight_ptr,
+            bias_ptr,
+            out_ptr,
+            row_start + cols,
+            cols,
+            mask,
+            NORM_DTYPE,
+            HAS_WEIGHT,
+            HAS_BIAS,
+        )
+    else:
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for block in range(PASSES_BLOCKS):
+            start = block * BLOCK
+            mask = start + cols < n_cols
+            total += _load_norm_input(
+                x_ptr,
+                residual_ptr,
+                residual_out_ptr,
+                row_start + start + cols,
+                mask,
+                NORM_DTYPE,
+                HAS_RESIDUAL,
+                True,
+            )
+        mean = tl.math.div_rn(tl.sum(total, axis=0), n_cols + 0.0)
+        squares = tl.zeros([BLOCK], dtype=tl.float32)
+        for block in range(PASSES_BLOCKS):
+            start = block * BLOCK
+            mask = start + cols < n_cols
+            h = _load_norm_input(
+                x_ptr,
+                residual_ptr,
+                residual_out_ptr,
+                row_start + start + cols,
+                mask,
+                NORM_DTYPE,
+                HAS_RESIDUAL,
+                False,
+            )
+            deviation = tl.where(mask, h - mean, 0.0)
+            squares += deviation * deviation
+        variance = tl.math.div_rn(tl.sum(squares, axis=0), n_cols + 0.0)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
+        for block in range(PASSES_BLOCKS):
+            start = block * BLOCK
+            mask = start + cols < n_cols
+            h = _load_norm_input(
+                x_ptr,
+                residual_ptr,
+                residual_out_ptr,
+                row_start + start + cols,
+                mask,
+                NORM_DTYPE,
+                HAS_RESIDUAL,
+                False,
+            )
+            _store_layer_norm_output(
+                h - mean,
+                rstd,
+                weight_ptr,
+                bias_ptr,
+                out_ptr,
+                row_start + start + cols,
+                start + cols,
+                mask,
+                NORM_DTYPE,
+                HAS_WEIGHT,
+                HAS_BIAS,
+            )
+
+
+@_jit
+def _store_layer_norm_output(
+    deviation,
+    rstd,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    offsets,
+    cols,
+    mask,
+    NORM_DTYPE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    out = deviation * rstd
+    if HAS_WEIGHT:
+        out = out * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, _round_to(out, NORM_DTYPE), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launching
 
@@ -378,6 +525,58 @@ def _launch(
     return out, residual_out
 
 
+def _launch_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the LayerNorm kernel over the rows of x; returns (out, residual_out or None). Runs
+    the three ways `_launch` does."""
+    hidden = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != (hidden,):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} for rows of {hidden}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} for x of {tuple(x.shape)}")
+    residual_out = None
+    if residual is not None:
+        residual_out = torch.empty(
+            x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device
+        )
+    norm_input = x if residual_out is None else residual_out
+    out = torch.empty(x.shape, dtype=norm_input.dtype, device=x.device)
+    fake = is_fake(x) or x.is_meta
+    kernel = _kernel_for(x, fake, _layer_norm_kernel)
+    if kernel is None or known_true(x.numel() == 0):
+        return out, residual_out
+    x = _dense(x)
+    block, passes_blocks, num_warps = _launch_shape(
+        int(hidden), MAX_SINGLE_PASS_COLS, MULTI_PASS_BLOCK
+    )
+    dummy = x
+    with _on_device_of(x, fake):
+        kernel[(x.numel() // hidden,)](
+            x,
+            dummy if residual is None else _dense(residual),
+            dummy if weight is None else _dense(weight),
+            dummy if bias is None else _dense(bias),
+            out,
+            dummy if residual_out is None else residual_out,
+            hidden,
+            eps,
+            NORM_DTYPE=_triton_dtype(norm_input.dtype),
+            HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            PASSES_BLOCKS=passes_blocks,
+            num_warps=num_warps,
+        )
+    return out, residual_out
+
+
 @functools.cache
 def _launch_shape(hidden: int, max_single_pass: int, multi_pass_block: int) -> tuple:
     """(BLOCK, PASSES_BLOCKS, num_warps) for rows of `hidden` (cached: Triton's own helpers
@@ -393,22 +592,23 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _kernel_for(x: torch.Tensor, fake: bool):
-    """The kernel to launch on x's rows, or None where there is nothing to run: fake tensors
-    under the interpreter (compiled kernels take fake tensors through `wrap_triton`, whose
-    launch records a graph node or does nothing)."""
+def _kernel_for(x: torch.Tensor, fake: bool, kernel=None):
+    """The kernel (default: the RMSNorm one) to launch on x's rows, or None where there is
+    nothing to run: fake tensors under the interpreter (compiled kernels take fake tensors
+    through `wrap_triton`, whose launch records a graph node or does nothing)."""
+    kernel = _rms_norm_kernel if kernel is None else kernel
     if fake:
-        return None if triton is None or runs_interpreted() else wrap_triton(_rms_norm_kernel)
+        return None if triton is None or runs_interpreted() else wrap_triton(kernel)
     if triton is None:
         raise RuntimeError("fxsp_triton ops need Triton, which is not installed")
     if runs_interpreted():  # torch before 2.13 refuses to wrap an interpreted kernel
-        return _rms_norm_kernel
+        return kernel
     if not x.is_cuda:
         raise RuntimeError(
             "fxsp_triton ops run on CUDA tensors; CPU tensors only where the "
             "kernels run in Triton's interpreter (see runs_interpreted())"
         )
-    return wrap_triton(_rms_norm_kernel)
+    return wrap_triton(kernel)
 
 
 def _on_device_of(x: torch.Tensor, fake: bool) -> contextlib.AbstractContextManager:
@@ -477,6 +677,24 @@ def fused_add_rms_norm_static_fp8_quant(
     return _launch(x, residual, weight, eps, scale, fp8_dtype)
 
 
+@_op("fxsp_triton::layer_norm")
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    return _launch_layer_norm(x, None, weight, bias, eps)[0]
+
+
+@_op("fxsp_triton::fused_add_layer_norm")
+def fused_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_layer_norm(x, residual, weight, bias, eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Provider registration
 
@@ -494,6 +712,8 @@ TRITON_PROVIDER = Provider(
         FUSED_ADD_RMS_NORM: _ops.fused_add_rms_norm.default,
         (RMS_NORM, STATIC_FP8_QUANT): _ops.rms_norm_static_fp8_quant.default,
         (FUSED_ADD_RMS_NORM, STATIC_FP8_QUANT): _ops.fused_add_rms_norm_static_fp8_quant.default,
+        LAYER_NORM: _ops.layer_norm.default,
+        FUSED_ADD_LAYER_NORM: _ops.fused_add_layer_norm.default,
     },
     devices=frozenset({"cuda"}),
     dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),

@@ -17,8 +17,11 @@ all-gather, each norm's backward runs on this rank's rows, and a replicated weig
 uneven shards. Outside the region nothing changes, so every rank's loss and gradients are eager
 TP's.
 
-A site is rewritten only where its region reaches a norm (a reduction over the last dim):
-elsewhere the reduce-scatter and all-gather would replace the all-reduce for nothing.
+All sites share one region: a residual add reads one site's rows and the next's. Before it,
+`dropout(p=0)` is dropped and sums of two all-reduces fold into one (parallel blocks). A site
+joins only where its region reaches a norm (a reduction over the last dim), and the graph keeps
+TP where SP would send more over forward and backward (`_costs_more`). Residual dropout with
+p > 0 ends a region: its masks, drawn on this rank's rows, would differ from TP's.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def sequence_parallel(gm: GraphModule, min_tokens: int | str = 0) -> TrainingRep
         if too_few:
             report.misses.append(f"{site.name}: {too_few}")
             continue
-        region = _region(site)
+        region = _region([site])
         if not any(_reduces_last_dim(n) for n in region):
             report.misses.append(f"{site.name}: no norm on its rows: {_stop(site, region)}")
             continue
@@ -316,15 +319,17 @@ def _reduces_last_dim(node: Node) -> bool:
     )
 
 
-def _region(site: Node) -> list[Node]:
-    """The nodes after `site` that run on its rows: row-wise ops reading the site or the
+def _region(sites: list[Node]) -> list[Node]:
+    """The nodes after `sites` that run on their rows: row-wise ops reading a site or the
     region, in graph order."""
-    region: set[Node] = {site}
+    region: set[Node] = set(sites)
     ordered = []
-    for node in site.graph.nodes:
-        if node is site or node.op not in ("call_function", "call_method"):
-            continue
-        if any(a in region for a in node.all_input_nodes) and _row_wise(node):
+    for node in sites[0].graph.nodes:
+        if (
+            node not in region
+            and _row_wise(node)
+            and any(a in region for a in node.all_input_nodes)
+        ):
             region.add(node)
             ordered.append(node)
     return ordered
@@ -340,6 +345,8 @@ def _mesh_node(graph: Graph, site: Node) -> Node | None:
 
 
 def _rewrite(graph: Graph, sites: list[Node], mesh: Node) -> None:
+    """The sites reduce-scattered, their region on DTensors sharded by rows, and each value
+    read outside the region gathered (see the module's docstring)."""
     sharded: dict[Node, Node] = {}
     for site in sites:
         rows = Shard(_example(site).dim() - 2)
@@ -360,11 +367,7 @@ def _rewrite(graph: Graph, sites: list[Node], mesh: Node) -> None:
                 )
         return a
 
-    for node in list(graph.nodes):
-        if node in sharded or not _row_wise(node):
-            continue
-        if not any(a in sharded for a in node.all_input_nodes):
-            continue
+    for node in _region(sites):
         with graph.inserting_after(node):
             sharded[node] = graph.create_node(
                 node.op,

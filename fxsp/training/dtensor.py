@@ -32,8 +32,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._api import from_local
 from torch.fx import Graph, GraphModule, Node
+
+try:  # Dynamo records DTensor.from_local as a call of this function from torch 2.13 on
+    from torch.distributed.tensor._api import from_local
+except ImportError:  # earlier, as closures with their arguments inside: nothing to rewrite
+    from_local = None
 
 from ..policy.thresholds import sp_min_tokens
 
@@ -95,6 +99,12 @@ def sequence_parallel(gm: GraphModule, min_tokens: int | str = 0) -> TrainingRep
     SP form, from `min_tokens` rows ("auto": policy.thresholds); returns what was done. The
     graph is left as it was where nothing applies."""
     graph, report = gm.graph, TrainingReport()
+    if from_local is None:
+        report.misses.append(
+            f"torch {torch.__version__}: Dynamo records DTensor's calls as closures, which "
+            "fxsp cannot rewrite; SP for training needs torch 2.13 or later"
+        )
+        return report
     _drop_identity_dropouts(graph)
     report.folded = _fold_sums(graph)
     sites, mesh = [], None

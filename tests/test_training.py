@@ -89,9 +89,12 @@ def train_step(rank: int, world: int, names: list[str], inner: str) -> dict:
     return results
 
 
-@pytest.mark.parametrize(("world", "inner"), [(2, "inductor"), (3, "eager")])
-def test_training_step_equals_eager_tp(world, inner):
-    names = list(ARCHITECTURES)
+# Inductor compiles Llama's forward and backward at TP 2; at TP 3 every architecture's graphs run
+# as fxsp leaves them (within CI's time).
+@pytest.mark.parametrize(
+    ("world", "inner", "names"), [(2, "inductor", ["llama"]), (3, "eager", list(ARCHITECTURES))]
+)
+def test_training_step_equals_eager_tp(world, inner, names):
     for rank, results in enumerate(run_world(world, train_step, names, inner, timeout=1500)):
         for name in names:
             loss_error, (grad_error, param), sites, sent_sp, sent_tp, replicated_grads = results[

@@ -152,14 +152,7 @@ def _costs_more(sites: list[Node], mesh: Node) -> str | None:
     TP's forward all-reduce and of that module's backward all-reduce; but each site's backward
     all-gathers the gradient of its rows, so a site whose rows no column-parallel module reads
     (a replicated head after the last norm) adds that all-gather."""
-    region = {site for site in sites}
-    for node in sites[0].graph.nodes:
-        if (
-            node not in region
-            and _row_wise(node)
-            and any(a in region for a in node.all_input_nodes)
-        ):
-            region.add(node)
+    region = {*sites, *_region(sites)}
     read = {
         value
         for value in region
@@ -288,12 +281,16 @@ def _whole(node: Node) -> bool:
     )
 
 
+def _dropout_p(node: Node) -> float | None:
+    """The probability of an `F.dropout` node (None for any other node)."""
+    if node.target is not F.dropout:
+        return None
+    return node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+
+
 def _no_dropout(node: Node) -> bool:
     """`F.dropout` with p = 0 (the identity), as models with dropout configured off call it."""
-    if node.target is not F.dropout:
-        return False
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    return p == 0
+    return _dropout_p(node) == 0
 
 
 def _stop(site: Node, region: list[Node]) -> str:
@@ -303,11 +300,10 @@ def _stop(site: Node, region: list[Node]) -> str:
         for reader in node.users:
             if reader not in inside and reader.op in ("call_function", "call_method"):
                 name = getattr(reader.target, "__name__", str(reader.target))
-                if reader.target is F.dropout:
-                    p = reader.kwargs.get("p", reader.args[1] if len(reader.args) > 1 else 0.5)
+                if _dropout_p(reader) is not None:
                     return (
-                        f"dropout (p={p}) reads it: masks drawn on this rank's rows would "
-                        "differ from those TP draws"
+                        f"dropout (p={_dropout_p(reader)}) reads it: masks drawn on this rank's "
+                        "rows would differ from those TP draws"
                     )
                 return f"{reader.name} ({name}) reads it and does not act on each row alone"
     return "nothing reads it on its rows"

@@ -470,21 +470,11 @@ def _launch(
     calls only torch ops, never reads tensor data and never branches on a symbolic size.
     """
     hidden = x.shape[-1]
-    if weight is not None and weight.shape != (hidden,):
-        raise ValueError(f"weight of shape {tuple(weight.shape)} for rows of {hidden}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual of shape {tuple(residual.shape)} for x of {tuple(x.shape)}")
     if fp8_dtype is not None and fp8_dtype not in FP8_DTYPES:
         raise TypeError(f"static FP8 quant to {fp8_dtype}; expected one of {FP8_DTYPES}")
     if fp8_dtype is not None and scale.numel() != 1:
         raise ValueError("static FP8 quant takes one per-tensor scale")
-
-    residual_out = None
-    if residual is not None:
-        residual_out = torch.empty(
-            x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device
-        )
-    norm_input = x if residual_out is None else residual_out
+    residual_out, norm_input = _norm_input(x, residual, weight=weight)
     out_dtype = _norm_dtype(norm_input, weight)
     out = torch.empty(x.shape, dtype=out_dtype if fp8_dtype is None else fp8_dtype, device=x.device)
     fake = is_fake(x) or x.is_meta
@@ -525,6 +515,25 @@ def _launch(
     return out, residual_out
 
 
+def _norm_input(
+    x: torch.Tensor, residual: torch.Tensor | None, **vectors: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(residual_out or None, the norm's input: x, or residual_out) for a norm kernel's launch,
+    after checking the residual's and each per-feature vector's (weight, bias) shapes."""
+    hidden = x.shape[-1]
+    for name, t in vectors.items():
+        if t is not None and t.shape != (hidden,):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} for rows of {hidden}")
+    if residual is None:
+        return None, x
+    if residual.shape != x.shape:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} for x of {tuple(x.shape)}")
+    residual_out = torch.empty(
+        x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device
+    )
+    return residual_out, residual_out
+
+
 def _launch_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -535,17 +544,7 @@ def _launch_layer_norm(
     """Run the LayerNorm kernel over the rows of x; returns (out, residual_out or None). Runs
     the three ways `_launch` does."""
     hidden = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.shape != (hidden,):
-            raise ValueError(f"{name} of shape {tuple(t.shape)} for rows of {hidden}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual of shape {tuple(residual.shape)} for x of {tuple(x.shape)}")
-    residual_out = None
-    if residual is not None:
-        residual_out = torch.empty(
-            x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device
-        )
-    norm_input = x if residual_out is None else residual_out
+    residual_out, norm_input = _norm_input(x, residual, weight=weight, bias=bias)
     out = torch.empty(x.shape, dtype=norm_input.dtype, device=x.device)
     fake = is_fake(x) or x.is_meta
     kernel = _kernel_for(x, fake, _layer_norm_kernel)

@@ -75,11 +75,16 @@ def compile_hf(rank: int, world: int, names: list[str], inner: str) -> dict:
     return results
 
 
-# Inductor compiles the rewritten graphs at TP 2; at TP 3 they run as fxsp leaves them (its
-# lowering included), which is what differs between worlds, in half the time.
-@pytest.mark.parametrize(("world", "inner"), [(2, "inductor"), (3, "eager")])
-def test_hf_architectures_equal_eager(world, inner):
-    names = list(ARCHITECTURES)
+# At TP 3 every architecture's graphs run as fxsp leaves them (its lowering included), which is
+# what differs between worlds; at TP 2 Inductor compiles them, for one architecture of each
+# rewrite (gather_once, a first site behind a fold, a computed LayerNorm weight): CI's time.
+INDUCTOR_SET = ["gpt_neox_parallel", "cohere", "nemotron"]
+
+
+@pytest.mark.parametrize(
+    ("world", "inner", "names"), [(2, "inductor", INDUCTOR_SET), (3, "eager", list(ARCHITECTURES))]
+)
+def test_hf_architectures_equal_eager(world, inner, names):
     by_rank = run_world(world, compile_hf, names, inner, timeout=1500)
     for rank, results in enumerate(by_rank):
         for name in names:

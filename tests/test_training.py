@@ -20,43 +20,57 @@ pytestmark = pytest.mark.skipif(
     reason="torch before 2.13 records DTensor calls as closures: SP for training needs 2.13",
 )
 
-# (model_type, config overrides) -> (SP sites rewritten on Dynamo's graph, sums of all-reduces
-# folded). Llama keeps a replicated embedding (its plan has none); Cohere's plan makes it
-# vocab-parallel (one more site) and ties it to the head; Cohere and GPT-NeoX's parallel blocks
-# all-reduce attention and MLP apart, folded into one site per layer.
-ARCHITECTURES = {
-    "llama": (("llama", {}), (4, 0)),
-    "cohere": (("cohere", {}), (3, 2)),
-    "gpt_neox_parallel": (("gpt_neox", {"use_parallel_residual": True}), (2, 2)),
+# Case -> ((model_type, config overrides), fxsp options, dtype), (SP sites rewritten on Dynamo's
+# graph, sums of all-reduces folded). Llama keeps a replicated embedding (its plan has none);
+# Cohere's plan makes it vocab-parallel (one more site) and ties it to the head; Cohere and
+# GPT-NeoX's parallel blocks all-reduce attention and MLP apart, folded into one site per layer.
+CASES = {
+    "llama": ((("llama", {}), {}, torch.float32), (4, 0)),
+    "llama, gathers again": ((("llama", {}), {"recompute_gathers": True}, torch.float32), (4, 0)),
+    "llama bf16": ((("llama", {}), {}, torch.bfloat16), (4, 0)),
+    "cohere": ((("cohere", {}), {}, torch.float32), (3, 2)),
+    "gpt_neox_parallel": (
+        (("gpt_neox", {"use_parallel_residual": True}), {}, torch.float32),
+        (2, 2),
+    ),
 }
+# Worst relative error allowed in the loss and each gradient: fp32 as the issue asks; bf16 sums
+# in another order (reduce-scatter then all-gather against all-reduce) and rounds once per op.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def train_step(rank: int, world: int, names: list[str], inner: str) -> dict:
-    """Per architecture: (|loss - eager|, worst relative gradient error and its parameter, SP
-    sites, bytes sent per rank with fxsp's SP and with plain TP, forward and backward, and the
-    bytes of the replicated vectors: norm weights and biases)."""
+def train_step(rank: int, world: int, names: list[str], inner: str, rows: tuple) -> dict:
+    """Per case, one step on token ids of shape `rows`: (relative |loss - eager|, worst relative
+    gradient error and its parameter, SP sites, bytes sent per rank with fxsp's SP and with
+    plain TP, forward and backward, and the bytes of the replicated vectors: norm weights and
+    biases)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import fxsp
     from fxsp.testing.hf import parallelize, tiny_model
 
     mesh = init_device_mesh("cpu", (world,))
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(3, 128, rows, generator=torch.Generator().manual_seed(7))
     results = {}
     for name in names:
-        (model_type, config), _ = ARCHITECTURES[name]
-        eager = parallelize(tiny_model(model_type, **config).train(), mesh)
+        ((model_type, config), options, dtype), _ = CASES[name]
+
+        def model_of():
+            model = tiny_model(model_type, **config).to(dtype).train()
+            return parallelize(model, mesh)
+
+        eager = model_of()
         want = eager(ids, labels=ids).loss
         want.backward()
         sent = {}
-        for variant, options in (("sp", {}), ("tp", {"min_tokens": 10**9})):
+        for variant, variant_options in (("sp", options), ("tp", {"min_tokens": 10**9})):
             torch._dynamo.reset()
-            model = parallelize(tiny_model(model_type, **config).train(), mesh)
-            backend = fxsp.backend(mesh, inner=inner, **options)
+            model = model_of()
+            backend = fxsp.backend(mesh, inner=inner, **variant_options)
             loss = torch.compile(model, backend=backend)(ids, labels=ids).loss
             loss.backward()
             sent[variant] = sum(r.traffic_after.sent_per_rank(world) for r in backend.reports)
@@ -79,7 +93,7 @@ def train_step(rank: int, world: int, names: list[str], inner: str) -> dict:
             if p.dim() == 1 and not hasattr(p, "to_local")
         )
         results[name] = (
-            (got - want).abs().item(),
+            ((got - want).abs() / want.abs()).item(),
             worst,
             sites,
             sent["sp"],
@@ -89,24 +103,35 @@ def train_step(rank: int, world: int, names: list[str], inner: str) -> dict:
     return results
 
 
-# Inductor compiles Llama's forward and backward at TP 2; at TP 3 every architecture's graphs run
-# as fxsp leaves them (within CI's time).
+# Inductor compiles Llama's forward and backward at TP 2 on [2, 7] (7 tokens a sequence: uneven
+# shards); at TP 3 every case's graphs run as fxsp leaves them, on [1, 13] (within CI's time).
 @pytest.mark.parametrize(
-    ("world", "inner", "names"), [(2, "inductor", ["llama"]), (3, "eager", list(ARCHITECTURES))]
+    ("world", "inner", "names", "rows"),
+    [
+        (2, "inductor", ["llama", "llama, gathers again"], (2, 7)),
+        (3, "eager", list(CASES), (1, 13)),
+    ],
 )
-def test_training_step_equals_eager_tp(world, inner, names):
-    for rank, results in enumerate(run_world(world, train_step, names, inner, timeout=1500)):
+def test_training_step_equals_eager_tp(world, inner, names, rows):
+    for rank, results in enumerate(run_world(world, train_step, names, inner, rows, timeout=1500)):
         for name in names:
             loss_error, (grad_error, param), sites, sent_sp, sent_tp, replicated_grads = results[
                 name
             ]
-            assert loss_error <= 1e-5, (name, rank, loss_error)
-            assert grad_error <= 1e-5, (name, rank, param, grad_error)
-            assert sites == ARCHITECTURES[name][1], (name, sites)
+            (_, options, dtype), want_sites = CASES[name]
+            assert loss_error <= TOLERANCE[dtype], (name, rank, loss_error)
+            assert grad_error <= TOLERANCE[dtype], (name, rank, param, grad_error)
+            assert sites == want_sites, (name, sites)
             # Plain TP's bytes, up to the pad rows (8 or 9 sent for 7) and the all-reduce of the
             # norm weights' gradients, which SP adds (each rank's rows give a partial sum).
-            padded = -(-7 // world) * world
-            assert sent_sp <= sent_tp * padded / 7 + replicated_grads, (name, sent_sp, sent_tp)
+            # Gathering again in backward sends one more all-gather a column-parallel input.
+            tokens = rows[-1]
+            padded = -(-tokens // world) * world
+            bound = sent_tp * padded / tokens + replicated_grads
+            if options.get("recompute_gathers"):
+                assert bound < sent_sp < 1.5 * bound, (name, sent_sp, sent_tp)
+            else:
+                assert sent_sp <= bound, (name, sent_sp, sent_tp)
 
 
 def test_dropout_in_the_region_is_left_alone(fake_pg):
@@ -127,3 +152,58 @@ def test_dropout_in_the_region_is_left_alone(fake_pg):
     assert report.misses and all("dropout (p=0.1) reads it" in m for m in report.misses), (
         report.misses
     )
+
+
+def test_dropout_joins_the_region_when_asked(fake_pg):
+    """`sharded_dropout=True`: the same model's sites are rewritten, dropout drawn on each
+    rank's rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxsp
+    from fxsp.testing.hf import parallelize, tiny_model
+
+    mesh = init_device_mesh("cpu", (fake_pg,))
+    config = {"hidden_dropout": 0.1, "use_parallel_residual": False}
+    model = parallelize(tiny_model("gpt_neox", **config).train(), mesh)
+    backend = fxsp.backend(mesh, inner="eager", sharded_dropout=True)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(7))
+    torch.compile(model, backend=backend)(ids, labels=ids).loss.backward()
+    (report,) = backend.training_reports
+    assert report.sites == 4 and not any("dropout" in m for m in report.misses), report
+
+
+@pytest.mark.parametrize("fake_pg", [2, 3], indirect=True)
+def test_activations_kept_are_no_more_than_the_hand_written_plan(fake_pg):
+    """Per rank, the bytes autograd keeps for backward: fxsp's SP on the plain TP plan keeps no
+    more than torchtitan's hand-written SP plan on the same model, and all-gathering again in
+    backward keeps less (benchmarks/training_memory.py prints the table)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxsp
+    from fxsp.testing.hf import parallelize, parallelize_sp_by_hand, plan_of, tiny_model
+    from fxsp.testing.memory import kept_for_backward
+
+    mesh = init_device_mesh("cpu", (fake_pg,))
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(7))
+
+    def kept(options: dict | None) -> int:
+        torch._dynamo.reset()
+        model = tiny_model("llama").train()
+        if options is None:
+            model = parallelize_sp_by_hand(model, mesh)
+            options = {"min_tokens": 10**9}  # nothing left for fxsp: the same partitioner
+        else:
+            model = parallelize(
+                model, mesh, {**plan_of(model), "embed_tokens": "embedding_rowwise"}
+            )
+        compiled = torch.compile(model, backend=fxsp.backend(mesh, inner="eager", **options))
+        return kept_for_backward(model, lambda: compiled(ids, labels=ids).loss)
+
+    tp, hand, sp, again = (
+        kept({"min_tokens": 10**9}),
+        kept(None),
+        kept({}),
+        kept({"recompute_gathers": True}),
+    )
+    assert sp <= hand < tp, (sp, hand, tp)
+    assert again < sp, (again, sp)

@@ -80,17 +80,19 @@ class Backend:
         if sp is not None:
             self._name_traced_floats(gm)
         seen = len(self.reports)
-        post_grad_sp, training = sp, None
+        post_grad_sp, training, recompute = sp, None, False
         if sp is not None and _with_backward(example_inputs):
             # SP for training happens here, on Dynamo's graph, before AOT autograd derives the
             # backward (docs/training.md); the post-grad pass then has nothing left to rewrite.
             from ..training.dtensor import sequence_parallel  # imports DTensor: only here
 
-            training = sequence_parallel(gm, self.options.min_tokens)
+            training = sequence_parallel(
+                gm, self.options.min_tokens, dropout=self.options.sharded_dropout
+            )
             self.training_reports.append(training)
             if training.sites:
-                post_grad_sp = None
-        compiled, reports = self._compile_variants(gm, example_inputs, post_grad_sp)
+                post_grad_sp, recompute = None, self.options.recompute_gathers
+        compiled, reports = self._compile_variants(gm, example_inputs, post_grad_sp, recompute)
         for report in reports if training is not None else ():
             report.counts.update(training.counts)
         if sp is None or not self.options.check_ranks:
@@ -120,11 +122,15 @@ class Backend:
             )
 
     def _compile_variants(
-        self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: list,
+        sp: SPConfig | None,
+        recompute_gathers: bool = False,
     ) -> tuple:
         """(the compiled callable, the reports of the graphs compiled for it now)."""
         if sp is None or not self._may_dispatch(example_inputs):
-            return self._compile(gm, example_inputs, sp)
+            return self._compile(gm, example_inputs, sp, recompute_gathers)
         # Symbolic rows: the SP variant's graph cannot know whether a batch reaches min_tokens,
         # so a non-SP variant is compiled beside it and each call picks one by its row count.
         plain_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -141,14 +147,23 @@ class Backend:
         ), sp_reports + plain_reports
 
     def _compile(
-        self, gm: torch.fx.GraphModule, example_inputs: list, sp: SPConfig | None
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: list,
+        sp: SPConfig | None,
+        recompute_gathers: bool = False,
     ) -> tuple:
         """(the compiled callable, the reports of the graphs compiled for it now), cache hit or
-        not."""
+        not. `recompute_gathers`: the training rewrite's all-gathers run again in backward."""
         _register_pass()
         graph_pass = FxspPass(self, sp, self.fusion_config())
+        joint_patches = {}
+        if recompute_gathers:
+            from ..training.recompute import RecomputeGathers
+
+            joint_patches["joint_custom_pre_pass"] = RecomputeGathers()
         if self.options.inner == "eager":  # no Inductor, no cache: the pass always runs
-            compiled = _compile_eager(gm, example_inputs, graph_pass)
+            compiled = _compile_eager(gm, example_inputs, graph_pass, joint_patches)
             graph_pass.compiled = True
             return compiled, list(graph_pass.reports["compile"])
         from torch._inductor.compile_fx import compile_fx
@@ -157,7 +172,7 @@ class Backend:
 
         install_reuse_patch(enabled=self.options.inductor_reuse_patch)  # a no-op off torch 2.11
 
-        patches = {"post_grad_custom_pre_pass": graph_pass}
+        patches = {"post_grad_custom_pre_pass": graph_pass, **joint_patches}
         if sp is not None and sp.async_tp:
             from .async_tp import async_tp_patches
 
@@ -234,7 +249,10 @@ def _register_pass() -> None:
     rather than at import: importing Inductor takes a second that `import fxsp` should not."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
+    from ..training.recompute import RecomputeGathers
+
     CustomGraphPass.register(FxspPass)
+    CustomGraphPass.register(RecomputeGathers)
 
 
 class FxspPass:
@@ -313,7 +331,10 @@ def _compile_cache_on() -> bool:
 
 
 def _compile_eager(
-    gm: torch.fx.GraphModule, example_inputs: list, graph_pass: FxspPass
+    gm: torch.fx.GraphModule,
+    example_inputs: list,
+    graph_pass: FxspPass,
+    joint_patches: dict | None = None,
 ) -> Callable:
     """AOT autograd with Inductor's decompositions, fxsp's passes, and no codegen: for debugging.
 
@@ -348,7 +369,7 @@ def _compile_eager(
         partition_fn=partition_fn,
         decompositions=select_decomp_table(),
     )
-    with inductor_config.patch(fallback_random=True):
+    with inductor_config.patch(fallback_random=True, **(joint_patches or {})):
         return compiler(gm, example_inputs)
 
 

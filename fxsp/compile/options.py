@@ -46,6 +46,14 @@ class Options:
     # Inductor's micro-pipeline TP for fxsp's compiles, symmetric memory on the TP group: see
     # compile.async_tp. Without NCCL or symmetric memory it says so once and compiles without.
     async_tp: bool = False
+    # Training: all-gather a column-parallel input again in backward instead of keeping it
+    # (Megatron's way): 1/tp of those activations kept, one more all-gather each in backward,
+    # so more bytes than plain TP sends; off by default (docs/training.md has the figures).
+    recompute_gathers: bool = False
+    # Training: residual dropout inside the SP region draws its masks on each rank's rows, so
+    # they differ from the masks TP draws (same probability, other tokens dropped). Off by
+    # default: such a site keeps TP and the report says why.
+    sharded_dropout: bool = False
 
     def __post_init__(self) -> None:
         check_options(self)

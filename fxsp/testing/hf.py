@@ -14,8 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 # Sizes of the tiny models: heads divisible by TP 2 and 3, rows of any count.
 TINY = dict(
@@ -100,6 +106,45 @@ def parallelize(
     }
     if model is not model.base_model and head:
         parallelize_module(model, mesh, head)
+    return model
+
+
+def parallelize_sp_by_hand(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """`model` (a Llama-family HF model: `model.layers.*.{self_attn,mlp}`, RMSNorms) with
+    sequence parallelism written by hand, as torchtitan's plan does it: the baseline fxsp's
+    automatic SP is measured against. Vocab-parallel embedding whose output is reduce-scattered
+    to the sequence dim, `SequenceParallel` norms, `PrepareModuleInput` all-gathers before
+    attention and MLP, row-parallel outputs reduce-scattered, the head's input all-gathered. The
+    residual stream stays a DTensor sharded on the sequence dim: HF reads the sequence length off
+    the embedding's output, which must be the global one."""
+    rows, whole = Shard(1), Replicate()
+    block = {
+        "input_layernorm": SequenceParallel(),
+        "self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": rows},
+            desired_input_kwarg_layouts={"hidden_states": whole},
+        ),
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=rows, use_local_output=False),
+        "post_attention_layernorm": SequenceParallel(),
+        "mlp": PrepareModuleInput(input_layouts=(rows,), desired_input_layouts=(whole,)),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=rows, use_local_output=False),
+    }
+    layers = len(model.base_model.layers)
+    plan = {
+        "embed_tokens": RowwiseParallel(
+            input_layouts=whole, output_layouts=rows, use_local_output=False
+        ),
+        **{f"layers.{i}.{name}": style for i in range(layers) for name, style in block.items()},
+        "norm": SequenceParallel(),
+    }
+    parallelize_module(model.base_model, mesh, plan)
+    head = ColwiseParallel(input_layouts=rows, output_layouts=whole)
+    parallelize_module(model, mesh, {"lm_head": head})
     return model
 
 

@@ -40,6 +40,7 @@ except ImportError:  # earlier, as closures with their arguments inside: nothing
     from_local = None
 
 from ..policy.thresholds import sp_min_tokens
+from .autograd_functions import lift_autograd_collectives
 
 # Ops that act on each row alone (on a value sharded by rows, DTensor keeps it so), by target.
 ROW_WISE_FUNCTIONS = {
@@ -87,6 +88,7 @@ class TrainingReport:
 
     sites: int = 0
     folded: int = 0  # sums of two all-reduces made one (parallel attention + MLP blocks)
+    lifted: int = 0  # hand-written TP collectives (autograd functions) made DTensor's
     misses: list[str] = field(default_factory=list)
 
     @property
@@ -94,10 +96,13 @@ class TrainingReport:
         return {"sp.train": self.sites, "sp.train_fold": self.folded}
 
 
-def sequence_parallel(gm: GraphModule, min_tokens: int | str = 0) -> TrainingReport:
+def sequence_parallel(
+    gm: GraphModule, min_tokens: int | str = 0, dropout: bool = False
+) -> TrainingReport:
     """Rewrite every all-reduce → norm site of `gm` (a Dynamo graph of a DTensor model) to the
     SP form, from `min_tokens` rows ("auto": policy.thresholds); returns what was done. The
-    graph is left as it was where nothing applies."""
+    graph is left as it was where nothing applies. `dropout`: residual dropout joins the region,
+    its masks drawn on each rank's rows (they differ from TP's)."""
     graph, report = gm.graph, TrainingReport()
     if from_local is None:
         report.misses.append(
@@ -105,6 +110,7 @@ def sequence_parallel(gm: GraphModule, min_tokens: int | str = 0) -> TrainingRep
             "fxsp cannot rewrite; SP for training needs torch 2.13 or later"
         )
         return report
+    report.lifted = lift_autograd_collectives(gm, from_local)
     _drop_identity_dropouts(graph)
     report.folded = _fold_sums(graph)
     sites, mesh = [], None
@@ -113,7 +119,7 @@ def sequence_parallel(gm: GraphModule, min_tokens: int | str = 0) -> TrainingRep
         if too_few:
             report.misses.append(f"{site.name}: {too_few}")
             continue
-        region = _region([site])
+        region = _region([site], dropout)
         if not any(_reduces_last_dim(n) for n in region):
             report.misses.append(f"{site.name}: no norm on its rows: {_stop(site, region)}")
             continue
@@ -125,12 +131,12 @@ def sequence_parallel(gm: GraphModule, min_tokens: int | str = 0) -> TrainingRep
         mesh = site_mesh
     if sites:
         # One region for all sites: a residual add reads one site's rows and the next's.
-        more = _costs_more(sites, mesh)
+        more = _costs_more(sites, mesh, dropout)
         if more:
             report.misses.append(more)
             sites = []
     if sites:
-        _rewrite(graph, sites, mesh)
+        _rewrite(graph, sites, mesh, dropout)
         graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()
@@ -146,13 +152,13 @@ def _drop_identity_dropouts(graph: Graph) -> None:
             graph.erase_node(node)
 
 
-def _costs_more(sites: list[Node], mesh: Node) -> str | None:
+def _costs_more(sites: list[Node], mesh: Node, dropout: bool) -> str | None:
     """Why SP would send more than TP over forward and backward, or None. Each site's
     reduce-scatter and the all-gather of what a column-parallel module reads move the bytes of
     TP's forward all-reduce and of that module's backward all-reduce; but each site's backward
     all-gathers the gradient of its rows, so a site whose rows no column-parallel module reads
     (a replicated head after the last norm) adds that all-gather."""
-    region = {*sites, *_region(sites)}
+    region = {*sites, *_region(sites, dropout)}
     read = {
         value
         for value in region
@@ -258,12 +264,14 @@ def _all_reduced(node: Node) -> bool:
     )
 
 
-def _row_wise(node: Node) -> bool:
+def _row_wise(node: Node, dropout: bool) -> bool:
+    """Whether `node` acts on each row alone; dropout with p > 0 only if `dropout`."""
     if node.op == "call_function":
         return (
             node.target in ROW_WISE_FUNCTIONS
             or _reduces_last_dim(node)
             or _no_dropout(node)
+            or (dropout and _dropout_p(node) is not None)
             or _whole(node)
         )
     if node.op == "call_method":
@@ -303,7 +311,8 @@ def _stop(site: Node, region: list[Node]) -> str:
                 if _dropout_p(reader) is not None:
                     return (
                         f"dropout (p={_dropout_p(reader)}) reads it: masks drawn on this rank's "
-                        "rows would differ from those TP draws"
+                        "rows would differ from those TP draws (fxsp.backend(..., "
+                        "sharded_dropout=True) accepts that)"
                     )
                 return f"{reader.name} ({name}) reads it and does not act on each row alone"
     return "nothing reads it on its rows"
@@ -325,7 +334,7 @@ def _reduces_last_dim(node: Node) -> bool:
     )
 
 
-def _region(sites: list[Node]) -> list[Node]:
+def _region(sites: list[Node], dropout: bool) -> list[Node]:
     """The nodes after `sites` that run on their rows: row-wise ops reading a site or the
     region, in graph order."""
     region: set[Node] = set(sites)
@@ -333,7 +342,7 @@ def _region(sites: list[Node]) -> list[Node]:
     for node in sites[0].graph.nodes:
         if (
             node not in region
-            and _row_wise(node)
+            and _row_wise(node, dropout)
             and any(a in region for a in node.all_input_nodes)
         ):
             region.add(node)
@@ -350,7 +359,7 @@ def _mesh_node(graph: Graph, site: Node) -> Node | None:
     return None
 
 
-def _rewrite(graph: Graph, sites: list[Node], mesh: Node) -> None:
+def _rewrite(graph: Graph, sites: list[Node], mesh: Node, dropout: bool) -> None:
     """The sites reduce-scattered, their region on DTensors sharded by rows, and each value
     read outside the region gathered (see the module's docstring)."""
     sharded: dict[Node, Node] = {}
@@ -373,7 +382,7 @@ def _rewrite(graph: Graph, sites: list[Node], mesh: Node) -> None:
                 )
         return a
 
-    for node in _region(sites):
+    for node in _region(sites, dropout):
         with graph.inserting_after(node):
             sharded[node] = graph.create_node(
                 node.op,

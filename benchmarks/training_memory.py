@@ -1,8 +1,8 @@
 """Activation memory of a training step: what autograd keeps for backward, per rank.
 
-    .venv/bin/python benchmarks/training_memory.py [--worlds 2 4 8] [--layers 2] [--tokens 512]
+    .venv/bin/python benchmarks/training_memory.py [--worlds 2 3 4 8] [--layers 2] [--tokens 512]
 
-A Llama-like HF model (hidden 512, 8 heads, MLP 1024, vocab 512, fp32) with a vocab-parallel
+A Llama-like HF model (hidden 768, 24 heads, MLP 1536, vocab 512, fp32) with a vocab-parallel
 embedding, one forward of [batch, tokens / batch] under `torch.autograd.graph.saved_tensors_hooks`
 on the fake process group of each world size (the collectives compute nothing; shapes, and so
 bytes, are a real rank's). Side by side, all compiled with Inductor:
@@ -39,11 +39,11 @@ import fxsp.training.dtensor
 from fxsp.testing.hf import parallelize, parallelize_sp_by_hand, plan_of, tiny_model
 from fxsp.testing.memory import kept_for_backward
 
-CONFIG = dict(
-    hidden_size=512,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    intermediate_size=1024,
+CONFIG = dict(  # 24 heads: whole heads per rank at TP 2, 3, 4 and 8
+    hidden_size=768,
+    num_attention_heads=24,
+    num_key_value_heads=24,
+    intermediate_size=1536,
     vocab_size=512,
 )
 VARIANTS = ("TP", "hand SP", "fxsp", "fxsp, gathers again")
@@ -122,7 +122,7 @@ def measure(world: int, layers: int, ids: torch.Tensor) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512, help="per sequence")

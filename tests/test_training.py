@@ -207,3 +207,70 @@ def test_activations_kept_are_no_more_than_the_hand_written_plan(fake_pg):
     )
     assert sp <= hand < tp, (sp, hand, tp)
     assert again < sp, (again, sp)
+
+
+def hand_written_step(rank: int, world: int, inner: str, rows: int) -> tuple:
+    """fxsp.testing.tp_llama's model with Megatron's autograd collectives ("f" before each
+    column-parallel matmul, "g" after each row-parallel one) and a column-parallel head, [B, S,
+    H]: (relative loss error, worst relative gradient error and its parameter, the report)."""
+    import torch.nn.functional as F
+
+    import fxsp
+    from fxsp.testing.tp_llama import Spec, TPLlama
+
+    class WithHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = TPLlama(Spec(collective="autograd", batched=True))
+            self.head = torch.nn.Parameter(torch.randn(30, 48).chunk(world)[rank].clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = F.linear(self.model.column_parallel_input(self.model(x)), self.head)
+            return (logits.float() ** 2).mean()
+
+    eager, model = WithHead(), WithHead()
+    x = eager.model.example_input(rows)
+    want = eager(x)
+    want.backward()
+    backend = fxsp.backend(None, inner=inner)
+    got = torch.compile(model, backend=backend)(x)
+    got.backward()
+    worst = max(
+        (((b.grad - a.grad).abs().max() / a.grad.abs().max()).item(), name)
+        for (name, a), (_, b) in zip(eager.named_parameters(), model.named_parameters())
+    )
+    return ((got - want).abs() / want.abs()).item(), worst, backend.training_reports
+
+
+@pytest.mark.parametrize(("world", "inner", "rows"), [(2, "inductor", 14), (3, "eager", 13)])
+def test_hand_written_autograd_collectives_equal_eager_tp(world, inner, rows):
+    """Megatron-style models: their autograd functions are lifted to DTensor and rewritten; the
+    loss and every gradient equal eager TP's on every rank (13 rows at TP 3: uneven shards)."""
+    for rank, (loss_error, (grad_error, param), reports) in enumerate(
+        run_world(world, hand_written_step, inner, rows, timeout=900)
+    ):
+        assert loss_error <= 1e-5, (rank, loss_error)
+        assert grad_error <= 1e-5, (rank, param, grad_error)
+        (report,) = reports
+        # 2 layers: the embedding's all-reduce and 4 in the layers; 5 "g" and 5 "f" lifted.
+        assert (report.sites, report.lifted) == (5, 10), report
+
+
+def test_async_tp_on_a_training_graph_says_it_is_not_applied(fake_pg, caplog):
+    """async_tp=True on a training graph: SP still applies, the fusion not yet (micro-pipeline
+    TP mis-fuses DTensor's sequence-sharded reduce-scatter), said once, and nothing raises."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxsp
+    from fxsp.testing.async_tp import mocked_symmetric_memory
+    from fxsp.testing.hf import parallelize, tiny_model
+
+    mesh = init_device_mesh("cpu", (fake_pg,))
+    model = parallelize(tiny_model("llama").train(), mesh)
+    backend = fxsp.backend(mesh, inner="eager", async_tp=True)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(7))
+    with caplog.at_level("WARNING", logger="fxsp"), mocked_symmetric_memory():
+        torch.compile(model, backend=backend)(ids, labels=ids).loss.backward()
+    assert backend.training_reports[0].sites == 4
+    said = [r for r in caplog.records if "async_tp is not applied to training" in r.message]
+    assert len(said) == 1, caplog.text

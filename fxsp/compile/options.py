@@ -169,13 +169,13 @@ class Configs:
         if sp is not None and _compiled_for_autograd():
             self.once.say(
                 log.warning,
-                "fxsp: sequence parallelism is off for graphs compiled with autograd "
-                "(gradients enabled and an input or parameter requires grad) unless the model is "
-                "parallelised with DTensor: fxsp rewrites such a model's graph before AOT "
-                "autograd (docs/training.md), and found no site in this one "
-                "(backend.training_reports says why). A hand-written model's collectives are "
-                "not rewritten for training yet. For inference, compile under torch.no_grad() "
-                "or torch.inference_mode(), or call requires_grad_(False) on the parameters.",
+                "fxsp: sequence parallelism found no site in a graph compiled with autograd "
+                "(gradients enabled and an input or parameter requires grad): for training, "
+                "fxsp rewrites the graph before AOT autograd where the model is parallelised "
+                "with DTensor or its all-reduces are autograd functions (Megatron's f and g; "
+                "docs/training.md), and backend.training_reports says why it did not here. For "
+                "inference, compile under torch.no_grad() or torch.inference_mode(), or call "
+                "requires_grad_(False) on the parameters.",
             )
             return None
         return sp

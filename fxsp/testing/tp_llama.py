@@ -32,7 +32,9 @@ class ModelSpec:
     dtype: torch.dtype = torch.float32
     batched: bool = False  # activations [B, S, H] instead of [T, H]
     prompt_embeds: bool = False  # the model takes embeddings: no first all-reduce in the graph
-    collective: str = "funcol"  # "funcol" or "inplace" (dist.all_reduce)
+    # "funcol", "inplace" (dist.all_reduce) or "autograd": Megatron's autograd functions, the
+    # all-reduce `ReduceFromTP` and its conjugate `CopyToTP` before column-parallel matmuls
+    collective: str = "funcol"
 
     def with_(self, **changes) -> ModelSpec:
         return replace(self, **changes)
@@ -68,6 +70,35 @@ def static_fp8(x: torch.Tensor, scale: torch.Tensor, dequantise: bool = True) ->
     return q.float().to(x.dtype) * scale.to(x.dtype) if dequantise else q
 
 
+class ReduceFromTP(torch.autograd.Function):
+    """Megatron's "g": all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        return grad, None
+
+
+class CopyToTP(torch.autograd.Function):
+    """Megatron's "f": identity forward, all-reduce of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class TPModel(nn.Module):
     """What the test models share: the seed, the embedding sharded by vocabulary, all-reduces."""
 
@@ -86,11 +117,20 @@ class TPModel(nn.Module):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group or dist.group.WORLD
+        if self.spec.collective == "autograd":
+            return ReduceFromTP.apply(x, group)
         if self.spec.collective == "inplace":
             x = x.clone()
             dist.all_reduce(x, group=group)
             return x
         return funcol.all_reduce(x, "sum", group)
+
+    def column_parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as column-parallel matmuls read it: with autograd collectives, through "f" (its
+        gradient's partial sums are all-reduced)."""
+        if self.spec.collective != "autograd":
+            return x
+        return CopyToTP.apply(x, self.group or dist.group.WORLD)
 
     def embed_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
         """The input embeddings: the inputs themselves with `prompt_embeds`."""
@@ -160,6 +200,7 @@ class TPLlama(TPModel):
         return out.reshape(*x.shape[:-1], -1)
 
     def attention(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = self.column_parallel_input(x)
         q, k, v = (self.linear(x, w) for w in layer.qkv)
         lead = x.shape[:-1]
         seq = x if x.dim() == 3 else x.unsqueeze(0)
@@ -175,6 +216,7 @@ class TPLlama(TPModel):
         return self.all_reduce(F.linear(att, layer.o))
 
     def mlp(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = self.column_parallel_input(x)
         return self.all_reduce(
             F.linear(F.silu(self.linear(x, layer.gate)) * self.linear(x, layer.up), layer.down)
         )

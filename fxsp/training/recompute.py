@@ -24,9 +24,11 @@ from ..compile.cache import cache_key
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
-# What follows a gather before the matmul reads it: its wait, and ops that only move rows.
+# What follows a gather before the matmul reads it: its wait, and ops that only move rows
+# (DTensor's uneven shards: the pad rows sliced off, then a contiguous copy).
 LAYOUT_OPS = {
     c10d.wait_tensor.default,
+    aten.clone.default,
     aten.split.Tensor,
     aten.cat.default,
     aten.slice.Tensor,

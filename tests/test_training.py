@@ -108,7 +108,7 @@ def train_step(rank: int, world: int, names: list[str], inner: str, rows: tuple)
 @pytest.mark.parametrize(
     ("world", "inner", "names", "rows"),
     [
-        (2, "inductor", ["llama", "llama, gathers again"], (2, 7)),
+        (2, "inductor", ["llama"], (2, 7)),
         (3, "eager", list(CASES), (1, 13)),
     ],
 )
@@ -242,7 +242,9 @@ def hand_written_step(rank: int, world: int, inner: str, rows: int) -> tuple:
     return ((got - want).abs() / want.abs()).item(), worst, backend.training_reports
 
 
-@pytest.mark.parametrize(("world", "inner", "rows"), [(2, "inductor", 14), (3, "eager", 13)])
+# Without codegen (CI's time): Inductor compiles what the lifting leaves as it compiles DTensor
+# models' graphs (test_training_step_equals_eager_tp).
+@pytest.mark.parametrize(("world", "inner", "rows"), [(2, "eager", 14), (3, "eager", 13)])
 def test_hand_written_autograd_collectives_equal_eager_tp(world, inner, rows):
     """Megatron-style models: their autograd functions are lifted to DTensor and rewritten; the
     loss and every gradient equal eager TP's on every rank (13 rows at TP 3: uneven shards)."""

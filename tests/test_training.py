@@ -276,3 +276,35 @@ def test_async_tp_on_a_training_graph_says_it_is_not_applied(fake_pg, caplog):
     assert backend.training_reports[0].sites == 4
     said = [r for r in caplog.records if "async_tp is not applied to training" in r.message]
     assert len(said) == 1, caplog.text
+
+
+class ScaledReduce(torch.autograd.Function):
+    """Not TP's "g": the forward all-reduces, then scales."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 2
+
+
+def test_other_autograd_functions_are_left_alone(fake_pg):
+    """Only a body that is one sum all-reduce of its input, or the identity, is lifted: a
+    function that also computes is left as it is (no site, nothing lifted)."""
+    import fxsp
+
+    norm, weight = torch.nn.RMSNorm(8), torch.nn.Parameter(torch.randn(8, 8))
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return norm(x + ScaledReduce.apply(x @ weight)) @ weight
+
+    backend = fxsp.backend(None, inner="eager")
+    torch.compile(block, backend=backend)(torch.randn(2, 6, 8)).sum().backward()
+    (report,) = backend.training_reports
+    assert (report.lifted, report.sites) == (0, 0), report

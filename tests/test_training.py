@@ -308,3 +308,39 @@ def test_other_autograd_functions_are_left_alone(fake_pg):
     torch.compile(block, backend=backend)(torch.randn(2, 6, 8)).sum().backward()
     (report,) = backend.training_reports
     assert (report.lifted, report.sites) == (0, 0), report
+
+
+def test_a_warm_cache_keeps_the_training_rewrite_and_its_options(fake_pg):
+    """Over one Inductor cache dir: the forward and backward come back from the cache with
+    their reports, the rewrite of Dynamo's graph runs each time, and `recompute_gathers` is part
+    of the cache key (a hit never hands one option's partition to the other)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxsp
+    from fxsp.testing.hf import parallelize, tiny_model
+    from fxsp.testing.memory import kept_for_backward
+
+    mesh = init_device_mesh("cpu", (fake_pg,))
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(7))
+
+    def run(**options) -> tuple:
+        torch._dynamo.reset()
+        model = parallelize(tiny_model("llama", num_hidden_layers=1).train(), mesh)
+        backend = fxsp.backend(mesh, **options)
+        compiled = torch.compile(model, backend=backend)
+        kept = kept_for_backward(model, lambda: compiled(ids, labels=ids).loss)
+        sites = [r.sites for r in backend.training_reports]
+        return (
+            kept,
+            sites,
+            [(r.cached, r.traffic_after.sent_per_rank(fake_pg)) for r in backend.reports],
+        )
+
+    cold, warm = run(), run()
+    again_cold, again_warm = run(recompute_gathers=True), run(recompute_gathers=True)
+    assert cold[1] == warm[1] == again_cold[1] == again_warm[1] == [2]
+    assert [c for c, _ in cold[2]] == [False, False] and [c for c, _ in warm[2]] == [True, True]
+    assert [b for _, b in warm[2]] == [b for _, b in cold[2]] and warm[0] == cold[0]
+    assert [c for c, _ in again_cold[2]] == [False, False], "a hit across options"
+    assert again_warm[0] == again_cold[0] < cold[0]
+    assert sum(b for _, b in again_cold[2]) > sum(b for _, b in cold[2])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -24,13 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import fxsp
 from fxsp.testing.hf import parallelize, tiny_model
-
-
-def pick_device() -> tuple[str, torch.device]:
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here:
-        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return "gloo", torch.device("cpu")
+from fxsp.testing.launch import init_torchrun
 
 
 def config_value(text: str):
@@ -51,11 +44,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config key=value (tiny)")
     args = parser.parse_args()
 
-    backend_name, device = pick_device()
-    dist.init_process_group(backend_name)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device, where = init_torchrun()
 
     if args.checkpoint:
         from transformers import AutoModelForCausalLM
@@ -81,7 +70,7 @@ def main() -> None:
 
     if rank == 0:
         name = type(model).__name__
-        print(f"{name}: {world} ranks over {backend_name}, [{args.batch}, {args.seq}] tokens")
+        print(f"{name}: {world} ranks, {where}, [{args.batch}, {args.seq}] tokens")
         for i, report in enumerate(backend.reports):
             done = ", ".join(f"{k}={v}" for k, v in report.counts.items() if v and "." in k)
             print(f"graph {i}: {done or 'nothing rewritten'}")

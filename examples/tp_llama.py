@@ -21,21 +21,8 @@ import torch
 import torch.distributed as dist
 
 import fxsp
+from fxsp.testing.launch import init_torchrun
 from fxsp.testing.tp_llama import Spec, TPLlama
-
-
-def pick_device() -> tuple[str, torch.device, str]:
-    """(process group backend, device, what to say about it): one GPU per rank, or CPU."""
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus >= ranks_here:
-        return (
-            "nccl",
-            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))),
-            "CUDA over NCCL",
-        )
-    why = f"{gpus} GPU{'s' if gpus != 1 else ''} for {ranks_here} ranks" if gpus else "no GPU"
-    return "gloo", torch.device("cpu"), f"CPU over gloo ({why})"
 
 
 def one_site(golden: str, collective: str, index: int) -> list[str]:
@@ -68,11 +55,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    backend_name, device, where = pick_device()
-    dist.init_process_group(backend_name)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device, where = init_torchrun()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
 
     spec = Spec(layers=args.layers, hidden=96, heads=6, inter=192, vocab=96, fp8=args.fp8)

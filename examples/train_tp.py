@@ -16,7 +16,6 @@ GPUs over NCCL when there is one per rank, else CPU over gloo.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
@@ -24,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import fxsp
 from fxsp.testing.hf import parallelize, plan_of, tiny_model
+from fxsp.testing.launch import init_torchrun
 from fxsp.testing.memory import kept_for_backward
 
 CONFIG = dict(  # 12 heads: whole heads per rank at TP 2, 3 and 4
@@ -34,13 +34,6 @@ CONFIG = dict(  # 12 heads: whole heads per rank at TP 2, 3 and 4
     num_hidden_layers=4,
     vocab_size=256,
 )
-
-
-def pick_device() -> tuple[str, torch.device]:
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here:
-        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return "gloo", torch.device("cpu")
 
 
 def tp_llama(mesh, device: torch.device) -> torch.nn.Module:
@@ -62,11 +55,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    backend_name, device = pick_device()
-    dist.init_process_group(backend_name)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device, _ = init_torchrun()
     mesh = init_device_mesh(device.type, (world,))
 
     eager, model = tp_llama(mesh, device), tp_llama(mesh, device)

@@ -343,7 +343,7 @@ def _compile_eager(
     gm: torch.fx.GraphModule,
     example_inputs: list,
     graph_pass: FxspPass,
-    joint_patches: dict | None = None,
+    joint_patches: dict,
 ) -> Callable:
     """AOT autograd with Inductor's decompositions, fxsp's passes, and no codegen: for debugging.
 
@@ -378,7 +378,7 @@ def _compile_eager(
         partition_fn=partition_fn,
         decompositions=select_decomp_table(),
     )
-    with inductor_config.patch(fallback_random=True, **(joint_patches or {})):
+    with inductor_config.patch(fallback_random=True, **joint_patches):
         return compiler(gm, example_inputs)
 
 

@@ -46,11 +46,11 @@ def lift_autograd_collectives(gm: GraphModule, from_local) -> int:
         kind = _kind(gm, node)
         out = _only_output(node)
         x = node.args[2]
-        if kind is None or out is None or not isinstance(_example(x), torch.Tensor):
+        if kind is None or out is None or not isinstance(example_value(x), torch.Tensor):
             continue
         (role, group) = kind
         if group not in meshes:  # one node for each group's mesh: the rewrite compares them
-            meshes[group] = _mesh_node(gm, group, _example(x).device.type, len(meshes))
+            meshes[group] = _mesh_node(gm, group, example_value(x).device.type, len(meshes))
         mesh_node = meshes[group]
         with graph.inserting_before(node):
             if role == "g":
@@ -152,7 +152,8 @@ def _mesh_node(gm: GraphModule, group: str, device_type: str, index: int) -> Nod
         return gm.graph.get_attr(name)
 
 
-def _example(node: object) -> object:
+def example_value(node: object) -> object:
+    """The value Dynamo recorded for a node of its graph (a fake tensor or DTensor), else None."""
     return node.meta.get("example_value") if isinstance(node, Node) else None
 
 
@@ -162,14 +163,14 @@ def _set_examples(gm: GraphModule, nodes: list[Node]) -> None:
         e.fake_mode
         for n in nodes
         for a in n.all_input_nodes
-        if hasattr(e := _example(a), "fake_mode")
+        if hasattr(e := example_value(a), "fake_mode")
     )
     for node in nodes:
 
         def value(a):
             if not isinstance(a, Node):
                 return a
-            return getattr(gm, a.target) if a.op == "get_attr" else _example(a)
+            return getattr(gm, a.target) if a.op == "get_attr" else example_value(a)
 
         args = torch.fx.node.map_arg(node.args, value)
         kwargs = torch.fx.node.map_arg(node.kwargs, value)

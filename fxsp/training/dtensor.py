@@ -21,7 +21,8 @@ All sites share one region: a residual add reads one site's rows and the next's.
 `dropout(p=0)` is dropped and sums of two all-reduces fold into one (parallel blocks). A site
 joins only where its region reaches a norm (a reduction over the last dim), and the graph keeps
 TP where SP would send more over forward and backward (`_costs_more`). Residual dropout with
-p > 0 ends a region: its masks, drawn on this rank's rows, would differ from TP's.
+p > 0 ends a region (its masks, drawn on this rank's rows, would differ from TP's) unless the
+caller accepts that (`dropout`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ except ImportError:  # earlier, as closures with their arguments inside: nothing
     from_local = None
 
 from ..policy.thresholds import sp_min_tokens
-from .autograd_functions import lift_autograd_collectives
+from .autograd_functions import example_value, lift_autograd_collectives
 
 # Ops that act on each row alone (on a value sharded by rows, DTensor keeps it so), by target.
 ROW_WISE_FUNCTIONS = {
@@ -198,21 +199,22 @@ def _fold_sums(graph: Graph) -> int:
         else:
             continue
         a, b = reduced.args[0].args[0], right.args[0].args[0]
-        if _example(a).shape != _example(b).shape or _example(a).dtype != _example(b).dtype:
+        ea, eb = example_value(a), example_value(b)
+        if ea.shape != eb.shape or ea.dtype != eb.dtype:
             continue
         with graph.inserting_before(add):
             total = graph.call_function(operator.add, (a, b))
-            total.meta["example_value"] = _example(a)
+            total.meta["example_value"] = example_value(a)
             gathered = graph.call_method("redistribute", (total,), dict(right.args[0].kwargs))
-            gathered.meta["example_value"] = _example(right.args[0])
+            gathered.meta["example_value"] = example_value(right.args[0])
             local = graph.call_method("to_local", (gathered,))
-            local.meta["example_value"] = _example(right)
+            local.meta["example_value"] = example_value(right)
             out = (
                 local
                 if inner is None
                 else graph.call_function(operator.add, (inner.args[0], local))
             )
-            out.meta["example_value"] = _example(add)
+            out.meta["example_value"] = example_value(add)
         add.replace_all_uses_with(out)
         graph.eliminate_dead_code()
         folded += 1
@@ -221,8 +223,8 @@ def _fold_sums(graph: Graph) -> int:
 
 def _too_few_rows(site: Node, min_tokens: int | str) -> str | None:
     """Why the site's rows are below the SP threshold, or None."""
-    t = _example(site)
-    world = _example(site.args[0].args[0]).device_mesh.size()
+    t = example_value(site)
+    world = example_value(site.args[0].args[0]).device_mesh.size()
     if min_tokens == "auto":
         found = sp_min_tokens(t.shape[-1], world, t.dtype, t.device)
         if found.min_tokens is None:
@@ -232,10 +234,6 @@ def _too_few_rows(site: Node, min_tokens: int | str) -> str | None:
     if not isinstance(rows, int):  # symbolic rows: SP only with no threshold
         return f"symbolic rows may fall below min_tokens {min_tokens}" if min_tokens else None
     return f"{rows} rows < min_tokens {min_tokens}" if rows < int(min_tokens) else None
-
-
-def _example(node: object) -> object:
-    return node.meta.get("example_value") if isinstance(node, Node) else None
 
 
 def _all_reduced(node: Node) -> bool:
@@ -250,8 +248,8 @@ def _all_reduced(node: Node) -> bool:
         and redistribute.target == "redistribute"
     ):
         return False
-    partial = _example(redistribute.args[0])
-    out = _example(node)
+    partial = example_value(redistribute.args[0])
+    out = example_value(node)
     placements = redistribute.kwargs.get("placements", redistribute.args[2:3] or None)
     return (
         isinstance(partial, DTensor)
@@ -324,7 +322,7 @@ def _reduces_last_dim(node: Node) -> bool:
     if node.target not in LAST_DIM_REDUCTIONS or node.op not in ("call_function", "call_method"):
         return False
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    value = _example(node.args[0])
+    value = example_value(node.args[0])
     dims = dim if isinstance(dim, (list, tuple)) else [dim]
     return (
         isinstance(value, torch.Tensor)
@@ -352,9 +350,9 @@ def _region(sites: list[Node], dropout: bool) -> list[Node]:
 
 def _mesh_node(graph: Graph, site: Node) -> Node | None:
     """The graph's node for the mesh of the site's DTensor (any `from_local` on it names it)."""
-    mesh = _example(site.args[0].args[0]).device_mesh
+    mesh = example_value(site.args[0].args[0]).device_mesh
     for node in graph.find_nodes(op="call_function", target=from_local):
-        if _example(node) is not None and _example(node).device_mesh == mesh:
+        if example_value(node) is not None and example_value(node).device_mesh == mesh:
             return node.args[1]
     return None
 
@@ -364,7 +362,7 @@ def _rewrite(graph: Graph, sites: list[Node], mesh: Node, dropout: bool) -> None
     read outside the region gathered (see the module's docstring)."""
     sharded: dict[Node, Node] = {}
     for site in sites:
-        rows = Shard(_example(site).dim() - 2)
+        rows = Shard(example_value(site).dim() - 2)
         with graph.inserting_after(site):
             sharded[site] = graph.call_method(
                 "redistribute", (site.args[0].args[0],), {"placements": (rows,)}
@@ -375,7 +373,7 @@ def _rewrite(graph: Graph, sites: list[Node], mesh: Node, dropout: bool) -> None
             return a
         if a in sharded:
             return sharded[a]
-        if isinstance(_example(a), torch.Tensor) and not isinstance(_example(a), DTensor):
+        if isinstance(example_value(a), torch.Tensor) and not isinstance(example_value(a), DTensor):
             with graph.inserting_before(before):
                 return graph.call_function(
                     from_local, (a, mesh, (Replicate(),)), {"run_check": False}

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 CASES = {
     "llama": ((("llama", {}), {}, torch.float32), (4, 0)),
     "llama, gathers again": ((("llama", {}), {"recompute_gathers": True}, torch.float32), (4, 0)),
+    "llama, async TP": ((("llama", {}), {"async_tp": True}, torch.float32), (4, 0)),
     "llama bf16": ((("llama", {}), {}, torch.bfloat16), (4, 0)),
     "cohere": ((("cohere", {}), {}, torch.float32), (3, 2)),
     "gpt_neox_parallel": (
@@ -46,11 +47,16 @@ def _local(t):
 def train_step(rank: int, world: int, names: list[str], inner: str, rows: tuple) -> dict:
     """Per case, one step on token ids of shape `rows`: (relative |loss - eager|, worst relative
     gradient error and its parameter, SP sites, bytes sent per rank with fxsp's SP and with
-    plain TP, forward and backward, and the bytes of the replicated vectors: norm weights and
-    biases)."""
+    plain TP, forward and backward, the bytes of the replicated vectors: norm weights and
+    biases, and per graph the async TP coverage (fusable, fused, why not) where it ran). With
+    async_tp, symmetric memory is mocked (fxsp.testing.async_tp): the fused ops run torch's
+    reference implementations over gloo."""
+    import contextlib
+
     from torch.distributed.device_mesh import init_device_mesh
 
     import fxsp
+    from fxsp.testing.async_tp import mocked_symmetric_memory
     from fxsp.testing.hf import parallelize, tiny_model
 
     mesh = init_device_mesh("cpu", (world,))
@@ -71,11 +77,18 @@ def train_step(rank: int, world: int, names: list[str], inner: str, rows: tuple)
             torch._dynamo.reset()
             model = model_of()
             backend = fxsp.backend(mesh, inner=inner, **variant_options)
-            loss = torch.compile(model, backend=backend)(ids, labels=ids).loss
-            loss.backward()
+            fusing = variant_options.get("async_tp")
+            with mocked_symmetric_memory() if fusing else contextlib.nullcontext():
+                loss = torch.compile(model, backend=backend)(ids, labels=ids).loss
+                loss.backward()
             sent[variant] = sum(r.traffic_after.sent_per_rank(world) for r in backend.reports)
             if variant == "sp":
                 got = loss
+                coverage = [
+                    (r.async_tp.fusable, r.async_tp.fused, r.async_tp.blocked)
+                    for r in backend.reports
+                    if r.async_tp is not None
+                ]
                 sites = tuple(
                     sum(getattr(t, k) for t in backend.training_reports)
                     for k in ("sites", "folded")
@@ -99,25 +112,31 @@ def train_step(rank: int, world: int, names: list[str], inner: str, rows: tuple)
             sent["sp"],
             sent["tp"],
             replicated,
+            coverage,
         )
     return results
 
 
 # Inductor compiles Llama's forward and backward at TP 2 on [2, 7] (7 tokens a sequence: uneven
-# shards); at TP 3 every case's graphs run as fxsp leaves them, on [1, 13] (within CI's time).
+# shards), and with async TP at TP 3 on [1, 13]; every case's graphs run as fxsp leaves them at
+# TP 3, on [1, 13] (within CI's time). Async TP needs Inductor (micro-pipeline TP is its pass).
+ASYNC_TP = ["llama, async TP"]
+
+
 @pytest.mark.parametrize(
     ("world", "inner", "names", "rows"),
     [
-        (2, "inductor", ["llama"], (2, 7)),
-        (3, "eager", list(CASES), (1, 13)),
+        (2, "inductor", ["llama", *ASYNC_TP], (2, 7)),
+        (3, "inductor", ASYNC_TP, (1, 13)),
+        (3, "eager", [name for name in CASES if name not in ASYNC_TP], (1, 13)),
     ],
 )
 def test_training_step_equals_eager_tp(world, inner, names, rows):
     for rank, results in enumerate(run_world(world, train_step, names, inner, rows, timeout=1500)):
         for name in names:
-            loss_error, (grad_error, param), sites, sent_sp, sent_tp, replicated_grads = results[
-                name
-            ]
+            loss_error, (grad_error, param), sites, sent_sp, sent_tp, replicated_grads, coverage = (
+                results[name]
+            )
             (_, options, dtype), want_sites = CASES[name]
             assert loss_error <= TOLERANCE[dtype], (name, rank, loss_error)
             assert grad_error <= TOLERANCE[dtype], (name, rank, param, grad_error)
@@ -132,6 +151,14 @@ def test_training_step_equals_eager_tp(world, inner, names, rows):
                 assert bound < sent_sp < 1.5 * bound, (name, sent_sp, sent_tp)
             else:
                 assert sent_sp <= bound, (name, sent_sp, sent_tp)
+            if options.get("async_tp"):
+                # Forward: each site's reduce-scatter and each all-gather before a matmul
+                # (4 layer sites, 4 norms read by column-parallel modules, the head among them).
+                # Backward: the all-gathers fuse, and the reduce-scatter of the head's input
+                # gradient; those of a sum of q/k/v or gate/up gradients do not (said so).
+                (fw_fusable, fw_fused, _), (bw_fusable, bw_fused, why) = coverage
+                assert (fw_fusable, fw_fused, bw_fusable, bw_fused) == (8, 8, 8, 5), coverage
+                assert all("sums" in reason for reason in why), why
 
 
 def test_dropout_in_the_region_is_left_alone(fake_pg):
@@ -258,9 +285,11 @@ def test_hand_written_autograd_collectives_equal_eager_tp(world, inner, rows):
         assert (report.sites, report.lifted) == (5, 10), report
 
 
-def test_async_tp_on_a_training_graph_says_it_is_not_applied(fake_pg, caplog):
-    """async_tp=True on a training graph: SP still applies, the fusion not yet (micro-pipeline
-    TP mis-fuses DTensor's sequence-sharded reduce-scatter), said once, and nothing raises."""
+def test_async_tp_reports_both_graphs_on_a_cold_and_a_warm_cache(fake_pg):
+    """async_tp=True on a training graph: micro-pipeline TP fuses the forward's and the
+    backward's collectives (fxsp.training.fusable_layout lays DTensor's out for it, uneven shards
+    included), and each graph's report says what fused and why the rest did not, from the cache
+    too. One layer: 2 sites, the post-attention norm and the final norm gathered before matmuls."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import fxsp
@@ -268,14 +297,26 @@ def test_async_tp_on_a_training_graph_says_it_is_not_applied(fake_pg, caplog):
     from fxsp.testing.hf import parallelize, tiny_model
 
     mesh = init_device_mesh("cpu", (fake_pg,))
-    model = parallelize(tiny_model("llama").train(), mesh)
-    backend = fxsp.backend(mesh, inner="eager", async_tp=True)
-    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(7))
-    with caplog.at_level("WARNING", logger="fxsp"), mocked_symmetric_memory():
-        torch.compile(model, backend=backend)(ids, labels=ids).loss.backward()
-    assert backend.training_reports[0].sites == 4
-    said = [r for r in caplog.records if "async_tp is not applied to training" in r.message]
-    assert len(said) == 1, caplog.text
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(7))
+
+    def run() -> list:
+        torch._dynamo.reset()
+        model = parallelize(tiny_model("llama", num_hidden_layers=1).train(), mesh)
+        backend = fxsp.backend(mesh, async_tp=True)
+        with mocked_symmetric_memory():
+            torch.compile(model, backend=backend)(ids, labels=ids).loss.backward()
+        assert [r.sites for r in backend.training_reports] == [2]
+        return [(r.cached, str(r.async_tp), r.async_tp.blocked) for r in backend.reports]
+
+    cold, warm = run(), run()
+    assert [c for c, *_ in cold] == [False, False] and [c for c, *_ in warm] == [True, True]
+    assert [rest for _, *rest in warm] == [rest for _, *rest in cold]
+    (_, forward, _), (_, backward, why) = cold
+    assert forward == "async TP: 4 of 4 fusable sites fused", forward
+    # Backward: the two sites' all-gathers and the head's input-gradient reduce-scatter fuse;
+    # the gate and up projections' input gradients are summed before theirs.
+    assert backward == "async TP: 3 of 4 fusable sites fused", (backward, why)
+    assert len(why) == 1 and "sums 2 matmuls" in why[0], why
 
 
 class ScaledReduce(torch.autograd.Function):

@@ -73,7 +73,11 @@ def micro_pipeline_tp(graph: Graph) -> None:
 
 
 def fuse_now(graph: Graph) -> Any:
-    """Run micro-pipeline TP on `graph` and return the coverage."""
+    """Run micro-pipeline TP on `graph` and return the coverage. DTensor's sequence-sharded
+    collectives (training graphs, hand-written SP plans) are first laid out as it fuses them."""
+    from ..training.fusable_layout import lay_out_for_fusion
+
+    lay_out_for_fusion(graph)
     micro_pipeline_tp(graph)
     _fill_values(graph)
     return async_tp_sites(graph)
@@ -104,6 +108,8 @@ class AsyncTPFusion(CustomGraphPass):
         report = getattr(self.pre_pass, "report", None)
         if report is not None:
             report.async_tp = sites
+            if getattr(self.pre_pass, "compiled", False):  # a lazy backward: saved again with it
+                self.pre_pass.save()
         if self.then is not None:
             self.then(graph)
 

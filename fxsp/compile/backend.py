@@ -92,15 +92,6 @@ class Backend:
             self.training_reports.append(training)
             if training.sites:
                 post_grad_sp, trained = None, True
-                if sp.async_tp:
-                    # Micro-pipeline TP mis-fuses the reduce-scatter DTensor makes of [B, S, H]
-                    # sharded on S (Inductor raises on the fused op's shapes): not yet.
-                    self.configs.once.say(
-                        log.warning,
-                        "fxsp: async_tp is not applied to training graphs yet (micro-pipeline "
-                        "TP does not fuse DTensor's sequence-sharded collectives correctly); "
-                        "they compile with SP, without the fusion",
-                    )
         compiled, reports = self._compile_variants(gm, example_inputs, post_grad_sp, trained)
         for report in reports if training is not None else ():
             report.counts.update(training.counts)
@@ -182,7 +173,9 @@ class Backend:
         install_reuse_patch(enabled=self.options.inductor_reuse_patch)  # a no-op off torch 2.11
 
         patches = {"post_grad_custom_pre_pass": graph_pass, **joint_patches}
-        if sp is not None and sp.async_tp:
+        # A training graph's SP was done before AOT autograd (no `sp` here): fused all the same.
+        settings = sp if sp is not None or not trained else self.sp_config()
+        if settings is not None and settings.async_tp:
             from .async_tp import async_tp_patches
 
             patches.update(async_tp_patches(graph_pass))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -122,6 +123,8 @@ _PLUMBING = {
     aten.constant_pad_nd.default,
     aten.view.dtype,
 }
+# An all-gather on a token dim other than 0, as DTensor spells it: split by rank, cat on the dim.
+_TOKEN_DIM_LAYOUT = {aten.split.Tensor, operator.getitem, aten.cat.default}
 _FUSED_ALL_GATHER = ("fused_all_gather_matmul", "fused_all_gather_scaled_matmul")
 _FUSED_REDUCE_SCATTER = ("fused_matmul_reduce_scatter", "fused_scaled_matmul_reduce_scatter")
 
@@ -179,7 +182,9 @@ def _all_gather_blocker(gather) -> str | None:
                         if between is not None
                         else "direct, but not fused (symmetric memory off for the group?)"
                     )
-                if user.target in _PLUMBING:
+                if user.target in _TOKEN_DIM_LAYOUT:  # DTensor's, which the fusion reads
+                    stack.append((user, between))
+                elif user.target in _PLUMBING:
                     first = (
                         between if between is not None or user.target is aten.view.dtype else user
                     )
@@ -188,12 +193,17 @@ def _all_gather_blocker(gather) -> str | None:
 
 
 def _reduce_scatter_blocker(scatter) -> str | None:
-    """Why a reduce-scatter whose input comes from a matmul through plumbing is not fused; None
-    when its input is no matmul's output."""
-    value, between = scatter.args[0], None
-    while isinstance(value, Node) and value.target in _PLUMBING:
-        between = value if between is None else between
-        value = value.args[0]
+    """Why a reduce-scatter whose input comes from a matmul through plumbing (or DTensor's split
+    and cat on a token dim) is not fused; None when its input is no matmul's output."""
+    from ..training.fusable_layout import scattered
+
+    value, between = _behind_plumbing(scattered(scatter))
+    summed = _matmuls_summed(value)
+    if summed > 1:
+        return (
+            f"add {value.name} → reduce_scatter {scatter.name}: it sums {summed} matmuls "
+            "(one per projection); micro-pipeline TP fuses a reduce-scatter with one"
+        )
     if not (isinstance(value, Node) and value.target in _MATMULS):
         return None
     where = f"{value.name} → reduce_scatter {scatter.name}: "
@@ -202,6 +212,29 @@ def _reduce_scatter_blocker(scatter) -> str | None:
     if len(value.users) > 1:
         return where + f"the matmul's result has {len(value.users)} users"
     return where + "direct, but not fused (symmetric memory off for the group?)"
+
+
+def _behind_plumbing(value) -> tuple:
+    """(what `value` is plumbing of, the first plumbing node on the way or None)."""
+    between = None
+    while isinstance(value, Node) and value.target in _PLUMBING:
+        between = value if between is None else between
+        value = value.args[0]
+    return value, between
+
+
+def _matmuls_summed(value) -> int:
+    """How many matmuls an add tree sums (through plumbing), or 0 where a term is no matmul."""
+    if not (isinstance(value, Node) and value.target is aten.add.Tensor):
+        return 0
+    count = 0
+    for term in value.args[:2]:
+        term = _behind_plumbing(term)[0]
+        inner = 1 if isinstance(term, Node) and term.target in _MATMULS else _matmuls_summed(term)
+        if inner == 0:
+            return 0
+        count += inner
+    return count
 
 
 def _op_name(node) -> str:

@@ -1,7 +1,7 @@
 """Training a TP Llama with fxsp: sequence parallelism in forward and backward, automatically.
 
     torchrun --nproc-per-node 2 examples/train_tp.py [--steps 5] [--batch 2] [--seq 13]
-        [--recompute-gathers]
+        [--recompute-gathers] [--async-tp]
 
 A small random HF Llama (4 layers, hidden 192) parallelised with a plain DTensor TP plan (its
 `base_model_tp_plan` and a vocab-parallel embedding), then a few AdamW steps compiled with
@@ -10,7 +10,9 @@ the training graph; per step, the loss of both and the largest difference of any
 gradient from eager TP's over all ranks (the first step's is fxsp's own; AdamW then amplifies
 rounding in small gradients, so later steps start from parameters a little apart); and the
 activation bytes autograd keeps per rank with fxsp's SP and with plain TP compiled by Inductor.
-GPUs over NCCL when there is one per rank, else CPU over gloo.
+GPUs over NCCL when there is one per rank, else CPU over gloo. `--async-tp` fuses the SP
+collectives of the forward and backward graphs with their matmuls and prints what fused (it needs
+NCCL and symmetric memory; on gloo fxsp says why not, once, and compiles without).
 """
 
 from __future__ import annotations
@@ -53,13 +55,16 @@ def main() -> None:
     parser.add_argument(
         "--recompute-gathers", action="store_true", help="all-gather again in backward"
     )
+    parser.add_argument(
+        "--async-tp", action="store_true", help="fuse the collectives with their matmuls"
+    )
     args = parser.parse_args()
 
     rank, world, device, _ = init_torchrun()
     mesh = init_device_mesh(device.type, (world,))
 
     eager, model = tp_llama(mesh, device), tp_llama(mesh, device)
-    backend = fxsp.backend(mesh, recompute_gathers=args.recompute_gathers)
+    backend = fxsp.backend(mesh, recompute_gathers=args.recompute_gathers, async_tp=args.async_tp)
     compiled = torch.compile(model, backend=backend)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, model)]
     data = torch.Generator().manual_seed(0)
@@ -86,6 +91,9 @@ def main() -> None:
                     print(f"training graph: SP rewrites {report.counts}")
                     for miss in report.misses:
                         print(f"  not rewritten: {miss}")
+                for graph, report in zip(("forward", "backward"), backend.reports):
+                    if report.async_tp is not None:
+                        print(f"{graph} graph: {report.async_tp}")
             print(
                 f"step {step}: loss eager TP {losses[0]:.6f}, fxsp {losses[1]:.6f}; largest "
                 f"gradient difference over all ranks {worst:.1e} (relative)"

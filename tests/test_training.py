@@ -236,26 +236,31 @@ def test_activations_kept_are_no_more_than_the_hand_written_plan(fake_pg):
     assert again < sp, (again, sp)
 
 
-def hand_written_step(rank: int, world: int, inner: str, rows: int) -> tuple:
+class HandWritten(torch.nn.Module):
     """fxsp.testing.tp_llama's model with Megatron's autograd collectives ("f" before each
-    column-parallel matmul, "g" after each row-parallel one) and a column-parallel head, [B, S,
-    H]: (relative loss error, worst relative gradient error and its parameter, the report)."""
-    import torch.nn.functional as F
+    column-parallel matmul, "g" after each row-parallel one) and a column-parallel head; the
+    loss: the mean square of this rank's logits."""
 
+    def __init__(self, rank: int, world: int, batched: bool = True) -> None:
+        from fxsp.testing.tp_llama import Spec, TPLlama
+
+        super().__init__()
+        self.model = TPLlama(Spec(collective="autograd", batched=batched))
+        self.head = torch.nn.Parameter(torch.randn(30, 48).chunk(world)[rank].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        logits = F.linear(self.model.column_parallel_input(self.model(x)), self.head)
+        return (logits.float() ** 2).mean()
+
+
+def hand_written_step(rank: int, world: int, inner: str, rows: int) -> tuple:
+    """`HandWritten` on [B, S, H]: (relative loss error, worst relative gradient error and its
+    parameter, the report)."""
     import fxsp
-    from fxsp.testing.tp_llama import Spec, TPLlama
 
-    class WithHead(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = TPLlama(Spec(collective="autograd", batched=True))
-            self.head = torch.nn.Parameter(torch.randn(30, 48).chunk(world)[rank].clone())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = F.linear(self.model.column_parallel_input(self.model(x)), self.head)
-            return (logits.float() ** 2).mean()
-
-    eager, model = WithHead(), WithHead()
+    eager, model = HandWritten(rank, world), HandWritten(rank, world)
     x = eager.model.example_input(rows)
     want = eager(x)
     want.backward()
@@ -317,6 +322,26 @@ def test_async_tp_reports_both_graphs_on_a_cold_and_a_warm_cache(fake_pg):
     # the gate and up projections' input gradients are summed before theirs.
     assert backward == "async TP: 3 of 4 fusable sites fused", (backward, why)
     assert len(why) == 1 and "sums 2 matmuls" in why[0], why
+
+
+@pytest.mark.parametrize("fake_pg", [3], indirect=True)
+def test_async_tp_fuses_a_hand_written_model_on_token_rows(fake_pg):
+    """[T, H] activations, 13 rows at TP 3 (uneven), Megatron-style autograd collectives: the
+    forward's 5 reduce-scatters and 4 all-gathers fuse; in the backward the 4 all-gathers and the
+    head's reduce-scatter do, and the 4 reduce-scatters of summed projections are named (Inductor
+    spells a sum of two 2-D matmuls `addmm`)."""
+    import fxsp
+    from fxsp.testing.async_tp import mocked_symmetric_memory
+
+    model = HandWritten(0, fake_pg, batched=False)
+    backend = fxsp.backend(None, async_tp=True)
+    with mocked_symmetric_memory():
+        torch.compile(model, backend=backend)(model.model.example_input(13)).backward()
+    assert [r.sites for r in backend.training_reports] == [5]
+    forward, backward = (r.async_tp for r in backend.reports)
+    assert (forward.fusable, forward.fused) == (9, 9), forward.blocked
+    assert (backward.fusable, backward.fused) == (9, 5), backward.blocked
+    assert all("sums" in why for why in backward.blocked), backward.blocked
 
 
 class ScaledReduce(torch.autograd.Function):

@@ -201,7 +201,7 @@ def _reduce_scatter_blocker(scatter) -> str | None:
     summed = _matmuls_summed(value)
     if summed > 1:
         return (
-            f"add {value.name} → reduce_scatter {scatter.name}: it sums {summed} matmuls "
+            f"{_op_name(value)} {value.name} → reduce_scatter {scatter.name}: it sums {summed} matmuls "
             "(one per projection); micro-pipeline TP fuses a reduce-scatter with one"
         )
     if not (isinstance(value, Node) and value.target in _MATMULS):
@@ -224,11 +224,12 @@ def _behind_plumbing(value) -> tuple:
 
 
 def _matmuls_summed(value) -> int:
-    """How many matmuls an add tree sums (through plumbing), or 0 where a term is no matmul."""
-    if not (isinstance(value, Node) and value.target is aten.add.Tensor):
+    """How many matmuls an add tree sums (through plumbing), or 0 where a term is no matmul.
+    `addmm(c, a, b)` is `c + a @ b` (Inductor's spelling of a sum of two 2-D matmuls)."""
+    if not isinstance(value, Node) or value.target not in (aten.add.Tensor, aten.addmm.default):
         return 0
-    count = 0
-    for term in value.args[:2]:
+    count = 1 if value.target is aten.addmm.default else 0
+    for term in value.args[: 2 - count]:
         term = _behind_plumbing(term)[0]
         inner = 1 if isinstance(term, Node) and term.target in _MATMULS else _matmuls_summed(term)
         if inner == 0:

@@ -45,6 +45,8 @@ def lay_out_for_fusion(graph: Graph) -> int:
     done = 0
     for cat in list(graph.find_nodes(op="call_function", target=aten.cat.default)):
         done += _one_pad(b, cat)
+    for scatter in list(graph.find_nodes(op="call_function", target=C10D_REDUCE_SCATTER)):
+        done += _one_matmul_for_sum(b, scatter)
     for pad in list(graph.find_nodes(op="call_function", target=aten.constant_pad_nd.default)):
         if not pad._erased and _reaches_reduce_scatter(pad):
             done += _pad_before_matmul(b, pad)
@@ -181,6 +183,57 @@ def _pad_before_matmul(b: Builder, pad: Node) -> int:
     b.replace(pad, _matmul_on_token_dims(b, padded_lhs, mm))
     erase_unused([pad], inputs=True)
     return 1
+
+
+def _one_matmul_for_sum(b: Builder, scatter: Node) -> int:
+    """`A1 @ W1 + A2 @ W2 + …` ⇒ `cat([A1, A2, …], 1) @ cat([W1, W2, …], 0)`, where a
+    reduce-scatter sums it (the input gradients of separate projections, q/k/v or gate/up): one
+    matmul for it to fuse with. The weights' concatenation is a copy each call."""
+    value = scattered(scatter)
+    root = value.args[0] if value.target is aten.constant_pad_nd.default else value
+    terms = _summed_matmuls(root)
+    if terms is None or len(terms) < 2:
+        return 0
+    lhs = b.call(aten.cat.default, [a for a, _ in terms], 1)
+    rhs = b.call(aten.cat.default, [w for _, w in terms], 0)
+    product = b.call(aten.mm.default, lhs, rhs)
+    if tensor_of(root).dim() != 2:
+        product = b.call(aten.reshape.default, product, list(tensor_of(root).shape))
+    b.replace(root, product)
+    erase_unused([root], inputs=True)
+    return 1
+
+
+def _summed_matmuls(node: Node) -> list[tuple[Node, Node]] | None:
+    """[(A_i, W_i)] where `node` is the sum of the 2-D products A_i @ W_i in its own shape, each
+    product and partial sum read only there; None otherwise. `addmm(c, a, b)` is `c + a @ b`
+    (Inductor's spelling of a sum of two 2-D matmuls)."""
+    t = tensor_of(node)
+    if node.target is aten.add.Tensor and len(node.args) == 2 and not node.kwargs:
+        terms = [_term(a, t) for a in node.args]
+    elif node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+        terms = [_term(node.args[0], t), [(node.args[1], node.args[2])]]
+    else:
+        mm = _matmul_of(node)
+        return None if mm is None else [(mm.args[0], mm.args[1])]
+    if any(term is None for term in terms):
+        return None
+    found = [pair for term in terms for pair in term]
+    lhs, rhs = [tensor_of(a) for a, _ in found], [tensor_of(w) for _, w in found]
+    if len({(x.shape[0], x.dtype) for x in lhs}) != 1 or len({w.dtype for w in rhs}) != 1:
+        return None
+    if any(x.dim() != 2 or w.dim() != 2 or w.shape[1] != rhs[0].shape[1] for x, w in zip(lhs, rhs)):
+        return None
+    return found
+
+
+def _term(node: object, of: torch.Tensor) -> list | None:
+    """`_summed_matmuls` of a term of a sum shaped `of`, read by that sum alone."""
+    if not isinstance(node, Node) or len(node.users) != 1 or tensor_of(node) is None:
+        return None
+    if tuple(tensor_of(node).shape) != tuple(of.shape):
+        return None
+    return _summed_matmuls(node)
 
 
 def scattered(scatter: Node) -> Node:

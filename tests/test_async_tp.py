@@ -86,23 +86,6 @@ def _dtensor_mlp(rows: int) -> tuple:
     return model, torch.randn(rows, 16)
 
 
-def _sp_by_hand(rows: int) -> tuple:
-    """torchtitan's SP plan written by hand (DTensor's collectives on the sequence dim; nothing
-    left for fxsp's rewrite): fxsp.training.fusable_layout lays them out for the fusion."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from fxsp.testing.hf import parallelize_sp_by_hand, tiny_model
-
-    if rows % dist.get_world_size() and torch.__version__ < "2.13":
-        pytest.skip(
-            "torch 2.11's Dynamo fails on this plan's uneven shards itself (a view of DTensor's "
-            "padded sequence in its fake-tensor run)"
-        )
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = parallelize_sp_by_hand(tiny_model("llama").eval(), mesh)
-    return model, torch.randint(3, 128, (2, rows), generator=torch.Generator().manual_seed(7))
-
-
 # (name, build, rows, dynamic, fusable): per layer TPLlama has four sites (all-gather → qkv,
 # o → reduce-scatter, all-gather → gate/up, down → reduce-scatter); the MoE's routed experts
 # have none (no matmul next to their collectives), its attention four. With a graph break the
@@ -122,10 +105,6 @@ TABLE = [
     ("graph break", lambda rows: _llama(rows, graph_break=True), 37, False, 3),
     ("MoE", _moe, 37, False, 4),
     ("DTensor parallelize_module", _dtensor_mlp, 37, False, 3),
-    # 2 layers: the embedding's and 4 layer reduce-scatters, 4 all-gathers (the head's among
-    # them); 7 tokens a sequence: uneven shards.
-    ("SP plan by hand, [B, S, H]", _sp_by_hand, 8, False, 9),
-    ("SP plan by hand, [B, S, H] padded", _sp_by_hand, 7, False, 9),
     # x @ w0 → reduce-scatter, all-gather → @ w1; the reduce-scatter after w1 then follows a
     # fused all-gather + matmul: one matmul fuses with one collective.
     (
@@ -164,6 +143,29 @@ def test_every_fusable_site_is_fused(name, build, rows, dynamic, fusable):
     assert all(r.async_tp is not None for r in reports)
     blocked = [why for r in reports for why in r.async_tp.blocked]
     assert totals(reports) == (fusable, fusable), blocked
+
+
+@pytest.mark.parametrize("tokens", [8, 7])
+def test_a_hand_written_sp_plan_fuses_too(world, tokens):
+    """torchtitan's SP plan written by hand: DTensor's collectives on the sequence dim, nothing
+    left for fxsp's rewrite; fxsp.training.fusable_layout lays them out for the fusion. 2
+    layers: the embedding's and 4 layers' reduce-scatters, 4 all-gathers (the head's among
+    them); 7 tokens a sequence: uneven shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fxsp.testing.hf import parallelize_sp_by_hand, tiny_model
+
+    if tokens % world and torch.__version__ < "2.13":
+        pytest.skip(
+            "torch 2.11's Dynamo fails on this plan's uneven shards itself (a view of DTensor's "
+            "padded sequence in its fake-tensor run)"
+        )
+    mesh = init_device_mesh("cpu", (world,))
+    model = parallelize_sp_by_hand(tiny_model("llama"), mesh)
+    ids = torch.randint(3, 128, (2, tokens), generator=torch.Generator().manual_seed(7))
+    reports = compile_for_coverage(model, ids, tp_group=mesh)
+    blocked = [why for r in reports for why in r.async_tp.blocked]
+    assert totals(reports) == (9, 9), blocked
 
 
 class TestGoldenAsyncTP(expecttest.TestCase):

@@ -202,8 +202,7 @@ def _reduce_scatter_blocker(scatter) -> str | None:
     if summed > 1:
         return (
             f"{_op_name(value)} {value.name} → reduce_scatter {scatter.name}: it sums "
-            f"{summed} matmuls (one per projection); micro-pipeline TP fuses a reduce-scatter "
-            "with one"
+            f"{summed} matmuls, and micro-pipeline TP fuses a reduce-scatter with one"
         )
     if not (isinstance(value, Node) and value.target in _MATMULS):
         return None

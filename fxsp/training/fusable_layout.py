@@ -12,13 +12,14 @@ ops that lay it out:
 Micro-pipeline TP fuses `mm → reduce-scatter` and `all-gather → mm` only where the matmul makes
 or reads the collective's value itself. It also takes the reduce-scatter's matmul operand as
 [*token dims, K] without checking it: a 4-D operand breaks the compile. So this module makes
-these rewrites, each giving exactly the same values:
+these rewrites, each giving the same values (the last up to the order of its sums):
 
     cat(x's chunks, the last padded with zero rows)  ⇒  pad(x)
     pad(A @ W)                                       ⇒  pad(A) @ W        (zero rows stay zero)
     trim(gathered) @ W                               ⇒  trim(gathered @ W)  (rows are independent)
     reshape(reshape(A, [M, K]) @ W, shape)           ⇒  via A as [*token dims, K], and the
                                                         product as [*token dims, N]
+    A1 @ W1 + A2 @ W2  (backward)                    ⇒  cat([A1, A2], 1) @ cat([W1, W2], 0)
 
 fxsp/sp/rows.py does the same for the inference rewrite, on rows flattened to dim 0.
 """
@@ -45,8 +46,9 @@ def lay_out_for_fusion(graph: Graph) -> int:
     done = 0
     for cat in list(graph.find_nodes(op="call_function", target=aten.cat.default)):
         done += _one_pad(b, cat)
-    for scatter in list(graph.find_nodes(op="call_function", target=C10D_REDUCE_SCATTER)):
-        done += _one_matmul_for_sum(b, scatter)
+    if _is_backward(graph):
+        for scatter in list(graph.find_nodes(op="call_function", target=C10D_REDUCE_SCATTER)):
+            done += _one_matmul_for_sum(b, scatter)
     for pad in list(graph.find_nodes(op="call_function", target=aten.constant_pad_nd.default)):
         if not pad._erased and _reaches_reduce_scatter(pad):
             done += _pad_before_matmul(b, pad)
@@ -185,10 +187,17 @@ def _pad_before_matmul(b: Builder, pad: Node) -> int:
     return 1
 
 
+def _is_backward(graph: Graph) -> bool:
+    """A backward graph: AOT autograd names its incoming gradients `tangents_*`."""
+    return any(p.name.startswith("tangents") for p in graph.find_nodes(op="placeholder"))
+
+
 def _one_matmul_for_sum(b: Builder, scatter: Node) -> int:
     """`A1 @ W1 + A2 @ W2 + …` ⇒ `cat([A1, A2, …], 1) @ cat([W1, W2, …], 0)`, where a
-    reduce-scatter sums it (the input gradients of separate projections, q/k/v or gate/up): one
-    matmul for it to fuse with. The weights' concatenation is a copy each call."""
+    backward reduce-scatter sums it (the input gradients of separate projections, q/k/v or
+    gate/up): one matmul for it to fuse with. The weights' concatenation is a copy each call,
+    small beside a training step's matmuls; a forward's sums (parallel blocks, folded) are left
+    as they are, for inference's sake, until a GPU says what the copy costs there."""
     value = scattered(scatter)
     root = value.args[0] if value.target is aten.constant_pad_nd.default else value
     terms = _summed_matmuls(root)

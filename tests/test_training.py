@@ -322,6 +322,31 @@ def test_async_tp_reports_both_graphs_on_a_cold_and_a_warm_cache(fake_pg):
     assert backward == "async TP: 4 of 4 fusable sites fused", (backward, why)
 
 
+def test_async_tp_names_a_parallel_block_sum_in_the_forward(fake_pg):
+    """Cohere's parallel blocks: the attention and MLP outputs of a layer are summed before one
+    reduce-scatter (folded). In the forward that sum stays two matmuls (inference runs the same
+    graph; the weight copy that would make it one waits for GPU figures), and the report names
+    it; the backward's sums of input gradients are made one matmul and fuse."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxsp
+    from fxsp.testing.async_tp import mocked_symmetric_memory
+    from fxsp.testing.hf import parallelize, tiny_model
+
+    mesh = init_device_mesh("cpu", (fake_pg,))
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(7))
+    model = parallelize(tiny_model("cohere").train(), mesh)
+    backend = fxsp.backend(mesh, async_tp=True)
+    with mocked_symmetric_memory():
+        torch.compile(model, backend=backend)(ids, labels=ids).loss.backward()
+    assert [(r.sites, r.folded) for r in backend.training_reports] == [(3, 2)]
+    forward, backward = (r.async_tp for r in backend.reports)
+    assert (forward.fusable, forward.fused) == (5, 3), forward.blocked
+    assert len(forward.blocked) == 2, forward.blocked
+    assert all("sums 2 matmuls" in why for why in forward.blocked), forward.blocked
+    assert (backward.fusable, backward.fused) == (5, 5), backward.blocked
+
+
 @pytest.mark.parametrize("fake_pg", [3], indirect=True)
 def test_async_tp_fuses_a_hand_written_model_on_token_rows(fake_pg):
     """[T, H] activations, 13 rows at TP 3 (uneven), Megatron-style autograd collectives: the

@@ -41,7 +41,11 @@ SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 
 
 def lay_out_for_fusion(graph: Graph) -> int:
-    """Rewrite `graph` in place as above; returns how many rewrites were made."""
+    """Rewrite `graph` in place as above; returns how many rewrites were made. A graph on
+    symbolic sizes is left as it is: these rewrites state sizes as numbers (and DTensor's
+    training graphs on symbolic rows do not compile in torch 2.13 anyway, docs/training.md)."""
+    if _symbolic(graph):
+        return 0
     b = Builder(graph)
     done = 0
     for cat in list(graph.find_nodes(op="call_function", target=aten.cat.default)):
@@ -63,6 +67,16 @@ def lay_out_for_fusion(graph: Graph) -> int:
         graph.eliminate_dead_code()
         graph.lint()
     return done
+
+
+def _symbolic(graph: Graph) -> bool:
+    for node in graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) or (
+            isinstance(val, torch.Tensor) and not all(isinstance(d, int) for d in val.shape)
+        ):
+            return True
+    return False
 
 
 # --- uneven shards: DTensor's padded chunks -----------------------------------------------------

@@ -113,7 +113,7 @@ def _padded_chunks(cat: Node) -> tuple[Node, int, int] | None:
         elif not _empty_on(inner, dim):  # DTensor pads an empty chunk where x has too few rows
             return None
         appended += rows
-    if split is None or appended == 0 or taken != len(split.meta["val"]):
+    if split is None or appended == 0 or taken != len(split.meta.get("val", ())):
         return None
     x = split.args[0]
     if tensor_of(x).shape[dim] + appended != tensor_of(cat).shape[dim]:

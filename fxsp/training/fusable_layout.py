@@ -371,12 +371,16 @@ def _token_dims_after(b: Builder, mm: Node, gathered: Node) -> int:
 
 
 def _matmul_of(product: Node) -> Node | None:
-    """The mm computing `product`: itself, or the mm it reshapes (rows kept in order)."""
+    """The mm computing `product`: itself, or the mm whose rows it views on token dims."""
     if product.target is aten.mm.default:
         return product
     if product.target in (aten.reshape.default, aten.view.default):
         mm = product.args[0]
-        if mm.target is aten.mm.default and len(mm.users) == 1:
+        if (
+            mm.target is aten.mm.default
+            and len(mm.users) == 1
+            and tensor_of(product).shape[-1] == tensor_of(mm).shape[-1]
+        ):
             return mm
     return None
 

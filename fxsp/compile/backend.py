@@ -80,7 +80,7 @@ class Backend:
         if sp is not None:
             self._name_traced_floats(gm)
         seen = len(self.reports)
-        post_grad_sp, training, trained = sp, None, False
+        post_grad_sp, training, trained = sp, None, None
         if sp is not None and _with_backward(example_inputs):
             # SP for training happens here, on Dynamo's graph, before AOT autograd derives the
             # backward (docs/training.md); the post-grad pass then has nothing left to rewrite.
@@ -91,7 +91,7 @@ class Backend:
             )
             self.training_reports.append(training)
             if training.sites:
-                post_grad_sp, trained = None, True
+                post_grad_sp, trained = None, sp
         compiled, reports = self._compile_variants(gm, example_inputs, post_grad_sp, trained)
         for report in reports if training is not None else ():
             report.counts.update(training.counts)
@@ -126,7 +126,7 @@ class Backend:
         gm: torch.fx.GraphModule,
         example_inputs: list,
         sp: SPConfig | None,
-        trained: bool = False,
+        trained: SPConfig | None = None,
     ) -> tuple:
         """(the compiled callable, the reports of the graphs compiled for it now)."""
         if sp is None or not self._may_dispatch(example_inputs):
@@ -151,10 +151,11 @@ class Backend:
         gm: torch.fx.GraphModule,
         example_inputs: list,
         sp: SPConfig | None,
-        trained: bool = False,
+        trained: SPConfig | None = None,
     ) -> tuple:
         """(the compiled callable, the reports of the graphs compiled for it now), cache hit or
-        not. `trained`: SP was done on Dynamo's graph (training), none is left for the pass."""
+        not. `trained`: the settings SP was done with on Dynamo's graph (training), where none is
+        left for the pass; the fusion (async TP) still follows them."""
         _register_pass()
         graph_pass = FxspPass(self, sp, self.fusion_config())
         joint_patches = {}
@@ -173,8 +174,7 @@ class Backend:
         install_reuse_patch(enabled=self.options.inductor_reuse_patch)  # a no-op off torch 2.11
 
         patches = {"post_grad_custom_pre_pass": graph_pass, **joint_patches}
-        # A training graph's SP was done before AOT autograd (no `sp` here): fused all the same.
-        settings = sp if sp is not None or not trained else self.sp_config()
+        settings = sp if sp is not None else trained
         if settings is not None and settings.async_tp:
             from .async_tp import async_tp_patches
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -11,6 +10,7 @@ from torch.fx import Graph, Node
 from ..ir.collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, COMMUNICATING, WAIT, kind
 from ..ir.fused_ops import FUSED_IR_OPS
 from ..ir.ops import ALL_REDUCE, FUSED_ADD_NORMS, NORMS
+from ..training.fusable_layout import TOKEN_DIM_LAYOUT, scattered
 
 # fxsp's own ops that all-reduce, by id (ops are singletons; an op's __hash__ is Python code,
 # and the walk below asks of every node)
@@ -123,8 +123,6 @@ _PLUMBING = {
     aten.constant_pad_nd.default,
     aten.view.dtype,
 }
-# An all-gather on a token dim other than 0, as DTensor spells it: split by rank, cat on the dim.
-_TOKEN_DIM_LAYOUT = {aten.split.Tensor, operator.getitem, aten.cat.default}
 _FUSED_ALL_GATHER = ("fused_all_gather_matmul", "fused_all_gather_scaled_matmul")
 _FUSED_REDUCE_SCATTER = ("fused_matmul_reduce_scatter", "fused_scaled_matmul_reduce_scatter")
 
@@ -182,7 +180,7 @@ def _all_gather_blocker(gather) -> str | None:
                         if between is not None
                         else "direct, but not fused (symmetric memory off for the group?)"
                     )
-                if user.target in _TOKEN_DIM_LAYOUT:  # DTensor's, which the fusion reads
+                if user.target in TOKEN_DIM_LAYOUT:  # DTensor's, which the fusion reads
                     stack.append((user, between))
                 elif user.target in _PLUMBING:
                     first = (
@@ -195,7 +193,6 @@ def _all_gather_blocker(gather) -> str | None:
 def _reduce_scatter_blocker(scatter) -> str | None:
     """Why a reduce-scatter whose input comes from a matmul through plumbing (or DTensor's split
     and cat on a token dim) is not fused; None when its input is no matmul's output."""
-    from ..training.fusable_layout import scattered
 
     value, between = _behind_plumbing(scattered(scatter))
     summed = _matmuls_summed(value)

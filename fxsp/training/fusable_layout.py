@@ -38,6 +38,8 @@ from ..ir.collectives import C10D_ALL_GATHER, C10D_REDUCE_SCATTER, WAIT
 
 aten = torch.ops.aten
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+# DTensor's layout of a collective on a token dim other than 0: split by rank, cat on the dim.
+TOKEN_DIM_LAYOUT = (*SPLITS, operator.getitem, aten.cat.default)
 
 
 def lay_out_for_fusion(graph: Graph) -> int:
@@ -179,9 +181,7 @@ def _reaches_reduce_scatter(node: Node) -> bool:
         frontier = [u for n in frontier for u in n.users]
         if any(u.target is C10D_REDUCE_SCATTER for u in frontier):
             return True
-        frontier = [
-            u for u in frontier if u.target in (*SPLITS, operator.getitem, aten.cat.default)
-        ]
+        frontier = [u for u in frontier if u.target in TOKEN_DIM_LAYOUT]
     return False
 
 
